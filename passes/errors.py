@@ -1,0 +1,55 @@
+"""Exceptions raised by the graph passes.
+
+Every error names the problem and the fix. Each failure mode has its own type so callers can
+catch exactly what they expect; all of them derive from :class:`PassError`.
+"""
+
+from __future__ import annotations
+
+
+class PassError(Exception):
+    """Base class of every error raised by :mod:`passes`."""
+
+
+class CaptureError(PassError):
+    """The model could not be captured into a graph (the export error is kept as ``__cause__``)."""
+
+
+class InvalidInputsError(PassError, TypeError):
+    """The example inputs are not what the pass needs (a dict of tensors)."""
+
+
+class DiscoverError(PassError):
+    """The graph holds a pattern that discover cannot understand (the message names the node)."""
+
+
+class NoAttentionFoundError(DiscoverError):
+    """The graph has no attention block at all."""
+
+
+class UnsupportedArchitectureError(DiscoverError):
+    """The graph uses an attention variant that grainfx does not prune yet (RoPE, GQA, ...)."""
+
+
+class MaskError(PassError, ValueError):
+    """A mask has the wrong name, shape or values."""
+
+
+class NotInstrumentedError(PassError):
+    """A pass that needs an instrumented graph got one without masks."""
+
+
+class SaveError(PassError):
+    """A module could not be written to a file."""
+
+
+class LoadError(PassError):
+    """A saved module could not be read."""
+
+
+class ModelFileNotFoundError(LoadError, FileNotFoundError):
+    """The file to load does not exist."""
+
+
+class CorruptModelFileError(LoadError):
+    """The file to load exists but is not a readable grainfx .pt2 file."""

@@ -1,0 +1,191 @@
+"""Instrument: insert differentiable dimension masks into a captured graph.
+
+One mask per block and kind, stored as buffers of a ``grain_masks`` submodule and multiplied in
+at the narrowest point: the query projection's output (qk), the context before the output
+projection (vo) and the FFN activation before the down projection (ffn). Masks at one leave the
+outputs unchanged. Masks require grad, so a backward pass gives dL/dm; :func:`record_mask_grads`
+collects it for the backward passes run inside it only (the mechanism behind GRAIN's gradient
+separation).
+
+Preserves computation: yes, with all masks at one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
+
+import torch
+from torch import fx
+
+from passes.capture import derive
+from passes.errors import MaskError, NotInstrumentedError
+from passes.graph import aten
+from passes.structure import AttentionBlock, Structure
+
+MASK_MODULE = "grain_masks"
+
+
+def _buffer_name(mask: str) -> str:
+    """Buffer names cannot hold dots: ``attn0.qk`` is stored as ``attn0__qk``."""
+    return mask.replace(".", "__")
+
+
+def _mask_name(buffer: str) -> str:
+    return buffer.replace("__", ".")
+
+
+def _insert_mask(graph: fx.Graph, at: fx.Node, mask: str, expand, user: fx.Node | None) -> None:
+    """Multiply ``at`` by the flattened mask ``mask``: for all users of ``at``, or for ``user``.
+
+    ``expand`` (or None) adds the graph ops that turn the stored mask into per-head layout.
+    """
+    with graph.inserting_before(at.next):
+        node = graph.get_attr(f"{MASK_MODULE}.{_buffer_name(mask)}")
+        if expand is not None:
+            node = expand(graph, node)
+        flat = graph.call_function(aten.reshape.default, (node, [-1]))
+        mul = graph.call_function(aten.mul.Tensor, (at, flat))
+    if user is None:
+        at.replace_all_uses_with(mul, delete_user_cb=lambda n: n is not mul)
+    else:
+        user.replace_input_with(at, mul)
+
+
+def _expand_for(block: AttentionBlock, kind: str):
+    """Graph ops that turn a (kv heads x units) mask into (heads x head_dim), or None."""
+    if block.group_size == 1 and (kind == "vo" or not block.rope):
+        return None
+
+    def expand(graph: fx.Graph, node: fx.Node) -> fx.Node:
+        if kind == "qk" and block.rope:
+            node = graph.call_function(aten.cat.default, ([node, node], -1))
+        if block.group_size > 1:
+            node = graph.call_function(aten.repeat_interleave.self_int,
+                                       (node, block.group_size, 0))
+        return node
+    return expand
+
+
+def instrument(gm: fx.GraphModule, structure: Structure,
+               masks: Mapping[str, torch.Tensor] | None = None) -> fx.GraphModule:
+    """Return a copy of ``gm`` with a mask multiplied into every attention and FFN block.
+
+    Args:
+        gm: a graph from :func:`passes.capture`, and ``structure`` what
+            :func:`passes.discover` found in it (or in a graph captured from the same model).
+        masks: mask tensors to use instead of new all-ones masks, e.g. those of another
+            instrumented graph, so that a train-mode and an eval-mode graph share them.
+
+    The returned module shares parameters with ``gm``; ``gm`` itself is not changed.
+    """
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    nodes = {n.name: n for n in graph.nodes}
+    holder = torch.nn.Module()
+    shapes = structure.mask_shapes()
+    for name, size in shapes.items():
+        if masks is not None:
+            if name not in masks or masks[name].shape != size:
+                raise MaskError(f"mask {name!r} must be given with shape {tuple(size)} to share it")
+            tensor = masks[name]
+        else:
+            tensor = torch.ones(size, requires_grad=True)
+        holder.register_buffer(_buffer_name(name), tensor)
+    for block in structure.attention:
+        _insert_mask(graph, nodes[block.q.node], f"{block.name}.qk", _expand_for(block, "qk"),
+                     None)
+        _insert_mask(graph, nodes[block.o.input], f"{block.name}.vo", _expand_for(block, "vo"),
+                     nodes[block.o.input_user])
+    for block in structure.ffn:
+        _insert_mask(graph, nodes[block.down.input], block.name, None,
+                     nodes[block.down.input_user])
+    new = derive(gm, graph, root=_with_masks(gm, holder))
+    new.graph.lint()
+    return new
+
+
+def _with_masks(gm: fx.GraphModule, holder: torch.nn.Module) -> torch.nn.Module:
+    """A root module for the instrumented graph: gm's attributes plus the mask holder."""
+    root = torch.nn.Module()
+    for name, child in gm.named_children():
+        root.add_module(name, child)
+    for name, param in gm.named_parameters(recurse=False):
+        root.register_parameter(name, param)
+    for name, buf in gm.named_buffers(recurse=False):
+        root.register_buffer(name, buf)
+    root.add_module(MASK_MODULE, holder)
+    return root
+
+
+def mask_buffers(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The live mask tensors of an instrumented graph, keyed by mask name.
+
+    Raises NotInstrumentedError when ``gm`` holds no masks.
+    """
+    holder = getattr(gm, MASK_MODULE, None)
+    if holder is None:
+        raise NotInstrumentedError(
+            "this graph has no masks: run passes.instrument(gm, structure) first and pass the "
+            "module it returns")
+    return {_mask_name(name): buf for name, buf in holder.named_buffers()}
+
+
+def set_masks(gm: fx.GraphModule, masks: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``masks`` (``{name: tensor}``, a subset is fine) into the graph's mask tensors.
+
+    Raises:
+        NotInstrumentedError: ``gm`` was not instrumented.
+        MaskError: an unknown mask name or a tensor of the wrong shape.
+    """
+    live = mask_buffers(gm)
+    for name, value in masks.items():
+        if name not in live:
+            raise MaskError(f"unknown mask {name!r}; this graph has {sorted(live)}")
+        value = torch.as_tensor(value)
+        if value.shape != live[name].shape:
+            raise MaskError(f"mask {name!r} has shape {tuple(value.shape)}, expected "
+                            f"{tuple(live[name].shape)} (structure.mask_shapes() lists them)")
+    with torch.no_grad():
+        for name, value in masks.items():
+            live[name].copy_(torch.as_tensor(value))
+
+
+def get_masks(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Detached copies of the graph's current masks."""
+    return {name: buf.detach().clone() for name, buf in mask_buffers(gm).items()}
+
+
+class MaskGradients(dict):
+    """Mask gradients recorded by :func:`record_mask_grads`, ``{mask name: tensor}``."""
+
+
+@contextlib.contextmanager
+def record_mask_grads(gm: fx.GraphModule) -> Iterator[MaskGradients]:
+    """Record dL/dmask for the backward passes run inside this context only.
+
+    Example (GRAIN's gradient separation)::
+
+        out = masked(**batch)
+        with record_mask_grads(masked) as grads:
+            kd_loss(out).backward(retain_graph=True)   # importance sees this loss only
+        hidden_loss(out).backward()                    # weights see both losses
+
+    The recorded gradients are summed over all backward passes inside the context. The masks'
+    own ``.grad`` is not used by grainfx.
+    """
+    recorded = MaskGradients()
+    handles = []
+    for name, buf in mask_buffers(gm).items():
+        if not buf.requires_grad:
+            raise MaskError(f"mask {name!r} does not require grad; masks from instrument do")
+
+        def hook(grad, name=name):
+            recorded[name] = recorded[name] + grad if name in recorded else grad.detach().clone()
+            return grad
+        handles.append(buf.register_hook(hook))
+    try:
+        yield recorded
+    finally:
+        for handle in handles:
+            handle.remove()
