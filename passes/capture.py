@@ -183,7 +183,12 @@ def derive(gm: fx.GraphModule, graph: fx.Graph,
     """A new GraphModule on ``graph`` with the attributes of ``root`` (default ``gm``) and
     ``gm``'s grainfx metadata (example inputs, output names)."""
     new = fx.GraphModule(gm if root is None else root, graph, class_name="GraphModule")
-    for attr in (EXAMPLE_INPUTS_ATTR, OUTPUT_NAMES_ATTR):
-        if hasattr(gm, attr):
-            setattr(new, attr, getattr(gm, attr))
+    copy_metadata(gm, new)
     return new
+
+
+def copy_metadata(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Carry grainfx's metadata attributes (example inputs, output names) from src to dst."""
+    for attr in (EXAMPLE_INPUTS_ATTR, OUTPUT_NAMES_ATTR):
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))

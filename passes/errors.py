@@ -53,3 +53,7 @@ class ModelFileNotFoundError(LoadError, FileNotFoundError):
 
 class CorruptModelFileError(LoadError):
     """The file to load exists but is not a readable grainfx .pt2 file."""
+
+
+class TrainingGraphError(PassError):
+    """A pass meant for inference got a graph captured in train mode (dropout live)."""
