@@ -1,0 +1,67 @@
+"""Shared benchmark helpers: interleaved median timing and a resumable JSON result store."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class ResultStore:
+    """Records keyed by id in one JSON file, rewritten (atomically) after every update."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = Path(path)
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.meta = {**data.get("meta", {}), **meta}
+        self.records: dict[str, dict] = data.get("records", {})
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.records
+
+    def put(self, key: str, record: dict) -> None:
+        self.records[key] = record
+        self.flush()
+
+    def flush(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"meta": self.meta, "records": self.records}, indent=1))
+        os.replace(tmp, self.path)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in turn (one call each per round)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            fn()
+        for _ in range(reps):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    return {"torch": torch.__version__, "cpus": os.cpu_count(),
+            "processor": _cpu_name()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"

@@ -1,0 +1,186 @@
+"""The rewrite against the masked graph: exact outputs, predicted size, clean graph, errors."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import passes
+from passes.graph import aten
+from passes.instrument import mask_buffers
+from tests.captures import captured, model, structure
+from tests.models import ARCHITECTURES, example_inputs
+
+KINDS = ("ones", "random", "whole_heads_zero", "value_only_heads", "query_only_heads",
+         "empty_attention", "empty_ffn")
+SHAPES = ((2, 8), (3, 13))
+
+
+@functools.cache
+def masked(arch: str):
+    return passes.instrument(captured(arch), structure(arch))
+
+
+def draw_masks(struct: passes.Structure, kind: str, seed: int, keep: float
+               ) -> dict[str, torch.Tensor]:
+    """Binary masks of one kind; ``keep`` is the share kept where the kind is random."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = {name: (torch.rand(size, generator=gen) < keep).float()
+             for name, size in struct.mask_shapes().items()}
+    if kind == "ones":
+        return struct.ones()
+    block = struct.attention[seed % len(struct.attention)].name
+    qk, vo = masks[f"{block}.qk"], masks[f"{block}.vo"]
+    heads = torch.randperm(qk.shape[0], generator=gen)[: 1 + seed % (qk.shape[0] - 1)]
+    if kind == "whole_heads_zero":
+        qk[heads], vo[heads] = 0, 0
+    elif kind == "value_only_heads":
+        qk[heads], vo[heads] = 0, 1
+    elif kind == "query_only_heads":
+        qk[heads], vo[heads] = 1, 0
+    elif kind == "empty_attention":
+        qk.zero_(), vo.zero_()
+    elif kind == "empty_ffn":
+        masks[struct.ffn[seed % len(struct.ffn)].name].zero_()
+    return masks
+
+
+def assert_close(expected: dict, actual: dict) -> None:
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        scale = expected[name].abs().max().clamp_min(1e-6)
+        err = ((expected[name] - actual[name]).abs().max() / scale).item()
+        assert err <= 1e-4, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16), keep=st.floats(0.0, 1.0),
+       bucket=st.sampled_from([1, 3, 8]))
+def test_compact_equals_masked_graph(arch, kind, seed, keep, bucket):
+    struct, graph = structure(arch), masked(arch)
+    masks = draw_masks(struct, kind, seed, keep)
+    passes.set_masks(graph, masks)
+    compact = passes.rewrite(graph, struct, bucket=bucket)
+    with torch.no_grad():
+        for batch, seq in SHAPES:
+            inputs = example_inputs(arch, batch, seq, seed=seed)
+            assert_close(graph(**inputs), compact(**inputs))
+    assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)
+
+
+@pytest.mark.parametrize("arch", ["bert-sdpa", "gpt2-eager"])
+def test_all_ones_keeps_every_parameter_and_the_model_outputs(arch):
+    struct, graph = structure(arch), masked(arch)
+    passes.set_masks(graph, struct.ones())
+    compact = passes.rewrite(graph, struct)
+    inputs = example_inputs(arch, 3, 11)
+    with torch.no_grad():
+        expected = model(arch)(**inputs).logits
+        assert_close({"logits": expected}, {"logits": compact(**inputs)["logits"]})
+    assert sum(p.numel() for p in compact.parameters()) == struct.total_params
+
+
+def sdpa_count(gm) -> int:
+    return sum(1 for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default)
+
+
+def test_unequal_heads_run_as_buckets_of_padded_size():
+    arch = "bert-eager"
+    struct, graph = structure(arch), masked(arch)
+    masks = struct.ones()
+    for block in struct.attention:  # heads of 1, 2, 5 and 8 query and value dims
+        for h, n in enumerate([1, 2, 5, 8]):
+            masks[f"{block.name}.qk"][h, n:] = 0
+            masks[f"{block.name}.vo"][h, n:] = 0
+    passes.set_masks(graph, masks)
+    layers = len(struct.attention)
+    assert sdpa_count(passes.rewrite(graph, struct, bucket=1)) == 4 * layers
+    assert sdpa_count(passes.rewrite(graph, struct, bucket=4)) == 2 * layers
+    assert sdpa_count(passes.rewrite(graph, struct, bucket=8)) == 1 * layers
+    inputs = example_inputs(arch, 2, 8)
+    with torch.no_grad():
+        for bucket in (1, 4, 8):
+            assert_close(graph(**inputs), passes.rewrite(graph, struct, bucket=bucket)(**inputs))
+
+
+def test_dead_attention_and_dropout_nodes_are_removed():
+    arch = "distilbert-sdpa"
+    struct, graph = structure(arch), masked(arch)
+    masks = struct.ones()
+    masks["attn0.qk"].zero_(), masks["attn0.vo"].zero_()
+    passes.set_masks(graph, masks)
+    compact = passes.rewrite(graph, struct)
+    assert sdpa_count(compact) == len(struct.attention) - 1
+    for node in compact.graph.nodes:
+        if node.op not in ("output", "placeholder") and not passes.graph.is_impure(node):
+            assert node.users, f"dead node {node.name} left in the compact graph"
+    assert not any(name.startswith("grain_masks") for name, _ in compact.named_buffers())
+
+
+def test_rewrite_leaves_the_masked_graph_unchanged():
+    arch = "gpt2-sdpa"
+    struct, graph = structure(arch), masked(arch)
+    masks = draw_masks(struct, "random", 3, 0.5)
+    passes.set_masks(graph, masks)
+    before = {k: v.clone() for k, v in graph.state_dict().items()}
+    code = graph.code
+    passes.rewrite(graph, struct)
+    assert graph.code == code
+    after = graph.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_kept_structure_is_recorded():
+    arch = "bert-sdpa"
+    struct, graph = structure(arch), masked(arch)
+    masks = draw_masks(struct, "value_only_heads", 5, 0.5)
+    passes.set_masks(graph, masks)
+    kept = passes.rewrite(graph, struct).grainfx_kept
+    assert len(kept["layers"]) == len(struct.attention)
+    layer0 = kept["layers"][0]
+    assert layer0["ffn"] == int(masks["ffn0"].sum())
+    assert [h["value"] for h in layer0["heads"]] == [int(r.sum()) for r in masks["attn0.vo"]
+                                                     if r.any()]
+    assert kept["density"] == pytest.approx(struct.density(masks))
+
+
+def test_rewrite_of_a_graph_without_masks_is_refused():
+    arch = "bert-sdpa"
+    with pytest.raises(passes.NotInstrumentedError, match="instrument"):
+        passes.rewrite(captured(arch), structure(arch))
+
+
+def test_rewrite_refuses_masks_that_are_not_binary():
+    arch = "bert-sdpa"
+    graph = passes.instrument(captured(arch), structure(arch))
+    with torch.no_grad():
+        mask_buffers(graph)["attn1.vo"][2, 3] = 0.5
+    with pytest.raises(passes.MaskError, match=r"attn1\.vo.*0\.5.*binary"):
+        passes.rewrite(graph, structure(arch))
+
+
+def test_rewrite_refuses_masks_of_the_wrong_shape():
+    arch = "bert-sdpa"
+    graph = passes.instrument(captured(arch), structure(arch))
+    graph.grain_masks.register_buffer("ffn1", torch.ones(7))
+    with pytest.raises(passes.MaskError, match=r"ffn1.*shape \(7,\).*\(64,\)"):
+        passes.rewrite(graph, structure(arch))
+
+
+def test_rewrite_refuses_a_train_mode_graph():
+    arch = "bert-sdpa"
+    _, train = passes.capture_pair(model(arch), example_inputs(arch))
+    graph = passes.instrument(train, passes.discover(train))
+    with pytest.raises(passes.TrainingGraphError, match="eval"):
+        passes.rewrite(graph, passes.discover(train))
+
+
+def test_bucket_option_is_validated():
+    with pytest.raises(ValueError, match="bucket"):
+        passes.RewriteOptions(bucket=0)

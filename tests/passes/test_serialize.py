@@ -1,0 +1,105 @@
+"""save / load: a .pt2 that loads in a fresh process without transformers; clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import grainfx
+import passes
+from tests.captures import captured, structure
+from tests.models import example_inputs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compact(arch: str, seed: int = 0):
+    struct = structure(arch)
+    graph = passes.instrument(captured(arch), struct)
+    gen = torch.Generator().manual_seed(seed)
+    passes.set_masks(graph, {name: (torch.rand(size, generator=gen) < 0.5).float()
+                             for name, size in struct.mask_shapes().items()})
+    return passes.rewrite(graph, struct)
+
+
+@pytest.mark.parametrize("arch", ["bert-sdpa", "gpt2-eager"])
+def test_saved_model_loads_in_a_process_without_transformers(arch, tmp_path):
+    module = compact(arch)
+    path = grainfx.save(module, tmp_path / "model.pt2")
+    inputs = example_inputs(arch, 3, 10, seed=4)
+    with torch.no_grad():
+        expected = module(**inputs)
+    torch.save({"inputs": inputs, "expected": expected}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["transformers"] = None  # any import of transformers now fails
+        import torch, grainfx
+        try:
+            import transformers
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("transformers was importable")
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        model = grainfx.load({str(path)!r})
+        with torch.no_grad():
+            out = model(**io["inputs"])
+        for name, value in io["expected"].items():
+            assert torch.allclose(out[name], value, rtol=1e-5, atol=1e-6), name
+        assert model.grainfx_kept["layers"], "kept structure missing"
+        print("OK")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("OK")
+
+
+def test_save_writes_the_kept_structure_beside_the_model_and_no_temporary_files(tmp_path):
+    module = compact("distilbert-sdpa")
+    grainfx.save(module, tmp_path / "m.pt2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.pt2"]
+    kept = json.loads((tmp_path / "m.json").read_text())
+    assert kept == json.loads(json.dumps(module.grainfx_kept))
+    assert grainfx.load(tmp_path / "m.pt2").grainfx_kept == kept
+
+
+def test_save_refuses_a_path_that_is_not_pt2(tmp_path):
+    with pytest.raises(passes.SaveError, match=r"\.pt2"):
+        grainfx.save(compact("bert-sdpa"), tmp_path / "model.bin")
+
+
+def test_load_of_a_missing_file(tmp_path):
+    with pytest.raises(passes.ModelFileNotFoundError, match="no model file"):
+        grainfx.load(tmp_path / "absent.pt2")
+
+
+def test_load_of_a_truncated_file(tmp_path):
+    path = grainfx.save(compact("bert-sdpa"), tmp_path / "model.pt2")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(passes.CorruptModelFileError, match="truncated"):
+        grainfx.load(path)
+
+
+def test_load_of_a_foreign_file(tmp_path):
+    path = tmp_path / "notes.pt2"
+    path.write_text("this is not a model")
+    with pytest.raises(passes.CorruptModelFileError, match="grainfx.save"):
+        grainfx.load(path)
+
+
+def test_compiled_compact_module_matches_eager():
+    module = compact("bert-sdpa", seed=2)
+    compiled = torch.compile(module)
+    with torch.no_grad():
+        for batch, seq in ((2, 8), (3, 12)):
+            inputs = example_inputs("bert-sdpa", batch, seq, seed=batch)
+            expected, actual = module(**inputs), compiled(**inputs)
+            assert torch.allclose(expected["logits"], actual["logits"], rtol=1e-4, atol=1e-5)
