@@ -1,0 +1,133 @@
+"""Importance scores, their EMA, structure regularization and the global, monotone ranking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from grainfx.config import GrainConfig
+from passes.structure import Structure
+
+
+@dataclass(frozen=True)
+class ScoreGroup:
+    """Units ranked together as one tensor: a mask (intra) or the heads of a block (head)."""
+
+    name: str
+    kind: str  # "query", "value", "ffn" or "head"
+    shape: torch.Size
+    unit_params: int
+
+
+class Importance:
+    """Smoothed |dL/dm| scores of every unit and the pruning decisions made from them."""
+
+    def __init__(self, structure: Structure, config: GrainConfig):
+        self.structure, self.config = structure, config
+        if config.granularity == "intra":
+            self.groups = [ScoreGroup(g.mask, g.kind, g.shape, g.unit_params)
+                           for g in structure.units()]
+        else:
+            self.groups = [ScoreGroup(f"{b.name}.head", "head", torch.Size([b.num_heads]),
+                                      b.qk_shape[1] * b.query_unit_params
+                                      + b.vo_shape[1] * b.value_unit_params)
+                           for b in structure.attention]
+            self.groups += [ScoreGroup(b.name, "ffn", torch.Size([b.width]), b.unit_params)
+                            for b in structure.ffn]
+        self.scores = {g.name: torch.zeros(g.shape) for g in self.groups}
+        self._random = torch.Generator().manual_seed(config.seed)
+
+    def raw(self, grads: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+            ) -> dict[str, torch.Tensor]:
+        """This step's importance of each group (before smoothing)."""
+        if self.config.random_scores:
+            return {g.name: torch.rand(g.shape, generator=self._random) for g in self.groups}
+        scores = {}
+        for group in self.groups:
+            if group.kind == "head":
+                block = group.name[: -len(".head")]
+                scores[group.name] = grads[f"{block}.vo"].detach().sum(dim=1).abs()
+                continue
+            score = grads[group.name].detach().abs()
+            if group.kind == "value" and self.config.structure_regularization:
+                kept = masks[group.name].detach().float().mean(dim=1, keepdim=True)
+                score = score * torch.tanh(kept / self.config.structure_alpha)
+            scores[group.name] = score
+        return scores
+
+    def update(self, grads: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+               ) -> None:
+        """Fold one step's gradients into the EMA: S = beta S + (1 - beta) |dL/dm|."""
+        beta = self.config.ema_beta
+        for name, score in self.raw(grads, masks).items():
+            self.scores[name] = beta * self.scores[name] + (1 - beta) * score.float()
+
+    def _alive(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        alive = {}
+        for group in self.groups:
+            if group.kind == "head":
+                block = group.name[: -len(".head")]
+                alive[group.name] = masks[f"{block}.vo"].detach().bool().any(dim=1)
+            else:
+                alive[group.name] = masks[group.name].detach().bool()
+        return alive
+
+    def _masks(self, alive: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]
+               ) -> dict[str, torch.Tensor]:
+        masks = {}
+        for group in self.groups:
+            if group.kind == "head":
+                block = group.name[: -len(".head")]
+                for kind in ("qk", "vo"):
+                    shape = like[f"{block}.{kind}"].shape
+                    masks[f"{block}.{kind}"] = alive[group.name][:, None].expand(shape).float()
+            else:
+                masks[group.name] = alive[group.name].float()
+        return masks
+
+    def prune(self, masks: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+        """New masks: the lowest-scored kept units pruned until the density is <= ``density``.
+
+        Ranking is global over all groups; pruned units stay pruned.
+        """
+        if self.structure.density(masks) <= density:
+            return {name: m.detach().clone() for name, m in masks.items()}
+        alive = self._alive(masks)
+        names = [g.name for g in self.groups]
+        flat_scores = torch.cat([self.scores[n].flatten() for n in names])
+        flat_alive = torch.cat([alive[n].flatten() for n in names])
+        sizes = [self.scores[n].numel() for n in names]
+        candidates = torch.nonzero(flat_alive).flatten()
+        order = candidates[torch.argsort(flat_scores[candidates], stable=True)]
+
+        def masks_after(count: int) -> dict[str, torch.Tensor]:
+            keep = flat_alive.clone()
+            keep[order[:count]] = False
+            parts = dict(zip(names, keep.split(sizes)))
+            return self._masks({n: parts[n].view(self.scores[n].shape) for n in names}, masks)
+
+        low, high = 0, len(order)  # smallest count whose density is <= target
+        while low < high:
+            mid = (low + high) // 2
+            if self.structure.density(masks_after(mid)) <= density:
+                high = mid
+            else:
+                low = mid + 1
+        return masks_after(low)
+
+    def state_dict(self) -> dict:
+        return {"scores": {k: v.clone() for k, v in self.scores.items()},
+                "random": self._random.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scores = {k: v.clone() for k, v in state["scores"].items()}
+        self._random.set_state(state["random"])
+
+
+def all_finite(tensors) -> bool:
+    """True when every tensor (None skipped) holds finite values only."""
+    return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
+
+
