@@ -1,0 +1,98 @@
+"""Tiny random-init transformer architectures for the tests (nothing is downloaded).
+
+Every architecture has hidden size 32, 4 heads of 8, 2 layers and an FFN of 64 (GPT-2 keeps
+its own default of 4 x hidden = 128), in an "eager" and an "sdpa" attention variant. Ids look
+like ``"bert-eager"``.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+HIDDEN = 32
+HEADS = 4
+HEAD_DIM = HIDDEN // HEADS
+LAYERS = 2
+FFN = 64
+VOCAB = 100
+IMAGE = 16
+PATCH = 8
+
+IMPLS = ("eager", "sdpa")
+FAMILIES = ("bert", "roberta", "distilbert", "electra", "gpt2", "vit")
+ARCHITECTURES = [f"{family}-{impl}" for family in FAMILIES for impl in IMPLS]
+TEXT = [a for a in ARCHITECTURES if not a.startswith("vit")]
+
+#: FFN width of each family (GPT-2 has no separate intermediate size: it uses 4 x hidden).
+FFN_WIDTH = {family: FFN for family in FAMILIES} | {"gpt2": 4 * HIDDEN}
+#: The token id that fills padded positions.
+PAD_ID = {family: 0 for family in FAMILIES} | {"roberta": 1}
+
+
+def split(arch_id: str) -> tuple[str, str]:
+    family, impl = arch_id.split("-")
+    if family not in FAMILIES or impl not in IMPLS:
+        raise ValueError(f"unknown architecture {arch_id!r}; one of {ARCHITECTURES}")
+    return family, impl
+
+
+def _config_and_class(family: str):
+    if family == "bert":
+        return T.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                            num_attention_heads=HEADS, intermediate_size=FFN,
+                            max_position_embeddings=64), T.BertForSequenceClassification
+    if family == "roberta":
+        return T.RobertaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                               num_attention_heads=HEADS, intermediate_size=FFN,
+                               max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                               eos_token_id=2), T.RobertaForSequenceClassification
+    if family == "distilbert":
+        return T.DistilBertConfig(vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS,
+                                  hidden_dim=FFN, max_position_embeddings=64
+                                  ), T.DistilBertForSequenceClassification
+    if family == "electra":
+        return T.ElectraConfig(vocab_size=VOCAB, embedding_size=HIDDEN, hidden_size=HIDDEN,
+                               num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                               intermediate_size=FFN, max_position_embeddings=64
+                               ), T.ElectraForSequenceClassification
+    if family == "gpt2":
+        return T.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
+                            n_positions=64, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1
+                            ), T.GPT2LMHeadModel
+    if family == "vit":
+        return T.ViTConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                           num_attention_heads=HEADS, intermediate_size=FFN, image_size=IMAGE,
+                           patch_size=PATCH), T.ViTForImageClassification
+    raise AssertionError(family)
+
+
+def build(arch_id: str, seed: int = 0) -> torch.nn.Module:
+    """A freshly initialised model of ``arch_id`` in eval mode (random weights from ``seed``)."""
+    family, impl = split(arch_id)
+    config, cls = _config_and_class(family)
+    config._attn_implementation = impl
+    torch.manual_seed(seed)
+    return cls(config).eval()
+
+
+def example_inputs(arch_id: str, batch: int = 2, seq: int = 8, seed: int = 0
+                   ) -> dict[str, torch.Tensor]:
+    """Keyword inputs of one forward call.
+
+    Text models get ``input_ids`` and ``attention_mask``; rows after the first end in up to two
+    padded positions (mask 0, pad token). ViT gets ``pixel_values`` and ignores ``seq``.
+    """
+    family, _ = split(arch_id)
+    gen = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return {"pixel_values": torch.randn(batch, 3, IMAGE, IMAGE, generator=gen)}
+    pad = PAD_ID[family]
+    ids = torch.randint(3, VOCAB - 1, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for row in range(batch):
+        padded = min(row % 3, seq - 1)
+        if padded:
+            mask[row, seq - padded:] = 0
+            ids[row, seq - padded:] = pad
+    return {"input_ids": ids, "attention_mask": mask}

@@ -1,0 +1,195 @@
+"""passes.discover: attention blocks, FFN blocks, layer outputs and units of a captured graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from passes.capture import capture
+from passes.discover import discover
+from passes.errors import DiscoverError, NoAttentionFoundError, UnsupportedArchitectureError
+from tests.captures import captured, pair, structure
+from tests.models import (ARCHITECTURES, FFN_WIDTH, HEAD_DIM, HEADS, HIDDEN, LAYERS,
+                          example_inputs, split)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_blocks_heads_and_ffn_width(arch):
+    family, impl = split(arch)
+    s = structure(arch)
+    assert len(s.attention) == LAYERS
+    assert len(s.ffn) == LAYERS
+    assert [b.name for b in s.attention] == [f"attn{i}" for i in range(LAYERS)]
+    assert [b.name for b in s.ffn] == [f"ffn{i}" for i in range(LAYERS)]
+    for block in s.attention:
+        assert (block.num_heads, block.head_dim) == (HEADS, HEAD_DIM)
+        assert block.kind == impl
+        assert block.kv_heads == HEADS and not block.rope
+        assert block.scale == pytest.approx(HEAD_DIM ** -0.5)
+        assert block.is_causal or block.attn_mask is not None or block.score_biases or \
+            family == "vit"
+    for block in s.ffn:
+        assert block.width == FFN_WIDTH[family]
+        assert block.gate is None
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_mask_shapes_and_unit_sizes(arch):
+    family, _ = split(arch)
+    s = structure(arch)
+    shapes = s.mask_shapes()
+    expected = {}
+    for i in range(LAYERS):
+        expected[f"attn{i}.qk"] = torch.Size([HEADS, HEAD_DIM])
+        expected[f"attn{i}.vo"] = torch.Size([HEADS, HEAD_DIM])
+    for i in range(LAYERS):
+        expected[f"ffn{i}"] = torch.Size([FFN_WIDTH[family]])
+    assert shapes == expected
+    sizes = {g.kind: set() for g in s.units()}
+    for group in s.units():
+        sizes[group.kind].add(group.unit_params)
+    # W_Q and W_K rows with biases; W_V row with bias and W_O column; up row with bias and
+    # down column.
+    assert sizes == {"query": {2 * HIDDEN + 2}, "value": {2 * HIDDEN + 1},
+                     "ffn": {2 * HIDDEN + 1}}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_parameter_totals(arch):
+    s = structure(arch)
+    gm = captured(arch)
+    assert s.total_params == sum(p.numel() for p in gm.parameters())
+    per_layer = (HEADS * HEAD_DIM * (2 * HIDDEN + 2) + HEADS * HEAD_DIM * (2 * HIDDEN + 1)
+                 + FFN_WIDTH[split(arch)[0]] * (2 * HIDDEN + 1))
+    assert s.unit_params == LAYERS * per_layer
+    ones = s.ones()
+    assert s.density(ones) == 1.0
+    assert s.count_params(ones) == s.total_params
+    zeros = {k: torch.zeros_like(v) for k, v in ones.items()}
+    assert s.density(zeros) == 0.0
+    assert s.count_params(zeros) == s.total_params - s.unit_params
+
+
+def _draw_masks(data, s):
+    masks = {}
+    for name, size in s.mask_shapes().items():
+        bits = data.draw(st.lists(st.booleans(), min_size=size.numel(), max_size=size.numel()))
+        masks[name] = torch.tensor(bits, dtype=torch.float32).reshape(size)
+    return masks
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_count_params_is_monotone_in_the_masks(data):
+    s = structure("gpt2-sdpa")
+    masks = _draw_masks(data, s)
+    count = s.count_params(masks)
+    assert s.total_params - s.unit_params <= count <= s.total_params
+    assert s.density(masks) == pytest.approx(
+        (count - s.total_params + s.unit_params) / s.unit_params)
+    name = data.draw(st.sampled_from(sorted(masks)))
+    more = dict(masks)
+    more[name] = masks[name].clone().flatten()
+    more[name][data.draw(st.integers(0, more[name].numel() - 1))] = 1.0
+    more[name] = more[name].reshape(masks[name].shape)
+    assert s.count_params(more) >= count
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_a_head_without_value_units_keeps_no_query_units(data):
+    s = structure("bert-eager")
+    masks = _draw_masks(data, s)
+    block = s.attention[0]
+    head = data.draw(st.integers(0, block.num_heads - 1))
+    masks[f"{block.name}.vo"][head] = 0.0
+    with_qk = dict(masks)
+    with_qk[f"{block.name}.qk"] = masks[f"{block.name}.qk"].clone()
+    with_qk[f"{block.name}.qk"][head] = 1.0
+    without_qk = dict(masks)
+    without_qk[f"{block.name}.qk"] = masks[f"{block.name}.qk"].clone()
+    without_qk[f"{block.name}.qk"][head] = 0.0
+    assert s.count_params(with_qk) == s.count_params(without_qk)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_layer_outputs(arch):
+    s = structure(arch)
+    gm = captured(arch)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert len(s.layer_outputs) == LAYERS + 1
+    assert len(set(s.layer_outputs)) == LAYERS + 1
+    for name in s.layer_outputs:
+        val = nodes[name].meta["val"]
+        assert val.shape[-1] == HIDDEN and val.dim() == 3
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_str_mentions_blocks_heads_and_widths(arch):
+    family, _ = split(arch)
+    text = str(structure(arch))
+    assert f"{LAYERS} attention blocks" in text
+    assert f"{LAYERS} FFN blocks" in text
+    assert f"{HEADS} x {HEAD_DIM}" in text
+    assert str(FFN_WIDTH[family]) in text
+    assert f"{structure(arch).total_params:,}" in text
+    for i in range(LAYERS):
+        assert f"layer {i}" in text
+
+
+@pytest.mark.parametrize("arch", ["bert-sdpa", "distilbert-eager", "gpt2-eager", "gpt2-sdpa",
+                                  "vit-sdpa"])
+def test_train_graph_has_the_same_structure(arch):
+    """Dropout is live in the train graph: discover sees through it."""
+    eval_gm, train_gm = pair(arch)
+    assert discover(train_gm).mask_shapes() == discover(eval_gm).mask_shapes()
+    assert discover(train_gm).unit_params == discover(eval_gm).unit_params
+
+
+def test_discover_does_not_change_the_graph():
+    gm = captured("gpt2-eager")
+    before = gm.code
+    discover(gm)
+    assert gm.code == before
+
+
+def test_discover_is_deterministic():
+    assert discover(captured("roberta-eager")) == structure("roberta-eager")
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(8, 16)
+        self.down = torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        return {"y": x + self.down(torch.relu(self.up(x)))}
+
+
+def test_mlp_only_model_has_no_attention():
+    gm = capture(_MLP(), {"x": torch.randn(2, 5, 8)})
+    with pytest.raises(NoAttentionFoundError):
+        discover(gm)
+
+
+def _llama(kv_heads: int, impl: str):
+    config = T.LlamaConfig(vocab_size=100, hidden_size=HIDDEN, intermediate_size=64,
+                           num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                           num_key_value_heads=kv_heads, max_position_embeddings=64,
+                           bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    config._attn_implementation = impl
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kv_heads,impl", [(2, "sdpa"), (4, "eager")])
+def test_llama_is_unsupported_with_a_reason(kv_heads, impl):
+    gm = capture(_llama(kv_heads, impl), example_inputs("gpt2-sdpa"))
+    with pytest.raises(UnsupportedArchitectureError) as info:
+        discover(gm)
+    assert "RoPE" in str(info.value) or "GQA" in str(info.value)
+    assert isinstance(info.value, DiscoverError)

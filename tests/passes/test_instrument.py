@@ -1,0 +1,273 @@
+"""passes.instrument: masks multiplied into every block, all ones = the captured graph."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from passes.capture import capture_pair
+from passes.discover import discover
+from passes.errors import MaskError, NotInstrumentedError, PassError
+from passes.instrument import (get_masks, instrument, mask_buffers, record_mask_grads,
+                               set_masks)
+from tests.captures import captured, model, pair, structure
+from tests.models import (ARCHITECTURES, HEAD_DIM, HEADS, HIDDEN, LAYERS, build,
+                          example_inputs)
+
+
+@functools.cache
+def masked(arch: str):
+    """An instrumented copy of the cached graph; tests restore its masks to one."""
+    return instrument(captured(arch), structure(arch))
+
+
+@pytest.fixture
+def fresh():
+    """A freshly instrumented BERT graph that a test may change."""
+    arch = "bert-sdpa"
+    return arch, instrument(captured(arch), structure(arch))
+
+
+def _logits(gm, inputs):
+    with torch.no_grad():
+        return gm(**inputs)["logits"]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_masks_at_one_give_the_captured_outputs_exactly(arch):
+    gm = masked(arch)
+    assert get_masks(gm).keys() == structure(arch).mask_shapes().keys()
+    for batch, seq in [(2, 8), (3, 11)]:
+        inputs = example_inputs(arch, batch, seq, seed=4)
+        assert torch.equal(_logits(gm, inputs), _logits(captured(arch), inputs))
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_zero_masks_change_outputs(arch):
+    gm = instrument(captured(arch), structure(arch))
+    inputs = example_inputs(arch)
+    reference = _logits(gm, inputs)
+    for name, size in structure(arch).mask_shapes().items():
+        set_masks(gm, {name: torch.zeros(size)})
+        assert not torch.allclose(_logits(gm, inputs), reference), name
+        set_masks(gm, {name: torch.ones(size)})
+    assert torch.equal(_logits(gm, inputs), reference)
+
+
+def test_masks_are_buffers_that_require_grad(fresh):
+    arch, gm = fresh
+    buffers = mask_buffers(gm)
+    assert buffers.keys() == structure(arch).mask_shapes().keys()
+    for name, buf in buffers.items():
+        assert buf.shape == structure(arch).mask_shapes()[name]
+        assert buf.requires_grad
+        assert torch.equal(buf, torch.ones_like(buf))
+    assert not any(buf is p for p in gm.parameters() for buf in buffers.values())
+
+
+def _params_of(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict(m.named_parameters())
+
+
+def _prune_bert(m, masks):
+    """Zero the weight rows that the masks remove, in a copy of a BERT model."""
+    m = copy.deepcopy(m)
+    p = _params_of(m)
+    with torch.no_grad():
+        for i in range(LAYERS):
+            pre = f"bert.encoder.layer.{i}."
+            qk = masks[f"attn{i}.qk"].flatten()
+            vo = masks[f"attn{i}.vo"].flatten()
+            ffn = masks[f"ffn{i}"]
+            for name, keep in [("attention.self.query", qk), ("attention.self.value", vo),
+                               ("intermediate.dense", ffn)]:
+                p[pre + name + ".weight"].mul_(keep[:, None])
+                p[pre + name + ".bias"].mul_(keep)
+    return m
+
+
+def _prune_gpt2(m, masks):
+    """The same for GPT-2, whose Conv1D weights are stored (in, out) and Q, K, V fused."""
+    m = copy.deepcopy(m)
+    p = _params_of(m)
+    with torch.no_grad():
+        for i in range(LAYERS):
+            pre = f"transformer.h.{i}."
+            qkv = torch.cat([masks[f"attn{i}.qk"].flatten(), torch.ones(HIDDEN),
+                             masks[f"attn{i}.vo"].flatten()])
+            for name, keep in [("attn.c_attn", qkv), ("mlp.c_fc", masks[f"ffn{i}"])]:
+                p[pre + name + ".weight"].mul_(keep[None, :])
+                p[pre + name + ".bias"].mul_(keep)
+    return m
+
+
+@settings(max_examples=8, deadline=None)
+@given(arch=st.sampled_from(["bert-eager", "bert-sdpa", "gpt2-eager", "gpt2-sdpa"]),
+       data=st.data())
+def test_binary_masks_equal_zeroed_weight_rows(arch, data):
+    """A zero in a mask is exactly the removal of its unit: zeroed Q / V / up rows."""
+    gm = masked(arch)
+    masks = {}
+    for name, size in structure(arch).mask_shapes().items():
+        bits = data.draw(st.lists(st.booleans(), min_size=size.numel(), max_size=size.numel()))
+        masks[name] = torch.tensor(bits, dtype=torch.float32).reshape(size)
+    prune = _prune_gpt2 if arch.startswith("gpt2") else _prune_bert
+    inputs = example_inputs(arch, 2, 7, seed=5)
+    try:
+        set_masks(gm, masks)
+        with torch.no_grad():
+            expected = prune(model(arch), masks)(**inputs).logits
+        torch.testing.assert_close(_logits(gm, inputs), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        set_masks(gm, structure(arch).ones())
+
+
+def _loss(gm, inputs):
+    return gm(**inputs)["logits"].square().sum()
+
+
+def test_record_mask_grads_inside_the_context_only(fresh):
+    arch, gm = fresh
+    inputs = example_inputs(arch)
+    buffers = mask_buffers(gm)
+    expected = torch.autograd.grad(_loss(gm, inputs), list(buffers.values()))
+    expected = dict(zip(buffers, expected))
+
+    _loss(gm, inputs).backward()  # before the context: not recorded
+    with record_mask_grads(gm) as grads:
+        assert dict(grads) == {}
+        _loss(gm, inputs).backward()
+    assert grads.keys() == buffers.keys()
+    for name, grad in grads.items():
+        assert grad.shape == buffers[name].shape
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, expected[name])
+    recorded = {k: v.clone() for k, v in grads.items()}
+
+    _loss(gm, inputs).backward()  # after the context: adds nothing
+    assert grads.keys() == recorded.keys()
+    assert all(torch.equal(grads[k], recorded[k]) for k in recorded)
+
+
+def test_record_mask_grads_sums_backwards_inside_and_separates_losses(fresh):
+    arch, gm = fresh
+    inputs = example_inputs(arch)
+    out = gm(**inputs)["logits"]
+    first, second = out.square().sum(), out.sum()
+    buffers = mask_buffers(gm)
+    only_first = dict(zip(buffers, torch.autograd.grad(first, list(buffers.values()),
+                                                       retain_graph=True)))
+    with record_mask_grads(gm) as grads:
+        first.backward(retain_graph=True)
+    second.backward(retain_graph=True)
+    for name in buffers:
+        torch.testing.assert_close(grads[name], only_first[name])
+
+    with record_mask_grads(gm) as twice:
+        first.backward(retain_graph=True)
+        first.backward()
+    for name in buffers:
+        torch.testing.assert_close(twice[name], 2 * only_first[name])
+
+
+def test_set_masks_checks_names_and_shapes(fresh):
+    arch, gm = fresh
+    shapes = structure(arch).mask_shapes()
+    with pytest.raises(MaskError, match="attn0.qk"):
+        set_masks(gm, {"attn0.qk": torch.zeros(HEAD_DIM, HEADS)})
+    with pytest.raises(MaskError, match="attn9.qk"):
+        set_masks(gm, {"attn9.qk": torch.zeros(shapes["attn0.qk"])})
+    with pytest.raises(MaskError):
+        set_masks(gm, {"attn0__qk": torch.zeros(shapes["attn0.qk"])})
+    # Nothing is applied when one entry is wrong.
+    with pytest.raises(MaskError):
+        set_masks(gm, {"ffn0": torch.zeros(shapes["ffn0"]), "ffn1": torch.zeros(3)})
+    assert all(torch.equal(m, torch.ones_like(m)) for m in get_masks(gm).values())
+    # A subset is fine, and values are copied, not aliased.
+    value = torch.full(shapes["ffn1"], 0.5)
+    set_masks(gm, {"ffn1": value})
+    value.fill_(0.25)
+    assert torch.equal(get_masks(gm)["ffn1"], torch.full(shapes["ffn1"], 0.5))
+
+
+@settings(max_examples=20, deadline=None)
+@given(name=st.sampled_from(["attn0.qk", "attn1.vo", "ffn0"]),
+       dims=st.lists(st.integers(0, 9), min_size=0, max_size=3))
+def test_set_masks_rejects_every_wrong_shape(name, dims):
+    gm = masked("bert-eager")
+    right = structure("bert-eager").mask_shapes()[name]
+    if torch.Size(dims) == right:
+        return
+    with pytest.raises(MaskError):
+        set_masks(gm, {name: torch.zeros(dims)})
+    assert torch.equal(get_masks(gm)[name], torch.ones(right))
+
+
+def test_mask_functions_need_an_instrumented_graph():
+    gm = captured("bert-sdpa")
+    with pytest.raises(NotInstrumentedError):
+        set_masks(gm, structure("bert-sdpa").ones())
+    with pytest.raises(NotInstrumentedError):
+        get_masks(gm)
+    with pytest.raises(NotInstrumentedError):
+        with record_mask_grads(gm):
+            pass
+    assert issubclass(NotInstrumentedError, PassError)
+
+
+def test_instrument_does_not_change_the_input_graph():
+    arch = "gpt2-eager"
+    gm = captured(arch)
+    code, nodes = gm.code, len(gm.graph.nodes)
+    params = dict(gm.named_parameters())
+    inputs = example_inputs(arch)
+    before = _logits(gm, inputs)
+    new = instrument(gm, structure(arch))
+    set_masks(new, {k: torch.zeros(v) for k, v in structure(arch).mask_shapes().items()})
+    assert gm.code == code and len(gm.graph.nodes) == nodes
+    assert not hasattr(gm, "grain_masks")
+    assert dict(gm.named_parameters()).keys() == params.keys()
+    assert all(p is params[n] for n, p in gm.named_parameters())
+    assert torch.equal(_logits(gm, inputs), before)
+    # The instrumented copy shares the parameters.
+    new_params = dict(new.named_parameters())
+    assert all(new_params[n] is p for n, p in params.items())
+
+
+@pytest.mark.parametrize("arch", ["bert-sdpa", "distilbert-eager", "gpt2-eager", "gpt2-sdpa",
+                                  "vit-sdpa"])
+def test_structure_of_the_eval_graph_instruments_the_train_graph(arch):
+    """instrument's contract: the structure may come from a graph captured from the same
+    model. The trainer discovers on the eval graph and instruments both."""
+    eval_gm, train_gm = pair(arch)
+    from_eval = instrument(train_gm, discover(eval_gm))
+    from_train = instrument(train_gm, discover(train_gm))
+    assert from_eval.code == from_train.code
+
+
+def test_train_and_eval_graphs_share_masks():
+    arch = "electra-sdpa"
+    m = build(arch)
+    inputs = example_inputs(arch)
+    eval_gm, train_gm = capture_pair(m, inputs)
+    s = structure(arch)
+    eval_masked = instrument(eval_gm, s)
+    train_masked = instrument(train_gm, s, masks=mask_buffers(eval_masked))
+    for name, buf in mask_buffers(train_masked).items():
+        assert buf is mask_buffers(eval_masked)[name]
+    set_masks(eval_masked, {"ffn1": torch.zeros(s.mask_shapes()["ffn1"])})
+    assert torch.equal(get_masks(train_masked)["ffn1"], torch.zeros(s.mask_shapes()["ffn1"]))
+    with record_mask_grads(train_masked) as grads:
+        _loss(train_masked, inputs).backward()
+    assert grads.keys() == s.mask_shapes().keys()
+    with pytest.raises(MaskError):
+        instrument(train_gm, s, masks={"ffn0": torch.ones(s.mask_shapes()["ffn0"])})
+    with pytest.raises(MaskError):
+        bad = dict(mask_buffers(eval_masked))
+        bad["ffn0"] = torch.ones(3)
+        instrument(train_gm, s, masks=bad)
