@@ -1,11 +1,18 @@
 """grainfx: GRAIN structured pruning of transformers as torch.fx graph transformations.
 
-``grainfx.save`` / ``grainfx.load`` write and read compact models as ``.pt2`` files; loading
-needs torch only. The graph passes themselves live in the ``passes`` package.
+``grainfx.compress(model, dataloader, sparsity)`` prunes a fine-tuned model into a compact
+GraphModule; ``grainfx.save`` / ``grainfx.load`` write and read compact models as ``.pt2``
+files (loading needs torch only). The graph passes themselves live in the ``passes`` package.
 """
 
+from grainfx.compress import (BatchError, CompressionResult, EmptyDataLoaderError,
+                              TeacherMismatchError, compress)
+from grainfx.config import ConfigError, GrainConfig
+from grainfx.trainer import TrainingDivergedError
 from passes.serialize import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["save", "load", "__version__"]
+__all__ = ["compress", "CompressionResult", "GrainConfig", "save", "load", "ConfigError",
+           "BatchError", "EmptyDataLoaderError", "TeacherMismatchError", "TrainingDivergedError",
+           "__version__"]

@@ -1,0 +1,206 @@
+"""compress(): capture -> discover -> instrument -> GRAIN training -> rewrite."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import fx
+
+import passes
+from grainfx.config import ConfigError, GrainConfig
+from grainfx.report import build_report, format_report
+from grainfx.trainer import Student, Trainer, cycle
+from passes.capture import OUTPUT_NAMES_ATTR
+from passes.errors import CaptureError, PassError
+from passes.instrument import mask_buffers
+
+#: Batch entries that are labels: distillation does not use them.
+LABEL_KEYS = ("labels", "label")
+HIDDEN_PREFIX = "grain.hidden."
+
+
+class EmptyDataLoaderError(PassError, ValueError):
+    """The dataloader yields no batch."""
+
+
+class BatchError(PassError, ValueError):
+    """A batch is not something the model can take."""
+
+
+class TeacherMismatchError(PassError, ValueError):
+    """The teacher's outputs do not match the student's."""
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`compress` returns.
+
+    ``module``: the compact GraphModule (call it like the model, it returns a dict);
+    ``density``: kept share of encoder (unit) parameters, measured on ``module``;
+    ``report``: per layer heads, query and value units per head and FFN width, parameters
+    before and after, steps, losses and time; ``structure``: what discover found.
+    """
+
+    module: fx.GraphModule
+    density: float
+    report: dict
+    structure: passes.Structure = field(repr=False)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model (``.pt2``), its kept structure (``.json``) and the report
+        (``.report.json``) beside each other."""
+        path = passes.save(self.module, path)
+        path.with_suffix(".report.json").write_text(json.dumps(self.report, indent=1))
+        return path
+
+    def __str__(self) -> str:
+        return format_report(self.report)
+
+
+def _model_inputs(batch, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs from one dataloader batch (labels dropped)."""
+    if not isinstance(batch, Mapping):
+        raise BatchError(
+            f"batches must be dicts of tensors keyed by the model's argument names (as a "
+            f"tokenizer returns them), got {type(batch).__name__}; wrap your collate_fn to "
+            f"return e.g. {{'input_ids': ..., 'attention_mask': ...}}")
+    inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+    bad = [k for k, v in inputs.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise BatchError(f"batch entry {bad[0]!r} is not a tensor; return tensors from the "
+                         f"collate_fn (return_tensors='pt')")
+    if names is not None:
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise BatchError(f"a batch lacks {missing}, which the first batch had; every "
+                             f"batch must hold the same keys")
+        inputs = {n: inputs[n] for n in names}
+    return inputs
+
+
+def _first_batch(dataloader: Iterable) -> dict[str, torch.Tensor]:
+    for batch in dataloader:
+        return _model_inputs(batch)
+    raise EmptyDataLoaderError("the dataloader yielded no batch: give compress a dataloader "
+                               "over at least one example")
+
+
+def _capture(model: torch.nn.Module, batch: dict[str, torch.Tensor], what: str):
+    try:
+        return passes.capture_pair(model, batch)
+    except CaptureError:
+        try:
+            with torch.no_grad():
+                model(**batch)
+        except Exception as exc:
+            shapes = {k: tuple(v.shape) for k, v in batch.items()}
+            raise BatchError(f"the {what} cannot take the first batch {shapes}: {exc}; check "
+                             f"that the batch keys are the model's argument names") from exc
+        raise
+
+
+def _pick_output(names: list[str], config: GrainConfig) -> str:
+    if config.output_name is not None:
+        if config.output_name not in names:
+            raise ConfigError(f"output_name {config.output_name!r} is not an output of the "
+                              f"model; it returns {names}")
+        return config.output_name
+    if "logits" in names:
+        return "logits"
+    if len(names) == 1:
+        return names[0]
+    raise ConfigError(f"the model returns {names}: set GrainConfig(output_name=...) to the one "
+                      f"to distil")
+
+
+def _with_hidden(gm: fx.GraphModule, structure: passes.Structure, every: int) -> tuple:
+    chosen = structure.layer_outputs[::every]
+    keys = [f"{HIDDEN_PREFIX}{i}" for i in range(len(chosen))]
+    return passes.expose(gm, dict(zip(keys, chosen))), keys
+
+
+def _width(gm: fx.GraphModule, node_name: str) -> int:
+    node = next(n for n in gm.graph.nodes if n.name == node_name)
+    return int(node.meta["val"].shape[-1])
+
+
+def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
+             teacher: torch.nn.Module | None = None, config: GrainConfig | None = None,
+             progress: bool = True) -> CompressionResult:
+    """Prune ``model`` with GRAIN to ``1 - sparsity`` of its encoder parameters.
+
+    Args:
+        model: a (fine-tuned) model the passes can capture; it is copied, never modified.
+        dataloader: batches as the model takes them (dicts of tensors; ``labels`` ignored).
+        sparsity: share of encoder (unit) parameters to remove, in [0, 1): 0.9 keeps 10%.
+            Embeddings, norms and the task head are outside this count.
+        teacher: the model to distil from (default: a frozen copy of ``model``).
+        config: a :class:`GrainConfig` (default: the paper's settings).
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`CompressionResult` with the compact module, its density and a report.
+    """
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
+            0 <= sparsity < 1):
+        raise ConfigError(f"sparsity must be in [0, 1) (0.9 keeps 10% of the encoder), got "
+                          f"{sparsity!r}")
+    config = config or GrainConfig()
+    torch.manual_seed(config.seed)
+    batch = _first_batch(dataloader)
+    eval_gm, train_gm = _capture(model, batch, "model")
+    structure = passes.discover(eval_gm)
+    train_structure = passes.discover(train_gm)
+    if train_structure.mask_shapes() != structure.mask_shapes():
+        raise PassError("the train-mode graph has another structure than the eval-mode one")
+    output = _pick_output(getattr(eval_gm, OUTPUT_NAMES_ATTR), config)
+    names = list(batch)
+
+    teacher_eval, _ = _capture(teacher if teacher is not None else model, batch, "teacher")
+    for p in teacher_eval.parameters():
+        p.requires_grad_(False)
+    teacher_structure = passes.discover(teacher_eval) if config.hidden_loss else None
+    student_train, hidden_keys = _with_hidden(train_gm, train_structure, config.hidden_every)
+    hidden_dims = None
+    if config.hidden_loss:
+        if len(teacher_structure.layer_outputs) != len(train_structure.layer_outputs):
+            raise TeacherMismatchError(
+                f"the teacher has {len(teacher_structure.layer_outputs) - 1} layers and the "
+                f"student {len(train_structure.layer_outputs) - 1}: the hidden-state loss pairs "
+                f"layers one to one; use GrainConfig(hidden_loss=False)")
+        teacher_eval, _ = _with_hidden(teacher_eval, teacher_structure, config.hidden_every)
+        hidden_dims = (_width(train_gm, train_structure.layer_outputs[0]),
+                       _width(teacher_eval, teacher_structure.layer_outputs[0]))
+    with torch.no_grad():
+        t_out, s_out = teacher_eval(**batch), eval_gm(**batch)
+    if output not in t_out or t_out[output].shape != s_out[output].shape:
+        got = tuple(t_out[output].shape) if output in t_out else f"no {output!r}"
+        raise TeacherMismatchError(f"the teacher's {output!r} is {got} but the student's is "
+                                   f"{tuple(s_out[output].shape)}: distillation needs the same "
+                                   f"output shape (same task head and labels)")
+
+    masked_train = passes.instrument(student_train, train_structure)
+    masked_eval = passes.instrument(eval_gm, structure,
+                                    masks=mask_buffers(masked_train))
+    if config.steps is not None:
+        total = config.steps
+    else:
+        try:
+            total = max(1, math.ceil(config.epochs * len(dataloader)))
+        except TypeError:
+            raise ConfigError("the dataloader has no len(): set GrainConfig(steps=...)") from None
+    trainer = Trainer(Student(masked_train, masked_eval, train_structure, hidden_keys),
+                      teacher_eval, config, 1.0 - float(sparsity), output, total, hidden_dims)
+    history = trainer.run((_model_inputs(b, names) for b in cycle(dataloader, total)),
+                          progress=progress)
+    masked_eval.eval()
+    compact = passes.rewrite(masked_eval, structure)
+    report = build_report(compact.grainfx_kept, structure, history, 1.0 - float(sparsity),
+                          config)
+    return CompressionResult(module=compact, density=report["density"], report=report,
+                             structure=structure)

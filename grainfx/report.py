@@ -1,0 +1,69 @@
+"""The report of a compress run: what was kept, parameters before and after, how it went."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import passes
+from grainfx.config import GrainConfig
+from grainfx.trainer import History
+
+
+def build_report(kept: Mapping, structure: passes.Structure, history: History,
+                 target_density: float, config: GrainConfig) -> dict:
+    """JSON-ready report from the compact module's kept structure and the training history."""
+    outside = structure.total_params - structure.unit_params
+    encoder_after = kept["parameters"] - outside
+    layers = []
+    for layer in kept["layers"]:
+        heads = layer.get("heads", [])
+        layers.append({
+            "layer": layer["layer"],
+            "heads": len(heads),
+            "query_units": [h["query"] for h in heads],
+            "value_units": [h["value"] for h in heads],
+            "ffn": layer.get("ffn"),
+        })
+    return {
+        "target_density": target_density,
+        "density": encoder_after / structure.unit_params,
+        "parameters": {
+            "encoder_before": structure.unit_params,
+            "encoder_after": encoder_after,
+            "outside_encoder": outside,
+            "total_before": structure.total_params,
+            "total_after": kept["parameters"],
+        },
+        "layers": layers,
+        "steps": history.steps,
+        "skipped_steps": history.skipped,
+        "final_kd_loss": history.kd_loss[-1] if history.kd_loss else None,
+        "final_hidden_loss": history.hidden_loss[-1] if history.hidden_loss else None,
+        "kd_loss": history.kd_loss,
+        "hidden_loss": history.hidden_loss,
+        "density_per_step": history.density,
+        "seconds": history.seconds,
+        "config": config.to_dict(),
+    }
+
+
+def format_report(report: Mapping) -> str:
+    """A Markdown summary: parameters, then one row per layer."""
+    p = report["parameters"]
+    lines = [
+        f"density {report['density']:.2%} (target {report['target_density']:.2%}), "
+        f"{report['steps']} steps in {report['seconds']:.0f} s",
+        "",
+        "| | before | after |",
+        "|---|---:|---:|",
+        f"| encoder (prunable) parameters | {p['encoder_before']:,} | {p['encoder_after']:,} |",
+        f"| total parameters | {p['total_before']:,} | {p['total_after']:,} |",
+        "",
+        "| layer | heads | query units per head | value units per head | FFN width |",
+        "|---:|---:|---|---|---:|",
+    ]
+    for layer in report["layers"]:
+        lines.append(f"| {layer['layer']} | {layer['heads']} | "
+                     f"{' '.join(map(str, layer['query_units'])) or '-'} | "
+                     f"{' '.join(map(str, layer['value_units'])) or '-'} | {layer['ffn']} |")
+    return "\n".join(lines)

@@ -1,0 +1,172 @@
+"""The GRAIN training loop: distillation, gradient separation, importance, pruning."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Mapping
+
+import torch
+from torch import fx
+
+import passes
+from passes.instrument import mask_buffers
+from grainfx.config import GrainConfig
+from grainfx.distill import HiddenMaps, kd_loss
+from grainfx.importance import Importance, all_finite
+from grainfx.schedule import density_at, lr_factor
+
+log = logging.getLogger("grainfx")
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many steps in a row had non-finite losses or gradients."""
+
+
+@dataclass
+class History:
+    """What the loop did: one entry per step."""
+
+    steps: int = 0
+    skipped: int = 0
+    kd_loss: list[float] = field(default_factory=list)
+    hidden_loss: list[float] = field(default_factory=list)
+    density: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def cycle(dataloader: Iterable, total: int) -> Iterator:
+    """Batches of ``dataloader``, re-iterated as often as needed, ``total`` in all."""
+    count = 0
+    while count < total:
+        for batch in dataloader:
+            yield batch
+            count += 1
+            if count == total:
+                return
+
+
+@dataclass
+class Student:
+    """The instrumented graphs being pruned: train-mode (dropout live) and eval-mode, sharing
+    parameters and masks."""
+
+    train: fx.GraphModule
+    eval: fx.GraphModule
+    structure: passes.Structure
+    hidden_keys: list[str]
+
+
+class Trainer:
+    """Runs GRAIN on ``student`` distilled from ``teacher`` (a callable returning a dict)."""
+
+    def __init__(self, student: Student, teacher: Callable[..., Mapping[str, torch.Tensor]],
+                 config: GrainConfig, target_density: float, output: str, total_steps: int,
+                 hidden_dims: tuple[int, int] | None):
+        self.student, self.teacher, self.config = student, teacher, config
+        self.target, self.output, self.total = target_density, output, total_steps
+        self.importance = Importance(student.structure, config)
+        self.masks = mask_buffers(student.train)
+        use_hidden = config.hidden_loss and hidden_dims is not None and student.hidden_keys
+        self.maps = HiddenMaps(len(student.hidden_keys), *hidden_dims) if use_hidden else None
+        params = [p for p in student.train.parameters() if p.requires_grad]
+        if self.maps is not None:
+            params += list(self.maps.parameters())
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.learning_rate, eps=config.adam_eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, total_steps, config.warmup))
+        self.history = History()
+        self._bad_in_a_row = 0
+
+    def _losses(self, batch: Mapping[str, torch.Tensor]):
+        with torch.no_grad():
+            teacher_out = self.teacher(**batch)
+        out = self.student.train(**batch)
+        mask = batch.get("attention_mask")
+        kd = kd_loss(out[self.output], teacher_out[self.output], self.config.temperature, mask)
+        hidden = None
+        if self.maps is not None:
+            keys = self.student.hidden_keys
+            hidden = self.maps([out[k] for k in keys], [teacher_out[k] for k in keys], mask)
+            hidden = hidden * self.config.hidden_loss_weight
+        return kd, hidden
+
+    def _backward(self, kd: torch.Tensor, hidden: torch.Tensor | None) -> dict:
+        with passes.record_mask_grads(self.student.train) as grads:
+            if self.config.gradient_separation or hidden is None:
+                kd.backward(retain_graph=hidden is not None)
+            else:
+                (kd + hidden).backward()
+        if self.config.gradient_separation and hidden is not None:
+            hidden.backward()
+        return dict(grads)
+
+    def step(self, index: int, batch: Mapping[str, torch.Tensor]) -> None:
+        """One optimizer step, importance update and (in the pruning phase) mask update."""
+        kd, hidden = self._losses(batch)
+        grads = self._backward(kd, hidden)
+        for m in self.masks.values():
+            m.grad = None
+        finite = all_finite([kd, hidden] + [p.grad for p in self.params] + list(grads.values()))
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.history.skipped += 1
+            self._bad_in_a_row += 1
+            warnings.warn(f"step {index}: non-finite loss or gradients, step skipped",
+                          RuntimeWarning, stacklevel=2)
+            if self._bad_in_a_row >= self.config.max_bad_steps:
+                raise TrainingDivergedError(
+                    f"{self._bad_in_a_row} steps in a row had non-finite losses or gradients; "
+                    f"lower GrainConfig.learning_rate or check the inputs for inf/nan")
+            self.scheduler.step()
+            return
+        self._bad_in_a_row = 0
+        torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        current = {name: m.detach() for name, m in self.masks.items()}
+        self.importance.update(grads, current)
+        progress = (index + 1) / self.total
+        if progress > self.config.prune_start and (index + 1) % self.config.prune_every == 0:
+            goal = density_at(progress, self.target, self.config.prune_start,
+                              self.config.prune_end)
+            passes.set_masks(self.student.train, self.importance.prune(current, goal))
+        self.history.kd_loss.append(kd.item())
+        self.history.hidden_loss.append(hidden.item() if hidden is not None else 0.0)
+        self.history.density.append(self.student.structure.density(self.masks))
+        self.history.steps += 1
+
+    def run(self, batches: Iterable[Mapping[str, torch.Tensor]], progress: bool = True,
+            start: int = 0) -> History:
+        """Train over ``batches`` (``total_steps`` of them), with a progress bar."""
+        from tqdm.auto import tqdm
+
+        began = time.perf_counter()
+        self.student.train.train()
+        bar = tqdm(total=self.total, initial=start, disable=not progress, desc="grain",
+                   unit="step", dynamic_ncols=True)
+        try:
+            for index, batch in enumerate(batches, start=start):
+                self.step(index, batch)
+                h = self.history
+                if h.kd_loss:
+                    bar.set_postfix(density=f"{h.density[-1]:.3f}", kd=f"{h.kd_loss[-1]:.4f}",
+                                    hidden=f"{h.hidden_loss[-1]:.4f}", refresh=False)
+                bar.update(1)
+        finally:
+            bar.close()
+        self.history.seconds += time.perf_counter() - began
+        log.info("trained %d steps (%d skipped) in %.1f s", self.history.steps,
+                 self.history.skipped, self.history.seconds)
+        return self.history
+
+
