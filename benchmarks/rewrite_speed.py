@@ -8,7 +8,7 @@ in the most regular shape (one head of the kept size per layer, FFN of the kept 
 practical limit on this CPU. Results go to benchmarks/results/rewrite_speed.json as they are
 measured; a rerun skips what is there (delete the file to start over).
 
-    python benchmarks/rewrite_speed.py                 # the full run (~30 min on 2 cores)
+    python benchmarks/rewrite_speed.py                 # the full run (about an hour here)
     python benchmarks/rewrite_speed.py --quick         # a tiny model, seconds (used by tests)
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Compile times are measured cold: no inductor cache may serve a later model.
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
 
 import passes  # noqa: E402
 from benchmarks.common import RESULTS, ResultStore, interleaved_medians, machine  # noqa: E402
@@ -152,8 +156,8 @@ def measure(label: str, models: dict[str, nn.Module], inputs: dict, reps: int,
 
 
 def run(shape: Shape, kept_shares: list[float], patterns: list[str], buckets: list[int],
-        compile_buckets: list[int], threads: list[int], reps: int, out: Path,
-        compile_models: bool) -> ResultStore:
+        compile_buckets: list[int], threads: list[int], compile_threads: list[int], reps: int,
+        out: Path) -> ResultStore:
     store = ResultStore(out, {"machine": machine(), "shape": shape.__dict__, "reps": reps})
     dense = dense_model(shape)
     inputs = inputs_for(shape)
@@ -162,9 +166,10 @@ def run(shape: Shape, kept_shares: list[float], patterns: list[str], buckets: li
     masked = passes.instrument(gm, structure)
     dense_flops = flops(shape, shape.heads * shape.head_dim, shape.heads * shape.head_dim,
                         shape.ffn)
-    modes = ["eager"] + (["compiled"] if compile_models else [])
-    for n_threads in threads:
+    for n_threads in sorted(set(threads) | set(compile_threads)):
         torch.set_num_threads(n_threads)
+        modes = (["eager"] if n_threads in threads else []) + (
+            ["compiled"] if n_threads in compile_threads else [])
         for mode in modes:
             for kept in kept_shares:
                 for pattern in patterns:
@@ -208,18 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
     parser.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
-    parser.add_argument("--patterns", nargs="+", default=["spread", "concentrated"])
-    parser.add_argument("--buckets", type=int, nargs="+", default=[1, 8, 16, 64])
-    parser.add_argument("--compile-buckets", type=int, nargs="+",
-                        default=[passes.DEFAULT_BUCKET, 64])
+    parser.add_argument("--patterns", nargs="+", default=["spread", "concentrated", "unequal"])
+    parser.add_argument("--buckets", type=int, nargs="+", default=[1, 4, 8, 16, 64])
+    parser.add_argument("--compile-buckets", type=int, nargs="+", default=[4, 8, 64])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--compile-threads", type=int, nargs="*", default=[1],
+                        help="thread counts to time torch.compile'd models at (none: skip)")
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS / "rewrite_speed.json")
     args = parser.parse_args(argv)
     shape = TINY if args.quick else BERT_BASE
     run(shape, args.kept, args.patterns, args.buckets, args.compile_buckets, args.threads,
-        args.reps, args.out, not args.no_compile)
+        args.compile_threads, args.reps, args.out)
     return 0
 
 

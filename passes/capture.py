@@ -56,11 +56,15 @@ def dynamic_shapes_for(inputs: Mapping[str, torch.Tensor]) -> dict[str, dict[int
     return spec
 
 
-def _widen_batch(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Export specializes a size of 1: repeat a batch of one to two rows."""
-    if all(t.dim() >= 1 and t.shape[0] == 1 for t in inputs.values()):
-        return {k: torch.cat([t, t]) for k, t in inputs.items()}
-    return inputs
+def _widen(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Export specializes a size of 1: repeat every dynamic dimension of size 1 to size 2."""
+    widened = {}
+    for name, t in inputs.items():
+        for dim in dynamic_shapes_for({name: t})[name]:
+            if t.shape[dim] == 1:
+                t = torch.cat([t, t], dim=dim)
+        widened[name] = t
+    return widened
 
 
 def output_names(outputs) -> list[str]:
@@ -136,7 +140,7 @@ def _prepared_copy(model: torch.nn.Module) -> torch.nn.Module:
 def _capture_copy(clone: torch.nn.Module, inputs: dict[str, torch.Tensor],
                   train: bool) -> fx.GraphModule:
     clone.train(train)
-    export_inputs = _widen_batch(inputs)
+    export_inputs = _widen(inputs)
     with torch.no_grad():
         names = output_names(clone.eval()(**export_inputs))
     clone.train(train)

@@ -57,3 +57,7 @@ class CorruptModelFileError(LoadError):
 
 class TrainingGraphError(PassError):
     """A pass meant for inference got a graph captured in train mode (dropout live)."""
+
+
+class StructureMismatchError(PassError):
+    """A Structure was applied to a graph it was not discovered on."""

@@ -19,8 +19,8 @@ import torch
 from torch import fx
 
 from passes.capture import derive
-from passes.errors import MaskError, NotInstrumentedError
-from passes.graph import aten
+from passes.errors import MaskError, NotInstrumentedError, StructureMismatchError
+from passes.graph import aten, shape
 from passes.structure import AttentionBlock, Structure
 
 MASK_MODULE = "grain_masks"
@@ -52,6 +52,19 @@ def _insert_mask(graph: fx.Graph, at: fx.Node, mask: str, expand, user: fx.Node 
         user.replace_input_with(at, mul)
 
 
+def _node(nodes: dict[str, fx.Node], name: str, width: int) -> fx.Node:
+    """The node ``name``, checked to hold ``width`` features: a Structure names nodes of the
+    graph it was discovered on, and another graph may reuse a name for something else."""
+    node = nodes.get(name)
+    dims = shape(node) if node is not None else None
+    if dims is None or dims[-1] != width:
+        raise StructureMismatchError(
+            f"node {name!r} of the structure is not in this graph with {width} features: a "
+            f"Structure only fits the graph it was discovered on; run passes.discover on this "
+            f"graph (for capture_pair, discover the train graph and the eval graph each)")
+    return node
+
+
 def _expand_for(block: AttentionBlock, kind: str):
     """Graph ops that turn a (kv heads x units) mask into (heads x head_dim), or None."""
     if block.group_size == 1 and (kind == "vo" or not block.rope):
@@ -73,12 +86,19 @@ def instrument(gm: fx.GraphModule, structure: Structure,
 
     Args:
         gm: a graph from :func:`passes.capture`, and ``structure`` what
-            :func:`passes.discover` found in it (or in a graph captured from the same model).
+            :func:`passes.discover` found in that very graph.
         masks: mask tensors to use instead of new all-ones masks, e.g. those of another
             instrumented graph, so that a train-mode and an eval-mode graph share them.
 
     The returned module shares parameters with ``gm``; ``gm`` itself is not changed.
+
+    Raises:
+        MaskError: ``gm`` already has masks, or ``masks`` do not fit ``structure``.
+        StructureMismatchError: ``structure`` was discovered on another graph.
     """
+    if hasattr(gm, MASK_MODULE):
+        raise MaskError("this graph is instrumented already: instrument the captured graph, "
+                        "or change the masks of this one with passes.set_masks")
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     nodes = {n.name: n for n in graph.nodes}
@@ -93,12 +113,13 @@ def instrument(gm: fx.GraphModule, structure: Structure,
             tensor = torch.ones(size, requires_grad=True)
         holder.register_buffer(_buffer_name(name), tensor)
     for block in structure.attention:
-        _insert_mask(graph, nodes[block.q.node], f"{block.name}.qk", _expand_for(block, "qk"),
-                     None)
-        _insert_mask(graph, nodes[block.o.input], f"{block.name}.vo", _expand_for(block, "vo"),
-                     nodes[block.o.input_user])
+        width = block.num_heads * block.head_dim
+        _insert_mask(graph, _node(nodes, block.q.node, width), f"{block.name}.qk",
+                     _expand_for(block, "qk"), None)
+        _insert_mask(graph, _node(nodes, block.o.input, width), f"{block.name}.vo",
+                     _expand_for(block, "vo"), nodes[block.o.input_user])
     for block in structure.ffn:
-        _insert_mask(graph, nodes[block.down.input], block.name, None,
+        _insert_mask(graph, _node(nodes, block.down.input, block.width), block.name, None,
                      nodes[block.down.input_user])
     new = derive(gm, graph, root=_with_masks(gm, holder))
     new.graph.lint()

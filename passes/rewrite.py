@@ -32,8 +32,10 @@ from passes.instrument import MASK_MODULE, mask_buffers
 from passes.structure import AttentionBlock, FFNBlock, Structure
 
 #: Heads are grouped by query and value size rounded up to a multiple of this. Measured fastest
-#: on this project's CPU benchmark (benchmarks/rewrite_speed.py).
-DEFAULT_BUCKET = 8
+#: (eager and compiled) in benchmarks/rewrite_speed.py on BERT-base size at 5% kept with
+#: unequal heads: 1 thread, 10.0x (bucket 4) vs 9.2x (1 and 8), 2.5x (64, one padded call).
+#: Bucket 1 compiled 4x slower than 4 (253 s vs 59 s for 12 layers).
+DEFAULT_BUCKET = 4
 KEPT_ATTR = "grainfx_kept"
 COMPACT_MODULE = "compact"
 _PAD = -1
