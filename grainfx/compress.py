@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import fx
@@ -43,13 +43,16 @@ class CompressionResult:
     ``module``: the compact GraphModule (call it like the model, it returns a dict);
     ``density``: kept share of encoder (unit) parameters, measured on ``module``;
     ``report``: per layer heads, query and value units per head and FFN width, parameters
-    before and after, steps, losses and time; ``structure``: what discover found.
+    before and after, steps, losses and time; ``structure``: what discover found;
+    ``masks``: the final binary masks; ``scores``: the final smoothed importance scores.
     """
 
     module: fx.GraphModule
     density: float
     report: dict
     structure: passes.Structure = field(repr=False)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def save(self, path: str | Path) -> Path:
         """Write the model (``.pt2``), its kept structure (``.json``) and the report
@@ -131,7 +134,9 @@ def _width(gm: fx.GraphModule, node_name: str) -> int:
 
 def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
              teacher: torch.nn.Module | None = None, config: GrainConfig | None = None,
-             progress: bool = True) -> CompressionResult:
+             progress: bool = True,
+             callback: Callable[[int, dict[str, torch.Tensor]], None] | None = None
+             ) -> CompressionResult:
     """Prune ``model`` with GRAIN to ``1 - sparsity`` of its encoder parameters.
 
     Args:
@@ -142,6 +147,7 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
         teacher: the model to distil from (default: a frozen copy of ``model``).
         config: a :class:`GrainConfig` (default: the paper's settings).
         progress: show a progress bar.
+        callback: called after every step with the step index and the current masks.
 
     Returns:
         A :class:`CompressionResult` with the compact module, its density and a report.
@@ -197,10 +203,11 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
     trainer = Trainer(Student(masked_train, masked_eval, train_structure, hidden_keys),
                       teacher_eval, config, 1.0 - float(sparsity), output, total, hidden_dims)
     history = trainer.run((_model_inputs(b, names) for b in cycle(dataloader, total)),
-                          progress=progress)
+                          progress=progress, callback=callback)
     masked_eval.eval()
     compact = passes.rewrite(masked_eval, structure)
     report = build_report(compact.grainfx_kept, structure, history, 1.0 - float(sparsity),
                           config)
     return CompressionResult(module=compact, density=report["density"], report=report,
-                             structure=structure)
+                             structure=structure, masks=passes.get_masks(masked_eval),
+                             scores={k: v.clone() for k, v in trainer.importance.scores.items()})

@@ -146,8 +146,9 @@ class Trainer:
         self.history.steps += 1
 
     def run(self, batches: Iterable[Mapping[str, torch.Tensor]], progress: bool = True,
-            start: int = 0) -> History:
-        """Train over ``batches`` (``total_steps`` of them), with a progress bar."""
+            start: int = 0, callback: Callable[[int, dict], None] | None = None) -> History:
+        """Train over ``batches`` (``total_steps`` of them), with a progress bar; ``callback``
+        gets the step index and the current masks after every step."""
         from tqdm.auto import tqdm
 
         began = time.perf_counter()
@@ -157,6 +158,8 @@ class Trainer:
         try:
             for index, batch in enumerate(batches, start=start):
                 self.step(index, batch)
+                if callback is not None:
+                    callback(index, {k: m.detach().clone() for k, m in self.masks.items()})
                 h = self.history
                 if h.kd_loss:
                     bar.set_postfix(density=f"{h.density[-1]:.3f}", kd=f"{h.kd_loss[-1]:.4f}",
