@@ -1,13 +1,10 @@
-"""Shared benchmark helpers: interleaved median timing and a resumable JSON result store."""
+"""Shared benchmark helpers: a resumable JSON result store and the machine description."""
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -35,20 +32,6 @@ class ResultStore:
         tmp = self.path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"meta": self.meta, "records": self.records}, indent=1))
         os.replace(tmp, self.path)
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in turn (one call each per round)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            fn()
-        for _ in range(reps):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def machine() -> dict:

@@ -31,7 +31,8 @@ os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
 os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
 
 import passes  # noqa: E402
-from benchmarks.common import RESULTS, ResultStore, interleaved_medians, machine  # noqa: E402
+from benchmarks.common import RESULTS, ResultStore, machine  # noqa: E402
+from grainfx.timing import interleaved_medians  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -100,13 +100,17 @@ class Trainer:
         return kd, hidden
 
     def _backward(self, kd: torch.Tensor, hidden: torch.Tensor | None) -> dict:
+        """Weight gradients from both losses; mask gradients from the logit loss alone
+        (gradient separation) or from both (ablation). Returns the mask gradients."""
+        total = kd if hidden is None else kd + hidden
         with passes.record_mask_grads(self.student.train) as grads:
-            if self.config.gradient_separation or hidden is None:
-                kd.backward(retain_graph=hidden is not None)
+            if self.config.gradient_separation and hidden is not None:
+                # mask gradients only: no weight gradients are computed on this pass
+                torch.autograd.grad(kd, list(self.masks.values()), retain_graph=True)
             else:
-                (kd + hidden).backward()
+                total.backward()
         if self.config.gradient_separation and hidden is not None:
-            hidden.backward()
+            total.backward()
         return dict(grads)
 
     def step(self, index: int, batch: Mapping[str, torch.Tensor]) -> None:
