@@ -1,0 +1,138 @@
+"""Regenerate the README's benchmark sections (and plots) from benchmarks/results/*.json.
+
+Numbers in the README come from these files only:
+
+    python benchmarks/readme_tables.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BUCKETS = ("bucket=1", "bucket=4", "bucket=8", "bucket=16", "bucket=64")
+
+
+def _kept_rows(records: dict, threads: int, mode: str) -> list[dict]:
+    rows = [r for r in records.values() if r["threads"] == threads and r["mode"] == mode]
+    order = {"concentrated": 0, "spread": 1, "unequal": 2}
+    return sorted(rows, key=lambda r: (-r["kept"], order.get(r["pattern"], 9)))
+
+
+def _best(row: dict) -> tuple[str, float]:
+    compact = {k: v for k, v in row["speedup"].items() if k.startswith("bucket")}
+    name = max(compact, key=compact.get)
+    return name, compact[name]
+
+
+def rewrite_speed_section(data: dict) -> str:
+    records, meta = data["records"], data["meta"]
+    shape, mach = meta["shape"], meta["machine"]
+    lines = [
+        f"Dense vs compact, BERT-base size (hidden {shape['hidden']}, {shape['heads']} heads, "
+        f"FFN {shape['ffn']}, {shape['layers']} layers, random weights), batch {shape['batch']}, "
+        f"sequence {shape['seq']}; {mach['processor']}, torch {mach['torch']}; interleaved runs, "
+        f"median of {meta['reps']}. *limit*: a uniform model doing the same kept work in the "
+        f"most regular shape (one head of the kept size, FFN of the kept width per layer). "
+        f"Patterns: *concentrated* = the kept units fill few heads, *spread* = every head keeps "
+        f"the same few dims, *unequal* = units scattered at random (heads of unequal sizes). "
+        f"Produced by `python benchmarks/rewrite_speed.py`.",
+        "",
+    ]
+    for threads in sorted({r["threads"] for r in records.values()}):
+        rows = _kept_rows(records, threads, "eager")
+        if not rows:
+            continue
+        present = [b for b in BUCKETS if b in rows[0]["speedup"]]
+        unmerged = [k for k in rows[0]["speedup"] if k.endswith("unmerged")]
+        lines += [f"**Eager, {threads} thread{'s' if threads > 1 else ''}** (speedup over "
+                  f"dense, per bucket size)", "",
+                  "| kept | pattern | FLOPs ratio | limit | " + " | ".join(present + unmerged)
+                  + " | best / limit |",
+                  "|---:|---|---:|---:|" + "---:|" * (len(present) + len(unmerged)) + "---:|"]
+        for r in rows:
+            _, best = _best(r)
+            cells = [f"{r['speedup'][b]:.2f}x" for b in present + unmerged]
+            lines.append(f"| {r['kept']:.0%} | {r['pattern']} | {r['flops_ratio']:.1f}x | "
+                         f"{r['uniform_speedup']:.2f}x | " + " | ".join(cells)
+                         + f" | {best / r['uniform_speedup']:.0%} |")
+        lines.append("")
+    for threads in sorted({r["threads"] for r in records.values()}):
+        rows = _kept_rows(records, threads, "compiled")
+        if not rows:
+            continue
+        present = [b for b in BUCKETS if b in rows[0]["speedup"]]
+        lines += [f"**torch.compile, {threads} thread{'s' if threads > 1 else ''}** (speedup "
+                  f"over compiled dense; compile time of the first call)", "",
+                  "| kept | pattern | limit | " + " | ".join(present) + " | best / limit | "
+                  "compile: dense | " + " | ".join(f"compile: {b}" for b in present) + " |",
+                  "|---:|---|---:|" + "---:|" * (2 * len(present) + 2)]
+        for r in rows:
+            _, best = _best(r)
+            cs = r["compile_seconds"]
+            lines.append(f"| {r['kept']:.0%} | {r['pattern']} | {r['uniform_speedup']:.2f}x | "
+                         + " | ".join(f"{r['speedup'][b]:.2f}x" for b in present)
+                         + f" | {best / r['uniform_speedup']:.0%} | {cs['dense']:.0f} s | "
+                         + " | ".join(f"{cs[b]:.0f} s" for b in present) + " |")
+        lines.append("")
+    if (RESULTS / "rewrite_speed.png").exists():
+        lines.append("![rewrite speed](benchmarks/results/rewrite_speed.png)")
+    return "\n".join(lines).rstrip()
+
+
+def rewrite_speed_plot(data: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _kept_rows(data["records"], 1, "eager")
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for pattern, marker in (("concentrated", "o"), ("spread", "s"), ("unequal", "^")):
+        pts = sorted((r["kept"], _best(r)[1]) for r in rows if r["pattern"] == pattern)
+        if pts:
+            ax.plot([k for k, _ in pts], [s for _, s in pts], marker=marker,
+                    label=f"compact, {pattern}")
+    limit = sorted({(r["kept"], r["uniform_speedup"]) for r in rows
+                    if r["pattern"] == "concentrated"})
+    ax.plot([k for k, _ in limit], [s for _, s in limit], "k--", label="uniform limit")
+    flops = sorted({(r["kept"], r["flops_ratio"]) for r in rows if r["pattern"] == "concentrated"})
+    ax.plot([k for k, _ in flops], [s for _, s in flops], "k:", label="FLOPs ratio")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("share of units kept")
+    ax.set_ylabel("speedup over dense (eager, 1 thread)")
+    ax.set_title("grainfx rewrite: BERT-base size, batch 8, seq 128")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no <!-- {name}:start/end --> markers")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+
+
+def main() -> int:
+    text = README.read_text()
+    speed = RESULTS / "rewrite_speed.json"
+    if speed.exists():
+        data = json.loads(speed.read_text())
+        rewrite_speed_plot(data, RESULTS / "rewrite_speed.png")
+        text = replace_section(text, "rewrite_speed", rewrite_speed_section(data))
+    README.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
