@@ -132,6 +132,59 @@ def _width(gm: fx.GraphModule, node_name: str) -> int:
     return int(node.meta["val"].shape[-1])
 
 
+def _total_steps(dataloader: Iterable, config: GrainConfig) -> int:
+    if config.steps is not None:
+        return config.steps
+    try:
+        return max(1, math.ceil(config.epochs * len(dataloader)))
+    except TypeError:
+        raise ConfigError("the dataloader has no len(): set GrainConfig(steps=...)") from None
+
+
+def prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparsity: float, *,
+            teacher: torch.nn.Module | None, config: GrainConfig, total_steps: int) -> Trainer:
+    """Capture, discover and instrument student and teacher; return the ready Trainer.
+
+    ``batch`` is one batch of model inputs (it fixes the input names of every later batch).
+    """
+    eval_gm, train_gm = _capture(model, batch, "model")
+    structure = passes.discover(eval_gm)
+    train_structure = passes.discover(train_gm)
+    if train_structure.mask_shapes() != structure.mask_shapes():
+        raise PassError("the train-mode graph has another structure than the eval-mode one")
+    output = _pick_output(getattr(eval_gm, OUTPUT_NAMES_ATTR), config)
+
+    teacher_eval, _ = _capture(teacher if teacher is not None else model, batch, "teacher")
+    for p in teacher_eval.parameters():
+        p.requires_grad_(False)
+    student_train, hidden_keys = _with_hidden(train_gm, train_structure, config.hidden_every)
+    hidden_dims = None
+    if config.hidden_loss:
+        teacher_structure = passes.discover(teacher_eval)
+        if len(teacher_structure.layer_outputs) != len(train_structure.layer_outputs):
+            raise TeacherMismatchError(
+                f"the teacher has {len(teacher_structure.layer_outputs) - 1} layers and the "
+                f"student {len(train_structure.layer_outputs) - 1}: the hidden-state loss pairs "
+                f"layers one to one; use GrainConfig(hidden_loss=False)")
+        teacher_eval, _ = _with_hidden(teacher_eval, teacher_structure, config.hidden_every)
+        hidden_dims = (_width(train_gm, train_structure.layer_outputs[0]),
+                       _width(teacher_eval, teacher_structure.layer_outputs[0]))
+    with torch.no_grad():
+        t_out, s_out = teacher_eval(**batch), eval_gm(**batch)
+    if output not in t_out or t_out[output].shape != s_out[output].shape:
+        got = tuple(t_out[output].shape) if output in t_out else f"no {output!r}"
+        raise TeacherMismatchError(f"the teacher's {output!r} is {got} but the student's is "
+                                   f"{tuple(s_out[output].shape)}: distillation needs the same "
+                                   f"output shape (same task head and labels)")
+
+    masked_train = passes.instrument(student_train, train_structure)
+    masked_eval = passes.instrument(eval_gm, structure, masks=mask_buffers(masked_train))
+    student = Student(masked_train, masked_eval, train_structure, structure, hidden_keys,
+                      list(batch))
+    return Trainer(student, teacher_eval, config, 1.0 - float(sparsity), output, total_steps,
+                   hidden_dims)
+
+
 def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
              teacher: torch.nn.Module | None = None, config: GrainConfig | None = None,
              progress: bool = True,
@@ -159,51 +212,13 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
     config = config or GrainConfig()
     torch.manual_seed(config.seed)
     batch = _first_batch(dataloader)
-    eval_gm, train_gm = _capture(model, batch, "model")
-    structure = passes.discover(eval_gm)
-    train_structure = passes.discover(train_gm)
-    if train_structure.mask_shapes() != structure.mask_shapes():
-        raise PassError("the train-mode graph has another structure than the eval-mode one")
-    output = _pick_output(getattr(eval_gm, OUTPUT_NAMES_ATTR), config)
-    names = list(batch)
-
-    teacher_eval, _ = _capture(teacher if teacher is not None else model, batch, "teacher")
-    for p in teacher_eval.parameters():
-        p.requires_grad_(False)
-    teacher_structure = passes.discover(teacher_eval) if config.hidden_loss else None
-    student_train, hidden_keys = _with_hidden(train_gm, train_structure, config.hidden_every)
-    hidden_dims = None
-    if config.hidden_loss:
-        if len(teacher_structure.layer_outputs) != len(train_structure.layer_outputs):
-            raise TeacherMismatchError(
-                f"the teacher has {len(teacher_structure.layer_outputs) - 1} layers and the "
-                f"student {len(train_structure.layer_outputs) - 1}: the hidden-state loss pairs "
-                f"layers one to one; use GrainConfig(hidden_loss=False)")
-        teacher_eval, _ = _with_hidden(teacher_eval, teacher_structure, config.hidden_every)
-        hidden_dims = (_width(train_gm, train_structure.layer_outputs[0]),
-                       _width(teacher_eval, teacher_structure.layer_outputs[0]))
-    with torch.no_grad():
-        t_out, s_out = teacher_eval(**batch), eval_gm(**batch)
-    if output not in t_out or t_out[output].shape != s_out[output].shape:
-        got = tuple(t_out[output].shape) if output in t_out else f"no {output!r}"
-        raise TeacherMismatchError(f"the teacher's {output!r} is {got} but the student's is "
-                                   f"{tuple(s_out[output].shape)}: distillation needs the same "
-                                   f"output shape (same task head and labels)")
-
-    masked_train = passes.instrument(student_train, train_structure)
-    masked_eval = passes.instrument(eval_gm, structure,
-                                    masks=mask_buffers(masked_train))
-    if config.steps is not None:
-        total = config.steps
-    else:
-        try:
-            total = max(1, math.ceil(config.epochs * len(dataloader)))
-        except TypeError:
-            raise ConfigError("the dataloader has no len(): set GrainConfig(steps=...)") from None
-    trainer = Trainer(Student(masked_train, masked_eval, train_structure, hidden_keys),
-                      teacher_eval, config, 1.0 - float(sparsity), output, total, hidden_dims)
+    total = _total_steps(dataloader, config)
+    trainer = prepare(model, batch, sparsity, teacher=teacher, config=config,
+                      total_steps=total)
+    names = trainer.student.input_names
     history = trainer.run((_model_inputs(b, names) for b in cycle(dataloader, total)),
                           progress=progress, callback=callback)
+    masked_eval, structure = trainer.student.eval, trainer.student.eval_structure
     masked_eval.eval()
     compact = passes.rewrite(masked_eval, structure)
     report = build_report(compact.grainfx_kept, structure, history, 1.0 - float(sparsity),

@@ -56,7 +56,9 @@ class Student:
     train: fx.GraphModule
     eval: fx.GraphModule
     structure: passes.Structure
+    eval_structure: passes.Structure
     hidden_keys: list[str]
+    input_names: list[str]
 
 
 class Trainer:
@@ -86,7 +88,8 @@ class Trainer:
         self.history = History()
         self._bad_in_a_row = 0
 
-    def _losses(self, batch: Mapping[str, torch.Tensor]):
+    def losses(self, batch: Mapping[str, torch.Tensor]):
+        """The logit KD loss and the (weighted) hidden-state loss, or None, of one batch."""
         with torch.no_grad():
             teacher_out = self.teacher(**batch)
         out = self.student.train(**batch)
@@ -115,7 +118,7 @@ class Trainer:
 
     def step(self, index: int, batch: Mapping[str, torch.Tensor]) -> None:
         """One optimizer step, importance update and (in the pruning phase) mask update."""
-        kd, hidden = self._losses(batch)
+        kd, hidden = self.losses(batch)
         grads = self._backward(kd, hidden)
         for m in self.masks.values():
             m.grad = None
