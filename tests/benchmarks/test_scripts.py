@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end on a tiny model in seconds, so they cannot rot."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import readme_tables, rewrite_speed, step_cost
+
+
+def test_rewrite_speed_quick_run_writes_results_and_a_readme_section(tmp_path):
+    out = tmp_path / "rewrite_speed.json"
+    rewrite_speed.main(["--quick", "--kept", "0.2", "--patterns", "spread", "unequal",
+                        "--buckets", "1", "4", "--threads", "1", "--compile-threads",
+                        "--reps", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    records = data["records"]
+    assert set(records) == {"threads=1/eager/kept=0.2/spread", "threads=1/eager/kept=0.2/unequal"}
+    for record in records.values():
+        assert {"dense", "bucket=1", "bucket=4", "uniform"} <= set(record["speedup"])
+        assert record["flops_ratio"] > 1
+        assert abs(record["density"] - 0.2) < 0.1
+    section = readme_tables.rewrite_speed_section(data)
+    assert "| 20% | spread |" in section and "bucket=4" in section
+    readme_tables.rewrite_speed_plot(data, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+    rewrite_speed.main(["--quick", "--kept", "0.2", "--patterns", "spread", "--buckets", "1",
+                        "--threads", "1", "--compile-threads", "--reps", "1",
+                        "--out", str(out)])  # resumes: nothing new to measure
+    assert json.loads(out.read_text())["records"] == records
+
+
+def test_step_cost_quick_run(tmp_path):
+    out = tmp_path / "step_cost.json"
+    step_cost.main(["--quick", "--steps", "2", "--out", str(out)])
+    record = json.loads(out.read_text())["records"]["tiny/threads=1"]
+    assert record["ratio"] > 0 and set(record["seconds"]) == {"plain", "grain"}
+
+
+def test_readme_sections_are_replaced_between_markers():
+    text = "a\n<!-- x:start -->\nold\n<!-- x:end -->\nb"
+    assert readme_tables.replace_section(text, "x", "new") == (
+        "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb")
