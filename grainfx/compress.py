@@ -17,6 +17,7 @@ from grainfx.report import build_report, format_report
 from grainfx.trainer import Student, Trainer, cycle
 from passes.capture import OUTPUT_NAMES_ATTR
 from passes.errors import CaptureError, PassError
+from passes.factorize import factorize_embedding
 from passes.instrument import mask_buffers
 
 #: Batch entries that are labels: distillation does not use them.
@@ -148,6 +149,9 @@ def prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparsity: fl
     ``batch`` is one batch of model inputs (it fixes the input names of every later batch).
     """
     eval_gm, train_gm = _capture(model, batch, "model")
+    if config.embedding_rank is not None:
+        train_gm = factorize_embedding(train_gm, config.embedding_rank)
+        eval_gm = factorize_embedding(eval_gm, config.embedding_rank, share_with=train_gm)
     structure = passes.discover(eval_gm)
     train_structure = passes.discover(train_gm)
     if train_structure.mask_shapes() != structure.mask_shapes():
@@ -221,8 +225,9 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
     masked_eval, structure = trainer.student.eval, trainer.student.eval_structure
     masked_eval.eval()
     compact = passes.rewrite(masked_eval, structure)
+    original = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     report = build_report(compact.grainfx_kept, structure, history, 1.0 - float(sparsity),
-                          config)
+                          config, original)
     return CompressionResult(module=compact, density=report["density"], report=report,
                              structure=structure, masks=passes.get_masks(masked_eval),
                              scores={k: v.clone() for k, v in trainer.importance.scores.items()})

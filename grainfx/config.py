@@ -35,6 +35,8 @@ class GrainConfig:
     (``"intra"``: query / value units and FFN neurons; ``"head"``: whole heads and FFN
     neurons).
 
+    ``embedding_rank``: factorize the word embedding by truncated SVD to this rank (a table of
+    width r and a projection to the model width, both trained); None (default) keeps it.
     ``output_name``: the model output to distil when it is neither ``logits`` nor the only one.
     """
 
@@ -58,6 +60,7 @@ class GrainConfig:
     gradient_separation: bool = True
     random_scores: bool = False
     granularity: str = "intra"
+    embedding_rank: int | None = None
     output_name: str | None = None
     max_bad_steps: int = 20
     seed: int = 0
@@ -90,6 +93,9 @@ class GrainConfig:
              f"structure_alpha must be > 0, got {self.structure_alpha!r}")
         need(self.granularity in GRANULARITIES,
              f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        need(self.embedding_rank is None or (isinstance(self.embedding_rank, int)
+                                             and self.embedding_rank >= 1),
+             f"embedding_rank must be a positive int or None, got {self.embedding_rank!r}")
         need(self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps!r}")
 
     def to_dict(self) -> dict:

@@ -10,10 +10,14 @@ from grainfx.trainer import History
 
 
 def build_report(kept: Mapping, structure: passes.Structure, history: History,
-                 target_density: float, config: GrainConfig) -> dict:
-    """JSON-ready report from the compact module's kept structure and the training history."""
+                 target_density: float, config: GrainConfig, original_params: int) -> dict:
+    """JSON-ready report from the compact module's kept structure and the training history.
+
+    ``original_params``: parameters of the model given to compress (before any embedding
+    factorization), the "before" of the total.
+    """
     outside = structure.total_params - structure.unit_params
-    encoder_after = kept["parameters"] - outside
+    encoder_after = kept["unit_parameters"]
     layers = []
     for layer in kept["layers"]:
         heads = layer.get("heads", [])
@@ -31,7 +35,7 @@ def build_report(kept: Mapping, structure: passes.Structure, history: History,
             "encoder_before": structure.unit_params,
             "encoder_after": encoder_after,
             "outside_encoder": outside,
-            "total_before": structure.total_params,
+            "total_before": original_params,
             "total_after": kept["parameters"],
         },
         "layers": layers,

@@ -11,6 +11,7 @@ Each pass is a function from one artifact to the next; none of them trains or re
 """
 
 from passes.capture import capture, capture_pair
+from passes.factorize import factorize_embedding
 from passes.expose import expose
 from passes.discover import discover
 from passes.errors import (CaptureError, CorruptModelFileError, DiscoverError, InvalidInputsError,
@@ -23,7 +24,7 @@ from passes.serialize import load, save
 from passes.structure import AttentionBlock, FFNBlock, Structure, UnitGroup
 
 __all__ = [
-    "capture", "capture_pair", "expose", "discover", "instrument", "set_masks", "get_masks",
+    "capture", "capture_pair", "expose", "factorize_embedding", "discover", "instrument", "set_masks", "get_masks",
     "record_mask_grads", "rewrite", "RewriteOptions", "DEFAULT_BUCKET", "save", "load",
     "Structure", "AttentionBlock", "FFNBlock", "UnitGroup",
     "PassError", "CaptureError", "InvalidInputsError", "DiscoverError", "NoAttentionFoundError",
