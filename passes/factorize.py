@@ -67,8 +67,8 @@ def factorize_embedding(gm: fx.GraphModule, rank: int,
                             f"{[u.name for u in weight_node.users if u is not lookup]} (tied "
                             f"weights): factorizing it would not make the model smaller")
     weight = attr_tensor(new, weight_node).detach()
-    if not 1 <= rank < min(weight.shape):
-        raise ValueError(f"rank must be in [1, {min(weight.shape)}), got {rank}")
+    if not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"rank must be in [1, {min(weight.shape)}], got {rank}")
     new.add_module("grain_embedding", torch.nn.Module())
     if share_with is not None:
         set_attr(new, TABLE, attr_tensor(share_with, TABLE))
