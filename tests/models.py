@@ -100,3 +100,24 @@ def example_inputs(arch_id: str, batch: int = 2, seq: int = 8, seed: int = 0
             mask[row, seq - padded:] = 0
             ids[row, seq - padded:] = pad
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def build_bert(*, hidden: int = HIDDEN, heads: int = HEADS, layers: int = LAYERS,
+               ffn: int = FFN, num_labels: int = 2, impl: str = "sdpa", seed: int = 0,
+               init_std: float = INIT_STD, dropout: float = 0.1, vocab: int = VOCAB
+               ) -> torch.nn.Module:
+    """A tiny BertForSequenceClassification with a custom shape, in eval mode.
+
+    The defaults give the same model as ``build("bert-" + impl, seed)``; tests that need more
+    heads, another label count or a trainable init change the arguments.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; one of {IMPLS}")
+    config = T.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                          num_attention_heads=heads, intermediate_size=ffn,
+                          max_position_embeddings=64, num_labels=num_labels,
+                          hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config._attn_implementation = impl
+    config.initializer_range = init_std
+    torch.manual_seed(seed)
+    return T.BertForSequenceClassification(config).eval()

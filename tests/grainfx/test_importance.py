@@ -1,0 +1,222 @@
+"""grainfx.importance: EMA, structure regularization, random scores, global monotone ranking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from grainfx.config import GrainConfig
+from grainfx.importance import Importance, all_finite
+from tests.captures import structure as captured_structure
+
+ARCH = "bert-sdpa"
+
+
+@pytest.fixture(scope="module")
+def structure():
+    return captured_structure(ARCH)
+
+
+def random_scores(importance: Importance, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    importance.scores = {name: torch.rand(s.shape, generator=gen)
+                         for name, s in importance.scores.items()}
+
+
+def random_grads(structure, seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {name: scale * torch.randn(shape, generator=gen)
+            for name, shape in structure.mask_shapes().items()}
+
+
+def max_overshoot(structure) -> float:
+    """Most density one pruning decision can remove beyond the target: one unit, plus the
+    query units of its head when it was the head's last value unit."""
+    most = max(g.unit_params for g in structure.units())
+    head_queries = max(b.qk_shape[1] * b.query_unit_params for b in structure.attention)
+    return (most + head_queries) / structure.unit_params
+
+
+# -- prune ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("granularity", ["intra", "head"])
+def test_prune_is_monotone_and_hits_density(structure, granularity):
+    importance = Importance(structure, GrainConfig(granularity=granularity))
+    masks = structure.ones()
+    for step, target in enumerate([0.95, 0.8, 0.6, 0.6, 0.4, 0.2, 0.1]):
+        random_scores(importance, seed=step)  # pruned units may now score highest
+        new = importance.prune(masks, target)
+        assert new.keys() == masks.keys()
+        for name, mask in new.items():
+            assert mask.shape == masks[name].shape
+            assert bool(((mask == 0) | (mask == 1)).all()), name
+            assert bool((mask <= masks[name]).all()), f"{name}: a pruned unit came back"
+        density = structure.density(new)
+        assert density <= target + 1e-12
+        slack = max_overshoot(structure) if granularity == "intra" else max(
+            [(b.qk_shape[1] * b.query_unit_params + b.vo_shape[1] * b.value_unit_params)
+             / structure.unit_params for b in structure.attention]
+            + [b.unit_params / structure.unit_params for b in structure.ffn])
+        assert target - density <= slack, (target, density)
+        masks = new
+
+
+def test_prune_does_nothing_below_target(structure):
+    importance = Importance(structure, GrainConfig())
+    random_scores(importance, 0)
+    masks = importance.prune(structure.ones(), 0.5)
+    again = importance.prune(masks, 0.7)
+    for name in masks:
+        assert torch.equal(again[name], masks[name])
+        assert again[name] is not masks[name]
+
+
+def test_prune_removes_lowest_scores_first(structure):
+    importance = Importance(structure, GrainConfig())
+    random_scores(importance, 3)
+    ones = structure.ones()
+    masks = importance.prune(ones, 0.6)
+    live = {n: masks[n].bool() for n in masks}
+    for block in structure.attention:  # query units of a head without value units are gone
+        live[f"{block.name}.qk"] &= masks[f"{block.name}.vo"].bool().any(dim=1, keepdim=True)
+    pruned = torch.cat([importance.scores[n][masks[n] == 0] for n in masks])
+    kept = torch.cat([importance.scores[n][live[n]] for n in masks])
+    assert pruned.numel() > 0 and kept.numel() > 0
+    assert pruned.max() < kept.min()
+
+
+def test_prune_ranks_globally_across_layers_and_kinds(structure):
+    """Low scores in one block only: that block empties before anything else goes."""
+    importance = Importance(structure, GrainConfig())
+    importance.scores = {n: torch.ones_like(s) for n, s in importance.scores.items()}
+    ffn = structure.ffn[1].name
+    importance.scores[ffn] = torch.full_like(importance.scores[ffn], 0.5)
+    share = structure.ffn[1].width * structure.ffn[1].unit_params / structure.unit_params
+    masks = importance.prune(structure.ones(), 1 - share + 1e-9)
+    assert int(masks[ffn].sum()) == 0
+    for name, mask in masks.items():
+        if name != ffn:
+            assert bool((mask == 1).all()), name
+
+
+def test_head_granularity_prunes_whole_heads(structure):
+    importance = Importance(structure, GrainConfig(granularity="head"))
+    masks = structure.ones()
+    for step, target in enumerate([0.8, 0.5, 0.3]):
+        random_scores(importance, seed=10 + step)
+        masks = importance.prune(masks, target)
+        dropped = 0
+        for block in structure.attention:
+            qk, vo = masks[f"{block.name}.qk"], masks[f"{block.name}.vo"]
+            for head in range(block.num_heads):
+                assert qk[head].unique().numel() == 1, f"{block.name} head {head}: split qk"
+                assert vo[head].unique().numel() == 1, f"{block.name} head {head}: split vo"
+                assert qk[head, 0] == vo[head, 0], f"{block.name} head {head}: qk != vo"
+                dropped += int(vo[head, 0] == 0)
+        assert structure.density(masks) <= target
+    assert dropped > 0
+
+
+def test_head_score_is_value_gradient_summed_over_head(structure):
+    importance = Importance(structure, GrainConfig(granularity="head"))
+    grads = random_grads(structure, 0)
+    raw = importance.raw(grads, structure.ones())
+    for block in structure.attention:
+        expected = grads[f"{block.name}.vo"].sum(dim=1).abs()
+        assert torch.equal(raw[f"{block.name}.head"], expected)
+    for block in structure.ffn:
+        assert torch.equal(raw[block.name], grads[block.name].abs())
+
+
+# -- scores --------------------------------------------------------------------------------------
+
+def test_raw_scores_are_absolute_mask_gradients(structure):
+    importance = Importance(structure, GrainConfig(structure_regularization=False))
+    grads = random_grads(structure, 1)
+    raw = importance.raw(grads, structure.ones())
+    assert raw.keys() == grads.keys()
+    for name in grads:
+        assert torch.equal(raw[name], grads[name].abs())
+
+
+def test_ema_update(structure):
+    beta = 0.9
+    importance = Importance(structure, GrainConfig(ema_beta=beta, structure_regularization=False))
+    first, second = random_grads(structure, 1), random_grads(structure, 2)
+    ones = structure.ones()
+    importance.update(first, ones)
+    importance.update(second, ones)
+    for name in first:
+        expected = beta * (1 - beta) * first[name].abs() + (1 - beta) * second[name].abs()
+        assert torch.allclose(importance.scores[name], expected, rtol=1e-6, atol=0)
+
+
+def test_structure_regularization_scales_value_scores(structure):
+    alpha = 0.3
+    config = GrainConfig(structure_alpha=alpha)
+    importance = Importance(structure, config)
+    plain = Importance(structure, GrainConfig(structure_regularization=False))
+    grads = random_grads(structure, 4)
+    masks = structure.ones()
+    gen = torch.Generator().manual_seed(5)
+    for block in structure.attention:
+        vo = masks[f"{block.name}.vo"]
+        vo.copy_((torch.rand(vo.shape, generator=gen) < 0.6).float())
+        vo[0] = 1.0  # a full head
+        vo[1] = 0.0  # an empty head
+    raw, base = importance.raw(grads, masks), plain.raw(grads, masks)
+    for block in structure.attention:
+        name = f"{block.name}.vo"
+        share = masks[name].mean(dim=1, keepdim=True)  # D: kept share of the head's value units
+        factor = torch.tanh(share / alpha)
+        assert torch.allclose(raw[name], grads[name].abs() * factor, rtol=1e-6, atol=0)
+        assert torch.allclose(raw[name][0], grads[name][0].abs() * math.tanh(1 / alpha))
+        assert bool((raw[name][1] == 0).all())
+        # query units are not regularized
+        assert torch.equal(raw[f"{block.name}.qk"], base[f"{block.name}.qk"])
+    for block in structure.ffn:
+        assert torch.equal(raw[block.name], base[block.name])
+
+
+def test_random_scores_ignore_gradients_and_follow_seed(structure):
+    def ranking(seed: int, grad_seed: int):
+        importance = Importance(structure, GrainConfig(random_scores=True, seed=seed))
+        masks = structure.ones()
+        for step in range(3):
+            importance.update(random_grads(structure, grad_seed + step, scale=10.0 ** step),
+                              masks)
+        return importance.scores, importance.prune(masks, 0.5)
+
+    scores_a, masks_a = ranking(0, grad_seed=0)
+    scores_b, masks_b = ranking(0, grad_seed=100)  # other gradients: same ranking
+    scores_c, masks_c = ranking(1, grad_seed=0)  # other seed: another ranking
+    for name in scores_a:
+        assert torch.equal(scores_a[name], scores_b[name])
+        assert torch.equal(masks_a[name], masks_b[name])
+    assert any(not torch.equal(masks_a[n], masks_c[n]) for n in masks_a)
+    # the scores do not follow the gradient magnitudes
+    grads = random_grads(structure, 0)
+    flat_scores = torch.cat([scores_a[n].flatten() for n in sorted(grads)])
+    flat_grads = torch.cat([grads[n].abs().flatten() for n in sorted(grads)])
+    corr = torch.corrcoef(torch.stack([flat_scores, flat_grads]))[0, 1]
+    assert abs(float(corr)) < 0.3
+
+
+def test_state_dict_round_trip(structure):
+    importance = Importance(structure, GrainConfig(random_scores=True, seed=3))
+    importance.update(random_grads(structure, 0), structure.ones())
+    state = importance.state_dict()
+    copy = Importance(structure, GrainConfig(random_scores=True, seed=3))
+    copy.load_state_dict(state)
+    importance.update(random_grads(structure, 1), structure.ones())
+    copy.update(random_grads(structure, 1), structure.ones())
+    for name in importance.scores:
+        assert torch.equal(importance.scores[name], copy.scores[name])
+
+
+def test_all_finite():
+    assert all_finite([torch.ones(2), None, torch.zeros(())])
+    assert not all_finite([torch.ones(2), torch.tensor([1.0, float("nan")])])
+    assert not all_finite([torch.tensor(float("inf"))])
