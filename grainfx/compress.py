@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import fx
@@ -14,7 +14,7 @@ from torch import fx
 import passes
 from grainfx.config import ConfigError, GrainConfig
 from grainfx.report import build_report, format_report
-from grainfx.trainer import Student, Trainer, cycle
+from grainfx.trainer import Student, Trainer
 from passes.capture import OUTPUT_NAMES_ATTR
 from passes.errors import CaptureError, PassError
 from passes.factorize import factorize_embedding
@@ -45,13 +45,16 @@ class CompressionResult:
     ``density``: kept share of encoder (unit) parameters, measured on ``module``;
     ``report``: per layer heads, query and value units per head and FFN width, parameters
     before and after, steps, losses and time; ``structure``: what discover found;
-    ``masks``: the final binary masks; ``scores``: the final smoothed importance scores.
+    ``masked``: the trained eval-mode student with its masks, the graph ``module`` was
+    rewritten from; ``masks``: the final binary masks; ``scores``: the final smoothed
+    importance scores.
     """
 
     module: fx.GraphModule
     density: float
     report: dict
     structure: passes.Structure = field(repr=False)
+    masked: fx.GraphModule | None = field(default=None, repr=False)
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     scores: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -85,6 +88,22 @@ def _model_inputs(batch, names: list[str] | None = None) -> dict[str, torch.Tens
                              f"batch must hold the same keys")
         inputs = {n: inputs[n] for n in names}
     return inputs
+
+
+def cycle(dataloader: Iterable, total: int) -> Iterator:
+    """Batches of ``dataloader``, re-iterated as often as needed, ``total`` in all."""
+    count = 0
+    while count < total:
+        before = count
+        for batch in dataloader:
+            yield batch
+            count += 1
+            if count == total:
+                return
+        if count == before:
+            raise EmptyDataLoaderError(
+                "the dataloader yielded no batch when iterated again: compress needs a "
+                "re-iterable dataloader (a torch DataLoader or a list), not a one-shot iterator")
 
 
 def _first_batch(dataloader: Iterable) -> dict[str, torch.Tensor]:
@@ -229,5 +248,6 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
     report = build_report(compact.grainfx_kept, structure, history, 1.0 - float(sparsity),
                           config, original)
     return CompressionResult(module=compact, density=report["density"], report=report,
-                             structure=structure, masks=passes.get_masks(masked_eval),
+                             structure=structure, masked=masked_eval,
+                             masks=passes.get_masks(masked_eval),
                              scores={k: v.clone() for k, v in trainer.importance.scores.items()})

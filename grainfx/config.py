@@ -67,36 +67,39 @@ class GrainConfig:
     version: int = 1
 
     def __post_init__(self):
-        def need(condition: bool, message: str) -> None:
-            if not condition:
-                raise ConfigError(f"GrainConfig: {message}")
-
-        need(self.steps is None or (isinstance(self.steps, int) and self.steps >= 1),
-             f"steps must be a positive int or None, got {self.steps!r}")
-        need(math.isfinite(self.epochs) and self.epochs > 0,
-             f"epochs must be > 0, got {self.epochs!r}")
-        need(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate!r}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        need(self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps!r}")
-        need(0 <= self.warmup < 1, f"warmup is a share of steps in [0, 1), got {self.warmup!r}")
-        need(self.max_grad_norm > 0, f"max_grad_norm must be > 0, got {self.max_grad_norm!r}")
-        need(self.temperature > 0, f"temperature must be > 0, got {self.temperature!r}")
-        need(self.hidden_every >= 1, f"hidden_every must be >= 1, got {self.hidden_every!r}")
-        need(self.hidden_loss_weight >= 0,
-             f"hidden_loss_weight must be >= 0, got {self.hidden_loss_weight!r}")
-        need(0 <= self.ema_beta < 1, f"ema_beta must be in [0, 1), got {self.ema_beta!r}")
-        need(0 <= self.prune_start <= self.prune_end <= 1,
-             f"need 0 <= prune_start <= prune_end <= 1, got {self.prune_start!r}, "
-             f"{self.prune_end!r}")
-        need(self.prune_every >= 1, f"prune_every must be >= 1, got {self.prune_every!r}")
-        need(self.structure_alpha > 0,
-             f"structure_alpha must be > 0, got {self.structure_alpha!r}")
-        need(self.granularity in GRANULARITIES,
-             f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
-        need(self.embedding_rank is None or (isinstance(self.embedding_rank, int)
-                                             and self.embedding_rank >= 1),
-             f"embedding_rank must be a positive int or None, got {self.embedding_rank!r}")
-        need(self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps!r}")
+        _integer(self, "steps", low=1, optional=True)
+        _real(self, "epochs", low=0, low_open=True)
+        _real(self, "learning_rate", low=0, low_open=True)
+        _real(self, "weight_decay", low=0)
+        _real(self, "adam_eps", low=0, low_open=True)
+        _real(self, "warmup", low=0, high=1, high_open=True)
+        _real(self, "max_grad_norm", low=0, low_open=True)
+        _real(self, "temperature", low=0, low_open=True)
+        _integer(self, "hidden_every", low=1)
+        _real(self, "hidden_loss_weight", low=0)
+        _real(self, "ema_beta", low=0, high=1, high_open=True)
+        _real(self, "prune_start", low=0, high=1)
+        _real(self, "prune_end", low=0, high=1)
+        if self.prune_start > self.prune_end:
+            raise ConfigError(f"GrainConfig: prune_start ({self.prune_start}) must not be after "
+                              f"prune_end ({self.prune_end})")
+        _integer(self, "prune_every", low=1)
+        _real(self, "structure_alpha", low=0, low_open=True)
+        _integer(self, "embedding_rank", low=1, optional=True)
+        _integer(self, "max_bad_steps", low=1)
+        _integer(self, "seed", low=0)
+        _integer(self, "version", low=1)
+        for name in ("hidden_loss", "structure_regularization", "gradient_separation",
+                     "random_scores"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"GrainConfig: {name} must be True or False, got "
+                                  f"{getattr(self, name)!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"GrainConfig: granularity must be one of {GRANULARITIES}, got "
+                              f"{self.granularity!r}")
+        if self.output_name is not None and not isinstance(self.output_name, str):
+            raise ConfigError(f"GrainConfig: output_name must be a string or None, got "
+                              f"{self.output_name!r}")
 
     def to_dict(self) -> dict:
         """The config as JSON-ready data."""
@@ -104,4 +107,42 @@ class GrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "GrainConfig":
+        """A config from :meth:`to_dict` data; unknown keys are refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"GrainConfig has no field {unknown[0]!r}; fields: "
+                              f"{sorted(known)}")
         return cls(**data)
+
+
+def _range_text(low, high, low_open, high_open) -> str:
+    left = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    right = "" if high is None else f"{'<' if high_open else '<='} {high}"
+    return " and ".join(part for part in (left, right) if part)
+
+
+def _check_range(name, value, low, high, low_open, high_open, kind) -> None:
+    bad = (low is not None and (value < low or (low_open and value == low))) or (
+        high is not None and (value > high or (high_open and value == high)))
+    if bad:
+        raise ConfigError(f"GrainConfig: {name} must be {kind} "
+                          f"{_range_text(low, high, low_open, high_open)}, got {value!r}")
+
+
+def _real(config, name, *, low=None, high=None, low_open=False, high_open=False) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
+            value):
+        raise ConfigError(f"GrainConfig: {name} must be a finite number, got {value!r}")
+    _check_range(name, value, low, high, low_open, high_open, "a number")
+
+
+def _integer(config, name, *, low=None, optional=False) -> None:
+    value = getattr(config, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"GrainConfig: {name} must be an int{' or None' if optional else ''}, "
+                          f"got {value!r}")
+    _check_range(name, value, low, None, False, False, "an int")

@@ -6,7 +6,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import fx
@@ -35,17 +35,6 @@ class History:
     hidden_loss: list[float] = field(default_factory=list)
     density: list[float] = field(default_factory=list)
     seconds: float = 0.0
-
-
-def cycle(dataloader: Iterable, total: int) -> Iterator:
-    """Batches of ``dataloader``, re-iterated as often as needed, ``total`` in all."""
-    count = 0
-    while count < total:
-        for batch in dataloader:
-            yield batch
-            count += 1
-            if count == total:
-                return
 
 
 @dataclass

@@ -141,8 +141,13 @@ def _capture_copy(clone: torch.nn.Module, inputs: dict[str, torch.Tensor],
                   train: bool) -> fx.GraphModule:
     clone.train(train)
     export_inputs = _widen(inputs)
-    with torch.no_grad():
-        names = output_names(clone.eval()(**export_inputs))
+    try:
+        with torch.no_grad():
+            names = output_names(clone.eval()(**export_inputs))
+    except Exception as exc:
+        shapes = {k: tuple(v.shape) for k, v in inputs.items()}
+        raise CaptureError(f"{type(clone).__name__} failed on the example inputs {shapes}: "
+                           f"{exc}".splitlines()[0]) from exc
     clone.train(train)
     return _plain_graph_module(_export(clone, export_inputs), inputs, names)
 
