@@ -370,3 +370,17 @@ def test_dataloader_without_len_needs_steps():
 
     with pytest.raises(ConfigError, match="steps"):
         grainfx.compress(build(ARCH), Batches(), 0.5, config=GrainConfig(), progress=False)
+
+
+def test_embedding_factorization_is_trained_and_counted():
+    plain, _, _, _, _ = run(0.5)
+    result, _, masked, _, _ = run(0.5, embedding_rank=8)
+    params = result.report["parameters"]
+    assert params["total_after"] == sum(p.numel() for p in result.module.parameters())
+    assert params["total_before"] == plain.report["parameters"]["total_before"]
+    saved = plain.report["parameters"]["outside_encoder"] - params["outside_encoder"]
+    vocab, hidden = masked.grain_embedding.table.shape[0], masked.grain_embedding.projection.shape[0]
+    assert saved == vocab * hidden - (vocab * 8 + 8 * hidden)
+    x = example_inputs(ARCH, 3, 9, seed=5)
+    with torch.no_grad():
+        assert_close(masked(**x)["logits"], result.module(**x)["logits"])
