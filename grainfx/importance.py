@@ -64,6 +64,11 @@ class Importance:
         for name, score in self.raw(grads, masks).items():
             self.scores[name] = beta * self.scores[name] + (1 - beta) * score.float()
 
+    def is_flat(self, tolerance: float = 1e-9) -> bool:
+        """True when every score is ~0 (no gradient signal: the ranking would be arbitrary)."""
+        return not self.config.random_scores and all(
+            float(s.abs().max()) <= tolerance for s in self.scores.values())
+
     def _alive(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         alive = {}
         for group in self.groups:

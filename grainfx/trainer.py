@@ -76,6 +76,7 @@ class Trainer:
             self.optimizer, lambda step: lr_factor(step, total_steps, config.warmup))
         self.history = History()
         self._bad_in_a_row = 0
+        self._warned_flat = False
 
     def losses(self, batch: Mapping[str, torch.Tensor]):
         """The logit KD loss and the (weighted) hidden-state loss, or None, of one batch."""
@@ -135,6 +136,13 @@ class Trainer:
         if progress > self.config.prune_start and (index + 1) % self.config.prune_every == 0:
             goal = density_at(progress, self.target, self.config.prune_start,
                               self.config.prune_end)
+            if goal < 1.0 and not self._warned_flat and self.importance.is_flat():
+                self._warned_flat = True
+                warnings.warn(
+                    "importance scores are all ~0 as pruning starts: the student matches the "
+                    "teacher exactly (a model without dropout distilled from itself has no "
+                    "gradient), so the ranking is arbitrary; keep the model's dropout on or "
+                    "give a different teacher", RuntimeWarning, stacklevel=2)
             passes.set_masks(self.student.train, self.importance.prune(current, goal))
         self.history.kd_loss.append(kd.item())
         self.history.hidden_loss.append(hidden.item() if hidden is not None else 0.0)

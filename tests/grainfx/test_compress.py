@@ -384,3 +384,10 @@ def test_embedding_factorization_is_trained_and_counted():
     x = example_inputs(ARCH, 3, 9, seed=5)
     with torch.no_grad():
         assert_close(masked(**x)["logits"], result.module(**x)["logits"])
+
+
+def test_warns_when_scores_are_flat_because_the_student_equals_the_teacher():
+    data_ = [example_inputs(ARCH, 4, 10, seed=i) for i in range(4)]
+    with pytest.warns(RuntimeWarning, match="importance scores are all ~0"):
+        grainfx.compress(build_bert(dropout=0.0), data_, 0.5,
+                         config=GrainConfig(steps=6, hidden_loss=False), progress=False)
