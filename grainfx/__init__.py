@@ -8,11 +8,12 @@ files (loading needs torch only). The graph passes themselves live in the ``pass
 from grainfx.compress import (BatchError, CompressionResult, EmptyDataLoaderError,
                               TeacherMismatchError, compress)
 from grainfx.config import ConfigError, GrainConfig
+from grainfx.inspect import Inspection, inspect
 from grainfx.trainer import TrainingDivergedError
 from passes.serialize import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "CompressionResult", "GrainConfig", "save", "load", "ConfigError",
-           "BatchError", "EmptyDataLoaderError", "TeacherMismatchError", "TrainingDivergedError",
+__all__ = ["compress", "CompressionResult", "GrainConfig", "save", "load", "inspect",
+           "Inspection", "ConfigError", "BatchError", "EmptyDataLoaderError", "TeacherMismatchError", "TrainingDivergedError",
            "__version__"]

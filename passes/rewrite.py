@@ -343,6 +343,10 @@ def rewrite(masked_gm: fx.GraphModule, structure: Structure, *, bucket: int | No
     for i in range(max(len(structure.attention), len(structure.ffn))):
         layers.append({"layer": i})
     for i, block in enumerate(structure.attention):
+        layers[i].update(heads_dense=block.num_heads, head_dim=block.head_dim)
+    for i, block in enumerate(structure.ffn):
+        layers[i]["ffn_dense"] = block.width
+    for i, block in enumerate(structure.attention):
         layers[i].update(_rewrite_attention(gm, nodes, block, masks[f"{block.name}.qk"],
                                             masks[f"{block.name}.vo"], options))
     for i, block in enumerate(structure.ffn):
@@ -355,6 +359,7 @@ def rewrite(masked_gm: fx.GraphModule, structure: Structure, *, bucket: int | No
     params = sum(p.numel() for p in gm.parameters())
     setattr(gm, KEPT_ATTR, {
         "layers": layers,
+        "hidden": structure.attention[0].q.in_features,
         "parameters": params,
         "unit_parameters": structure.kept_unit_params(masks),
         "unit_parameters_dense": structure.unit_params,

@@ -35,6 +35,15 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _input_spec(t: torch.Tensor) -> dict:
+    """Shape and dtype of an example input (and the largest value of integer ones, so that
+    benchmarks can draw valid token ids)."""
+    spec = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+    if not t.dtype.is_floating_point and t.numel():
+        spec["max"] = int(t.max())
+    return spec
+
+
 def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
     """Write ``gm`` (a module returned by the passes) to ``path`` (.pt2) and its JSON beside it.
 
@@ -52,7 +61,9 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
                                  dynamic_shapes=dynamic_shapes_for(inputs))
     except Exception as exc:
         raise SaveError(f"re-export of the module failed: {exc}".splitlines()[0]) from exc
-    kept = json.dumps(getattr(gm, KEPT_ATTR, {}), indent=2)
+    record = dict(getattr(gm, KEPT_ATTR, {}))
+    record["inputs"] = {name: _input_spec(t) for name, t in inputs.items()}
+    kept = json.dumps(record, indent=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, lambda tmp: torch.export.save(ep, tmp,
                                                       extra_files={STRUCTURE_FILE: kept}))

@@ -66,8 +66,12 @@ def test_save_writes_the_kept_structure_beside_the_model_and_no_temporary_files(
     grainfx.save(module, tmp_path / "m.pt2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.pt2"]
     kept = json.loads((tmp_path / "m.json").read_text())
+    inputs = kept.pop("inputs")
     assert kept == json.loads(json.dumps(module.grainfx_kept))
-    assert grainfx.load(tmp_path / "m.pt2").grainfx_kept == kept
+    ids = module.grainfx_example_inputs["input_ids"]
+    assert inputs == {"input_ids": {"shape": [2, 8], "dtype": "int64", "max": int(ids.max())},
+                      "attention_mask": {"shape": [2, 8], "dtype": "int64", "max": 1}}
+    assert grainfx.load(tmp_path / "m.pt2").grainfx_kept == {**kept, "inputs": inputs}
 
 
 def test_save_refuses_a_path_that_is_not_pt2(tmp_path):

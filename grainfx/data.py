@@ -1,0 +1,80 @@
+"""Text classification data for compress: batches from (text, label) rows, splits, accuracy."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+Rows = Sequence[tuple[str, int]]
+
+
+def stratified_split(rows: Rows, held_out: float, seed: int) -> tuple[list, list]:
+    """(train, held-out) rows: ``held_out`` of each label, chosen with a fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for label in sorted({y for _, y in rows}):
+        group = [r for r in rows if r[1] == label]
+        order = torch.randperm(len(group), generator=gen).tolist()
+        cut = int(len(group) * held_out)
+        test += [group[i] for i in order[:cut]]
+        train += [group[i] for i in order[cut:]]
+    shuffle = torch.randperm(len(train), generator=gen).tolist()
+    return [train[i] for i in shuffle], test
+
+
+def text_batches(rows: Rows, tokenizer, batch_size: int, shuffle: bool, seed: int = 0,
+                 max_length: int = 128) -> torch.utils.data.DataLoader:
+    """Dynamic-padding batches of tokenized text, with ``labels``."""
+    def collate(batch):
+        enc = tokenizer([t for t, _ in batch], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        return {**enc, "labels": torch.tensor([y for _, y in batch])}
+    return torch.utils.data.DataLoader(list(rows), batch_size=batch_size, shuffle=shuffle,
+                                       collate_fn=collate,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def accuracy(model, batches) -> float:
+    """Share of correct predictions; ``model`` returns a dict or an object with logits."""
+    correct = total = 0
+    with torch.inference_mode():
+        for batch in batches:
+            batch = dict(batch)
+            labels = batch.pop("labels")
+            out = model(**batch)
+            logits = out["logits"] if isinstance(out, dict) else out.logits
+            correct += int((logits.argmax(-1) == labels).sum())
+            total += len(labels)
+    return correct / max(total, 1)
+
+
+def finetune(model, batches, epochs: float, learning_rate: float, seed: int,
+             progress: bool = True):
+    """Plain fine-tuning with the model's own loss (labels in the batches); returns it in eval
+    mode. AdamW, 10% warm-up then linear decay, gradient clip 1."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)
+    steps = max(1, int(epochs * len(batches)))
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    warm = max(1, int(0.1 * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / steps))
+    model.train()
+    done = 0
+    with tqdm(total=steps, desc="fine-tune teacher", unit="step", disable=not progress) as bar:
+        while done < steps:
+            for batch in batches:
+                loss = model(**batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                bar.update(1)
+                done += 1
+                if done == steps:
+                    break
+    return model.eval()

@@ -1,0 +1,118 @@
+"""The grainfx console script, driven in a subprocess on a tiny model folder and CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.models import build_bert
+
+GRAINFX = Path(sys.executable).parent / "grainfx"
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "plot"]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(GRAINFX), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny fine-tuned-looking model folder (model + tokenizer) and a CSV of text/label."""
+    from transformers import BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "model"
+    model_dir.mkdir()
+    vocab = model_dir / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(model_dir)
+    build_bert().save_pretrained(model_dir)
+    rng = random.Random(0)
+    with open(root / "data.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        for i in range(48):
+            label = i % 2
+            sentiment = WORDS[:3] if label else WORDS[3:6]
+            writer.writerow([f"{rng.choice(WORDS[6:])} {rng.choice(sentiment)}", label])
+    return root
+
+
+@pytest.fixture(scope="module")
+def compressed(workdir) -> Path:
+    result = run("compress", "model", "--data", "data.csv", "--sparsity", "0.8", "--out", "out",
+                 "--steps", "6", "--threads", "1", "--quiet", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "student accuracy" in result.stdout
+    return workdir / "out"
+
+
+def test_compress_writes_model_structure_report_and_plot(compressed):
+    assert sorted(p.name for p in compressed.iterdir()) == [
+        "model.json", "model.pt2", "report.json", "report.md", "structure.png"]
+    report = json.loads((compressed / "report.json").read_text())
+    assert abs(report["density"] - 0.2) < 0.01
+    assert "teacher_accuracy" in report and "student_accuracy" in report
+    assert "| layer | heads |" in (compressed / "report.md").read_text()
+    assert not list(compressed.parent.glob(".out.*")), "temporary folder left behind"
+
+
+def test_inspect_prints_the_table_plot_and_graph(compressed, workdir):
+    result = run("inspect", "out/model.pt2", "--seq", "64", "--plot", "kept.png", "--graph",
+                 cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "query units" in result.stdout and "GFLOPs per sequence of 64" in result.stdout
+    assert "scaled_dot_product_attention" in result.stdout
+    assert (workdir / "kept.png").stat().st_size > 1000
+    as_json = run("inspect", "out/model.pt2", "--json", cwd=workdir)
+    assert len(json.loads(as_json.stdout)) == 2
+
+
+def test_bench_against_the_dense_model(compressed, workdir):
+    result = run("bench", "out/model.pt2", "--against", "model", "--batch", "2", "--seq", "8",
+                 "--reps", "2", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "compact" in result.stdout and "x vs dense" in result.stdout
+
+
+def test_existing_output_folder_is_not_overwritten(compressed, workdir):
+    before = (compressed / "model.pt2").stat().st_mtime_ns
+    result = run("compress", "model", "--data", "data.csv", "--out", "out", "--steps", "2",
+                 cwd=workdir)
+    assert result.returncode == 2
+    assert "exists" in result.stderr and "--overwrite" in result.stderr
+    assert (compressed / "model.pt2").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("missing file", ["model", "--data", "absent.csv"], "absent.csv does not exist"),
+    ("wrong columns", ["model", "--data", "data.csv", "--text-column", "review"],
+     "no column 'review'"),
+    ("labels missing", ["model", "--data", "nolabel.csv"], "label is missing"),
+    ("sparsity", ["model", "--data", "data.csv", "--sparsity", "1.2"], "--sparsity must be in"),
+    ("not a model", ["data_dir", "--data", "data.csv"], "not a model folder"),
+])
+def test_bad_inputs_get_one_clear_line(workdir, case, args, message):
+    (workdir / "data_dir").mkdir(exist_ok=True)
+    (workdir / "nolabel.csv").write_text("text,label\nnice film,1\nbad plot,\n")
+    result = run("compress", *args, "--out", f"bad-{case.replace(' ', '-')}", "--steps", "1",
+                 cwd=workdir)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / f"bad-{case.replace(' ', '-')}").exists()
+
+
+def test_inspect_of_a_foreign_file(workdir):
+    (workdir / "foreign.pt2").write_text("not a model")
+    result = run("inspect", "foreign.pt2", cwd=workdir)
+    assert result.returncode == 2 and "grainfx.save" in result.stderr

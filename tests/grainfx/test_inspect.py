@@ -1,0 +1,43 @@
+"""grainfx.inspect: the kept structure as data, text, HTML and a plot."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grainfx
+import passes
+from tests.captures import captured, structure
+
+
+def compact():
+    struct = structure("bert-sdpa")
+    graph = passes.instrument(captured("bert-sdpa"), struct)
+    masks = struct.ones()
+    masks["attn0.vo"][1] = 0                     # head 1 of layer 0 dropped
+    masks["attn1.qk"][:, 4:] = 0                 # half the query units of layer 1
+    masks["ffn0"][:16] = 0
+    passes.set_masks(graph, masks)
+    return passes.rewrite(graph, struct)
+
+
+def test_inspection_reports_heads_units_ffn_and_flops(tmp_path):
+    info = grainfx.inspect(compact(), seq=32)
+    first, second = info.layers
+    assert (first.heads, first.heads_dense, first.head_index) == (3, 4, (0, 2, 3))
+    assert first.ffn == 48 and first.ffn_dense == 64
+    assert second.query_units == (4, 4, 4, 4) and second.value_units == (8, 8, 8, 8)
+    assert info.flops < info.flops_dense
+    assert "3/4" in str(info) and "<table>" in info._repr_html_()
+    assert info.rows()[0]["ffn"] == "48/64"
+    assert info.plot(tmp_path / "kept.png").stat().st_size > 1000
+
+
+def test_inspect_reads_a_saved_file(tmp_path):
+    path = grainfx.save(compact(), tmp_path / "m.pt2")
+    assert grainfx.inspect(path).layers[0].heads == 3
+
+
+def test_inspect_refuses_a_module_without_kept_structure():
+    with pytest.raises(passes.LoadError, match="kept structure"):
+        grainfx.inspect(torch.nn.Linear(2, 2))
