@@ -208,7 +208,7 @@ def run(shape: Shape, kept_shares: list[float], patterns: list[str], buckets: li
                         "compile_seconds": compile_s if mode == "compiled" else None,
                     })
                     best = max((s for n, s in speedups.items() if n.startswith("bucket")))
-                    print(f"  speedups: " + ", ".join(f"{n} {s:.2f}x" for n, s in
+                    print("  speedups: " + ", ".join(f"{n} {s:.2f}x" for n, s in
                                                       speedups.items()) +
                           f" | best compact / uniform {best / speedups['uniform']:.0%}",
                           flush=True)

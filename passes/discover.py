@@ -13,9 +13,7 @@ Preserves computation: it does not change the graph.
 from __future__ import annotations
 
 import math
-import operator
 
-import torch
 from torch import fx
 
 from passes.errors import DiscoverError, NoAttentionFoundError, UnsupportedArchitectureError
@@ -374,5 +372,4 @@ def discover(gm: fx.GraphModule) -> Structure:
     layer_outputs = [embedding.name] + [_layer_output(add).name for add in ffn_adds]
     params = {id(p): p.numel() for p in gm.parameters()}
     return Structure(attention=tuple(attention), ffn=tuple(ffn),
-                     layer_outputs=tuple(layer_outputs), total_params=sum(params.values()),
-                     param_names=tuple(n for n, _ in gm.named_parameters()))
+                     layer_outputs=tuple(layer_outputs), total_params=sum(params.values()))

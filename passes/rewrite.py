@@ -18,6 +18,7 @@ Preserves computation: yes, against the masked graph with the same (binary) mask
 from __future__ import annotations
 
 import copy
+import operator
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -219,15 +220,11 @@ def _project(emit: _Emitter, block: AttentionBlock, index: dict[str, list[list[i
             parts = [y]
         else:
             split = emit.call(aten.split_with_sizes.default, y, sizes, -1)
-            parts = [emit.call(_getitem, split, i) for i in range(len(sizes))]
+            parts = [emit.call(operator.getitem, split, i) for i in range(len(sizes))]
         for role in group:
             n = len(index[role])
             pieces[role], parts = parts[:n], parts[n:]
     return pieces
-
-
-def _getitem(seq, i):
-    return seq[i]
 
 
 def _score_mask(emit: _Emitter, nodes: dict[str, fx.Node], block: AttentionBlock) -> fx.Node | None:

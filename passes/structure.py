@@ -14,7 +14,7 @@ Masks are named ``<block>.qk``, ``<block>.vo`` (shape: kv heads x units per head
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -134,7 +134,6 @@ class Structure:
     ffn: tuple[FFNBlock, ...]
     layer_outputs: tuple[str, ...]
     total_params: int
-    param_names: tuple[str, ...] = field(default=(), repr=False)
 
     def units(self) -> list[UnitGroup]:
         """Every unit group, attention (query, value) then FFN, in block order."""

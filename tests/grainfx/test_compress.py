@@ -3,7 +3,6 @@ gradient separation, structure regularization, determinism, a learnable task, ba
 
 from __future__ import annotations
 
-import copy
 import functools
 import signal
 
