@@ -139,11 +139,23 @@ def example_section(summary: dict) -> str:
     ])
 
 
+def step_cost_section(data: dict) -> str:
+    """One sentence per measured step-cost record."""
+    lines = []
+    for record in data["records"].values():
+        secs = record["seconds"]
+        lines.append(f"- {record['model']}, {record['threads']} thread(s): a GRAIN step takes "
+                     f"{secs['grain']:.2f} s against {secs['plain']:.2f} s for a plain "
+                     f"distillation step ({record['ratio']:.2f}x), median of {record['steps']} "
+                     f"interleaved steps (`python benchmarks/step_cost.py`).")
+    return "\n".join(lines)
+
+
 def replace_section(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+    pattern = re.compile(rf"(<!-- {name}:start -->).*?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
         raise SystemExit(f"README.md has no <!-- {name}:start/end --> markers")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+    return pattern.sub(lambda m: f"{m.group(1)}\n{body}\n{m.group(2)}", text)
 
 
 def main() -> int:
@@ -153,6 +165,9 @@ def main() -> int:
         data = json.loads(speed.read_text())
         rewrite_speed_plot(data, RESULTS / "rewrite_speed.png")
         text = replace_section(text, "rewrite_speed", rewrite_speed_section(data))
+    cost = RESULTS / "step_cost.json"
+    if cost.exists():
+        text = replace_section(text, "step_cost", step_cost_section(json.loads(cost.read_text())))
     example = RESULTS / "rotten_tomatoes_example.json"
     if example.exists():
         text = replace_section(text, "example", example_section(json.loads(example.read_text())))

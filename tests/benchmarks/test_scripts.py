@@ -40,3 +40,23 @@ def test_readme_sections_are_replaced_between_markers():
     text = "a\n<!-- x:start -->\nold\n<!-- x:end -->\nb"
     assert readme_tables.replace_section(text, "x", "new") == (
         "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb")
+
+
+def test_step_cost_and_example_sections_render():
+    cost = {"records": {"minilm/threads=1": {"model": "m", "threads": 1, "steps": 3,
+                                             "ratio": 1.5,
+                                             "seconds": {"plain": 2.0, "grain": 3.0}}}}
+    assert "3.00 s against 2.00 s" in readme_tables.step_cost_section(cost)
+    example = {"threads": 2, "minutes": 16.7, "teacher_accuracy": 0.8,
+               "student_accuracy": 0.78, "retention": 0.975, "density": 0.1,
+               "encoder_parameters": [100, 10], "total_parameters": [200, 110],
+               "speedup_batch32": 4.7}
+    section = readme_tables.example_section(example)
+    assert "78.00% (97.5% retained)" in section and "4.7x" in section
+
+
+def test_readme_is_up_to_date_with_the_results():
+    """The committed README holds exactly what readme_tables generates from the results."""
+    text = readme_tables.README.read_text()
+    data = json.loads((readme_tables.RESULTS / "rewrite_speed.json").read_text())
+    assert readme_tables.rewrite_speed_section(data) in text
