@@ -390,3 +390,38 @@ def test_warns_when_scores_are_flat_because_the_student_equals_the_teacher():
     with pytest.warns(RuntimeWarning, match="importance scores are all ~0"):
         grainfx.compress(build_bert(dropout=0.0), data_, 0.5,
                          config=GrainConfig(steps=6, hidden_loss=False), progress=False)
+
+
+class LogitsOnly(torch.nn.Module):
+    """A model whose forward returns a bare tensor (its output is named "output")."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = build(ARCH)
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_a_model_returning_a_tensor_is_distilled_on_it():
+    result = grainfx.compress(LogitsOnly(), data(), 0.5, config=GrainConfig(steps=4),
+                              progress=False)
+    x = example_inputs(ARCH, 2, 8, seed=3)
+    with torch.no_grad():
+        assert list(result.module(**x)) == ["output"]
+        assert_close(result.masked(**x)["output"], result.module(**x)["output"])
+
+
+def test_output_name_picks_the_output_to_distil():
+    from transformers import BertModel
+
+    encoder = BertModel(build(ARCH).config).eval()       # last_hidden_state, pooler_output
+    with pytest.raises(ConfigError, match="output_name"):
+        grainfx.compress(encoder, data(), 0.5, config=GrainConfig(steps=2), progress=False)
+    with pytest.raises(ConfigError, match="not an output"):
+        grainfx.compress(encoder, data(), 0.5,
+                         config=GrainConfig(steps=2, output_name="logits"), progress=False)
+    result = grainfx.compress(encoder, data(), 0.5,
+                              config=GrainConfig(steps=2, output_name="pooler_output"),
+                              progress=False)
+    assert abs(result.density - 0.5) < 0.01
