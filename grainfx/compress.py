@@ -113,9 +113,12 @@ def _first_batch(dataloader: Iterable) -> dict[str, torch.Tensor]:
                                "over at least one example")
 
 
-def _capture(model: torch.nn.Module, batch: dict[str, torch.Tensor], what: str):
+def _capture(capturing: Callable, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+             what: str):
+    """``capturing(model, batch)`` (capture or capture_pair), with a batch the model cannot
+    take reported as a BatchError."""
     try:
-        return passes.capture_pair(model, batch)
+        return capturing(model, batch)
     except CaptureError:
         try:
             with torch.no_grad():
@@ -167,7 +170,7 @@ def prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparsity: fl
 
     ``batch`` is one batch of model inputs (it fixes the input names of every later batch).
     """
-    eval_gm, train_gm = _capture(model, batch, "model")
+    eval_gm, train_gm = _capture(passes.capture_pair, model, batch, "model")
     if config.embedding_rank is not None:
         train_gm = factorize_embedding(train_gm, config.embedding_rank)
         eval_gm = factorize_embedding(eval_gm, config.embedding_rank, share_with=train_gm)
@@ -177,7 +180,8 @@ def prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparsity: fl
         raise PassError("the train-mode graph has another structure than the eval-mode one")
     output = _pick_output(getattr(eval_gm, OUTPUT_NAMES_ATTR), config)
 
-    teacher_eval, _ = _capture(teacher if teacher is not None else model, batch, "teacher")
+    teacher_eval = _capture(passes.capture, teacher if teacher is not None else model, batch,
+                            "teacher")
     for p in teacher_eval.parameters():
         p.requires_grad_(False)
     student_train, hidden_keys = _with_hidden(train_gm, train_structure, config.hidden_every)
