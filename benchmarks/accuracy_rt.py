@@ -1,0 +1,136 @@
+"""Accuracy on Rotten Tomatoes: GRAIN at several densities and its ablations at 5%.
+
+Teacher: all-MiniLM-L6-v2 fine-tuned on the fixed RT split of ``grainfx.demo`` (the same
+teacher as ``examples/rotten_tomatoes.py``, cached). Students: GRAIN defaults at 20, 10, 5 and
+3% encoder density, and at 5% with whole heads (``granularity="head"``), random scores, no
+gradient separation, no structure regularization. Every run has the same distillation budget
+(``--epochs`` over RT train, batch 32, ``--learning-rate``) and seed.
+
+Each finished run is written at once to ``benchmarks/results/accuracy_rt.json`` (rerunning skips
+finished runs, so an interrupted sweep resumes) and its compact model to
+``benchmarks/results/models/rt-<run>.pt2`` for ``benchmarks/speed.py``.
+
+    python benchmarks/accuracy_rt.py                  # the whole sweep (~12 min a run here)
+    python benchmarks/accuracy_rt.py --only grain-5 head-5
+    python benchmarks/accuracy_rt.py --quick          # tiny model, tiny data: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from benchmarks.common import RESULTS, ResultStore, machine  # noqa: E402
+import grainfx  # noqa: E402
+from grainfx import demo  # noqa: E402
+from grainfx.data import accuracy, finetune, text_batches  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Run:
+    """One student: its target density and the GrainConfig fields that differ from GRAIN's."""
+
+    name: str
+    density: float
+    label: str
+    overrides: dict = field(default_factory=dict)
+
+
+#: In order of importance: an interrupted sweep has the comparison at 5% first.
+RUNS = (
+    Run("grain-5", 0.05, "GRAIN"),
+    Run("head-5", 0.05, "whole heads + FFN", {"granularity": "head"}),
+    Run("random-5", 0.05, "random scores", {"random_scores": True}),
+    Run("grain-10", 0.10, "GRAIN"),
+    Run("grain-20", 0.20, "GRAIN"),
+    Run("grain-3", 0.03, "GRAIN"),
+    Run("noseparation-5", 0.05, "no gradient separation", {"gradient_separation": False}),
+    Run("nostructure-5", 0.05, "no structure regularization",
+        {"structure_regularization": False}),
+)
+
+
+def rt_setup(quick: bool):
+    """(teacher, tokenizer, train rows, held-out rows); a tiny random BERT when quick."""
+    train, test = demo.rotten_tomatoes()
+    if not quick:
+        model, tokenizer = demo.teacher(train, 1.0)
+        return model, tokenizer, train, test
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    tokenizer = AutoTokenizer.from_pretrained(demo.minilm_path())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, num_labels=2))
+    train, test = train[:64], test[::25]  # the held-out rows are sorted by label
+    finetune(model, text_batches(train, tokenizer, 16, shuffle=True), 1, 1e-3, 0, False)
+    return model, tokenizer, train, test
+
+
+def heads_left(report: dict) -> int:
+    return sum(layer["heads"] for layer in report["layers"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=[r.name for r in RUNS],
+                        help="runs to do (default: all, in order)")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny model and data, 4 steps")
+    parser.add_argument("--out", type=Path, default=RESULTS / "accuracy_rt.json")
+    parser.add_argument("--models", type=Path, default=RESULTS / "models",
+                        help="where the compact models go")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tokenizer, train, test = rt_setup(args.quick)
+    held_out = text_batches(test, tokenizer, 64, shuffle=False)
+    store = ResultStore(args.out, {
+        "machine": machine(), "threads": args.threads, "epochs": args.epochs,
+        "learning_rate": args.learning_rate, "train_rows": len(train), "held_out_rows": len(test),
+        "model": "tiny random BERT (smoke test)" if args.quick else "all-MiniLM-L6-v2"})
+    if "teacher" not in store:
+        params = sum(p.numel() for p in model.parameters())
+        store.put("teacher", {"accuracy": accuracy(model, held_out), "total_parameters": params})
+    teacher_acc = store.records["teacher"]["accuracy"]
+    print(f"teacher held-out accuracy {teacher_acc:.2%}")
+    runs = [r for r in RUNS if not args.only or r.name in args.only]
+    for i, run in enumerate(runs, 1):
+        if run.name in store:
+            print(f"[{i}/{len(runs)}] {run.name}: done before, skipped")
+            continue
+        print(f"[{i}/{len(runs)}] {run.name}: {run.label} at {run.density:.0%} density")
+        began = time.perf_counter()
+        config = grainfx.GrainConfig(
+            **({"steps": 4} if args.quick else {"epochs": args.epochs}),
+            learning_rate=args.learning_rate, seed=demo.SEED, **run.overrides)
+        result = grainfx.compress(model, text_batches(train, tokenizer, 32, shuffle=True),
+                                  sparsity=1 - run.density, config=config)
+        acc = accuracy(result.module, held_out)
+        result.save(args.models / f"rt-{run.name}.pt2")
+        params = result.report["parameters"]
+        store.put(run.name, {
+            "label": run.label, "target_density": run.density, "density": result.density,
+            "overrides": run.overrides, "accuracy": acc, "retention": acc / teacher_acc,
+            "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
+            "total_parameters": [params["total_before"], params["total_after"]],
+            "heads_left": heads_left(result.report), "layers": result.report["layers"],
+            "steps": result.report["steps"], "minutes": (time.perf_counter() - began) / 60})
+        print(f"  accuracy {acc:.2%} (retention {acc / teacher_acc:.1%}), density "
+              f"{result.density:.2%}, {heads_left(result.report)} heads left")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
