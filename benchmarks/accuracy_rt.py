@@ -4,7 +4,7 @@ Teacher: all-MiniLM-L6-v2 fine-tuned on the fixed RT split of ``grainfx.demo`` (
 teacher as ``examples/rotten_tomatoes.py``, cached). Students: GRAIN defaults at 20, 10, 5 and
 3% encoder density, and at 5% with whole heads (``granularity="head"``), random scores, no
 gradient separation, no structure regularization. Every run has the same distillation budget
-(``--epochs`` over RT train, batch 32, ``--learning-rate``) and seed.
+(``--epochs`` over RT train in batches of 32 grouped by length, ``--learning-rate``) and seed.
 
 Each finished run is written at once to ``benchmarks/results/accuracy_rt.json`` (rerunning skips
 finished runs, so an interrupted sweep resumes) and its compact model to
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
         config = grainfx.GrainConfig(
             **({"steps": 4} if args.quick else {"epochs": args.epochs}),
             learning_rate=args.learning_rate, seed=demo.SEED, **run.overrides)
-        result = grainfx.compress(model, text_batches(train, tokenizer, 32, shuffle=True),
+        result = grainfx.compress(model, text_batches(train, tokenizer, 32, shuffle=True,
+                                                              group_by_length=True),
                                   sparsity=1 - run.density, config=config)
         acc = accuracy(result.module, held_out)
         result.save(args.models / f"rt-{run.name}.pt2")

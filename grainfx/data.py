@@ -24,15 +24,49 @@ def stratified_split(rows: Rows, held_out: float, seed: int) -> tuple[list, list
 
 
 def text_batches(rows: Rows, tokenizer, batch_size: int, shuffle: bool, seed: int = 0,
-                 max_length: int = 128) -> torch.utils.data.DataLoader:
-    """Dynamic-padding batches of tokenized text, with ``labels``."""
+                 max_length: int = 128, group_by_length: bool = False
+                 ) -> torch.utils.data.DataLoader:
+    """Dynamic-padding batches of tokenized text, with ``labels``.
+
+    ``group_by_length`` (with ``shuffle``): each epoch, shuffle, then sort windows of 50
+    batches by length and shuffle the batches, so a batch holds sentences of similar length
+    and pads little (about half the tokens of random batches on Rotten Tomatoes).
+    """
     def collate(batch):
         enc = tokenizer([t for t, _ in batch], padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
         return {**enc, "labels": torch.tensor([y for _, y in batch])}
-    return torch.utils.data.DataLoader(list(rows), batch_size=batch_size, shuffle=shuffle,
-                                       collate_fn=collate,
-                                       generator=torch.Generator().manual_seed(seed))
+    rows = list(rows)
+    generator = torch.Generator().manual_seed(seed)
+    if group_by_length and shuffle:
+        lengths = [len(ids) for ids in tokenizer([t for t, _ in rows])["input_ids"]]
+        sampler = LengthGroupedBatches(lengths, batch_size, generator)
+        return torch.utils.data.DataLoader(rows, batch_sampler=sampler, collate_fn=collate)
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=shuffle,
+                                       collate_fn=collate, generator=generator)
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of indices of similar length, in a new seeded order every epoch."""
+
+    WINDOW = 50
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, generator: torch.Generator):
+        self.lengths, self.batch_size, self.generator = list(lengths), batch_size, generator
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        window = self.batch_size * self.WINDOW
+        batches = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=self.lengths.__getitem__)
+            batches += [chunk[i:i + self.batch_size]
+                        for i in range(0, len(chunk), self.batch_size)]
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
 
 
 def accuracy(model, batches) -> float:
