@@ -5,6 +5,7 @@ GraphModule; ``grainfx.save`` / ``grainfx.load`` write and read compact models a
 files (loading needs torch only). The graph passes themselves live in the ``passes`` package.
 """
 
+from grainfx.checkpoint import CheckpointConfig, CheckpointError
 from grainfx.compress import (BatchError, CompressionResult, EmptyDataLoaderError,
                               TeacherMismatchError, compress)
 from grainfx.config import ConfigError, GrainConfig
@@ -14,6 +15,7 @@ from passes.serialize import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "CompressionResult", "GrainConfig", "save", "load", "inspect",
-           "Inspection", "ConfigError", "BatchError", "EmptyDataLoaderError", "TeacherMismatchError", "TrainingDivergedError",
+__all__ = ["compress", "CompressionResult", "GrainConfig", "CheckpointConfig", "save", "load",
+           "inspect", "Inspection", "ConfigError", "BatchError", "CheckpointError",
+           "EmptyDataLoaderError", "TeacherMismatchError", "TrainingDivergedError",
            "__version__"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +14,8 @@ import torch
 from torch import fx
 
 import passes
+from grainfx import checkpoint as checkpoints
+from grainfx.checkpoint import CheckpointConfig
 from grainfx.config import ConfigError, GrainConfig
 from grainfx.report import build_report, format_report
 from grainfx.trainer import Student, Trainer
@@ -23,6 +27,8 @@ from passes.instrument import mask_buffers
 #: Batch entries that are labels: distillation does not use them.
 LABEL_KEYS = ("labels", "label")
 HIDDEN_PREFIX = "grain.hidden."
+
+log = logging.getLogger("grainfx")
 
 
 class EmptyDataLoaderError(PassError, ValueError):
@@ -215,8 +221,8 @@ def prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparsity: fl
 def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
              teacher: torch.nn.Module | None = None, config: GrainConfig | None = None,
              progress: bool = True,
-             callback: Callable[[int, dict[str, torch.Tensor]], None] | None = None
-             ) -> CompressionResult:
+             callback: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+             checkpoint: CheckpointConfig | None = None) -> CompressionResult:
     """Prune ``model`` with GRAIN to ``1 - sparsity`` of its encoder parameters.
 
     Args:
@@ -228,6 +234,11 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
         config: a :class:`GrainConfig` (default: the paper's settings).
         progress: show a progress bar.
         callback: called after every step with the step index and the current masks.
+        checkpoint: a :class:`CheckpointConfig`: save the run's state every ``every`` steps
+            and on Ctrl-C (the KeyboardInterrupt is raised again after saving), and with
+            ``resume`` go on from the saved step. A resumed run ends with the same masks and
+            weights as an uninterrupted one when the dataloader yields the same batches in
+            the same order (shuffle with a seeded generator, as ``text_batches`` does).
 
     Returns:
         A :class:`CompressionResult` with the compact module, its density and a report.
@@ -243,8 +254,21 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
     trainer = prepare(model, batch, sparsity, teacher=teacher, config=config,
                       total_steps=total)
     names = trainer.student.input_names
-    history = trainer.run((_model_inputs(b, names) for b in cycle(dataloader, total)),
-                          progress=progress, callback=callback)
+    raw = cycle(dataloader, total)
+    start, save = 0, None
+    if checkpoint is not None:
+        def save(steps_done: int) -> None:
+            checkpoints.save(trainer, steps_done, checkpoint.path)
+        if checkpoint.resume:
+            start = checkpoints.load(trainer, checkpoint.path)
+            log.info("resuming from %s after step %d of %d", checkpoint.path, start, total)
+            rng = torch.get_rng_state()
+            for _ in itertools.islice(raw, start):  # the batches the first run consumed
+                pass
+            torch.set_rng_state(rng)
+    batches = (_model_inputs(b, names) for b in raw)
+    history = trainer.run(batches, progress=progress, start=start, callback=callback,
+                          save=save, save_every=checkpoint.every if checkpoint else None)
     masked_eval, structure = trainer.student.eval, trainer.student.eval_structure
     masked_eval.eval()
     compact = passes.rewrite(masked_eval, structure)

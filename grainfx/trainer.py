@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -75,8 +78,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, total_steps, config.warmup))
         self.history = History()
-        self._bad_in_a_row = 0
-        self._warned_flat = False
+        self.bad_in_a_row = 0
+        self.warned_flat = False
 
     def losses(self, batch: Mapping[str, torch.Tensor]):
         """The logit KD loss and the (weighted) hidden-state loss, or None, of one batch."""
@@ -116,16 +119,16 @@ class Trainer:
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.history.skipped += 1
-            self._bad_in_a_row += 1
+            self.bad_in_a_row += 1
             warnings.warn(f"step {index}: non-finite loss or gradients, step skipped",
                           RuntimeWarning, stacklevel=2)
-            if self._bad_in_a_row >= self.config.max_bad_steps:
+            if self.bad_in_a_row >= self.config.max_bad_steps:
                 raise TrainingDivergedError(
-                    f"{self._bad_in_a_row} steps in a row had non-finite losses or gradients; "
+                    f"{self.bad_in_a_row} steps in a row had non-finite losses or gradients; "
                     f"lower GrainConfig.learning_rate or check the inputs for inf/nan")
             self.scheduler.step()
             return
-        self._bad_in_a_row = 0
+        self.bad_in_a_row = 0
         torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -136,8 +139,8 @@ class Trainer:
         if progress > self.config.prune_start and (index + 1) % self.config.prune_every == 0:
             goal = density_at(progress, self.target, self.config.prune_start,
                               self.config.prune_end)
-            if goal < 1.0 and not self._warned_flat and self.importance.is_flat():
-                self._warned_flat = True
+            if goal < 1.0 and not self.warned_flat and self.importance.is_flat():
+                self.warned_flat = True
                 warnings.warn(
                     "importance scores are all ~0 as pruning starts: the student matches the "
                     "teacher exactly (a model without dropout distilled from itself has no "
@@ -150,30 +153,74 @@ class Trainer:
         self.history.steps += 1
 
     def run(self, batches: Iterable[Mapping[str, torch.Tensor]], progress: bool = True,
-            start: int = 0, callback: Callable[[int, dict], None] | None = None) -> History:
-        """Train over ``batches`` (``total_steps`` of them), with a progress bar; ``callback``
-        gets the step index and the current masks after every step."""
+            start: int = 0, callback: Callable[[int, dict], None] | None = None,
+            save: Callable[[int], object] | None = None, save_every: int | None = None
+            ) -> History:
+        """Train over ``batches`` (the steps from ``start`` to ``total_steps``), with a
+        progress bar; ``callback`` gets the step index and the current masks after every step.
+
+        ``save(steps_done)`` is called every ``save_every`` steps and when the run is
+        interrupted (Ctrl-C, or KeyboardInterrupt from ``callback``). In the main thread a
+        Ctrl-C lets the current step finish first, so the saved state is whole; a second
+        Ctrl-C stops at once.
+        """
         from tqdm.auto import tqdm
 
         began = time.perf_counter()
         self.student.train.train()
         bar = tqdm(total=self.total, initial=start, disable=not progress, desc="grain",
                    unit="step", dynamic_ncols=True)
+        done = start
         try:
-            for index, batch in enumerate(batches, start=start):
-                self.step(index, batch)
-                if callback is not None:
-                    callback(index, {k: m.detach().clone() for k, m in self.masks.items()})
-                h = self.history
-                if h.kd_loss:
-                    bar.set_postfix(density=f"{h.density[-1]:.3f}", kd=f"{h.kd_loss[-1]:.4f}",
-                                    hidden=f"{h.hidden_loss[-1]:.4f}", refresh=False)
-                bar.update(1)
+            with _deferred_interrupt() as interrupted:
+                for index, batch in enumerate(batches, start=start):
+                    self.step(index, batch)
+                    done = index + 1
+                    if callback is not None:
+                        callback(index, {k: m.detach().clone() for k, m in self.masks.items()})
+                    self._show(bar)
+                    if interrupted():
+                        raise KeyboardInterrupt
+                    if save is not None and save_every and done % save_every == 0 \
+                            and done < self.total:
+                        save(done)
+        except KeyboardInterrupt:
+            if save is not None and done > start:
+                log.warning("interrupted after step %d: saving a checkpoint", done)
+                save(done)
+            raise
         finally:
             bar.close()
-        self.history.seconds += time.perf_counter() - began
+            self.history.seconds += time.perf_counter() - began
         log.info("trained %d steps (%d skipped) in %.1f s", self.history.steps,
                  self.history.skipped, self.history.seconds)
         return self.history
 
+    def _show(self, bar) -> None:
+        h = self.history
+        if h.kd_loss:
+            bar.set_postfix(density=f"{h.density[-1]:.3f}", kd=f"{h.kd_loss[-1]:.4f}",
+                            hidden=f"{h.hidden_loss[-1]:.4f}", refresh=False)
+        bar.update(1)
 
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Within: the first SIGINT only sets a flag (read by calling the yielded function), the
+    second raises KeyboardInterrupt. Outside the main thread, signals are left alone."""
+    flag = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(signum)
+        log.warning("Ctrl-C: stopping after this step (press again to stop at once)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(flag)
+    finally:
+        signal.signal(signal.SIGINT, previous)

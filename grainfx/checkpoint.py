@@ -1,0 +1,118 @@
+"""Checkpoints of a compress run: everything needed to go on from a step as if never stopped.
+
+A checkpoint holds the student's weights and masks, the hidden-state maps, the optimizer and
+learning-rate schedule, the importance scores (and their random generator), the history, the
+step and torch's random state (dropout). It is written to a temporary name and renamed, so a
+crash while writing leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from grainfx.config import ConfigError
+from grainfx.trainer import History, Trainer
+from passes.errors import PassError
+
+FORMAT = "grainfx-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(PassError, ValueError):
+    """A checkpoint cannot be used: missing, unreadable, or written by another run."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often :func:`grainfx.compress` saves its state.
+
+    ``path``: the checkpoint file; ``every``: save after every ``every`` steps (and when
+    interrupted with Ctrl-C); ``resume``: go on from ``path`` (it must exist).
+    """
+
+    path: Path
+    every: int = 100
+    resume: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.path, (str, os.PathLike)):
+            raise ConfigError(f"checkpoint path must be a path, got {self.path!r}")
+        object.__setattr__(self, "path", Path(self.path))
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ConfigError(f"checkpoint every must be an integer >= 1, got {self.every!r}")
+        if self.resume and not self.path.is_file():
+            raise CheckpointError(f"no checkpoint at {self.path} to resume from: run without "
+                                  f"resume (--resume) to start from the beginning")
+
+
+def _fingerprint(trainer: Trainer) -> dict:
+    return {"config": trainer.config.to_dict(), "target_density": trainer.target,
+            "total_steps": trainer.total,
+            "masks": {k: list(v.shape) for k, v in trainer.masks.items()}}
+
+
+def save(trainer: Trainer, steps_done: int, path: Path) -> Path:
+    """Write the state of ``trainer`` after ``steps_done`` steps to ``path`` (atomically)."""
+    state = {
+        "format": FORMAT, "version": VERSION, "steps_done": steps_done,
+        "run": _fingerprint(trainer),
+        "student": trainer.student.train.state_dict(),
+        "maps": trainer.maps.state_dict() if trainer.maps is not None else None,
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "importance": trainer.importance.state_dict(),
+        "history": dataclasses.asdict(trainer.history),
+        "counters": {"bad_in_a_row": trainer.bad_in_a_row, "warned_flat": trainer.warned_flat},
+        "rng": torch.get_rng_state(),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load(trainer: Trainer, path: Path) -> int:
+    """Restore ``trainer`` from ``path``; returns the number of steps already done.
+
+    Raises CheckpointError when the file is not a grainfx checkpoint or was written by a run
+    with other settings (config, sparsity, length or model structure).
+    """
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable grainfx checkpoint ({exc})"
+                              .splitlines()[0]) from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a grainfx checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} is a version {state.get('version')} checkpoint; this "
+                              f"grainfx reads version {VERSION}")
+    mine = _fingerprint(trainer)
+    for key, value in mine.items():
+        theirs = state["run"].get(key)
+        if theirs != value:
+            detail = key.replace("_", " ")
+            if key == "config":
+                detail = ", ".join(f"{k}={theirs.get(k)!r} there, {v!r} now"
+                                   for k, v in value.items() if theirs.get(k) != v)
+            raise CheckpointError(
+                f"{path} was written by another run ({detail}): resume with "
+                f"the same model, data and settings, or start again without resume")
+    trainer.student.train.load_state_dict(state["student"])
+    if trainer.maps is not None:
+        trainer.maps.load_state_dict(state["maps"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.importance.load_state_dict(state["importance"])
+    trainer.history = History(**state["history"])
+    trainer.bad_in_a_row = state["counters"]["bad_in_a_row"]
+    trainer.warned_flat = state["counters"]["warned_flat"]
+    torch.set_rng_state(state["rng"])
+    return state["steps_done"]

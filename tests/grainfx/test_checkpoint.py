@@ -1,0 +1,97 @@
+"""Checkpoints: saved every N steps and on interrupt, resumed to the same masks, weights and
+scores as an uninterrupted run; files from another run or not checkpoints are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import grainfx
+from grainfx import CheckpointConfig, CheckpointError, ConfigError, GrainConfig
+from tests.models import build, example_inputs
+
+ARCH = "bert-sdpa"
+STEPS = 20
+
+
+def data() -> list[dict]:
+    return [example_inputs(ARCH, 4, 10, seed=i) for i in range(3)]
+
+
+def compress(checkpoint=None, callback=None, **config):
+    return grainfx.compress(build(ARCH), data(), 0.6,
+                            config=GrainConfig(steps=STEPS, **config), progress=False,
+                            callback=callback, checkpoint=checkpoint)
+
+
+def stop_at(step: int):
+    def callback(index, masks):
+        if index == step:
+            raise KeyboardInterrupt
+    return callback
+
+
+def assert_same_result(a, b) -> None:
+    for name in a.masks:
+        assert torch.equal(a.masks[name], b.masks[name]), name
+        assert torch.equal(a.scores[name], b.scores[name]), name
+    state_a, state_b = a.module.state_dict(), b.module.state_dict()
+    assert state_a.keys() == state_b.keys()
+    for name in state_a:
+        assert torch.equal(state_a[name], state_b[name]), name
+    assert a.report["kd_loss"] == b.report["kd_loss"]
+
+
+@pytest.mark.parametrize("stop", [2, 7, 13])  # before, during and after the pruning ramp
+def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, stop):
+    path = tmp_path / "run.ckpt"
+    whole = compress()
+    with pytest.raises(KeyboardInterrupt):
+        compress(CheckpointConfig(path, every=100), callback=stop_at(stop))
+    assert torch.load(path, weights_only=True)["steps_done"] == stop + 1
+    resumed = compress(CheckpointConfig(path, every=100, resume=True))
+    assert resumed.report["steps"] == STEPS
+    assert_same_result(whole, resumed)
+    masks_moved = any(not torch.equal(m, torch.ones_like(m)) for m in whole.masks.values())
+    assert masks_moved
+
+
+def test_checkpoint_every_n_steps(tmp_path):
+    path = tmp_path / "run.ckpt"
+    seen = []
+    compress(CheckpointConfig(path, every=6),
+             callback=lambda i, m: seen.append(torch.load(path, weights_only=True)["steps_done"]
+                                               if path.exists() else 0))
+    # the callback of step i runs before the save after step i
+    assert seen[5] == 0 and seen[6] == 6 and seen[12] == 12 and seen[18] == 18
+    assert torch.load(path, weights_only=True)["steps_done"] == 18
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        compress(CheckpointConfig(path), callback=stop_at(3))
+    with pytest.raises(CheckpointError, match="another run.*learning_rate=3e-05 there, 0.001 now"):
+        compress(CheckpointConfig(path, resume=True), learning_rate=1e-3)
+
+
+def test_resume_without_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint at .*missing.ckpt to resume from"):
+        CheckpointConfig(tmp_path / "missing.ckpt", resume=True)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+def test_resume_from_a_file_that_is_no_checkpoint(tmp_path, content):
+    path = tmp_path / "bad.ckpt"
+    if content is None:
+        torch.save({"some": "dict"}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="bad.ckpt is not a (readable )?grainfx checkpoint"):
+        compress(CheckpointConfig(path, resume=True))
+
+
+@pytest.mark.parametrize("every", [0, -1, 2.5, True])
+def test_bad_checkpoint_interval(tmp_path, every):
+    with pytest.raises(ConfigError, match="every must be an integer >= 1"):
+        CheckpointConfig(tmp_path / "x", every=every)
