@@ -7,10 +7,10 @@ gradient separation, no structure regularization. Every run has the same distill
 (``--epochs`` over RT train in batches of 32 grouped by length, ``--learning-rate``) and seed.
 
 Each finished run is written at once to ``benchmarks/results/accuracy_rt.json`` (rerunning skips
-finished runs, so an interrupted sweep resumes) and its compact model to
-``benchmarks/results/models/rt-<run>.pt2`` for ``benchmarks/speed.py``.
+finished runs; a run in progress goes on from its checkpoint, saved every 50 steps) and its
+compact model to ``benchmarks/results/models/rt-<run>.pt2`` for ``benchmarks/speed.py``.
 
-    python benchmarks/accuracy_rt.py                  # the whole sweep (~12 min a run here)
+    python benchmarks/accuracy_rt.py                  # the whole sweep (~10 min a run here)
     python benchmarks/accuracy_rt.py --only grain-5 head-5
     python benchmarks/accuracy_rt.py --quick          # tiny model, tiny data: a smoke test
 """
@@ -115,11 +115,15 @@ def main(argv=None) -> int:
         config = grainfx.GrainConfig(
             **({"steps": 4} if args.quick else {"epochs": args.epochs}),
             learning_rate=args.learning_rate, seed=demo.SEED, **run.overrides)
+        ckpt = args.models / f"rt-{run.name}.ckpt"
         result = grainfx.compress(model, text_batches(train, tokenizer, 32, shuffle=True,
-                                                              group_by_length=True),
-                                  sparsity=1 - run.density, config=config)
+                                                      group_by_length=True),
+                                  sparsity=1 - run.density, config=config,
+                                  checkpoint=grainfx.CheckpointConfig(ckpt, every=50,
+                                                                      resume=ckpt.exists()))
         acc = accuracy(result.module, held_out)
         result.save(args.models / f"rt-{run.name}.pt2")
+        ckpt.unlink(missing_ok=True)
         params = result.report["parameters"]
         store.put(run.name, {
             "label": run.label, "target_density": run.density, "density": result.density,
