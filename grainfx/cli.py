@@ -2,6 +2,7 @@
 
     grainfx compress MODEL_DIR --data FILE.csv --sparsity 0.9 --out OUT_DIR
     grainfx compress --demo --out OUT_DIR
+    grainfx compress ... --resume          # go on after Ctrl-C or a crash
     grainfx inspect OUT_DIR/model.pt2 [--plot kept.png] [--graph]
     grainfx bench OUT_DIR/model.pt2 [--against MODEL_DIR]
 """
@@ -16,6 +17,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from passes.errors import PassError
 
 log = logging.getLogger("grainfx")
 
@@ -120,8 +123,18 @@ def cmd_compress(args) -> int:
     batches = text_batches(train, tokenizer, args.batch_size, shuffle=True, seed=args.seed,
                            max_length=args.max_length)
     log.info("compressing on %d examples, %d held out", len(train), len(held_out))
-    result = grainfx.compress(model, batches, args.sparsity, config=config,
-                              progress=not args.quiet)
+    checkpoint = grainfx.CheckpointConfig(_checkpoint_path(args), every=args.checkpoint_every,
+                                          resume=args.resume)
+    try:
+        result = grainfx.compress(model, batches, args.sparsity, config=config,
+                                  progress=not args.quiet, checkpoint=checkpoint)
+    except KeyboardInterrupt:
+        saved = checkpoint.path.is_file()
+        print(f"grainfx compress: interrupted; "
+              + (f"state saved in {checkpoint.path}: run the same command with --resume to go "
+                 f"on" if saved else "nothing saved yet (no step was finished)"),
+              file=sys.stderr)
+        return 130
     evaluation = text_batches(held_out, tokenizer, 64, shuffle=False, max_length=args.max_length)
     scores = {"teacher_accuracy": accuracy(model, evaluation),
               "student_accuracy": accuracy(result.module, evaluation)} if held_out else {}
@@ -137,11 +150,16 @@ def cmd_compress(args) -> int:
         inspection.plot(folder / "structure.png")
 
     _write_outputs(args.out, args.overwrite, write)
+    checkpoint.path.unlink(missing_ok=True)
     print(format_report(report))
     for key, value in scores.items():
         print(f"{key.replace('_', ' ')}: {value:.2%}")
     print(f"wrote {args.out}/model.pt2, model.json, report.json, report.md, structure.png")
     return 0
+
+
+def _checkpoint_path(args) -> Path:
+    return args.checkpoint or args.out.with_name(f"{args.out.name}.checkpoint.pt")
 
 
 def _pt2(path: Path) -> Path:
@@ -231,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args)
-    except CLIError as exc:
+    except (CLIError, PassError) as exc:
         print(f"grainfx {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -253,16 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     c.add_argument("--demo", action="store_true",
                    help="MiniLM fine-tuned on the offline Rotten Tomatoes data")
-    c.add_argument("--epochs", type=float)
-    c.add_argument("--steps", type=int)
-    c.add_argument("--learning-rate", type=float)
-    c.add_argument("--temperature", type=float)
-    c.add_argument("--structure-alpha", type=float)
-    c.add_argument("--granularity", choices=["intra", "head"])
+    c.add_argument("--epochs", type=float, help="passes over --data (default 20)")
+    c.add_argument("--steps", type=int, help="exact number of steps (overrides --epochs)")
+    c.add_argument("--learning-rate", type=float, help="AdamW learning rate (default 3e-5)")
+    c.add_argument("--temperature", type=float, help="distillation temperature (default 8)")
+    c.add_argument("--structure-alpha", type=float,
+                   help="structure regularization strength (default 0.3)")
+    c.add_argument("--granularity", choices=["intra", "head"],
+                   help="intra: query/value units and FFN neurons (default); head: whole heads")
     c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--max-length", type=int, default=128)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--max-length", type=int, default=128, help="tokens per text, at most")
+    c.add_argument("--seed", type=int, default=0, help="seed of the split, order and dropout")
     c.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
+    c.add_argument("--checkpoint", type=Path,
+                   help="checkpoint file (default: OUT.checkpoint.pt beside --out)")
+    c.add_argument("--checkpoint-every", type=int, default=100,
+                   help="save a checkpoint every N steps (and on Ctrl-C)")
+    c.add_argument("--resume", action="store_true",
+                   help="go on from the checkpoint of an interrupted run (same settings)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(run=cmd_compress)
 

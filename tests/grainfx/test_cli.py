@@ -6,11 +6,14 @@ import csv
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.models import build_bert
 
@@ -18,10 +21,12 @@ GRAINFX = Path(sys.executable).parent / "grainfx"
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "plot"]
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([str(GRAINFX), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=env)
+                          timeout=600, env=ENV)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +105,10 @@ def test_existing_output_folder_is_not_overwritten(compressed, workdir):
     ("labels missing", ["model", "--data", "nolabel.csv"], "label is missing"),
     ("sparsity", ["model", "--data", "data.csv", "--sparsity", "1.2"], "--sparsity must be in"),
     ("not a model", ["data_dir", "--data", "data.csv"], "not a model folder"),
+    ("nothing to resume", ["model", "--data", "data.csv", "--resume"],
+     "nothing-to-resume.checkpoint.pt to resume from: run without resume"),
+    ("bad learning rate", ["model", "--data", "data.csv", "--learning-rate", "-1"],
+     "learning_rate must be a number > 0"),
 ])
 def test_bad_inputs_get_one_clear_line(workdir, case, args, message):
     (workdir / "data_dir").mkdir(exist_ok=True)
@@ -116,3 +125,33 @@ def test_inspect_of_a_foreign_file(workdir):
     (workdir / "foreign.pt2").write_text("not a model")
     result = run("inspect", "foreign.pt2", cwd=workdir)
     assert result.returncode == 2 and "grainfx.save" in result.stderr
+
+
+def test_resume_after_ctrl_c_gives_the_uninterrupted_result(workdir):
+    import passes
+
+    common = ["compress", "model", "--data", "data.csv", "--sparsity", "0.8", "--steps", "300",
+              "--threads", "1", "--quiet", "--checkpoint-every", "5"]
+    whole = run(*common, "--out", "whole", cwd=workdir)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    checkpoint = workdir / "part.checkpoint.pt"
+    child = subprocess.Popen([str(GRAINFX), *common, "--out", "part"], cwd=workdir, env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=300)
+    assert child.returncode == 130, stderr[-2000:]
+    assert "run the same command with --resume" in stderr
+    assert not (workdir / "part").exists()
+    resumed = run(*common, "--out", "part", "--resume", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not checkpoint.exists(), "the checkpoint of a finished run is removed"
+    a = passes.load(workdir / "whole" / "model.pt2").state_dict()
+    b = passes.load(workdir / "part" / "model.pt2").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    reports = [json.loads((workdir / name / "report.json").read_text())
+               for name in ("whole", "part")]
+    assert reports[0]["layers"] == reports[1]["layers"]
+    assert reports[0]["kd_loss"] == reports[1]["kd_loss"]
