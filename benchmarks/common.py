@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -12,20 +13,30 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class ResultStore:
-    """Records keyed by id in one JSON file, rewritten (atomically) after every update."""
+    """Records keyed by id in one JSON file, rewritten (atomically) after every update.
+
+    Several processes may fill one store (say, two halves of a sweep): every update re-reads
+    the file under a lock and merges, so no process drops another's records.
+    """
 
     def __init__(self, path: Path, meta: dict):
         self.path = Path(path)
-        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        data = self._read()
         self.meta = {**data.get("meta", {}), **meta}
         self.records: dict[str, dict] = data.get("records", {})
+
+    def _read(self) -> dict:
+        return json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def __contains__(self, key: str) -> bool:
         return key in self.records
 
     def put(self, key: str, record: dict) -> None:
-        self.records[key] = record
-        self.flush()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.records = {**self._read().get("records", {}), **self.records, key: record}
+            self.flush()
 
     def flush(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

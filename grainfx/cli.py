@@ -22,6 +22,9 @@ from passes.errors import PassError
 
 log = logging.getLogger("grainfx")
 
+#: ``--demo`` defaults: 2 epochs over Rotten Tomatoes at 1e-4 (GrainConfig's are 20 and 3e-5).
+DEMO_EPOCHS, DEMO_LEARNING_RATE = 2.0, 1e-4
+
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
@@ -114,6 +117,9 @@ def cmd_compress(args) -> int:
     if not labels <= set(range(classes)):
         raise CLIError(f"labels {sorted(labels - set(range(classes)))} are outside the "
                        f"model's {classes} classes (0..{classes - 1})")
+    if args.demo:  # the settings of examples/rotten_tomatoes.py, unless given
+        args.epochs = args.epochs if args.epochs is not None else DEMO_EPOCHS
+        args.learning_rate = args.learning_rate or DEMO_LEARNING_RATE
     config = grainfx.GrainConfig(
         **{k: v for k, v in {"epochs": args.epochs, "steps": args.steps,
                              "learning_rate": args.learning_rate, "seed": args.seed,
@@ -121,7 +127,7 @@ def cmd_compress(args) -> int:
                              "structure_alpha": args.structure_alpha,
                              "granularity": args.granularity}.items() if v is not None})
     batches = text_batches(train, tokenizer, args.batch_size, shuffle=True, seed=args.seed,
-                           max_length=args.max_length)
+                           max_length=args.max_length, group_by_length=True)
     log.info("compressing on %d examples, %d held out", len(train), len(held_out))
     checkpoint = grainfx.CheckpointConfig(_checkpoint_path(args), every=args.checkpoint_every,
                                           resume=args.resume)
@@ -130,7 +136,7 @@ def cmd_compress(args) -> int:
                                   progress=not args.quiet, checkpoint=checkpoint)
     except KeyboardInterrupt:
         saved = checkpoint.path.is_file()
-        print(f"grainfx compress: interrupted; "
+        print("grainfx compress: interrupted; "
               + (f"state saved in {checkpoint.path}: run the same command with --resume to go "
                  f"on" if saved else "nothing saved yet (no step was finished)"),
               file=sys.stderr)
@@ -271,15 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     c.add_argument("--demo", action="store_true",
                    help="MiniLM fine-tuned on the offline Rotten Tomatoes data")
-    c.add_argument("--epochs", type=float, help="passes over --data (default 20)")
+    c.add_argument("--epochs", type=float, help="passes over --data (default 20; --demo 2)")
     c.add_argument("--steps", type=int, help="exact number of steps (overrides --epochs)")
-    c.add_argument("--learning-rate", type=float, help="AdamW learning rate (default 3e-5)")
+    c.add_argument("--learning-rate", type=float,
+                   help="AdamW learning rate (default 3e-5; --demo 1e-4)")
     c.add_argument("--temperature", type=float, help="distillation temperature (default 8)")
     c.add_argument("--structure-alpha", type=float,
                    help="structure regularization strength (default 0.3)")
     c.add_argument("--granularity", choices=["intra", "head"],
                    help="intra: query/value units and FFN neurons (default); head: whole heads")
-    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--batch-size", type=int, default=32,
+                   help="texts per batch (batched by similar length, to pad little)")
     c.add_argument("--max-length", type=int, default=128, help="tokens per text, at most")
     c.add_argument("--seed", type=int, default=0, help="seed of the split, order and dropout")
     c.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
