@@ -10,12 +10,13 @@ from grainfx.compress import (BatchError, CompressionResult, EmptyDataLoaderErro
                               TeacherMismatchError, compress)
 from grainfx.config import ConfigError, GrainConfig
 from grainfx.inspect import Inspection, inspect
+from grainfx.stages import Stages, stages
 from grainfx.trainer import TrainingDivergedError
 from passes.serialize import load, save
 
 __version__ = "0.1.0"
 
 __all__ = ["compress", "CompressionResult", "GrainConfig", "CheckpointConfig", "save", "load",
-           "inspect", "Inspection", "ConfigError", "BatchError", "CheckpointError",
+           "inspect", "Inspection", "stages", "Stages", "ConfigError", "BatchError", "CheckpointError",
            "EmptyDataLoaderError", "TeacherMismatchError", "TrainingDivergedError",
            "__version__"]
