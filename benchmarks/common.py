@@ -29,6 +29,7 @@ class ResultStore:
         return json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def __contains__(self, key: str) -> bool:
+        self.records = {**self._read().get("records", {}), **self.records}
         return key in self.records
 
     def put(self, key: str, record: dict) -> None:
