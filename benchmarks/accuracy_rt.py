@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.common import RESULTS, ResultStore, machine  # noqa: E402
+from benchmarks.common import RESULTS, ResultStore, machine, save_dense  # noqa: E402
 import grainfx  # noqa: E402
 from grainfx import demo  # noqa: E402
 from grainfx.data import accuracy, finetune, text_batches  # noqa: E402
@@ -103,6 +103,7 @@ def main(argv=None) -> int:
     if "teacher" not in store:
         params = sum(p.numel() for p in model.parameters())
         store.put("teacher", {"accuracy": accuracy(model, held_out), "total_parameters": params})
+    save_dense(model, next(iter(held_out)), args.models / "rt-dense.pt2")
     teacher_acc = store.records["teacher"]["accuracy"]
     print(f"teacher held-out accuracy {teacher_acc:.2%}")
     runs = [r for r in RUNS if not args.only or r.name in args.only]

@@ -60,3 +60,14 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def save_dense(model: torch.nn.Module, batch: dict, path: Path) -> Path:
+    """The dense model captured by the same pass as the students, saved once as a .pt2: the
+    reference ``benchmarks/speed.py`` times the compact models against."""
+    import passes
+    path = Path(path)
+    if not path.exists():
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
+        passes.save(passes.capture(model, inputs), path)
+    return path

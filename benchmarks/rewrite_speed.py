@@ -115,14 +115,18 @@ class UniformLayer(nn.Module):
 
 
 class UniformModel(nn.Module):
-    """The same kept work in the most regular shape: the practical speed limit."""
+    """The same kept work in the most regular shape: the practical speed limit.
 
-    def __init__(self, shape: Shape, nq: int, nv: int, width: int):
+    ``nq``, ``nv``, ``width``: kept query / value dims and FFN width, one number for every
+    layer or a list with one per layer."""
+
+    def __init__(self, shape: Shape, nq, nv, width):
         super().__init__()
+        per_layer = [v if isinstance(v, list) else [v] * shape.layers for v in (nq, nv, width)]
         self.embed = nn.Embedding(shape.vocab, shape.hidden)
         self.ln = nn.LayerNorm(shape.hidden)
-        self.layers = nn.ModuleList(UniformLayer(shape.hidden, nq, nv, width, shape.head_dim)
-                                    for _ in range(shape.layers))
+        self.layers = nn.ModuleList(UniformLayer(shape.hidden, q, v, w, shape.head_dim)
+                                    for q, v, w in zip(*per_layer))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.ln(self.embed(input_ids))

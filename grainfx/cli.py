@@ -195,39 +195,21 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _example_inputs(kept: dict, batch: int, seq: int) -> dict:
-    import torch
-
-    inputs = {}
-    for name, spec in kept.get("inputs", {}).items():
-        shape = list(spec["shape"])
-        shape[0] = batch
-        if len(shape) == 2:
-            shape[1] = seq
-        dtype = getattr(torch, spec["dtype"])
-        if dtype.is_floating_point:
-            inputs[name] = torch.randn(shape, dtype=dtype)
-        elif "mask" in name:
-            inputs[name] = torch.ones(shape, dtype=dtype)
-        else:
-            inputs[name] = torch.randint(0, spec.get("max", 0) + 1, shape, dtype=dtype)
-    if not inputs:
-        raise CLIError("the file records no inputs: save it again with this grainfx version")
-    return inputs
-
-
 def cmd_bench(args) -> int:
     import torch
 
     import passes
-    from grainfx.timing import interleaved_medians
+    from grainfx.timing import example_inputs, interleaved_medians
 
     torch.set_num_threads(args.threads)
     try:
         compact = passes.load(_pt2(args.file))
     except passes.LoadError as exc:
         raise CLIError(str(exc)) from exc
-    inputs = _example_inputs(compact.grainfx_kept, args.batch, args.seq)
+    try:
+        inputs = example_inputs(compact.grainfx_kept, args.batch, args.seq)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
     models = {"compact": compact}
     if args.against is not None:
         models["dense"] = _model(args.against)[0]

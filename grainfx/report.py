@@ -27,6 +27,9 @@ def build_report(kept: Mapping, structure: passes.Structure, history: History,
             "query_units": [h["query"] for h in heads],
             "value_units": [h["value"] for h in heads],
             "ffn": layer.get("ffn"),
+            "heads_dense": layer.get("heads_dense"),
+            "head_dim": layer.get("head_dim"),
+            "ffn_dense": layer.get("ffn_dense"),
         })
     return {
         "target_density": target_density,
