@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import evidence  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 BUCKETS = ("bucket=1", "bucket=4", "bucket=8", "bucket=16", "bucket=64")
@@ -158,20 +161,64 @@ def replace_section(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: f"{m.group(1)}\n{body}\n{m.group(2)}", text)
 
 
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def sections() -> dict[str, str]:
+    """Every README section that the results on disk allow, by marker name."""
+    out = {}
+    speed = _load("rewrite_speed.json")
+    if speed:
+        out["rewrite_speed"] = rewrite_speed_section(speed)
+    cost = _load("step_cost.json")
+    if cost:
+        out["step_cost"] = step_cost_section(cost)
+    example = _load("rotten_tomatoes_example.json")
+    if example:
+        out["example"] = example_section(example)
+    rt, peer, ner = (_load("accuracy_rt.json"), _load("peer_torch_pruning.json"),
+                     _load("accuracy_ner.json"))
+    if rt:
+        out["accuracy"] = evidence.accuracy_section(rt, peer)
+    if peer:
+        out["peer"] = evidence.peer_section(peer)
+    if ner:
+        out["ner"] = evidence.ner_section(ner)
+    sweep = _load("speed.json")
+    if sweep:
+        out["speed"] = evidence.speed_section(sweep)
+    session = ROOT / "examples" / "session" / "session.txt"
+    if session.exists():
+        out["cli_session"] = evidence.session_section(session.read_text())
+    return out
+
+
+def plots() -> None:
+    """The PNGs the README shows, redrawn from the results."""
+    speed = _load("rewrite_speed.json")
+    if speed:
+        rewrite_speed_plot(speed, RESULTS / "rewrite_speed.png")
+    rt = _load("accuracy_rt.json")
+    if rt:
+        evidence.retention_plot(rt, _load("peer_torch_pruning.json"),
+                                _load("accuracy_ner.json"), RESULTS / "retention.png")
+    sweep = _load("speed.json")
+    if sweep:
+        evidence.speedup_plot(sweep, RESULTS / "speedup.png")
+    model = RESULTS / "models" / "rt-grain-5.pt2"
+    if model.exists():  # the model files are not committed: the plot is, drawn from one
+        import grainfx
+        grainfx.inspect(model).plot(RESULTS / "structure_rt_grain-5.png")
+
+
 def main() -> int:
     text = README.read_text()
-    speed = RESULTS / "rewrite_speed.json"
-    if speed.exists():
-        data = json.loads(speed.read_text())
-        rewrite_speed_plot(data, RESULTS / "rewrite_speed.png")
-        text = replace_section(text, "rewrite_speed", rewrite_speed_section(data))
-    cost = RESULTS / "step_cost.json"
-    if cost.exists():
-        text = replace_section(text, "step_cost", step_cost_section(json.loads(cost.read_text())))
-    example = RESULTS / "rotten_tomatoes_example.json"
-    if example.exists():
-        text = replace_section(text, "example", example_section(json.loads(example.read_text())))
+    for name, body in sections().items():
+        text = replace_section(text, name, body)
     README.write_text(text)
+    plots()
     return 0
 
 

