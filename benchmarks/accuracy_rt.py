@@ -70,8 +70,8 @@ def rt_setup(quick: bool):
     tokenizer = AutoTokenizer.from_pretrained(demo.minilm_path())
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=64, num_labels=2))
+        vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=8, intermediate_size=128, num_labels=2))
     train, test = train[:64], test[::25]  # the held-out rows are sorted by label
     finetune(model, text_batches(train, tokenizer, 16, shuffle=True), 1, 1e-3, 0, False)
     return model, tokenizer, train, test

@@ -63,7 +63,8 @@ def grain_shaped_masks(structure: passes.Structure, layers: list[dict], shape: S
     for i in range(len(blocks)):
         src = layers[i * len(layers) // len(blocks)]
         scale = shape.head_dim / (src.get("head_dim") or 32)  # older records: MiniLM's
-        for h, (q, v) in enumerate(zip(src["query_units"], src["value_units"])):
+        heads = zip(range(blocks[i].num_heads), src["query_units"], src["value_units"])
+        for h, q, v in heads:
             masks[f"{blocks[i].name}.qk"][h, :min(shape.head_dim, round(q * scale))] = 1
             masks[f"{blocks[i].name}.vo"][h, :min(shape.head_dim, round(v * scale))] = 1
     for i in range(len(ffns)):

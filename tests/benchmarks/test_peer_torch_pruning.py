@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
-
-pytest.importorskip("torch_pruning")
 
 from benchmarks import peer_torch_pruning
 

@@ -1,0 +1,75 @@
+"""benchmarks/accuracy_rt.py and benchmarks/speed.py end to end on a tiny BERT and tiny data,
+and the README sections and plots drawn from what they write."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import accuracy_rt, evidence, speed
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    argv = ["--quick", "--threads", "1", "--only", "grain-5", "head-5",
+            "--out", str(root / "accuracy_rt.json"), "--models", str(root / "models")]
+    assert accuracy_rt.main(argv) == 0
+    return root, argv
+
+
+def test_accuracy_sweep_records_each_run(sweep):
+    root, argv = sweep
+    data = json.loads((root / "accuracy_rt.json").read_text())
+    records = data["records"]
+    assert set(records) == {"teacher", "grain-5", "head-5"}
+    assert 0 < records["teacher"]["accuracy"] <= 1
+    for name, record in records.items():
+        if name == "teacher":
+            continue
+        # whole heads are coarse: one is ~3% of this tiny encoder
+        assert 0.05 - (0.035 if name == "head-5" else 0.01) < record["density"] <= 0.05
+        assert record["retention"] == pytest.approx(record["accuracy"]
+                                                    / records["teacher"]["accuracy"])
+        assert record["encoder_parameters"][1] < record["encoder_parameters"][0]
+        assert record["heads_left"] == sum(layer["heads"] for layer in record["layers"])
+        assert (root / "models" / f"rt-{name}.pt2").exists()
+        assert not (root / "models" / f"rt-{name}.ckpt").exists()
+    assert records["head-5"]["heads_left"] > 0
+    for layer in records["head-5"]["layers"]:  # head granularity: every kept head is whole
+        assert set(layer["query_units"]) <= {layer["head_dim"]}
+        assert set(layer["value_units"]) <= {layer["head_dim"]}
+    assert (root / "models" / "rt-dense.pt2").exists()
+    assert accuracy_rt.main(argv) == 0  # resumes: nothing new to run
+    assert json.loads((root / "accuracy_rt.json").read_text())["records"] == records
+
+
+def test_speed_sweep_times_every_model_and_the_bert_base_rows(sweep, tmp_path):
+    root, _ = sweep
+    out = tmp_path / "speed.json"
+    assert speed.main(["--quick", "--threads", "1", "--reps", "1", "--no-compile",
+                       "--models", str(root / "models"), "--accuracy",
+                       str(root / "accuracy_rt.json"), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    records = data["records"]
+    models = {"rt-grain-5", "rt-head-5", "bert-base-grain-5"}
+    assert {f"{m}/eager/b={b},s={s}" for m in models for b, s in speed.SHAPES} == set(records)
+    for record in records.values():
+        assert record["speedup"]["dense"] == 1.0 and record["speedup"]["compact"] > 0
+        assert record["flops_ratio"] > 1
+        assert ("limit" in record["speedup"]) == (record["family"] == "bert-base")
+    table = evidence.speed_section(data)
+    assert "**bert-base**" in table and "| rt-grain-5 |" in table
+    evidence.speedup_plot(data, tmp_path / "speedup.png")
+    assert (tmp_path / "speedup.png").stat().st_size > 1000
+
+
+def test_accuracy_section_and_retention_plot(sweep, tmp_path):
+    root, _ = sweep
+    data = json.loads((root / "accuracy_rt.json").read_text())
+    table = evidence.accuracy_section(data, None)
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # no header
+    assert [row.split(" | ")[0] for row in rows] == ["| GRAIN", "| whole heads + FFN"]
+    evidence.retention_plot(data, None, None, tmp_path / "retention.png")
+    assert (tmp_path / "retention.png").stat().st_size > 1000
