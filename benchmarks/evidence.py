@@ -172,7 +172,11 @@ def speed_section(speed: dict) -> str:
                     out.append(f"{r['speedup']['compact']:.2f}x" if r else "-")
             if with_limit:
                 r = cells.get(("eager", 8, 128))
-                out += [f"{r['speedup']['limit']:.2f}x", f"{r['speedup']['compact'] / r['speedup']['limit']:.0%}"] if r else ["-", "-"]
+                if r:
+                    limit = r["speedup"]["limit"]
+                    out += [f"{limit:.2f}x", f"{r['speedup']['compact'] / limit:.0%}"]
+                else:
+                    out += ["-", "-"]
             lines.append("| " + " | ".join(out) + " |")
         lines.append("")
     return "\n".join(lines).rstrip()
@@ -197,8 +201,9 @@ def speedup_plot(speed: dict, path: Path) -> None:
                         if (r["batch"], r["seq"]) == (8, 128)})
         if ideal and family == "bert-base":
             ax.plot(*zip(*ideal), "k:", label="ideal (FLOPs ratio)")
-        limit = sorted((r["density"], r["speedup"]["limit"]) for r in _speed_rows(
-            speed, family, "eager") if "limit" in r["speedup"] and (r["batch"], r["seq"]) == (8, 128))
+        limit = sorted((r["density"], r["speedup"]["limit"])
+                       for r in _speed_rows(speed, family, "eager")
+                       if "limit" in r["speedup"] and (r["batch"], r["seq"]) == (8, 128))
         if limit:
             ax.plot(*zip(*limit), "k--", label="uniform limit (eager)")
     ax.set_xscale("log")

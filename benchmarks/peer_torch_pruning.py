@@ -8,9 +8,10 @@ embeddings, LayerNorms, pooler and classifier ignored) to the encoder size GRAIN
 density times the dense count). torch-pruning takes a head ratio and a channel ratio, not a
 parameter budget, so the ratios are solved for the budget: heads cut by the budget's share, the
 same count in every layer and at least one (it cannot empty a layer, so its global head ranking
-breaks at these densities: see ``prune``); FFN neurons, ranked globally, take the rest. Taylor scores come from the teacher's own loss on a few RT batches before each of
-the iterative pruning steps. Then the student is distilled like GRAIN's: 2 epochs of batches of
-32 grouped by length, AdamW (lr 1e-4, 10% warm-up then linear decay, clip 1), logit KD at
+breaks at these densities: see ``prune``); FFN neurons, ranked globally, take the rest. Taylor
+scores come from the teacher's own loss on a few RT batches before each of the iterative
+pruning steps. Then the student is distilled like GRAIN's: 2 epochs of batches of 32 grouped
+by length, AdamW (lr 1e-4, 10% warm-up then linear decay, clip 1), logit KD at
 temperature 8 plus the hidden-state MSE through ``HiddenMaps`` on every 2nd layer output
 (embeddings included).
 
@@ -341,7 +342,8 @@ def saving(student, batch: dict) -> dict:
                 result[name] = {"works": False, "detail": f"save failed: {type(exc).__name__}: "
                                                           f"{str(exc).splitlines()[0][:300]}"}
         done = subprocess.run([sys.executable, "-c", _RELOAD, str(folder)], check=False,
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if done.returncode != 0:
             return {"error": done.stderr[-500:]}
         loaded = json.loads(done.stdout.strip().splitlines()[-1])

@@ -87,7 +87,8 @@ def masks_for(structure: passes.Structure, shape: Shape, kept: float, pattern: s
                 mask[h, torch.randperm(d, generator=gen)[:per_head]] = 1
         elif pattern == "unequal":
             flat = torch.zeros(size.numel())
-            flat[torch.randperm(size.numel(), generator=gen)[:max(1, round(kept * flat.numel()))]] = 1
+            count = max(1, round(kept * flat.numel()))
+            flat[torch.randperm(size.numel(), generator=gen)[:count]] = 1
             mask = flat.view(size)
         else:
             mask.view(-1)[:max(1, round(kept * size.numel()))] = 1

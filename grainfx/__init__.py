@@ -17,6 +17,7 @@ from passes.serialize import load, save
 __version__ = "0.1.0"
 
 __all__ = ["compress", "CompressionResult", "GrainConfig", "CheckpointConfig", "save", "load",
-           "inspect", "Inspection", "stages", "Stages", "ConfigError", "BatchError", "CheckpointError",
+           "inspect", "Inspection", "stages", "Stages", "ConfigError", "BatchError",
+           "CheckpointError",
            "EmptyDataLoaderError", "TeacherMismatchError", "TrainingDivergedError",
            "__version__"]

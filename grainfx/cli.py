@@ -184,7 +184,7 @@ def cmd_inspect(args) -> int:
     except passes.LoadError as exc:
         raise CLIError(str(exc)) from exc
     if args.json:
-        print(json.dumps([l.__dict__ for l in inspection.layers], indent=1))
+        print(json.dumps([layer.__dict__ for layer in inspection.layers], indent=1))
     else:
         print(inspection)
     if args.plot:

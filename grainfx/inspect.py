@@ -58,11 +58,11 @@ class Inspection:
 
     def rows(self) -> list[dict]:
         """The per-layer table as plain data."""
-        return [{"layer": l.layer, "heads": f"{l.heads}/{l.heads_dense}",
-                 "query units": " ".join(map(str, l.query_units)) or "-",
-                 "value units": " ".join(map(str, l.value_units)) or "-",
-                 "ffn": f"{l.ffn}/{l.ffn_dense}", "GFLOPs": f"{l.flops / 1e9:.3f}"}
-                for l in self.layers]
+        return [{"layer": x.layer, "heads": f"{x.heads}/{x.heads_dense}",
+                 "query units": " ".join(map(str, x.query_units)) or "-",
+                 "value units": " ".join(map(str, x.value_units)) or "-",
+                 "ffn": f"{x.ffn}/{x.ffn_dense}", "GFLOPs": f"{x.flops / 1e9:.3f}"}
+                for x in self.layers]
 
     def __str__(self) -> str:
         rows = self.rows()
@@ -89,7 +89,7 @@ class Inspection:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        heads = max(l.heads_dense for l in self.layers)
+        heads = max(x.heads_dense for x in self.layers)
         grids = {"query": torch.zeros(len(self.layers), heads),
                  "value": torch.zeros(len(self.layers), heads)}
         for i, layer in enumerate(self.layers):
@@ -97,7 +97,7 @@ class Inspection:
                 grids["query"][i, h], grids["value"][i, h] = q, v
         fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(self.layers) + 2.2),
                                  gridspec_kw={"width_ratios": [heads, heads, 6]})
-        vmax = max(l.head_dim for l in self.layers)
+        vmax = max(x.head_dim for x in self.layers)
         for ax, (name, grid) in zip(axes, grids.items()):
             image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
             ax.set_title(f"{name} units per head")
@@ -108,8 +108,8 @@ class Inspection:
             fig.colorbar(image, ax=ax, fraction=0.046)
         ffn = axes[2]
         ys = range(len(self.layers))
-        ffn.barh(ys, [l.ffn_dense for l in self.layers], color="#dddddd", label="dense")
-        ffn.barh(ys, [l.ffn for l in self.layers], color="#2a788e", label="kept")
+        ffn.barh(ys, [x.ffn_dense for x in self.layers], color="#dddddd", label="dense")
+        ffn.barh(ys, [x.ffn for x in self.layers], color="#2a788e", label="kept")
         ffn.invert_yaxis()
         ffn.set_title("FFN width")
         ffn.set_yticks(list(ys))

@@ -24,7 +24,8 @@ from passes.serialize import load, save
 from passes.structure import AttentionBlock, FFNBlock, Structure, UnitGroup
 
 __all__ = [
-    "capture", "capture_pair", "expose", "factorize_embedding", "discover", "instrument", "set_masks", "get_masks",
+    "capture", "capture_pair", "expose", "factorize_embedding", "discover", "instrument",
+    "set_masks", "get_masks",
     "record_mask_grads", "rewrite", "RewriteOptions", "DEFAULT_BUCKET", "save", "load",
     "Structure", "AttentionBlock", "FFNBlock", "UnitGroup",
     "PassError", "CaptureError", "InvalidInputsError", "DiscoverError", "NoAttentionFoundError",

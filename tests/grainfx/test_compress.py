@@ -378,7 +378,8 @@ def test_embedding_factorization_is_trained_and_counted():
     assert params["total_after"] == sum(p.numel() for p in result.module.parameters())
     assert params["total_before"] == plain.report["parameters"]["total_before"]
     saved = plain.report["parameters"]["outside_encoder"] - params["outside_encoder"]
-    vocab, hidden = masked.grain_embedding.table.shape[0], masked.grain_embedding.projection.shape[0]
+    vocab = masked.grain_embedding.table.shape[0]
+    hidden = masked.grain_embedding.projection.shape[0]
     assert saved == vocab * hidden - (vocab * 8 + 8 * hidden)
     x = example_inputs(ARCH, 3, 9, seed=5)
     with torch.no_grad():

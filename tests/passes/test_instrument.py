@@ -280,7 +280,8 @@ def test_train_and_eval_graphs_share_masks():
         _loss(train_masked, inputs).backward()
     assert grads.keys() == s.mask_shapes().keys()
     with pytest.raises(MaskError):
-        instrument(train_gm, discover(train_gm), masks={"ffn0": torch.ones(s.mask_shapes()["ffn0"])})
+        ones = torch.ones(s.mask_shapes()["ffn0"])
+        instrument(train_gm, discover(train_gm), masks={"ffn0": ones})
     with pytest.raises(MaskError):
         bad = dict(mask_buffers(eval_masked))
         bad["ffn0"] = torch.ones(3)
