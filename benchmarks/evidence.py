@@ -3,13 +3,16 @@ torch-pruning peer, the speed sweep and the command-line session. Called by read
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 SHAPES = ((1, 128), (8, 128), (32, 64))
 
 
-def _pct(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}%}"
+def is_density_run(name: str) -> bool:
+    """GRAIN with its defaults at one density (``grain-10``, ``rt-grain-10``,
+    ``bert-base-grain-10``): the points of the density curves."""
+    return re.fullmatch(r"([a-z]+-)*grain-\d+", name) is not None
 
 
 def _machine(meta: dict, extra: str = "") -> str:
@@ -105,11 +108,11 @@ def retention_plot(rt: dict, peer: dict | None, ner: dict | None, path: Path) ->
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     grain = sorted((r["density"], r["retention"]) for k, r in rt["records"].items()
-                   if k.startswith("grain-"))
+                   if is_density_run(k))
     ax.plot(*zip(*grain), "o-", label="GRAIN, Rotten Tomatoes (accuracy)")
     markers = iter("sv^Dp")
     for k, r in sorted(rt["records"].items()):
-        if k != "teacher" and not k.startswith("grain-"):
+        if k != "teacher" and not is_density_run(k):
             ax.plot(r["density"], r["retention"], next(markers, "x"), label=r["label"])
     if peer:
         tp = sorted((r["density"], r["retention"]) for k, r in peer["records"].items()
@@ -193,7 +196,7 @@ def speedup_plot(speed: dict, path: Path) -> None:
             pts = sorted((r["density"], r["speedup"]["compact"])
                          for r in _speed_rows(speed, family, mode)
                          if (r["batch"], r["seq"]) == (8, 128)
-                         and r["model"].split("-", 1)[-1].startswith(("grain", "base-grain")))
+                         and is_density_run(r["model"]))
             if pts:
                 ax.plot(*zip(*pts), marker + style, label=f"{family}, {mode}")
         ideal = sorted({(r["density"], r["flops_ratio"]) for r in _speed_rows(speed, family,
