@@ -181,6 +181,9 @@ def prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparsity: fl
         train_gm = factorize_embedding(train_gm, config.embedding_rank)
         eval_gm = factorize_embedding(eval_gm, config.embedding_rank, share_with=train_gm)
     structure = passes.discover(eval_gm)
+    log.info("captured %d graph nodes; found %d attention and %d FFN blocks, %s prunable "
+             "parameters", len(eval_gm.graph.nodes), len(structure.attention),
+             len(structure.ffn), f"{structure.unit_params:,}")
     train_structure = passes.discover(train_gm)
     if train_structure.mask_shapes() != structure.mask_shapes():
         raise PassError("the train-mode graph has another structure than the eval-mode one")
@@ -272,6 +275,8 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
     masked_eval, structure = trainer.student.eval, trainer.student.eval_structure
     masked_eval.eval()
     compact = passes.rewrite(masked_eval, structure)
+    log.info("rewrote the masked graph into a compact one of %d nodes",
+             len(compact.graph.nodes))
     original = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     report = build_report(compact.grainfx_kept, structure, history, 1.0 - float(sparsity),
                           config, original)
