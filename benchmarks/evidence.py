@@ -50,12 +50,27 @@ def accuracy_section(rt: dict, peer: dict | None) -> str:
                      f"{r['retention']:.1%} | {r['encoder_parameters'][1]:,} | "
                      f"{r['total_parameters'][1]:,} | {r['heads_left']} |")
     if peer:
+        rows += [r for k, r in peer["records"].items() if k.startswith("tp-")]
         for key, r in sorted(peer["records"].items()):
             if key.startswith("tp-"):
                 lines.append(f"| torch-pruning (Taylor, whole heads + FFN) | {r['density']:.1%} "
                              f"| {r['accuracy']:.2%} | {r['retention']:.1%} | "
                              f"{r['encoder_parameters'][1]:,} | {r['total_parameters'][1]:,} | "
                              f"{r['heads_left']} |")
+    grain = records.get("grain-5")
+    if grain:
+        held_out = meta["held_out_rows"]
+        lines += ["", f"At 5%, GRAIN with its defaults ({grain['accuracy']:.2%}) against the "
+                      f"other 5% runs, counted in held-out sentences (one of {held_out} is "
+                      f"{1 / held_out:.2%}):", ""]
+        for r in rows:
+            if r is not grain and abs(r["target_density"] - 0.05) < 1e-9:
+                diff = round((grain["accuracy"] - r["accuracy"]) * held_out)
+                name = r.get("label") or "torch-pruning"
+                verdict = ("as many sentences right" if diff == 0 else
+                           f"{abs(diff)} {'more' if diff > 0 else 'fewer'} sentences right")
+                lines.append(f"- {name} ({r['accuracy']:.2%} at {r['density']:.1%} density, "
+                             f"{r['heads_left']} heads): GRAIN gets {verdict}")
     return "\n".join(lines)
 
 
