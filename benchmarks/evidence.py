@@ -68,7 +68,8 @@ def accuracy_section(rt: dict, peer: dict | None) -> str:
                 diff = round((grain["accuracy"] - r["accuracy"]) * held_out)
                 name = r.get("label") or "torch-pruning"
                 verdict = ("as many sentences right" if diff == 0 else
-                           f"{abs(diff)} {'more' if diff > 0 else 'fewer'} sentences right")
+                           f"{abs(diff)} {'more' if diff > 0 else 'fewer'} "
+                           f"sentence{'s' if abs(diff) > 1 else ''} right")
                 lines.append(f"- {name} ({r['accuracy']:.2%} at {r['density']:.1%} density, "
                              f"{r['heads_left']} heads): GRAIN gets {verdict}")
     return "\n".join(lines)
