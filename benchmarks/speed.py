@@ -24,6 +24,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -118,7 +119,7 @@ def token_inputs(shape: Shape, batch: int, seq: int) -> dict[str, torch.Tensor]:
 
 
 def bert_base_runs(store: ResultStore, accuracy: Path, shape: Shape, modes: list[str],
-                   reps: int) -> None:
+                   reps: int, only: str | None) -> None:
     if not accuracy.exists():
         print(f"{accuracy} missing: no GRAIN structures for the BERT-base-size rows")
         return
@@ -128,7 +129,7 @@ def bert_base_runs(store: ResultStore, accuracy: Path, shape: Shape, modes: list
     structure = passes.discover(captured)
     masked = passes.instrument(captured, structure)
     for run, record in records.items():
-        if not run.startswith("grain-"):
+        if not run.startswith("grain-") or (only and not re.search(only, f"bert-base-{run}")):
             continue
         masks = grain_shaped_masks(structure, record["layers"], shape)
         passes.set_masks(masked, masks)
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
                         help="the GRAIN structures for the BERT-base-size rows")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny BERT instead of the BERT-base-size one (smoke test)")
+    parser.add_argument("--only", help="time only the models whose name matches this regex")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -160,9 +162,12 @@ def main(argv=None) -> int:
     store = ResultStore(args.out, {"machine": machine(), "threads": args.threads,
                                    "reps": args.reps, "shapes": SHAPES})
     began = time.perf_counter()
-    bert_base_runs(store, args.accuracy, TINY if args.quick else BERT_BASE, modes, args.reps)
+    bert_base_runs(store, args.accuracy, TINY if args.quick else BERT_BASE, modes, args.reps,
+                   args.only)
     dense: dict[Path, torch.nn.Module] = {}
     for name, compact_path, dense_path in task_models(args.models):
+        if args.only and not re.search(args.only, name):
+            continue
         compact = grainfx.load(compact_path)
         if dense_path not in dense:
             dense[dense_path] = grainfx.load(dense_path)
