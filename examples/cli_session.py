@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -29,20 +28,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SESSION = ROOT / "examples" / "session"
 GRAINFX = Path(sys.executable).parent / "grainfx"
-#: tqdm redraws (carriage returns) and the scratch folder are not worth showing.
-CLEAN = re.compile(r"[^\n]*\r")
+#: A progress bar line (tqdm): of its redraws only the last is worth showing.
+PROGRESS = re.compile(r"^[\w ]+:\s+\d+%\|")
+
+
+def collapse_progress(text: str) -> str:
+    """Keep the last line of each run of progress-bar redraws (``text=True`` has turned the
+    bar's carriage returns into line breaks)."""
+    lines = text.splitlines()
+    kept = [line for i, line in enumerate(lines)
+            if not (PROGRESS.match(line) and i + 1 < len(lines)
+                    and PROGRESS.match(lines[i + 1]))]
+    return "\n".join(kept)
 
 
 def run(command: list[str], cwd: Path, shown: list[str], transcript: list[str]) -> str:
     print("$", " ".join(shown), flush=True)
     began = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    output = CLEAN.sub("", done.stdout + done.stderr).replace(str(cwd) + "/", "")
+    done = subprocess.run(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    output = collapse_progress(done.stdout).replace(str(cwd) + "/", "")
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(shown)} failed ({done.returncode}):\n{output[-3000:]}")
     print(output, flush=True)
-    transcript += [f"$ {' '.join(shlex.quote(s) for s in shown)}", output.rstrip(),
+    transcript += [f"$ {' '.join(shown)}", output.rstrip(),
                    f"# ({time.perf_counter() - began:.0f} s)", ""]
     return output
 
