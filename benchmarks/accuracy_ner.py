@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import grainfx
-from benchmarks.common import RESULTS, ResultStore, machine
+from benchmarks.common import RESULTS, ResultStore, machine, save_dense
 from grainfx import demo, tokens
 from grainfx.data import finetune
 
@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     model, tokenizer, train, test, labels = ner_setup(args.quick, args.teacher_epochs)
     label_ids = {label: i for i, label in enumerate(labels)}
     held_out = tokens.token_batches(test, tokenizer, label_ids, 64, shuffle=False)
+    save_dense(model, next(iter(held_out)), args.models / "ner-dense.pt2")
     store = ResultStore(args.out, {
         "machine": machine(), "threads": args.threads, "epochs": args.epochs,
         "learning_rate": args.learning_rate, "temperature": args.temperature,
