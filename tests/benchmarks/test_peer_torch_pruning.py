@@ -24,7 +24,9 @@ def test_quick_run_prunes_to_the_target_and_records_it(tmp_path):
         assert before == teacher["encoder_parameters"]
         assert abs(after - run["target_encoder_parameters"]) <= 0.02 * before
         assert run["total_parameters"][1] < run["total_parameters"][0]
-        assert 0 < run["heads_left"] < dense_heads and run["heads"] == [1, 1]
+        # the same head count in every layer (torch-pruning cannot empty one)
+        assert 0 < run["heads_left"] < dense_heads and len(set(run["heads"])) == 1
+        assert run["heads"][0] >= 1 and len(run["heads"]) == len(teacher["layers"])
         assert sum(run["ffn"]) == run["plan"]["ffn"]
         assert 0 <= run["accuracy"] <= 1 and run["logits_shape"] == [32, 2]
         assert run["speedup_batch32"] > 0 and run["steps"] == 4
