@@ -45,18 +45,14 @@ def accuracy_section(rt: dict, peer: dict | None) -> str:
     ]
     rows = [r for k, r in records.items() if k != "teacher"]
     rows.sort(key=lambda r: (r["label"] != "GRAIN", -r["target_density"], r["label"]))
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['density']:.1%} | {r['accuracy']:.2%} | "
+    peer_rows = [r for k, r in sorted(peer["records"].items())
+                 if k.startswith("tp-")] if peer else []
+    for label, r in ([(r["label"], r) for r in rows]
+                     + [("torch-pruning (Taylor, whole heads + FFN)", r) for r in peer_rows]):
+        lines.append(f"| {label} | {r['density']:.1%} | {r['accuracy']:.2%} | "
                      f"{r['retention']:.1%} | {r['encoder_parameters'][1]:,} | "
                      f"{r['total_parameters'][1]:,} | {r['heads_left']} |")
-    if peer:
-        rows += [r for k, r in peer["records"].items() if k.startswith("tp-")]
-        for key, r in sorted(peer["records"].items()):
-            if key.startswith("tp-"):
-                lines.append(f"| torch-pruning (Taylor, whole heads + FFN) | {r['density']:.1%} "
-                             f"| {r['accuracy']:.2%} | {r['retention']:.1%} | "
-                             f"{r['encoder_parameters'][1]:,} | {r['total_parameters'][1]:,} | "
-                             f"{r['heads_left']} |")
+    rows += peer_rows
     grain = records.get("grain-5")
     if grain:
         held_out = meta["held_out_rows"]
@@ -206,6 +202,19 @@ def speed_section(speed: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
+def speedup_axes(ax, shares: list[float], xlabel: str, ylabel: str, title: str) -> None:
+    """Log-log axes of speedup against the share kept, ticks in % and x."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(shares, [f"{k:.0%}" for k in shares])
+    ax.set_yticks([2, 5, 10, 20], ["2x", "5x", "10x", "20x"])
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def speedup_plot(speed: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -231,17 +240,10 @@ def speedup_plot(speed: dict, path: Path) -> None:
                        and is_density_run(r["model"]))
         if limit:
             ax.plot(*zip(*limit), "k--", label="uniform limit (eager)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
     densities = sorted({round(r["density"], 2) for r in speed["records"].values()
                         if is_density_run(r["model"])})
-    ax.set_xticks(densities, [f"{d:.0%}" for d in densities])
-    ax.set_yticks([2, 5, 10, 20], ["2x", "5x", "10x", "20x"])
-    ax.minorticks_off()
-    ax.set_xlabel("encoder density")
-    ax.set_ylabel("speedup over dense (batch 8, seq 128)")
-    ax.set_title("Speedup vs density")
-    ax.grid(True, which="both", alpha=0.3)
+    speedup_axes(ax, densities, "encoder density", "speedup over dense (batch 8, seq 128)",
+                 "Speedup vs density")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
