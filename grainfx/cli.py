@@ -30,8 +30,16 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+def _quiet_transformers() -> None:
+    """No "Loading weights" bars: noise on every load (only where transformers is used, so
+    inspect and bench of a .pt2 alone do not import it)."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
 def _model(model_dir: Path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    _quiet_transformers()
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
         raise CLIError(f"{model_dir} is not a model folder (no config.json): pass a folder "
                        f"written by save_pretrained, holding the fine-tuned model and tokenizer")
@@ -101,6 +109,7 @@ def cmd_compress(args) -> int:
         raise CLIError(f"{args.out} exists: choose another --out or pass --overwrite")
     torch.set_num_threads(args.threads)
     if args.demo:
+        _quiet_transformers()
         train, held_out = demo.rotten_tomatoes()
         model, tokenizer = demo.teacher(train, progress=not args.quiet)
     else:
@@ -168,21 +177,22 @@ def _checkpoint_path(args) -> Path:
     return args.checkpoint or args.out.with_name(f"{args.out.name}.checkpoint.pt")
 
 
-def _pt2(path: Path) -> Path:
+def _load_pt2(path: Path):
+    """The module saved in ``path``; a missing or foreign file is a CLIError."""
+    import passes
     if not path.is_file():
         raise CLIError(f"{path} does not exist: pass a .pt2 written by grainfx compress / save")
-    return path
+    try:
+        return passes.load(path)
+    except passes.LoadError as exc:
+        raise CLIError(str(exc)) from exc
 
 
 def cmd_inspect(args) -> int:
     import grainfx
-    import passes
 
-    try:
-        module = passes.load(_pt2(args.file))
-        inspection = grainfx.inspect(module, seq=args.seq)
-    except passes.LoadError as exc:
-        raise CLIError(str(exc)) from exc
+    module = _load_pt2(args.file)
+    inspection = grainfx.inspect(module, seq=args.seq)
     if args.json:
         print(json.dumps([layer.__dict__ for layer in inspection.layers], indent=1))
     else:
@@ -198,14 +208,10 @@ def cmd_inspect(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    import passes
     from grainfx.timing import example_inputs, interleaved_medians
 
     torch.set_num_threads(args.threads)
-    try:
-        compact = passes.load(_pt2(args.file))
-    except passes.LoadError as exc:
-        raise CLIError(str(exc)) from exc
+    compact = _load_pt2(args.file)
     try:
         inputs = example_inputs(compact.grainfx_kept, args.batch, args.seq)
     except ValueError as exc:
@@ -235,8 +241,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise on every command
     try:
         return args.run(args)
     except (CLIError, PassError) as exc:
