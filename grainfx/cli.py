@@ -1,6 +1,7 @@
 """The ``grainfx`` command line: compress, inspect, bench.
 
     grainfx compress MODEL_DIR --data FILE.csv --sparsity 0.9 --out OUT_DIR
+    grainfx compress MODEL_DIR --task causal-lm --data FILE.txt --out OUT_DIR
     grainfx compress --demo --out OUT_DIR
     grainfx compress ... --resume          # go on after Ctrl-C or a crash
     grainfx inspect OUT_DIR/model.pt2 [--plot kept.png] [--graph]
@@ -24,6 +25,8 @@ log = logging.getLogger("grainfx")
 
 #: ``--demo`` defaults: 2 epochs over Rotten Tomatoes at 1e-4 (GrainConfig's are 20 and 3e-5).
 DEMO_EPOCHS, DEMO_LEARNING_RATE = 2.0, 1e-4
+#: ``--task``: sequence classification (text and label rows) or a causal language model (text).
+TASKS = ("classification", "causal-lm")
 
 
 class CLIError(Exception):
@@ -37,19 +40,45 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _model(model_dir: Path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _check_model_dir(model_dir: Path) -> None:
     _quiet_transformers()
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
         raise CLIError(f"{model_dir} is not a model folder (no config.json): pass a folder "
                        f"written by save_pretrained, holding the fine-tuned model and tokenizer")
+
+
+def _model(model_dir: Path, task: str):
+    """(model, tokenizer) of ``model_dir``: a sequence classifier or a causal LM."""
+    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoTokenizer)
+    _check_model_dir(model_dir)
+    auto, what = {"classification": (AutoModelForSequenceClassification,
+                                      "a sequence classifier"),
+                  "causal-lm": (AutoModelForCausalLM, "a causal language model")}[task]
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        model = auto.from_pretrained(model_dir).eval()
     except Exception as exc:
-        raise CLIError(f"cannot load a sequence classifier and its tokenizer from "
+        raise CLIError(f"cannot load {what} and its tokenizer from "
                        f"{model_dir}: {exc}".splitlines()[0]) from exc
     return model, tokenizer
+
+
+def _dense_model(model_dir: Path):
+    """The model of ``model_dir`` as the class its config names (a sequence classifier when
+    it names none), without a KV cache: the dense side of ``bench --against``."""
+    import transformers
+    _check_model_dir(model_dir)
+    try:
+        names = transformers.AutoConfig.from_pretrained(model_dir).architectures or []
+        auto = transformers.AutoModelForSequenceClassification
+        cls = getattr(transformers, names[0], auto) if names else auto
+        model = cls.from_pretrained(model_dir).eval()
+    except Exception as exc:
+        raise CLIError(f"cannot load the model in {model_dir}: {exc}".splitlines()[0]) from exc
+    if getattr(model.config, "use_cache", False):
+        model.config.use_cache = False  # the compact model computes no cache either
+    return model
 
 
 def _rows(path: Path, text_column: str, label_column: str) -> list[tuple[str, int]]:
@@ -94,28 +123,23 @@ def _write_outputs(out: Path, overwrite: bool, write) -> None:
         raise
 
 
-def cmd_compress(args) -> int:
-    import torch
-
-    import grainfx
+def _classification(args):
+    """(model, training batches, evaluate) of a sequence-classification run;
+    ``evaluate(student)`` gives teacher and student held-out accuracy."""
     from grainfx import demo
     from grainfx.data import accuracy, stratified_split, text_batches
-    from grainfx.report import format_report
 
-    if not 0 <= args.sparsity < 1:
-        raise CLIError(f"--sparsity must be in [0, 1) (0.9 keeps 10% of the encoder), got "
-                       f"{args.sparsity}")
-    if args.out.exists() and not args.overwrite:
-        raise CLIError(f"{args.out} exists: choose another --out or pass --overwrite")
-    torch.set_num_threads(args.threads)
     if args.demo:
         _quiet_transformers()
         train, held_out = demo.rotten_tomatoes()
         model, tokenizer = demo.teacher(train, progress=not args.quiet)
+        # the settings of examples/rotten_tomatoes.py, unless given
+        args.epochs = args.epochs if args.epochs is not None else DEMO_EPOCHS
+        args.learning_rate = args.learning_rate or DEMO_LEARNING_RATE
     else:
         if args.model_dir is None or args.data is None:
             raise CLIError("give MODEL_DIR and --data FILE (or --demo)")
-        model, tokenizer = _model(args.model_dir)
+        model, tokenizer = _model(args.model_dir, args.task)
         rows = _rows(args.data, args.text_column, args.label_column)
         if args.eval_data is not None:
             train, held_out = rows, _rows(args.eval_data, args.text_column, args.label_column)
@@ -126,18 +150,87 @@ def cmd_compress(args) -> int:
     if not labels <= set(range(classes)):
         raise CLIError(f"labels {sorted(labels - set(range(classes)))} are outside the "
                        f"model's {classes} classes (0..{classes - 1})")
-    if args.demo:  # the settings of examples/rotten_tomatoes.py, unless given
-        args.epochs = args.epochs if args.epochs is not None else DEMO_EPOCHS
-        args.learning_rate = args.learning_rate or DEMO_LEARNING_RATE
+    log.info("compressing on %d examples, %d held out", len(train), len(held_out))
+    batches = text_batches(train, tokenizer, args.batch_size, shuffle=True, seed=args.seed,
+                           max_length=args.max_length, group_by_length=True)
+
+    def evaluate(student) -> dict[str, float]:
+        if not held_out:
+            return {}
+        evaluation = text_batches(held_out, tokenizer, 64, shuffle=False,
+                                  max_length=args.max_length)
+        return {"teacher_accuracy": accuracy(model, evaluation),
+                "student_accuracy": accuracy(student, evaluation)}
+
+    return model, batches, evaluate
+
+
+def _causal_lm(args):
+    """(model, training batches, evaluate) of a causal-LM run on documents of
+    plain text or JSON Lines; ``evaluate(student)`` gives teacher and student held-out
+    perplexity."""
+    from grainfx.lm import DataError, lm_batches, perplexity, read_texts, split_texts
+
+    if args.demo:
+        raise CLIError("--demo is the sequence-classification demo: drop --task causal-lm")
+    if args.model_dir is None or args.data is None:
+        raise CLIError("give MODEL_DIR and --data FILE (plain text, one document a line, or "
+                       ".jsonl)")
+    try:
+        texts = read_texts(args.data, args.text_column)
+        if args.eval_data is not None:
+            train, held_out = texts, read_texts(args.eval_data, args.text_column)
+        else:
+            train, held_out = split_texts(texts, args.eval_split, args.seed)
+        model, tokenizer = _model(args.model_dir, args.task)
+        batches = lm_batches(train, tokenizer, args.batch_size, shuffle=True, seed=args.seed,
+                             max_length=args.max_length)
+    except DataError as exc:
+        raise CLIError(str(exc)) from exc
+    log.info("compressing on %d documents, %d held out", len(train), len(held_out))
+
+    def evaluate(student) -> dict[str, float]:
+        if not held_out:
+            return {}
+        evaluation = lm_batches(held_out, tokenizer, args.batch_size, shuffle=False,
+                                max_length=args.max_length)
+        try:
+            return {"teacher_perplexity": perplexity(model, evaluation),
+                    "student_perplexity": perplexity(student, evaluation)}
+        except ValueError as exc:
+            raise CLIError(f"held-out documents: {exc}") from exc
+
+    return model, batches, evaluate
+
+
+def _score(key: str, value: float) -> str:
+    """``teacher accuracy: 80.87%`` / ``student perplexity: 41.20``."""
+    return f"{key.replace('_', ' ')}: " + (f"{value:.2%}" if key.endswith("accuracy")
+                                           else f"{value:.2f}")
+
+
+def cmd_compress(args) -> int:
+    import torch
+
+    import grainfx
+    from grainfx.report import format_report
+
+    if args.task not in TASKS:
+        raise CLIError(f"unknown --task {args.task!r}: use one of {', '.join(TASKS)}")
+    if not 0 <= args.sparsity < 1:
+        raise CLIError(f"--sparsity must be in [0, 1) (0.9 keeps 10% of the encoder), got "
+                       f"{args.sparsity}")
+    if args.out.exists() and not args.overwrite:
+        raise CLIError(f"{args.out} exists: choose another --out or pass --overwrite")
+    torch.set_num_threads(args.threads)
+    task = _causal_lm if args.task == "causal-lm" else _classification
+    model, batches, evaluate = task(args)
     config = grainfx.GrainConfig(
         **{k: v for k, v in {"epochs": args.epochs, "steps": args.steps,
                              "learning_rate": args.learning_rate, "seed": args.seed,
                              "temperature": args.temperature,
                              "structure_alpha": args.structure_alpha,
                              "granularity": args.granularity}.items() if v is not None})
-    batches = text_batches(train, tokenizer, args.batch_size, shuffle=True, seed=args.seed,
-                           max_length=args.max_length, group_by_length=True)
-    log.info("compressing on %d examples, %d held out", len(train), len(held_out))
     checkpoint = grainfx.CheckpointConfig(_checkpoint_path(args), every=args.checkpoint_every,
                                           resume=args.resume)
     try:
@@ -150,16 +243,14 @@ def cmd_compress(args) -> int:
                  f"on" if saved else "nothing saved yet (no step was finished)"),
               file=sys.stderr)
         return 130
-    evaluation = text_batches(held_out, tokenizer, 64, shuffle=False, max_length=args.max_length)
-    scores = {"teacher_accuracy": accuracy(model, evaluation),
-              "student_accuracy": accuracy(result.module, evaluation)} if held_out else {}
-    report = {**result.report, **scores}
+    scores = evaluate(result.module)
+    report = {**result.report, "task": args.task, **scores}
     inspection = grainfx.inspect(result.module)
 
     def write(folder: Path) -> None:
         grainfx.save(result.module, folder / "model.pt2")
         (folder / "report.json").write_text(json.dumps(report, indent=1))
-        summary = "\n".join(f"- {k.replace('_', ' ')}: {v:.2%}" for k, v in scores.items())
+        summary = "\n".join(f"- {_score(k, v)}" for k, v in scores.items())
         (folder / "report.md").write_text(f"# grainfx compress\n\n{summary}\n\n"
                                           f"{format_report(report)}\n")
         inspection.plot(folder / "structure.png")
@@ -168,7 +259,7 @@ def cmd_compress(args) -> int:
     checkpoint.path.unlink(missing_ok=True)
     print(format_report(report))
     for key, value in scores.items():
-        print(f"{key.replace('_', ' ')}: {value:.2%}")
+        print(_score(key, value))
     print(f"wrote {args.out}/model.pt2, model.json, report.json, report.md, structure.png")
     return 0
 
@@ -218,7 +309,7 @@ def cmd_bench(args) -> int:
         raise CLIError(str(exc)) from exc
     models = {"compact": compact}
     if args.against is not None:
-        models["dense"] = _model(args.against)[0]
+        models["dense"] = _dense_model(args.against)
     rows = []
     modes = ["eager"] + (["compiled"] if args.compile else [])
     for mode in modes:
@@ -253,9 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", help="prune a fine-tuned classifier on a CSV / JSONL file")
+    c = sub.add_parser("compress", help="prune a fine-tuned classifier (CSV / JSONL rows) or "
+                                        "a causal language model (text)")
     c.add_argument("model_dir", type=Path, nargs="?", help="a save_pretrained folder")
-    c.add_argument("--data", type=Path, help="training rows: .csv or .jsonl")
+    c.add_argument("--task", default="classification",
+                   help=f"one of {', '.join(TASKS)} (default classification)")
+    c.add_argument("--data", type=Path,
+                   help="training rows: .csv or .jsonl; for causal-lm plain text (one "
+                        "document a line) or .jsonl")
     c.add_argument("--eval-data", type=Path, help="held-out rows (default: a split of --data)")
     c.add_argument("--eval-split", type=float, default=0.1, help="held-out share of --data")
     c.add_argument("--text-column", default="text")

@@ -155,3 +155,95 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_result(workdir):
                for name in ("whole", "part")]
     assert reports[0]["layers"] == reports[1]["layers"]
     assert reports[0]["kd_loss"] == reports[1]["kd_loss"]
+
+
+# -- causal language models ---------------------------------------------------------------------
+
+LM_WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "log", "and", "then", "slept"]
+
+
+@pytest.fixture(scope="module")
+def lm_workdir(tmp_path_factory) -> Path:
+    """A tiny GPT-2 LM folder with a word-level tokenizer, training documents as plain text
+    and held-out documents as JSONL (text under "body")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.models import build
+
+    root = tmp_path_factory.mktemp("cli-lm")
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + LM_WORDS)}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>", eos_token="<eos>",
+                            pad_token="<pad>", model_input_names=["input_ids", "attention_mask"]
+                            ).save_pretrained(root / "model")
+    build("gpt2-sdpa").save_pretrained(root / "model")
+    rng = random.Random(0)
+
+    def document() -> str:
+        return " ".join(rng.choice(LM_WORDS) for _ in range(rng.randint(3, 12)))
+
+    (root / "train.txt").write_text("\n".join(document() for _ in range(40)) + "\n\n")
+    (root / "eval.jsonl").write_text("".join(json.dumps({"body": document(), "id": i}) + "\n"
+                                             for i in range(12)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def lm_compressed(lm_workdir) -> tuple[Path, subprocess.CompletedProcess]:
+    result = run("compress", "model", "--task", "causal-lm", "--data", "train.txt",
+                 "--eval-data", "eval.jsonl", "--text-column", "body", "--sparsity", "0.5",
+                 "--batch-size", "8", "--steps", "6", "--out", "out", "--threads", "1",
+                 "--quiet", cwd=lm_workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return lm_workdir / "out", result
+
+
+def test_compress_causal_lm_reports_held_out_perplexity(lm_compressed):
+    import passes
+
+    out, result = lm_compressed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model.json", "model.pt2", "report.json", "report.md", "structure.png"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "causal-lm"
+    assert abs(report["density"] - 0.5) < 0.01
+    for who in ("teacher", "student"):
+        value = report[f"{who}_perplexity"]
+        assert 1 < value < float("inf")
+        assert f"{who} perplexity: {value:.2f}" in result.stdout
+        assert f"- {who} perplexity: {value:.2f}" in (out / "report.md").read_text()
+    module = passes.load(out / "model.pt2")
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]])
+    with torch.no_grad():
+        logits = module(input_ids=ids, attention_mask=(ids != 0).long())["logits"]
+    assert logits.shape == (2, 4, 100) and torch.isfinite(logits).all()
+
+
+def test_inspect_and_bench_of_a_causal_lm(lm_compressed, lm_workdir):
+    inspected = run("inspect", "out/model.pt2", "--seq", "32", cwd=lm_workdir)
+    assert inspected.returncode == 0, inspected.stderr[-2000:]
+    assert "query units" in inspected.stdout and "GFLOPs per sequence of 32" in inspected.stdout
+    bench = run("bench", "out/model.pt2", "--against", "model", "--batch", "2", "--seq", "8",
+                "--reps", "2", cwd=lm_workdir)
+    assert bench.returncode == 0, bench.stderr[-2000:]
+    assert "compact" in bench.stdout and "x vs dense" in bench.stdout
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("missing file", ["--task", "causal-lm", "--data", "absent.txt"], "absent.txt does not exist"),
+    ("empty file", ["--task", "causal-lm", "--data", "empty.txt"], "empty.txt holds no text"),
+    ("no text column", ["--task", "causal-lm", "--data", "eval.jsonl"],
+     "line 1 has no field 'text' (its fields: ['body', 'id'])"),
+    ("unknown task", ["--task", "translation", "--data", "train.txt"],
+     "unknown --task 'translation': use one of classification, causal-lm"),
+])
+def test_causal_lm_bad_inputs_get_one_clear_line(lm_workdir, case, args, message):
+    (lm_workdir / "empty.txt").write_text("\n\n")
+    out = f"bad-{case.replace(' ', '-')}"
+    result = run("compress", "model", *args, "--out", out, "--steps", "1", cwd=lm_workdir)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (lm_workdir / out).exists()
