@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Iterable
@@ -34,6 +35,9 @@ PASSTHROUGH_OPS = {
     aten.contiguous.default,
 }
 SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
+#: Casts and aliases: identity on float32 graphs.
+CAST_OPS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
+            aten.alias.default, aten.clone.default, aten.contiguous.default}
 NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
 #: Ops that are kept by dead-code removal even when nothing reads them.
 _SIDE_EFFECT_OPS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
@@ -98,7 +102,8 @@ class Projection:
     ``input_user`` is the first node that reads ``input`` on the way into the matmul.
     ``weight`` and ``bias`` are get_attr targets. ``transposed`` marks weights stored
     (in, out) as GPT-2's Conv1D does; ``start:stop`` are this projection's output features
-    within the stored weight.
+    within the stored weight, or ``rows`` lists them where a fused projection interleaves its
+    pieces (GPT-NeoX's per-head q, k, v).
     """
 
     node: str
@@ -110,30 +115,42 @@ class Projection:
     start: int
     stop: int
     in_features: int
+    rows: tuple[int, ...] | None = None
 
     @property
     def out_features(self) -> int:
-        return self.stop - self.start
+        return len(self.rows) if self.rows is not None else self.stop - self.start
+
+    def output_rows(self) -> list[int]:
+        """This projection's output features as indices of the stored weight's outputs."""
+        return list(self.rows) if self.rows is not None else list(range(self.start, self.stop))
 
     def linear_weight(self, gm: fx.GraphModule) -> torch.Tensor:
         """This projection's weight in nn.Linear layout (out, in), detached."""
         w = attr_tensor(gm, self.weight).detach()
         w = w.t() if self.transposed else w
-        return w[self.start:self.stop]
+        return w[self.output_rows()]
 
     def linear_bias(self, gm: fx.GraphModule) -> torch.Tensor | None:
         """This projection's bias (out,), detached, or None."""
         if self.bias is None:
             return None
-        return attr_tensor(gm, self.bias).detach()[self.start:self.stop]
+        return attr_tensor(gm, self.bias).detach()[self.output_rows()]
 
     def params_per_output(self) -> int:
         """Parameters that one output feature (a weight row and its bias) holds."""
         return self.in_features + (1 if self.bias is not None else 0)
 
-    def with_slice(self, node: str, start: int, stop: int) -> "Projection":
+    def with_rows(self, node: str, rows: list[int]) -> "Projection":
+        """This projection restricted to ``rows`` (indices into its output features)."""
+        full = self.output_rows()
+        picked = [full[r] for r in rows]
+        if picked == list(range(picked[0], picked[0] + len(picked))):
+            return Projection(node, self.input, self.input_user, self.weight, self.bias,
+                              self.transposed, picked[0], picked[0] + len(picked),
+                              self.in_features)
         return Projection(node, self.input, self.input_user, self.weight, self.bias,
-                          self.transposed, start, stop, self.in_features)
+                          self.transposed, 0, 0, self.in_features, tuple(picked))
 
 
 def _get_attr(node) -> str | None:
@@ -186,45 +203,46 @@ def match_projection_from_input(node: fx.Node) -> Projection | None:
     return None
 
 
-def split_piece(node: fx.Node) -> tuple[fx.Node, int, int] | None:
-    """For ``getitem(split(x, ...), i)`` or a last-dim slice: (x, start, stop) of the piece."""
-    if node.op == "call_function" and node.target is operator.getitem:
-        split, index = node.args
-        if not is_op(split, SPLIT_OPS):
-            return None
-        src = split.args[0]
-        ndim = len(shape(src))
-        if split.target is aten.unbind.int:
-            return None
-        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-        if dim % ndim != ndim - 1:
-            return None
-        total = static(shape(src)[-1])
-        if split.target is aten.split.Tensor:
-            size = split.args[1]
-            sizes = [size] * (total // size) + ([total % size] if total % size else [])
-        elif split.target is aten.chunk.default:
-            chunks = split.args[1]
-            size = -(-total // chunks)
-            sizes = [min(size, total - i * size) for i in range(chunks)]
-        else:
-            sizes = list(split.args[1])
-        start = sum(sizes[:index])
-        return src, start, start + sizes[index]
-    if is_op(node, [aten.slice.Tensor]):
-        src = node.args[0]
-        ndim = len(shape(src))
-        dim = node.args[1] if len(node.args) > 1 else 0
-        if dim % ndim != ndim - 1:
-            return None
-        total = static(shape(src)[-1])
-        start = node.args[2] if len(node.args) > 2 else 0
-        stop = node.args[3] if len(node.args) > 3 else total
-        step = node.args[4] if len(node.args) > 4 else 1
-        if step != 1 or not isinstance(start, int) or not isinstance(stop, int):
-            return None
-        return src, start, min(stop, total)
-    return None
+def is_layout(node: fx.Node) -> bool:
+    """True for ops that only move features around: head splits and merges, splits of fused
+    projections (split / chunk / unbind and their getitem), slices."""
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and is_op(node.args[0], SPLIT_OPS)
+    return node.target in LAYOUT_OPS or node.target in SPLIT_OPS or node.target in (
+        aten.slice.Tensor, aten.alias.default, aten.select.int, aten.squeeze.dim,
+        aten.unsqueeze.default)
+
+
+def feature_rows(source: fx.Node, chain: list[fx.Node]) -> list[int] | None:
+    """Which features of ``source`` (features last) end up, in order, in ``chain[-1]``.
+
+    ``chain`` lists layout ops from ``source`` on; each is applied to the result of the one
+    before (ops between them that keep every feature in place, a cast or a rotary embedding,
+    are left out). They are replayed on the feature indices (symbolic batch and sequence sizes
+    set to 1) at the first position, so a head split, a fused split, a transpose or an unbind gives the index of each
+    (head, dim) of the result, flattened. None when the chain cannot be replayed.
+    """
+    dims = shape(source)
+    if dims is None or static(dims[-1]) is None:
+        return None
+    sizes = [static(d) or 1 for d in dims]
+    features = sizes[-1]
+    # entry = feature + features * position: the entries of position 0 are the answer
+    value: object = torch.arange(math.prod(sizes)).reshape(sizes)
+
+    def arg(a):
+        return 1 if isinstance(a, fx.Node) else a  # a symbolic batch or sequence size
+    try:
+        for node in chain:
+            rest = fx.node.map_aggregate(node.args[1:], arg)
+            value = node.target(value, *rest, **fx.node.map_aggregate(node.kwargs, arg))
+    except Exception:  # noqa: BLE001 - a chain that does not replay is no head layout
+        return None
+    if not isinstance(value, torch.Tensor):
+        return None
+    return [int(v) for v in value.flatten() if v < features]
 
 
 def is_impure(node: fx.Node) -> bool:

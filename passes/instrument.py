@@ -35,21 +35,24 @@ def _mask_name(buffer: str) -> str:
     return buffer.replace("__", ".")
 
 
-def _insert_mask(graph: fx.Graph, at: fx.Node, mask: str, expand, user: fx.Node | None) -> None:
-    """Multiply ``at`` by the flattened mask ``mask``: for all users of ``at``, or for ``user``.
+def _insert_mask(graph: fx.Graph, at: fx.Node, mask: str, expand, user: fx.Node | None,
+                 shape_: list[int] | None = None) -> fx.Node:
+    """Multiply ``at`` by the mask ``mask``: for all users of ``at``, or for ``user``.
 
-    ``expand`` (or None) adds the graph ops that turn the stored mask into per-head layout.
+    ``expand`` (or None) adds the graph ops that turn the stored mask into per-head layout;
+    the result is reshaped to ``shape_`` (default: flat). Returns the multiply.
     """
     with graph.inserting_before(at.next):
         node = graph.get_attr(f"{MASK_MODULE}.{_buffer_name(mask)}")
         if expand is not None:
             node = expand(graph, node)
-        flat = graph.call_function(aten.reshape.default, (node, [-1]))
+        flat = graph.call_function(aten.reshape.default, (node, shape_ or [-1]))
         mul = graph.call_function(aten.mul.Tensor, (at, flat))
     if user is None:
         at.replace_all_uses_with(mul, delete_user_cb=lambda n: n is not mul)
     else:
         user.replace_input_with(at, mul)
+    return mul
 
 
 def _node(nodes: dict[str, fx.Node], name: str, width: int) -> fx.Node:
@@ -65,18 +68,42 @@ def _node(nodes: dict[str, fx.Node], name: str, width: int) -> fx.Node:
     return node
 
 
-def _expand_for(block: AttentionBlock, kind: str):
-    """Graph ops that turn a (kv heads x units) mask into (heads x head_dim), or None."""
-    if block.group_size == 1 and (kind == "vo" or not block.rope):
+def _expand_qk(block: AttentionBlock):
+    """Graph ops that turn a (kv heads x query units) mask into (heads x head_dim), or None."""
+    pairs = block.rotary_dims // 2
+    if block.group_size == 1 and not pairs:
         return None
 
     def expand(graph: fx.Graph, node: fx.Node) -> fx.Node:
-        if kind == "qk" and block.rope:
-            node = graph.call_function(aten.cat.default, ([node, node], -1))
-        if block.group_size > 1:
-            node = graph.call_function(aten.repeat_interleave.self_int,
-                                       (node, block.group_size, 0))
+        if pairs:
+            rotary = graph.call_function(aten.slice.Tensor, (node, 1, 0, pairs))
+            passing = graph.call_function(aten.slice.Tensor, (node, 1, pairs, block.head_dim))
+            if block.rope.layout == "half":
+                parts = [rotary, rotary, passing]
+            else:
+                parts = [graph.call_function(aten.repeat_interleave.self_int, (rotary, 2, 1)),
+                         passing]
+            node = graph.call_function(aten.cat.default, (parts, 1))
+        return _repeat_heads(graph, node, block.group_size)
+    return expand
+
+
+def _repeat_heads(graph: fx.Graph, node: fx.Node, times: int) -> fx.Node:
+    if times == 1:
         return node
+    return graph.call_function(aten.repeat_interleave.self_int, (node, times, 0))
+
+
+def _expand_vo(block: AttentionBlock):
+    """Graph ops that turn the vo mask (and the query-head mask) into (heads x head_dim)."""
+    if block.group_size == 1:
+        return None
+
+    def expand(graph: fx.Graph, node: fx.Node) -> fx.Node:
+        node = _repeat_heads(graph, node, block.group_size)
+        heads = graph.get_attr(f"{MASK_MODULE}.{_buffer_name(block.mask_names()['heads'])}")
+        heads = graph.call_function(aten.unsqueeze.default, (heads, 1))
+        return graph.call_function(aten.mul.Tensor, (node, heads))
     return expand
 
 
@@ -113,11 +140,14 @@ def instrument(gm: fx.GraphModule, structure: Structure,
             tensor = torch.ones(size, requires_grad=True)
         holder.register_buffer(_buffer_name(name), tensor)
     for block in structure.attention:
+        names = block.mask_names()
+        if "qk" in names:
+            _insert_mask(graph, _node(nodes, block.q_operand, block.head_dim), names["qk"],
+                         _expand_qk(block), nodes[block.q_reader],
+                         [block.num_heads, 1, block.head_dim])
         width = block.num_heads * block.head_dim
-        _insert_mask(graph, _node(nodes, block.q.node, width), f"{block.name}.qk",
-                     _expand_for(block, "qk"), None)
-        _insert_mask(graph, _node(nodes, block.o.input, width), f"{block.name}.vo",
-                     _expand_for(block, "vo"), nodes[block.o.input_user])
+        _insert_mask(graph, _node(nodes, block.o.input, width), names["vo"],
+                     _expand_vo(block), nodes[block.o.input_user])
     for block in structure.ffn:
         _insert_mask(graph, _node(nodes, block.down.input, block.width), block.name, None,
                      nodes[block.down.input_user])

@@ -6,10 +6,14 @@ A prunable unit is a group of weight slices that go together:
   query head of a GQA group) and of W_K, with their biases (with RoPE, the rotated pair of dims);
 * value unit (g, j): row j of value head g in W_V (+ bias) and the matching columns of W_O (for
   every query head that reads that value head);
+* query head h (GQA only): the W_Q rows and W_O columns of one query head of a group;
 * FFN unit i: row i of the up (and gate) projection (+ bias) and column i of the down projection.
 
-Masks are named ``<block>.qk``, ``<block>.vo`` (shape: kv heads x units per head) and
-``<block>`` for FFN blocks (shape: width).
+Masks are named ``<block>.qk``, ``<block>.vo`` (shape: kv heads x units per head),
+``<block>.heads`` (shape: query heads; GQA only) and ``<block>`` for FFN blocks (shape: width).
+Under RoPE a query unit is a rotary pair of dims (pass-through dims of partial rotary are units
+one by one); where a norm over the head dims sits between projection and scores there is no
+``.qk`` mask.
 """
 
 from __future__ import annotations
@@ -23,12 +27,54 @@ from passes.graph import Projection
 
 
 @dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding applied to a query or key operand.
+
+    ``layout`` is ``"half"`` (dims i and i + r/2 rotate together) or ``"interleaved"`` (dims
+    2i and 2i + 1, GPT-J); the first ``rotary_dims`` dims of a head rotate, the rest pass
+    through. ``cos`` and ``sin`` name the tables multiplied in; they broadcast over heads along
+    ``head_axis`` (size 1 there) and hold ``rotary_dims`` entries last.
+    """
+
+    layout: str
+    rotary_dims: int
+    cos: str
+    sin: str
+    head_axis: int
+
+    def pair_dims(self, pair: int) -> tuple[int, int]:
+        """The two head dims that rotary pair ``pair`` rotates together."""
+        if self.layout == "half":
+            return pair, pair + self.rotary_dims // 2
+        return 2 * pair, 2 * pair + 1
+
+
+@dataclass(frozen=True)
+class HeadNorm:
+    """A norm over the head dims between a projection and the scores (Qwen3, Gemma 3).
+
+    ``region`` names the graph nodes from ``source`` (exclusive) to ``output`` in graph order;
+    it only reduces over the last dim, so the rewrite replays it on any head layout.
+    ``params`` counts its weights: they go with the block when no head is left.
+    """
+
+    source: str
+    output: str
+    region: tuple[str, ...]
+    params: int = 0
+
+
+@dataclass(frozen=True)
 class AttentionBlock:
     """One attention block: projections, head layout and what the scores are made of.
 
     ``kind`` is ``"sdpa"`` or ``"eager"`` (matmul-softmax-matmul). ``attn_mask`` is the mask
     given to sdpa, ``score_biases`` the tensors added to eager scores, both node names;
-    ``scale`` is the factor applied to q.k.
+    ``scale`` is the factor applied to q.k. ``num_kv_heads`` key/value heads are each shared
+    by ``group_size`` consecutive query heads (GQA/MQA). ``rope``/``rope_k`` describe rotary
+    positions of queries and keys; ``q_norm``/``k_norm`` a norm over their head dims.
+    ``q_operand`` is the query tensor (batch, heads, seq, head_dim) that ``q_reader`` (the
+    attention op or the score matmul) reads.
     """
 
     name: str
@@ -45,7 +91,12 @@ class AttentionBlock:
     score_biases: tuple[str, ...] = ()
     is_causal: bool = False
     num_kv_heads: int | None = None
-    rope: bool = False
+    rope: Rope | None = None
+    rope_k: Rope | None = None
+    q_norm: HeadNorm | None = None
+    k_norm: HeadNorm | None = None
+    q_operand: str | None = None
+    q_reader: str | None = None
 
     @property
     def kv_heads(self) -> int:
@@ -57,9 +108,42 @@ class AttentionBlock:
         return self.num_heads // self.kv_heads
 
     @property
+    def has_query_units(self) -> bool:
+        """False when a norm over the query/key dims makes removing one of them inexact."""
+        return self.q_norm is None and self.k_norm is None
+
+    @property
+    def has_head_units(self) -> bool:
+        """Query heads are units of their own where several share a key/value head."""
+        return self.group_size > 1
+
+    @property
+    def rotary_dims(self) -> int:
+        return self.rope.rotary_dims if self.rope is not None else 0
+
+    @property
+    def query_units_per_head(self) -> int:
+        """Rotary pairs, then pass-through dims (all dims one by one without RoPE)."""
+        return self.rotary_dims // 2 + self.head_dim - self.rotary_dims
+
+    def unit_dims(self, unit: int) -> tuple[int, ...]:
+        """The head dims of query unit ``unit``: a rotary pair or one pass-through dim."""
+        pairs = self.rotary_dims // 2
+        if unit < pairs:
+            return self.rope.pair_dims(unit)
+        return (self.rotary_dims + unit - pairs,)
+
+    def unit_of_dim(self) -> list[int]:
+        """For each head dim, the query unit it belongs to."""
+        owner = [0] * self.head_dim
+        for unit in range(self.query_units_per_head):
+            for dim in self.unit_dims(unit):
+                owner[dim] = unit
+        return owner
+
+    @property
     def qk_shape(self) -> torch.Size:
-        per_head = self.head_dim // 2 if self.rope else self.head_dim
-        return torch.Size([self.kv_heads, per_head])
+        return torch.Size([self.kv_heads, self.query_units_per_head])
 
     @property
     def vo_shape(self) -> torch.Size:
@@ -67,8 +151,9 @@ class AttentionBlock:
 
     @property
     def query_unit_params(self) -> int:
-        """Parameters of one query unit: W_Q rows of the group, the W_K row, their biases."""
-        dims = 2 if self.rope else 1
+        """Parameters of the largest query unit (a rotary pair, or one dim): W_Q rows of every
+        query head of the group, the W_K row, their biases."""
+        dims = 2 if self.rope is not None and self.rotary_dims else 1
         return dims * (self.group_size * self.q.params_per_output() + self.k.params_per_output())
 
     @property
@@ -76,14 +161,69 @@ class AttentionBlock:
         """Parameters of one value unit: the W_V row (+ bias) and the W_O column(s)."""
         return self.v.params_per_output() + self.group_size * self.o.out_features
 
+    @property
+    def head_unit_params(self) -> int:
+        """Parameters of one query head (W_Q rows and W_O columns) with all its dims kept."""
+        return self.head_dim * (self.q.params_per_output() + self.o.out_features)
+
+    def mask_names(self) -> dict[str, str]:
+        """``{kind: mask name}`` of the masks this block has."""
+        names = {"vo": f"{self.name}.vo"}
+        if self.has_query_units:
+            names["qk"] = f"{self.name}.qk"
+        if self.has_head_units:
+            names["heads"] = f"{self.name}.heads"
+        return names
+
+    def per_head(self, masks: Mapping[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Boolean (query dims, value dims) of shape heads x head_dim and the live heads.
+
+        A query head is live when it has value dims and its head unit is kept; dims of heads
+        that are not live count as removed.
+        """
+        names = self.mask_names()
+        vo = masks[names["vo"]].detach().bool().repeat_interleave(self.group_size, dim=0)
+        if "qk" in names:
+            qk = masks[names["qk"]].detach().bool()[:, self.unit_of_dim()]
+            qk = qk.repeat_interleave(self.group_size, dim=0)
+        else:
+            qk = torch.ones(self.num_heads, self.head_dim, dtype=torch.bool)
+        live = vo.any(dim=1)
+        if "heads" in names:
+            live = live & masks[names["heads"]].detach().bool()
+        return qk & live[:, None], vo & live[:, None], live
+
+    def kept_params(self, masks: Mapping[str, torch.Tensor]) -> int:
+        """Unit parameters this block keeps in the compact model for these (binary) masks."""
+        qk, vo, live = self.per_head(masks)
+        g = self.group_size
+        norms = sum(n.params for n in (self.q_norm, self.k_norm) if n is not None)
+        group_qk = qk.view(self.kv_heads, g, -1).any(dim=1)
+        group_vo = vo.view(self.kv_heads, g, -1).any(dim=1)
+        return (int(qk.sum()) * self.q.params_per_output()
+                + int(group_qk.sum()) * self.k.params_per_output()
+                + int(group_vo.sum()) * self.v.params_per_output()
+                + int(vo.sum()) * self.o.out_features
+                + (norms if bool(live.any()) else 0))
+
     def expand_qk(self, mask: torch.Tensor) -> torch.Tensor:
         """A qk mask (kv heads x units) as a per-query-head mask (heads x head_dim)."""
-        per_head = torch.cat([mask, mask], dim=-1) if self.rope else mask
-        return per_head.repeat_interleave(self.group_size, dim=0)
+        return mask[:, self.unit_of_dim()].repeat_interleave(self.group_size, dim=0)
 
     def expand_vo(self, mask: torch.Tensor) -> torch.Tensor:
         """A vo mask (kv heads x head_dim) as a per-query-head mask (heads x head_dim)."""
         return mask.repeat_interleave(self.group_size, dim=0)
+
+    def ones(self) -> dict[str, torch.Tensor]:
+        shapes = {"qk": self.qk_shape, "vo": self.vo_shape,
+                  "heads": torch.Size([self.num_heads])}
+        return {name: torch.ones(shapes[kind]) for kind, name in self.mask_names().items()}
+
+    @property
+    def params(self) -> int:
+        """Unit parameters of the dense block."""
+        return self.kept_params(self.ones())
 
 
 @dataclass(frozen=True)
@@ -112,7 +252,7 @@ class UnitGroup:
     """All units of one kind in one block, as one mask."""
 
     mask: str
-    kind: str  # "query", "value" or "ffn"
+    kind: str  # "query", "value", "qhead" (a query head of a GQA group) or "ffn"
     block: str
     shape: torch.Size
     unit_params: int
@@ -136,13 +276,22 @@ class Structure:
     total_params: int
 
     def units(self) -> list[UnitGroup]:
-        """Every unit group, attention (query, value) then FFN, in block order."""
+        """Every unit group, attention (query, value, query heads) then FFN, in block order.
+
+        Blocks whose query/key dims pass a norm offer no query units (removing one would
+        change the norm of the others); blocks with one key/value head per query head offer
+        no head units (a head without value units is gone already)."""
         groups = []
         for block in self.attention:
-            groups.append(UnitGroup(f"{block.name}.qk", "query", block.name, block.qk_shape,
-                                    block.query_unit_params))
-            groups.append(UnitGroup(f"{block.name}.vo", "value", block.name, block.vo_shape,
+            names = block.mask_names()
+            if "qk" in names:
+                groups.append(UnitGroup(names["qk"], "query", block.name, block.qk_shape,
+                                        block.query_unit_params))
+            groups.append(UnitGroup(names["vo"], "value", block.name, block.vo_shape,
                                     block.value_unit_params))
+            if "heads" in names:
+                groups.append(UnitGroup(names["heads"], "qhead", block.name,
+                                        torch.Size([block.num_heads]), block.head_unit_params))
         for block in self.ffn:
             groups.append(UnitGroup(block.name, "ffn", block.name, torch.Size([block.width]),
                                     block.unit_params))
@@ -158,21 +307,18 @@ class Structure:
 
     @property
     def unit_params(self) -> int:
-        """Parameters held by all prunable units."""
-        return sum(g.params for g in self.units())
+        """Parameters held by all prunable units (Q, K, V, O rows and columns, FFN rows and
+        columns; biases included)."""
+        return (sum(block.params for block in self.attention)
+                + sum(block.width * block.unit_params for block in self.ffn))
 
     def kept_unit_params(self, masks: Mapping[str, torch.Tensor]) -> int:
         """Unit parameters that the compact model keeps for these (binary) masks.
 
-        Query units of a head without value units are dropped with the head.
+        Query units of a head without value units are dropped with the head; key and value
+        rows of a key/value head go when none of its query heads is left.
         """
-        kept = 0
-        for block in self.attention:
-            qk = masks[f"{block.name}.qk"].detach().bool()
-            vo = masks[f"{block.name}.vo"].detach().bool()
-            live = vo.any(dim=1)
-            kept += int((qk & live[:, None]).sum()) * block.query_unit_params
-            kept += int(vo.sum()) * block.value_unit_params
+        kept = sum(block.kept_params(masks) for block in self.attention)
         for block in self.ffn:
             kept += int(masks[block.name].detach().bool().sum()) * block.unit_params
         return kept
@@ -185,6 +331,29 @@ class Structure:
         """Parameters of the compact module that rewrite makes from these masks."""
         return self.total_params - self.unit_params + self.kept_unit_params(masks)
 
+    def notes(self) -> list[str]:
+        """What each attention block offers beyond plain heads, and what it does not."""
+        lines = []
+        for block in self.attention:
+            parts = []
+            if block.group_size > 1:
+                parts.append(f"{block.num_heads} query heads share {block.kv_heads} key/value "
+                             f"heads (groups of {block.group_size}): query and value units span "
+                             f"a group, query heads are units too")
+            if block.rope is not None and block.has_query_units:
+                rope = block.rope
+                partial = (f", {block.head_dim - rope.rotary_dims} pass-through dims"
+                           if rope.rotary_dims < block.head_dim else "")
+                parts.append(f"RoPE ({rope.layout}): query units are {rope.rotary_dims // 2} "
+                             f"rotary pairs{partial}")
+            if not block.has_query_units:
+                norm = block.q_norm or block.k_norm
+                parts.append(f"query units not offered: a norm over the query/key head dims "
+                             f"(at {norm.output}) makes removing one inexact")
+            if parts:
+                lines.append(f"{block.name}: " + "; ".join(parts))
+        return lines
+
     def __str__(self) -> str:
         lines = [f"Structure: {len(self.attention)} attention blocks, {len(self.ffn)} FFN blocks, "
                  f"{self.unit_params:,} unit parameters of {self.total_params:,}"]
@@ -196,13 +365,16 @@ class Structure:
         for i in range(rows):
             attn = self.attention[i] if i < len(self.attention) else None
             ffn = ffn_by_index.get(i)
-            heads = f"{attn.num_heads} x {attn.head_dim}" if attn else "-"
+            heads = "-"
+            if attn:
+                kv = f" ({attn.kv_heads} kv)" if attn.group_size > 1 else ""
+                heads = f"{attn.num_heads}{kv} x {attn.head_dim}"
             width = str(ffn.width) if ffn else "-"
-            nq = attn.qk_shape.numel() if attn else 0
+            nq = attn.qk_shape.numel() if attn and attn.has_query_units else 0
             nv = attn.vo_shape.numel() if attn else 0
             nf = ffn.width if ffn else 0
-            params = ((nq * attn.query_unit_params + nv * attn.value_unit_params) if attn else 0)
+            params = attn.params if attn else 0
             params += nf * ffn.unit_params if ffn else 0
             lines.append(f"{'layer ' + str(i):<10}{heads:>14}{width:>11}{nq:>8}{nv:>8}{nf:>8}"
                          f"{params:>14,}")
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes())

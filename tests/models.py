@@ -27,15 +27,55 @@ TEXT = [a for a in ARCHITECTURES if not a.startswith("vit")]
 
 #: FFN width of each family (GPT-2 has no separate intermediate size: it uses 4 x hidden).
 FFN_WIDTH = {family: FFN for family in FAMILIES} | {"gpt2": 4 * HIDDEN}
+
+
+#: Rotary, grouped-query and gated architectures (hidden 64, 2 layers, 4 query heads; ModernBERT
+#: 3 layers for a local and a global one).
+MODERN_HIDDEN = 64
+MODERN_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2", "qwen2_cls", "qwen3", "phi3",
+                   "modernbert", "gptj", "neox")
+MODERN = [f"{family}-{impl}" for family in MODERN_FAMILIES for impl in IMPLS]
+ALL_ARCHITECTURES = ARCHITECTURES + MODERN
 #: The token id that fills padded positions.
-PAD_ID = {family: 0 for family in FAMILIES} | {"roberta": 1}
+PAD_ID = {family: 0 for family in FAMILIES + MODERN_FAMILIES} | {"roberta": 1}
 
 
 def split(arch_id: str) -> tuple[str, str]:
     family, impl = arch_id.split("-")
-    if family not in FAMILIES or impl not in IMPLS:
-        raise ValueError(f"unknown architecture {arch_id!r}; one of {ARCHITECTURES}")
+    if family not in FAMILIES + MODERN_FAMILIES or impl not in IMPLS:
+        raise ValueError(f"unknown architecture {arch_id!r}; one of {ALL_ARCHITECTURES}")
     return family, impl
+
+
+def _modern_config_and_class(family: str):
+    """Tiny configs of the rotary / GQA / gated families (random init, nothing downloaded)."""
+    common = dict(vocab_size=VOCAB, hidden_size=MODERN_HIDDEN, num_hidden_layers=LAYERS,
+                  num_attention_heads=HEADS, intermediate_size=96, max_position_embeddings=64,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family in ("llama", "llama_mha"):
+        kv = 2 if family == "llama" else HEADS
+        return T.LlamaConfig(num_key_value_heads=kv, **common), T.LlamaForCausalLM
+    if family == "mistral":
+        return T.MistralConfig(num_key_value_heads=2, sliding_window=4, **common), \
+            T.MistralForCausalLM
+    if family in ("qwen2", "qwen2_cls"):
+        cls = T.Qwen2ForCausalLM if family == "qwen2" else T.Qwen2ForSequenceClassification
+        return T.Qwen2Config(num_key_value_heads=2, **common), cls
+    if family == "qwen3":
+        return T.Qwen3Config(num_key_value_heads=2, head_dim=24, **common), T.Qwen3ForCausalLM
+    if family == "phi3":
+        return T.Phi3Config(num_key_value_heads=2, **common), T.Phi3ForCausalLM
+    if family == "modernbert":
+        common.update(num_hidden_layers=3, global_attn_every_n_layers=2, local_attention=4,
+                      cls_token_id=1, sep_token_id=2)
+        return T.ModernBertConfig(**common), T.ModernBertForSequenceClassification
+    if family == "gptj":
+        return T.GPTJConfig(vocab_size=VOCAB, n_embd=MODERN_HIDDEN, n_layer=LAYERS,
+                            n_head=HEADS, rotary_dim=8, n_positions=64, n_inner=96,
+                            bos_token_id=1, eos_token_id=2), T.GPTJForCausalLM
+    if family == "neox":
+        return T.GPTNeoXConfig(rotary_pct=0.5, **common), T.GPTNeoXForCausalLM
+    raise AssertionError(family)
 
 
 def _config_and_class(family: str):
@@ -71,7 +111,8 @@ def _config_and_class(family: str):
 def build(arch_id: str, seed: int = 0) -> torch.nn.Module:
     """A freshly initialised model of ``arch_id`` in eval mode (random weights from ``seed``)."""
     family, impl = split(arch_id)
-    config, cls = _config_and_class(family)
+    config, cls = (_modern_config_and_class(family) if family in MODERN_FAMILIES
+                   else _config_and_class(family))
     config._attn_implementation = impl
     # Weights larger than the usual 0.02 make attention scores O(1): with near-uniform
     # attention a wrong scale or a misplaced head would go unnoticed by the exactness tests.

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from passes.capture import capture
 from passes.discover import discover
-from passes.errors import DiscoverError, NoAttentionFoundError, UnsupportedArchitectureError
+from passes.errors import DiscoverError, NoAttentionFoundError
 from tests.captures import captured, pair, structure
 from tests.models import (ARCHITECTURES, FFN_WIDTH, HEAD_DIM, HEADS, HIDDEN, LAYERS,
                           example_inputs, split)
@@ -176,20 +176,34 @@ def test_mlp_only_model_has_no_attention():
         discover(gm)
 
 
-def _llama(kv_heads: int, impl: str):
-    config = T.LlamaConfig(vocab_size=100, hidden_size=HIDDEN, intermediate_size=64,
-                           num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                           num_key_value_heads=kv_heads, max_position_embeddings=64,
-                           bos_token_id=0, eos_token_id=1, pad_token_id=None)
-    config._attn_implementation = impl
-    torch.manual_seed(0)
-    return T.LlamaForCausalLM(config).eval()
+@pytest.mark.parametrize("arch,kv,rope,pairs,query_units", [
+    ("llama-sdpa", 2, "half", 8, True), ("llama_mha-eager", 4, "half", 8, True),
+    ("qwen3-sdpa", 2, "half", 12, False), ("phi3-eager", 2, "half", 8, True),
+    ("gptj-sdpa", 4, "interleaved", 4, True), ("neox-eager", 4, "half", 4, True),
+    ("modernbert-sdpa", 4, "half", 8, True)])
+def test_rope_gqa_and_head_norm_are_recognized(arch, kv, rope, pairs, query_units):
+    s = structure(arch)
+    for block in s.attention:
+        assert block.kv_heads == kv and block.rope.layout == rope
+        assert block.rotary_dims // 2 == pairs
+        assert block.has_query_units == query_units
+        assert ("heads" in block.mask_names()) == (kv < block.num_heads)
+    assert len(s.ffn) == len(s.attention)
+    if not query_units:
+        assert "query units not offered" in str(s)
 
 
-@pytest.mark.parametrize("kv_heads,impl", [(2, "sdpa"), (4, "eager")])
-def test_llama_is_unsupported_with_a_reason(kv_heads, impl):
-    gm = capture(_llama(kv_heads, impl), example_inputs("gpt2-sdpa"))
-    with pytest.raises(UnsupportedArchitectureError) as info:
-        discover(gm)
-    assert "RoPE" in str(info.value) or "GQA" in str(info.value)
-    assert isinstance(info.value, DiscoverError)
+@pytest.mark.parametrize("arch", ["llama-sdpa", "phi3-sdpa", "qwen2-eager"])
+def test_gated_ffn_units_hold_up_gate_and_down(arch):
+    s = structure(arch)
+    for block in s.ffn:
+        assert block.gate is not None
+        assert block.unit_params == 3 * 64 + (0 if block.up.bias is None else 2)
+
+
+def test_unit_parameters_add_up_to_the_projections():
+    s = structure("llama-sdpa")
+    gm = captured("llama-sdpa")
+    projections = {p.weight for b in s.attention for p in (b.q, b.k, b.v, b.o)}
+    projections |= {p.weight for b in s.ffn for p in (b.up, b.gate, b.down)}
+    assert s.unit_params == sum(getattr(gm, w).numel() for w in projections)

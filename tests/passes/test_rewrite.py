@@ -13,10 +13,10 @@ import passes
 from passes.graph import aten
 from passes.instrument import mask_buffers
 from tests.captures import captured, model, structure
-from tests.models import ARCHITECTURES, example_inputs
+from tests.models import ALL_ARCHITECTURES, example_inputs
 
 KINDS = ("ones", "random", "whole_heads_zero", "value_only_heads", "query_only_heads",
-         "empty_attention", "empty_ffn")
+         "query_heads_gone", "one_unit_left", "empty_attention", "empty_ffn")
 SHAPES = ((2, 8), (3, 13))
 
 
@@ -27,21 +27,38 @@ def masked(arch: str):
 
 def draw_masks(struct: passes.Structure, kind: str, seed: int, keep: float
                ) -> dict[str, torch.Tensor]:
-    """Binary masks of one kind; ``keep`` is the share kept where the kind is random."""
+    """Binary masks of one kind; ``keep`` is the share kept where the kind is random.
+
+    whole_heads_zero: whole key/value heads (groups) gone; value_only_heads: heads without
+    query units; query_heads_gone: query heads gone inside their group (GQA); one_unit_left:
+    one query unit (a rotary pair, under RoPE) left in every head.
+    """
     gen = torch.Generator().manual_seed(seed)
     masks = {name: (torch.rand(size, generator=gen) < keep).float()
              for name, size in struct.mask_shapes().items()}
     if kind == "ones":
         return struct.ones()
-    block = struct.attention[seed % len(struct.attention)].name
-    qk, vo = masks[f"{block}.qk"], masks[f"{block}.vo"]
-    heads = torch.randperm(qk.shape[0], generator=gen)[: 1 + seed % (qk.shape[0] - 1)]
+    block = struct.attention[seed % len(struct.attention)]
+    names = block.mask_names()
+    vo = masks[names["vo"]]
+    qk = masks[names["qk"]] if "qk" in names else torch.ones(block.qk_shape)
+    heads = torch.randperm(vo.shape[0], generator=gen)[: 1 + seed % max(1, vo.shape[0] - 1)]
     if kind == "whole_heads_zero":
         qk[heads], vo[heads] = 0, 0
     elif kind == "value_only_heads":
         qk[heads], vo[heads] = 0, 1
     elif kind == "query_only_heads":
         qk[heads], vo[heads] = 1, 0
+    elif kind == "query_heads_gone" and "heads" in names:
+        gone = torch.randperm(block.num_heads, generator=gen)[: 1 + seed % (block.num_heads - 1)]
+        vo.fill_(1)
+        masks[names["heads"]].fill_(1)
+        masks[names["heads"]][gone] = 0
+    elif kind == "one_unit_left":
+        qk.zero_()
+        qk[torch.arange(qk.shape[0]), torch.randint(0, qk.shape[1], (qk.shape[0],),
+                                                    generator=gen)] = 1
+        vo.fill_(1)
     elif kind == "empty_attention":
         qk.zero_(), vo.zero_()
     elif kind == "empty_ffn":
@@ -57,7 +74,7 @@ def assert_close(expected: dict, actual: dict) -> None:
         assert err <= 1e-4, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
 @settings(max_examples=8, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16), keep=st.floats(0.0, 1.0),
@@ -74,7 +91,8 @@ def test_compact_equals_masked_graph(arch, kind, seed, keep, bucket):
     assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)
 
 
-@pytest.mark.parametrize("arch", ["bert-sdpa", "gpt2-eager"])
+@pytest.mark.parametrize("arch", ["bert-sdpa", "gpt2-eager", "llama-sdpa", "qwen3-eager",
+                                  "gptj-sdpa"])
 def test_all_ones_keeps_every_parameter_and_the_model_outputs(arch):
     struct, graph = structure(arch), masked(arch)
     passes.set_masks(graph, struct.ones())

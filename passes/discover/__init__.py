@@ -1,0 +1,74 @@
+"""Discover: find attention blocks, FFN blocks and layer outputs from a graph's dataflow.
+
+Attention is found from each ``scaled_dot_product_attention`` node and each softmax that sits
+between two matmuls, then traced back to the Q, K and V projections (``aten.linear``, GPT-2's
+view-addmm-view, or pieces of a fused projection) through small recognizers: head splits,
+casts, scales, norms over the head dims, rotary embeddings and key/value head repeats
+(:mod:`passes.discover.operand`), and forward through the head merge to the output
+projection. An FFN is a projection whose output reaches exactly one other projection through
+elementwise ops only, and whose result is added back to the residual stream. Module names are
+used in messages only.
+
+Preserves computation: it does not change the graph.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from passes.discover.attention import SDPA, SOFTMAX, eager_block, sdpa_block
+from passes.discover.ffn import ffn_block, residual_of, stream_of
+from passes.errors import NoAttentionFoundError
+from passes.graph import NORM_OPS, is_op, live_users
+from passes.structure import AttentionBlock, FFNBlock, Structure
+
+__all__ = ["discover"]
+
+
+def _layer_output(add: fx.Node) -> fx.Node:
+    users = live_users(add)
+    if len(users) == 1 and is_op(users[0], NORM_OPS):
+        return users[0]
+    return add
+
+
+def discover(gm: fx.GraphModule) -> Structure:
+    """Find the attention blocks, FFN blocks, layer outputs and prunable units of ``gm``.
+
+    Raises:
+        NoAttentionFoundError: the graph has no attention block.
+        UnsupportedArchitectureError: an attention variant grainfx cannot prune exactly.
+        DiscoverError: an attention pattern that cannot be traced; the message names the node.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    attention: list[AttentionBlock] = []
+    for node in gm.graph.nodes:
+        name = f"attn{len(attention)}"
+        if is_op(node, SDPA):
+            attention.append(sdpa_block(node, name))
+        elif is_op(node, SOFTMAX) and node.args[0] is not None:
+            block = eager_block(node, name)
+            if block is not None:
+                attention.append(block)
+    if not attention:
+        raise NoAttentionFoundError(
+            f"no attention found in the graph of {len(nodes)} nodes: grainfx looks for "
+            f"scaled_dot_product_attention or matmul-softmax-matmul between projections; pass "
+            f"a transformer model (print(gm.graph) shows what was captured)")
+    taken = {p.node for b in attention for p in (b.q, b.k, b.v, b.o)}
+    ffn: list[FFNBlock] = []
+    ffn_adds: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        found = ffn_block(node, taken, nodes, f"ffn{len(ffn)}")
+        if found is not None:
+            block, add = found
+            ffn.append(block)
+            ffn_adds.append(add)
+            taken.update(p.node for p in (block.up, block.down, block.gate) if p is not None)
+    block_input = nodes[attention[0].q.input]
+    first = residual_of(nodes[attention[0].o.node], block_input)
+    embedding = first[1] if first is not None else stream_of(block_input)
+    layer_outputs = [embedding.name] + [_layer_output(add).name for add in ffn_adds]
+    params = {id(p): p.numel() for p in gm.parameters()}
+    return Structure(attention=tuple(attention), ffn=tuple(ffn),
+                     layer_outputs=tuple(layer_outputs), total_params=sum(params.values()))

@@ -1,0 +1,76 @@
+"""Recognizer of norms over the last dim: a norm over query/key head dims (Qwen3, Gemma 3)
+between projection and scores, and the pre-norm that feeds a block from the residual stream.
+
+A norm region is made of casts, powers, means / variances over the last dim, elementwise
+arithmetic with constants or parameters, ``rsqrt``/``sqrt`` and fused norm ops, and reads one
+tensor (its source) besides parameters.
+"""
+
+from __future__ import annotations
+
+import operator
+
+from torch import fx
+
+from passes.discover.common import last_dim, scalar, strip
+from passes.graph import CAST_OPS, NORM_OPS, aten, attr_tensor, is_op
+from passes.structure import HeadNorm
+
+_REDUCE = {aten.mean.dim, aten.var.correction, aten.var.dim} | NORM_OPS
+_ELEMENTWISE = {aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.sqrt.default,
+                aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
+                aten.sub.Tensor, aten.add.Tensor, aten.add.Scalar}
+
+
+def _is_param(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _inside(node: fx.Node) -> bool:
+    if is_op(node, CAST_OPS | _ELEMENTWISE):
+        if is_op(node, [aten.add.Tensor, aten.sub.Tensor]):
+            # x + y of two computed tensors is a residual add, not part of a norm
+            return any(_is_param(a) or scalar(a) is not None for a in node.args[:2]) or \
+                is_op(node, [aten.sub.Tensor])
+        return True
+    if is_op(node, _REDUCE):
+        if node.target in NORM_OPS:
+            return True
+        dims = node.args[1] if len(node.args) > 1 else None
+        return isinstance(dims, (list, tuple)) and len(dims) == 1 and last_dim(node.args[0],
+                                                                                dims[0])
+    return node.op == "call_function" and node.target is operator.getitem and is_op(
+        node.args[0], NORM_OPS)
+
+
+def norm_region(node: fx.Node, stop: fx.Node | None = None
+                ) -> tuple[fx.Node, list[fx.Node]] | None:
+    """``(source, region)`` of the norm whose output is ``node``; None when ``node`` is no norm
+    over the last dim. ``stop`` ends the walk early (a known source)."""
+    region, sources, stack, seen = [], set(), [node], set()
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if cur is stop or not _inside(cur):
+            sources.add(strip(cur))
+            continue
+        region.append(cur)
+        stack.extend(a for a in cur.all_input_nodes if not _is_param(a) and scalar(a) is None)
+    if len(sources) != 1 or not any(is_op(n, _REDUCE) for n in region):
+        return None
+    return sources.pop(), region
+
+
+def match_head_norm(node: fx.Node) -> tuple[HeadNorm, fx.Node] | None:
+    """A norm over the head dims ending at ``node``: (head norm, the operand it reads)."""
+    found = norm_region(node)
+    if found is None:
+        return None
+    source, region = found
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    region = sorted(region, key=order.__getitem__)
+    weights = {a for n in region for a in n.all_input_nodes if _is_param(a)}
+    params = sum(attr_tensor(node.graph.owning_module, w).numel() for w in weights)
+    return HeadNorm(source.name, node.name, tuple(n.name for n in region), params), source

@@ -1,0 +1,159 @@
+"""Rewrite: fold binary masks into the weights and emit a compact, standalone GraphModule.
+
+For every attention block the subgraph from the Q/K/V projections to the output projection is
+replaced by a compact one: kept query and value dimensions gathered per head, heads without
+value units dropped, heads with value units but no query units attending uniformly (their
+queries are zero), one ``scaled_dot_product_attention`` per bucket of heads of equal
+(rounded-up, zero-padded) size, the original scale and masks / position biases kept. Projections
+that read the same input are merged into one matmul. FFN blocks keep their kept neurons' rows
+and columns. Empty blocks become their output bias. Dead nodes go, sdpa and dropout included.
+
+Zero padding never becomes a parameter: the compact module stores only kept rows and columns
+and pads them at run time with one gather, so its parameter count is what
+:meth:`Structure.count_params` predicts.
+
+Preserves computation: yes, against the masked graph with the same (binary) masks.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from passes.capture import copy_metadata
+from passes.errors import MaskError, TrainingGraphError
+from passes.graph import aten, is_op, remove_dead_code
+from passes.instrument import MASK_MODULE, mask_buffers
+from passes.rewrite.attention import rewrite_attention
+from passes.rewrite.emit import COMPACT_MODULE
+from passes.rewrite.ffn import rewrite_ffn
+from passes.structure import Structure
+
+__all__ = ["rewrite", "RewriteOptions", "DEFAULT_BUCKET", "KEPT_ATTR", "COMPACT_MODULE"]
+
+#: Heads are grouped by query and value size rounded up to a multiple of this. Measured fastest
+#: (eager and compiled) in benchmarks/rewrite_speed.py on BERT-base size at 5% kept with
+#: unequal heads: 1 thread, 10.0x (bucket 4) vs 9.2x (1 and 8), 2.5x (64, one padded call).
+#: Bucket 1 compiled 4x slower than 4 (253 s vs 59 s for 12 layers).
+DEFAULT_BUCKET = 4
+KEPT_ATTR = "grainfx_kept"
+
+
+@dataclass(frozen=True)
+class RewriteOptions:
+    """Options of :func:`rewrite`.
+
+    bucket: heads whose query and value sizes round up to the same multiple of ``bucket`` share
+        one attention call (1: one call per distinct size; head size: one padded call).
+    merge_projections: compute projections that read the same input (Q, K and V) as one matmul.
+    """
+
+    bucket: int = DEFAULT_BUCKET
+    merge_projections: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.bucket, int) or isinstance(self.bucket, bool) or self.bucket < 1:
+            raise ValueError(f"bucket must be a positive int, got {self.bucket!r}")
+
+
+def _check_masks(structure: Structure, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    expected = structure.mask_shapes()
+    if set(masks) != set(expected):
+        raise MaskError(f"the graph's masks {sorted(masks)} do not match the structure's "
+                        f"{sorted(expected)}: pass the Structure that instrumented this graph")
+    checked = {}
+    for name, size in expected.items():
+        mask = masks[name].detach()
+        if mask.shape != size:
+            raise MaskError(f"mask {name!r} has shape {tuple(mask.shape)}, expected {tuple(size)}")
+        if not torch.all((mask == 0) | (mask == 1)):
+            bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+            raise MaskError(f"mask {name!r} holds {bad:g}: rewrite needs binary masks (0 or 1); "
+                            f"threshold them first, e.g. (mask > 0.5).float()")
+        checked[name] = mask.bool()
+    return checked
+
+
+def _is_mask_value(node) -> bool:
+    """True for the (expanded, flattened) get_attr of a mask buffer."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        node = node.args[0]
+        if isinstance(node, (list, tuple)):
+            node = node[0]
+    return isinstance(node, fx.Node) and node.op == "get_attr" and str(node.target).startswith(
+        MASK_MODULE + ".")
+
+
+def _remove_mask_multiplies(graph: fx.Graph) -> None:
+    for node in list(graph.nodes):
+        if is_op(node, [aten.mul.Tensor]) and _is_mask_value(node.args[1]):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+def rewrite(masked_gm: fx.GraphModule, structure: Structure, *, bucket: int | None = None,
+            merge_projections: bool = True) -> fx.GraphModule:
+    """Fold the binary masks of ``masked_gm`` into a compact, standalone GraphModule.
+
+    Args:
+        masked_gm: an eval-mode graph from :func:`passes.instrument` with masks of 0 and 1.
+        structure: the Structure it was instrumented with.
+        bucket: head-size granularity of the attention buckets (default
+            :data:`DEFAULT_BUCKET`); see :class:`RewriteOptions`.
+        merge_projections: merge Q, K and V into one matmul.
+
+    Returns:
+        A new GraphModule (``masked_gm`` is not changed) whose outputs equal ``masked_gm``'s,
+        with ``grainfx_kept`` describing what was kept.
+
+    Raises:
+        NotInstrumentedError: ``masked_gm`` has no masks.
+        MaskError: masks that are not binary or do not match ``structure``.
+        TrainingGraphError: ``masked_gm`` was captured in train mode.
+    """
+    options = RewriteOptions(DEFAULT_BUCKET if bucket is None else bucket, merge_projections)
+    masks = _check_masks(structure, mask_buffers(masked_gm))
+    for node in masked_gm.graph.nodes:
+        if is_op(node, [aten.dropout.default]) and len(node.args) > 2 and node.args[2]:
+            raise TrainingGraphError(
+                f"{node.name} is a live dropout: rewrite makes an inference model from the "
+                f"eval-mode graph; capture with train=False (capture_pair's first graph)")
+    gm = copy.deepcopy(masked_gm)
+    copy_metadata(masked_gm, gm)
+    _remove_mask_multiplies(gm.graph)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    layers = []
+    for i in range(max(len(structure.attention), len(structure.ffn))):
+        layers.append({"layer": i})
+    for i, block in enumerate(structure.attention):
+        layers[i].update(heads_dense=block.num_heads, head_dim=block.head_dim)
+        if block.group_size > 1:
+            layers[i]["kv_heads_dense"] = block.kv_heads
+    for i, block in enumerate(structure.ffn):
+        layers[i]["ffn_dense"] = block.width
+    for i, block in enumerate(structure.attention):
+        layers[i].update(rewrite_attention(gm, nodes, block, masks, options.bucket,
+                                           options.merge_projections))
+    for i, block in enumerate(structure.ffn):
+        layers[i].update(rewrite_ffn(gm, nodes, block, masks[block.name]))
+    gm.graph.lint()
+    remove_dead_code(gm)
+    if hasattr(gm, MASK_MODULE):
+        delattr(gm, MASK_MODULE)
+    gm.recompile()
+    params = sum(p.numel() for p in gm.parameters())
+    setattr(gm, KEPT_ATTR, {
+        "layers": layers,
+        "hidden": structure.attention[0].q.in_features,
+        "parameters": params,
+        "unit_parameters": structure.kept_unit_params(masks),
+        "unit_parameters_dense": structure.unit_params,
+        "parameters_dense": structure.total_params,
+        "density": structure.density(masks),
+        "bucket": options.bucket,
+        "merge_projections": options.merge_projections,
+    })
+    return gm

@@ -1,0 +1,256 @@
+"""Rewrite of attention blocks into buckets of heads of equal (padded) size.
+
+The subgraph from the Q/K/V projections to the output projection is replaced: kept query and
+value dims gathered per head, heads without value units dropped, heads with value units but
+no query units attending uniformly (their queries are zero), one
+``scaled_dot_product_attention`` per bucket with the original scale and masks / position
+biases. Under RoPE the kept rotary pairs keep their pairing in the compact layout
+(rotate-half: all first halves, then all second halves; interleaved: pair by pair) and the
+cos/sin tables are gathered to match, so positions stay exact at every length. Under GQA a
+bucket holds whole key/value groups: keys and values are projected once per group and
+repeated to the bucket's query heads. A norm over the head dims is replayed from the
+model's own nodes.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from passes.graph import Projection, aten, shape
+from passes.rewrite.emit import PAD, Emitter
+from passes.structure import AttentionBlock, Rope
+
+
+def _round_up(n: int, step: int, cap: int) -> int:
+    if n == 0:
+        return 0
+    return min(cap, -(-n // step) * step)
+
+
+@dataclass(frozen=True)
+class _HeadLayout:
+    """Kept query units of one head (or key/value group): rotary pairs and other dims."""
+
+    pairs: tuple[int, ...]
+    dims: tuple[int, ...]
+
+    def query(self, block: AttentionBlock, wp: int, ws: int) -> list[int]:
+        """Head dims in compact order, PAD where padded: rotary part, then the other dims."""
+        rope = block.rope
+        pad_pairs = [PAD] * (wp - len(self.pairs))
+        if rope is None or not wp:
+            rotary = []
+        elif rope.layout == "half":
+            rotary = ([rope.pair_dims(p)[0] for p in self.pairs] + pad_pairs
+                      + [rope.pair_dims(p)[1] for p in self.pairs] + pad_pairs)
+        else:
+            rotary = [d for p in self.pairs for d in rope.pair_dims(p)] + pad_pairs * 2
+        return rotary + list(self.dims) + [PAD] * (ws - len(self.dims))
+
+    def table(self, block: AttentionBlock, wp: int) -> list[int]:
+        """Entries of the cos/sin tables for the rotary part of :meth:`query` (0 at PAD)."""
+        return [0 if d == PAD else d for d in self.query(block, wp, 0)[:2 * wp]]
+
+
+def _layout(block: AttentionBlock, qdims: torch.Tensor) -> _HeadLayout:
+    pairs = block.rotary_dims // 2
+    kept = [u for u in range(block.query_units_per_head)
+            if bool(qdims[block.unit_dims(u)[0]])]
+    return _HeadLayout(tuple(u for u in kept if u < pairs),
+                       tuple(block.unit_dims(u)[0] for u in kept if u >= pairs))
+
+
+def _offset(dims: list[int], base: int) -> list[int]:
+    return [PAD if d == PAD else base + d for d in dims]
+
+
+def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: AttentionBlock,
+                      masks: dict[str, torch.Tensor], bucket: int, merge: bool) -> dict:
+    """Replace ``block`` by its compact form; returns the kept heads for the record."""
+    qdims, vdims, live = block.per_head(masks)
+    out_node = nodes[block.o.node]
+    emit = Emitter(gm, block.name, out_node)
+    x_q, x_kv = nodes[block.q.input], nodes[block.k.input]
+    o_bias = block.o.linear_bias(gm)
+    heads_kept = [{"head": h, "query": int(qdims[h].sum()), "value": int(vdims[h].sum())}
+                  for h in range(block.num_heads) if live[h]]
+    if not live.any():
+        out_node.replace_all_uses_with(emit.constant_output(x_q, o_bias, block.o.out_features))
+        return {"heads": heads_kept}
+    d, g = block.head_dim, block.group_size
+    layouts = {h: _layout(block, qdims[h]) for h in range(block.num_heads) if live[h]}
+    buckets = defaultdict(list)
+    for h, lay in layouts.items():
+        wp = _round_up(len(lay.pairs), bucket, block.rotary_dims // 2)
+        ws = _round_up(len(lay.dims), bucket, d - block.rotary_dims)
+        if wp + ws == 0:
+            ws = 1  # no query units: a zero query, uniform attention
+        buckets[(wp, ws, _round_up(int(vdims[h].sum()), bucket, d))].append(h)
+    buckets = dict(sorted(buckets.items()))
+    index = {"q": [], "k": [], "v": []}
+    groups_of = []
+    for (wp, ws, wv), heads in buckets.items():
+        groups = sorted({h // g for h in heads})
+        groups_of.append(groups)
+        index["q"].append([i for h in heads
+                           for i in _offset(layouts[h].query(block, wp, ws), h * d)])
+        first = {grp: next(h for h in heads if h // g == grp) for grp in groups}
+        index["k"].append([i for grp in groups
+                           for i in _offset(layouts[first[grp]].query(block, wp, ws), grp * d)])
+        index["v"].append([i for grp in groups for i in _offset(_dims(vdims[first[grp]], wv),
+                                                                grp * d)])
+    pieces = _project(emit, block, index, x_q, x_kv, merge)
+    mask = _score_mask(emit, nodes, block)
+    contexts, o_index = [], []
+    for b, ((wp, ws, wv), heads) in enumerate(buckets.items()):
+        groups = groups_of[b]
+        q = _heads(emit, pieces["q"][b], len(heads), 2 * wp + ws)
+        k = _heads(emit, pieces["k"][b], len(groups), 2 * wp + ws)
+        v = _heads(emit, pieces["v"][b], len(groups), wv)
+        if block.q_norm is not None:
+            q = _replay(emit, nodes, block.q_norm.source, block.q_norm.region, q)
+        if block.k_norm is not None:
+            k = _replay(emit, nodes, block.k_norm.source, block.k_norm.region, k)
+        if wp:
+            first = {grp: next(h for h in heads if h // g == grp) for grp in groups}
+            q_table = [i for h in heads for i in layouts[h].table(block, wp)]
+            k_table = [i for grp in groups for i in layouts[first[grp]].table(block, wp)]
+            q = _rotate(emit, nodes, block.rope, q, q_table, wp, 2 * wp + ws)
+            k = _rotate(emit, nodes, block.rope_k, k, k_table, wp, 2 * wp + ws)
+        to_group = [groups.index(h // g) for h in heads]
+        if to_group != list(range(len(groups))):
+            select = emit.tensor(f"bucket{b}_kv", torch.tensor(to_group), False)
+            k = emit.call(aten.index_select.default, k, 1, select)
+            v = emit.call(aten.index_select.default, v, 1, select)
+        ctx = emit.call(aten.scaled_dot_product_attention.default, q, k, v,
+                        _heads_of(emit, mask, block, heads, b), 0.0, block.is_causal,
+                        scale=block.scale)
+        contexts.append(emit.call(aten.flatten.using_ints,
+                                  emit.call(aten.transpose.int, ctx, 1, 2), -2, -1))
+        o_index += [i for h in heads for i in _offset(_dims(vdims[h], wv), h * d)]
+    ctx = contexts[0] if len(contexts) == 1 else emit.call(aten.cat.default, contexts, -1)
+    w_t, _ = emit.padded("o", block.o.linear_weight(gm).t(), None, o_index)
+    w_o = emit.call(aten.t.default, w_t)
+    b_o = emit.tensor("o_bias", o_bias, True) if o_bias is not None else None
+    out_node.replace_all_uses_with(emit.call(aten.linear.default, ctx, w_o, b_o))
+    return {"heads": heads_kept}
+
+
+def _dims(mask_row: torch.Tensor, width: int) -> list[int]:
+    dims = [int(j) for j in torch.nonzero(mask_row).flatten()]
+    return dims + [PAD] * (width - len(dims))
+
+
+def _heads(emit: Emitter, piece: fx.Node, heads: int, width: int) -> fx.Node:
+    """(batch, seq, heads * width) -> (batch, heads, seq, width)."""
+    return emit.call(aten.transpose.int, emit.call(aten.unflatten.int, piece, -1,
+                                                   [heads, width]), 1, 2)
+
+
+def _replay(emit: Emitter, nodes: dict[str, fx.Node], source: str, region: tuple[str, ...],
+            x: fx.Node) -> fx.Node:
+    """The model's own nodes ``region`` (a norm over the last dim) applied to ``x``."""
+    env = {nodes[source]: x}
+    out = x
+    with emit.graph.inserting_before(emit.anchor):
+        for name in region:
+            out = emit.graph.node_copy(nodes[name], lambda n: env.get(n, n))
+            env[nodes[name]] = out
+    return out
+
+
+def _rotate(emit: Emitter, nodes: dict[str, fx.Node], rope: Rope, x: fx.Node,
+            table_index: list[int], wp: int, width: int) -> fx.Node:
+    """Rotary embedding of the first ``2 wp`` dims of ``x`` (batch, heads, seq, width) with
+    the model's cos/sin tables gathered at ``table_index`` (heads x 2 wp entries)."""
+    heads = len(table_index) // (2 * wp)
+    index = emit.tensor(f"rope_{x.name}", torch.tensor(table_index), False)
+
+    def table(name: str) -> fx.Node:
+        t = emit.call(aten.squeeze.dim, nodes[name], rope.head_axis)  # (batch?, seq, rotary)
+        t = emit.call(aten.index_select.default, t, -1, index)
+        t = emit.call(aten.unflatten.int, t, -1, [heads, 2 * wp])
+        return emit.call(aten.transpose.int, t, 1, 2)
+    rot = emit.call(aten.slice.Tensor, x, -1, 0, 2 * wp) if width != 2 * wp else x
+    if rope.layout == "half":
+        turned = emit.call(aten.cat.default, [
+            emit.call(aten.neg.default, emit.call(aten.slice.Tensor, rot, -1, wp, 2 * wp)),
+            emit.call(aten.slice.Tensor, rot, -1, 0, wp)], -1)
+    else:
+        stacked = emit.call(aten.stack.default, [
+            emit.call(aten.neg.default, emit.call(aten.slice.Tensor, rot, -1, 1, 2 * wp, 2)),
+            emit.call(aten.slice.Tensor, rot, -1, 0, 2 * wp, 2)], -1)
+        turned = emit.call(aten.flatten.using_ints, stacked, -2, -1)
+    out = emit.call(aten.add.Tensor, emit.call(aten.mul.Tensor, rot, table(rope.cos)),
+                    emit.call(aten.mul.Tensor, turned, table(rope.sin)))
+    if width == 2 * wp:
+        return out
+    rest = emit.call(aten.slice.Tensor, x, -1, 2 * wp, width)
+    return emit.call(aten.cat.default, [out, rest], -1)
+
+
+def _project(emit: Emitter, block: AttentionBlock, index: dict[str, list[list[int]]],
+             x_q: fx.Node, x_kv: fx.Node, merge: bool) -> dict[str, list[fx.Node]]:
+    """Emit the Q, K and V projections; return their per-bucket pieces."""
+    projections = {"q": (block.q, x_q), "k": (block.k, x_kv), "v": (block.v, x_kv)}
+    groups: list[list[str]] = []
+    for role, (proj, x) in projections.items():
+        same = [grp for grp in groups if projections[grp[0]][1] is x
+                and (projections[grp[0]][0].bias is None) == (proj.bias is None)]
+        if merge and same:
+            same[0].append(role)
+        else:
+            groups.append([role])
+    pieces: dict[str, list[fx.Node]] = {}
+    for group in groups:
+        weights, biases, flat_index, sizes, offset = [], [], [], [], 0
+        for role in group:
+            proj: Projection = projections[role][0]
+            weights.append(proj.linear_weight(emit.gm))
+            biases.append(proj.linear_bias(emit.gm))
+            for part in index[role]:
+                flat_index += [PAD if i == PAD else i + offset for i in part]
+                sizes.append(len(part))
+            offset += proj.out_features
+        weight = torch.cat(weights)
+        bias = None if biases[0] is None else torch.cat(biases)
+        w, b = emit.padded("".join(group), weight, bias, flat_index)
+        y = emit.call(aten.linear.default, projections[group[0]][1], w, b)
+        if len(sizes) == 1:
+            parts = [y]
+        else:
+            split = emit.call(aten.split_with_sizes.default, y, sizes, -1)
+            parts = [emit.call(operator.getitem, split, i) for i in range(len(sizes))]
+        for role in group:
+            n = len(index[role])
+            pieces[role], parts = parts[:n], parts[n:]
+    return pieces
+
+
+def _score_mask(emit: Emitter, nodes: dict[str, fx.Node], block: AttentionBlock
+                ) -> fx.Node | None:
+    if block.kind == "sdpa":
+        return nodes[block.attn_mask] if block.attn_mask else None
+    mask = None
+    for name in block.score_biases:
+        bias = nodes[name]
+        mask = bias if mask is None else emit.call(aten.add.Tensor, mask, bias)
+    return mask
+
+
+def _heads_of(emit: Emitter, mask: fx.Node | None, block: AttentionBlock, heads: list[int],
+              bucket: int) -> fx.Node | None:
+    """The mask's slice for ``heads`` when it has one entry per head, else the mask itself."""
+    if mask is None:
+        return None
+    dims = shape(mask)
+    per_head = dims is not None and len(dims) == 4 and dims[1] == block.num_heads > 1
+    if not per_head or heads == list(range(block.num_heads)):
+        return mask
+    index = emit.tensor(f"bucket{bucket}_heads", torch.tensor(heads), False)
+    return emit.call(aten.index_select.default, mask, 1, index)

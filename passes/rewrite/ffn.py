@@ -1,0 +1,81 @@
+"""Rewrite of FFN blocks: kept neurons' rows of the up (and gate) projection and columns of
+the down projection, sliced in place; an empty block becomes the down projection's bias.
+
+A fused up/gate projection (one weight, split in the graph) keeps the kept rows of each piece
+and its split is resized.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from passes.graph import Projection, aten, attr_tensor, is_op, set_attr
+from passes.rewrite.emit import Emitter
+from passes.structure import FFNBlock
+
+
+def rewrite_ffn(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock,
+                mask: torch.Tensor) -> dict:
+    """Slice ``block`` to the neurons ``mask`` keeps; returns the kept width for the record."""
+    kept = torch.nonzero(mask).flatten().tolist()
+    if not kept:
+        down = nodes[block.down.node]
+        emit = Emitter(gm, block.name, down)
+        down.replace_all_uses_with(emit.constant_output(
+            nodes[block.up.input], block.down.linear_bias(gm), block.down.out_features))
+        return {"ffn": 0}
+    pieces = [p for p in (block.up, block.gate) if p is not None]
+    by_weight: dict[str, list[Projection]] = {}
+    for proj in pieces:
+        by_weight.setdefault(proj.weight, []).append(proj)
+    for projs in by_weight.values():
+        rows = sorted(r for p in projs for r in (p.output_rows()[i] for i in kept))
+        _slice_outputs(gm, projs[0], rows)
+        if len(projs) > 1 or projs[0].rows is not None or projs[0].start:
+            for proj in projs:
+                _resize_split(nodes[proj.node], block.width, len(kept))
+    _slice_inputs(gm, block.down, kept)
+    width, new = block.width, len(kept)
+    for name in (block.up.node, block.down.input_user, *block.region):
+        node = nodes[name]
+        if is_op(node, [aten.view.default, aten.reshape.default]):
+            sizes = list(node.args[1])
+            if sizes and sizes[-1] == width:
+                node.args = (node.args[0], sizes[:-1] + [new])
+    return {"ffn": new}
+
+
+def _resize_split(piece: fx.Node, width: int, new: int) -> None:
+    """Make the split that ``piece`` (a getitem) comes from cut pieces of ``new``, not
+    ``width``, features."""
+    if piece.op != "call_function" or piece.target is not operator.getitem:
+        raise AssertionError(f"{piece.name} is not a piece of a split")
+    split = piece.args[0]
+    if split.target is aten.chunk.default:
+        return  # equal pieces stay equal
+    args = list(split.args)
+    if split.target is aten.split.Tensor and args[1] == width:
+        args[1] = new
+    elif split.target is aten.split_with_sizes.default:
+        args[1] = [new if s == width else s for s in args[1]]
+    else:
+        raise AssertionError(f"cannot resize the split {split.name} ({split.target})")
+    split.args = tuple(args)
+
+
+def _slice_outputs(gm: fx.GraphModule, proj: Projection, rows: list[int]) -> None:
+    w = attr_tensor(gm, proj.weight).detach()
+    set_attr(gm, proj.weight, torch.nn.Parameter(
+        (w[:, rows] if proj.transposed else w[rows]).clone(), requires_grad=False))
+    if proj.bias is not None:
+        b = attr_tensor(gm, proj.bias).detach()
+        set_attr(gm, proj.bias, torch.nn.Parameter(b[rows].clone(), requires_grad=False))
+
+
+def _slice_inputs(gm: fx.GraphModule, proj: Projection, kept: list[int]) -> None:
+    w = attr_tensor(gm, proj.weight).detach()
+    set_attr(gm, proj.weight, torch.nn.Parameter(
+        (w[kept] if proj.transposed else w[:, kept]).clone(), requires_grad=False))
