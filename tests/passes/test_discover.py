@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as T
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from passes.capture import capture
 from passes.discover import discover
-from passes.errors import DiscoverError, NoAttentionFoundError
+from passes.errors import NoAttentionFoundError
+from passes.graph import attr_tensor
 from tests.captures import captured, pair, structure
 from tests.models import (ARCHITECTURES, FFN_WIDTH, HEAD_DIM, HEADS, HIDDEN, LAYERS,
-                          example_inputs, split)
+                          split)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -206,4 +206,4 @@ def test_unit_parameters_add_up_to_the_projections():
     gm = captured("llama-sdpa")
     projections = {p.weight for b in s.attention for p in (b.q, b.k, b.v, b.o)}
     projections |= {p.weight for b in s.ffn for p in (b.up, b.gate, b.down)}
-    assert s.unit_params == sum(getattr(gm, w).numel() for w in projections)
+    assert s.unit_params == sum(attr_tensor(gm, w).numel() for w in projections)
