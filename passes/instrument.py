@@ -1,9 +1,9 @@
 """Instrument: insert differentiable dimension masks into a captured graph.
 
 One mask per block and kind, stored as buffers of a ``grain_masks`` submodule and multiplied in
-at the narrowest point: the query projection's output (qk), the context before the output
-projection (vo) and the FFN activation before the down projection (ffn). Masks at one leave the
-outputs unchanged. Masks require grad, so a backward pass gives dL/dm; :func:`record_mask_grads`
+at the narrowest point: the queries the attention op reads (qk), the context before the output
+projection (vo, and the query-head mask under GQA) and the FFN activation before the down
+projection (ffn). Masks at one leave the outputs unchanged. Masks require grad, so a backward pass gives dL/dm; :func:`record_mask_grads`
 collects it for the backward passes run inside it only (the mechanism behind GRAIN's gradient
 separation).
 
@@ -66,6 +66,17 @@ def _node(nodes: dict[str, fx.Node], name: str, width: int) -> fx.Node:
             f"Structure only fits the graph it was discovered on; run passes.discover on this "
             f"graph (for capture_pair, discover the train graph and the eval graph each)")
     return node
+
+
+def _reader(nodes: dict[str, fx.Node], name: str, value: fx.Node) -> fx.Node:
+    """The node ``name``, checked to read ``value``."""
+    reader = nodes.get(name)
+    if reader is None or value not in reader.all_input_nodes:
+        raise StructureMismatchError(
+            f"node {name!r} of the structure does not read {value.name!r} in this graph: a "
+            f"Structure only fits the graph it was discovered on; run passes.discover on this "
+            f"graph")
+    return reader
 
 
 def _expand_qk(block: AttentionBlock):
@@ -142,15 +153,16 @@ def instrument(gm: fx.GraphModule, structure: Structure,
     for block in structure.attention:
         names = block.mask_names()
         if "qk" in names:
-            _insert_mask(graph, _node(nodes, block.q_operand, block.head_dim), names["qk"],
-                         _expand_qk(block), nodes[block.q_reader],
+            q = _node(nodes, block.q_operand, block.head_dim)
+            _insert_mask(graph, q, names["qk"], _expand_qk(block),
+                         _reader(nodes, block.q_reader, q),
                          [block.num_heads, 1, block.head_dim])
-        width = block.num_heads * block.head_dim
-        _insert_mask(graph, _node(nodes, block.o.input, width), names["vo"],
-                     _expand_vo(block), nodes[block.o.input_user])
+        ctx = _node(nodes, block.o.input, block.num_heads * block.head_dim)
+        _insert_mask(graph, ctx, names["vo"], _expand_vo(block),
+                     _reader(nodes, block.o.input_user, ctx))
     for block in structure.ffn:
-        _insert_mask(graph, _node(nodes, block.down.input, block.width), block.name, None,
-                     nodes[block.down.input_user])
+        act = _node(nodes, block.down.input, block.width)
+        _insert_mask(graph, act, block.name, None, _reader(nodes, block.down.input_user, act))
     new = derive(gm, graph, root=_with_masks(gm, holder))
     new.graph.lint()
     return new
