@@ -28,7 +28,7 @@ def compact(arch: str, seed: int = 0):
     return passes.rewrite(graph, struct)
 
 
-@pytest.mark.parametrize("arch", ["bert-sdpa", "gpt2-eager"])
+@pytest.mark.parametrize("arch", ["bert-sdpa", "gpt2-eager", "llama-sdpa"])
 def test_saved_model_loads_in_a_process_without_transformers(arch, tmp_path):
     module = compact(arch)
     path = grainfx.save(module, tmp_path / "model.pt2")
@@ -99,11 +99,12 @@ def test_load_of_a_foreign_file(tmp_path):
         grainfx.load(path)
 
 
-def test_compiled_compact_module_matches_eager():
-    module = compact("bert-sdpa", seed=2)
+@pytest.mark.parametrize("arch", ["bert-sdpa", "llama-sdpa"])
+def test_compiled_compact_module_matches_eager(arch):
+    module = compact(arch, seed=2)
     compiled = torch.compile(module)
     with torch.no_grad():
         for batch, seq in ((2, 8), (3, 12)):
-            inputs = example_inputs("bert-sdpa", batch, seq, seed=batch)
+            inputs = example_inputs(arch, batch, seq, seed=batch)
             expected, actual = module(**inputs), compiled(**inputs)
             assert torch.allclose(expected["logits"], actual["logits"], rtol=1e-4, atol=1e-5)
