@@ -162,10 +162,11 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_result(workdir):
 LM_WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "log", "and", "then", "slept"]
 
 
-@pytest.fixture(scope="module")
-def lm_workdir(tmp_path_factory) -> Path:
-    """A tiny GPT-2 LM folder with a word-level tokenizer, training documents as plain text
-    and held-out documents as JSONL (text under "body")."""
+@pytest.fixture(scope="module", params=["gpt2-sdpa", "llama-sdpa"])
+def lm_workdir(tmp_path_factory, request) -> Path:
+    """A tiny LM folder (GPT-2, or Llama with RoPE, GQA and SwiGLU) with a word-level
+    tokenizer, training documents as plain text and held-out documents as JSONL (text under
+    "body")."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -178,7 +179,7 @@ def lm_workdir(tmp_path_factory) -> Path:
     PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>", eos_token="<eos>",
                             pad_token="<pad>", model_input_names=["input_ids", "attention_mask"]
                             ).save_pretrained(root / "model")
-    build("gpt2-sdpa").save_pretrained(root / "model")
+    build(request.param).save_pretrained(root / "model")
     rng = random.Random(0)
 
     def document() -> str:
