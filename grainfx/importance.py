@@ -30,9 +30,9 @@ class Importance:
             self.groups = [ScoreGroup(g.mask, g.kind, g.shape, g.unit_params)
                            for g in structure.units()]
         else:
-            self.groups = [ScoreGroup(f"{b.name}.head", "head", torch.Size([b.num_heads]),
-                                      b.qk_shape[1] * b.query_unit_params
-                                      + b.vo_shape[1] * b.value_unit_params)
+            # whole heads; under GQA whole key/value groups with their query heads
+            self.groups = [ScoreGroup(f"{b.name}.head", "head", torch.Size([b.kv_heads]),
+                                      b.params // b.kv_heads)
                            for b in structure.attention]
             self.groups += [ScoreGroup(b.name, "ffn", torch.Size([b.width]), b.unit_params)
                             for b in structure.ffn]
@@ -85,9 +85,15 @@ class Importance:
         for group in self.groups:
             if group.kind == "head":
                 block = group.name[: -len(".head")]
-                for kind in ("qk", "vo"):
-                    shape = like[f"{block}.{kind}"].shape
-                    masks[f"{block}.{kind}"] = alive[group.name][:, None].expand(shape).float()
+                for kind in ("qk", "vo", "heads"):
+                    name = f"{block}.{kind}"
+                    if name not in like:
+                        continue
+                    if kind == "heads":  # query heads inside a group are not ranked here
+                        masks[name] = like[name].detach().clone()
+                        continue
+                    shape = like[name].shape
+                    masks[name] = alive[group.name][:, None].expand(shape).float()
             else:
                 masks[group.name] = alive[group.name].float()
         return masks

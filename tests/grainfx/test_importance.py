@@ -19,6 +19,23 @@ def structure():
     return captured_structure(ARCH)
 
 
+@pytest.mark.parametrize("arch", ["llama-sdpa", "qwen3-eager"])
+@pytest.mark.parametrize("granularity", ["intra", "head"])
+def test_prune_reaches_density_under_gqa_rope_and_head_norms(arch, granularity):
+    struct = captured_structure(arch)
+    importance = Importance(struct, GrainConfig(granularity=granularity))
+    masks = struct.ones()
+    for step, target in enumerate([0.8, 0.5, 0.2]):
+        random_scores(importance, seed=step)
+        new = importance.prune(masks, target)
+        assert new.keys() == masks.keys()
+        assert all(bool((new[n] <= masks[n]).all()) for n in new)
+        assert struct.density(new) <= target + 1e-12
+        masks = new
+    if granularity == "head":  # whole key/value groups go; query heads are not ranked
+        assert all(bool(masks[f"{b.name}.heads"].all()) for b in struct.attention)
+
+
 def random_scores(importance: Importance, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     importance.scores = {name: torch.rand(s.shape, generator=gen)
