@@ -21,8 +21,9 @@ README = ROOT / "README.md"
 BUCKETS = ("bucket=1", "bucket=4", "bucket=8", "bucket=16", "bucket=64")
 
 
-def _kept_rows(records: dict, threads: int, mode: str) -> list[dict]:
-    rows = [r for r in records.values() if r["threads"] == threads and r["mode"] == mode]
+def _kept_rows(records: dict, threads: int, mode: str, model: str = "bert") -> list[dict]:
+    rows = [r for r in records.values() if r["threads"] == threads and r["mode"] == mode
+            and r.get("model", "bert") == model]
     order = {"concentrated": 0, "spread": 1, "unequal": 2}
     return sorted(rows, key=lambda r: (-r["kept"], order.get(r["pattern"], 9)))
 
@@ -83,9 +84,48 @@ def rewrite_speed_section(data: dict) -> str:
                          + f" | {best / r['uniform_speedup']:.0%} | {cs['dense']:.0f} s | "
                          + " | ".join(f"{cs[b]:.0f} s" for b in present) + " |")
         lines.append("")
+    lines += llama_speed_lines(records)
     if (RESULTS / "rewrite_speed.png").exists():
         lines.append("![rewrite speed](benchmarks/results/rewrite_speed.png)")
     return "\n".join(lines).rstrip()
+
+
+def llama_speed_lines(records: dict) -> list[str]:
+    """The eager Llama rows, one table per (batch, seq, threads)."""
+    llama = [r for r in records.values() if r.get("model") == "llama" and r["mode"] == "eager"]
+    if not llama:
+        return []
+    s = llama[0]["shape"]
+    lines = [f"**Llama-shaped model, eager** (RoPE, {s['heads']} query heads in {s['kv_heads']} "
+             f"key/value groups of head size {s['head_dim']}, SwiGLU FFN {s['ffn']}, hidden "
+             f"{s['hidden']}, {s['layers']} layers, random weights; `--only llama`). *limit*: a "
+             f"uniform Llama doing the kept work of the concentrated masks in the most regular "
+             f"shape (one key/value group per layer with its kept query heads, FFN of the kept "
+             f"width), the same for every pattern of a kept share: spread and unequal masks keep "
+             f"somewhat less (see density and FLOPs ratio), so they can pass 100% of it. "
+             f"*spread* keeps at least one query head per group; no torch.compile rows.", ""]
+    order = {"concentrated": 0, "spread": 1, "unequal": 2}
+    groups = sorted({(r["shape"]["batch"], r["shape"]["seq"], r["threads"]) for r in llama},
+                    key=lambda g: (g[2], -g[0], g[1]))
+    for batch, seq, threads in groups:
+        rows = sorted((r for r in llama if (r["shape"]["batch"], r["shape"]["seq"],
+                                           r["threads"]) == (batch, seq, threads)),
+                      key=lambda r: (-r["kept"], order.get(r["pattern"], 9)))
+        present = [b for b in BUCKETS if b in rows[0]["speedup"]]
+        unmerged = [k for k in rows[0]["speedup"] if k.endswith("unmerged")]
+        lines += [f"Batch {batch}, sequence {seq}, {threads} thread{'s' if threads > 1 else ''} "
+                  f"(speedup over dense, per bucket size; median of {rows[0]['reps']})", "",
+                  "| kept | pattern | density | FLOPs ratio | limit | "
+                  + " | ".join(present + unmerged) + " | best / limit |",
+                  "|---:|---|---:|---:|---:|" + "---:|" * (len(present) + len(unmerged)) + "---:|"]
+        for r in rows:
+            _, best = _best(r)
+            cells = [f"{r['speedup'][b]:.2f}x" for b in present + unmerged]
+            lines.append(f"| {r['kept']:.0%} | {r['pattern']} | {r['density']:.1%} | "
+                         f"{r['flops_ratio']:.1f}x | {r['uniform_speedup']:.2f}x | "
+                         + " | ".join(cells) + f" | {best / r['uniform_speedup']:.0%} |")
+        lines.append("")
+    return lines
 
 
 def rewrite_speed_plot(data: dict, path: Path) -> None:

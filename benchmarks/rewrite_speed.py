@@ -8,8 +8,13 @@ in the most regular shape (one head of the kept size per layer, FFN of the kept 
 practical limit on this CPU. Results go to benchmarks/results/rewrite_speed.json as they are
 measured; a rerun skips what is there (delete the file to start over).
 
+The same for a Llama-shaped model (RoPE, grouped key/value heads, SwiGLU: 12 layers, hidden 768,
+12 query heads in 4 key/value groups of head size 64, FFN 2048), eager, at batch 8 x seq 128 and
+batch 1 x seq 512; its records are keyed ``llama/batch=B/seq=S/...`` in the same store.
+
     python benchmarks/rewrite_speed.py                 # the full run (about an hour here)
-    python benchmarks/rewrite_speed.py --quick         # a tiny model, seconds (used by tests)
+    python benchmarks/rewrite_speed.py --only llama --threads 1 --compile-threads
+    python benchmarks/rewrite_speed.py --quick         # tiny models, seconds (used by tests)
 """
 
 from __future__ import annotations
@@ -166,6 +171,233 @@ def measure(label: str, models: dict[str, nn.Module], inputs: dict, reps: int,
     return interleaved_medians(fns, reps), compile_s
 
 
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    layers: int
+    vocab: int
+    batch: int
+    seq: int
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def label(self) -> str:
+        return f"llama/batch={self.batch}/seq={self.seq}"
+
+
+LLAMA = LlamaShape(hidden=768, heads=12, kv_heads=4, head_dim=64, ffn=2048, layers=12,
+                   vocab=32000, batch=8, seq=128)
+LLAMA_SHAPES = {"8x128": LLAMA, "1x512": LlamaShape(**{**LLAMA.__dict__, "batch": 1, "seq": 512})}
+TINY_LLAMA = LlamaShape(hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, layers=2, vocab=100,
+                        batch=2, seq=16)
+
+
+def llama_model(shape: LlamaShape) -> nn.Module:
+    from transformers import LlamaConfig, LlamaModel
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+                         intermediate_size=shape.ffn, max_position_embeddings=max(2048, shape.seq),
+                         use_cache=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaModel(config).eval()
+
+
+def llama_inputs(shape: LlamaShape) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen)}
+
+
+def llama_masks(structure: passes.Structure, shape: LlamaShape, kept: float, pattern: str
+                ) -> dict[str, torch.Tensor]:
+    """Masks keeping ``kept`` of each unit kind (rotary pairs per kv group, value dims per kv
+    group, query heads, FFN width) of a GQA model.
+
+    *concentrated*: the kept pairs / dims fill the first kv groups, the kept query heads are the
+    first ones (so of the same groups); *spread*: every kv group keeps the same number of pairs
+    and dims, and one query head or more each (at least one per group, so the share of query
+    heads kept is at least 1 / group size); *unequal*: pairs, dims and query heads at random."""
+    gen = torch.Generator().manual_seed(1)
+    masks = {}
+    for name, size in structure.mask_shapes().items():
+        mask = torch.zeros(size)
+        n = max(1, round(kept * size.numel()))
+        if name.endswith(".heads"):
+            if pattern == "spread":
+                per_group = max(1, round(n / shape.kv_heads))
+                for g in range(shape.kv_heads):
+                    mask[g * shape.group:g * shape.group + per_group] = 1
+            elif pattern == "unequal":
+                mask[torch.randperm(size[0], generator=gen)[:n]] = 1
+            else:
+                mask[:n] = 1
+        elif len(size) == 1 or pattern == "unequal":
+            mask.view(-1)[torch.randperm(size.numel(), generator=gen)[:n]] = 1
+        elif pattern == "spread":
+            per_group = max(1, round(kept * size[1]))
+            for g in range(size[0]):
+                mask[g, torch.randperm(size[1], generator=gen)[:per_group]] = 1
+        else:
+            mask.view(-1)[:n] = 1
+        masks[name] = mask
+    return masks
+
+
+def llama_counts(masks: dict[str, torch.Tensor], shape: LlamaShape, layer: int
+                 ) -> tuple[int, int, int, int, int, int]:
+    """Of one layer: kept query heads, rotary pairs and value dims (over all kv groups), the
+    pairs and value dims summed over the kept query heads (what q, o and the attention pay),
+    and FFN width. A group none of whose query heads is kept does no work."""
+    qk, vo = masks[f"attn{layer}.qk"], masks[f"attn{layer}.vo"]
+    heads = masks.get(f"attn{layer}.heads", torch.ones(shape.heads))
+    per_group = heads.view(shape.kv_heads, shape.group).sum(1)
+    live = per_group > 0
+    pairs, dims = qk.sum(1), vo.sum(1)
+    return (int(heads.sum()), int(pairs[live].sum()), int(dims[live].sum()),
+            int((per_group * pairs).sum()), int((per_group * dims).sum()),
+            int(masks[f"ffn{layer}"].sum()))
+
+
+def llama_flops(shape: LlamaShape, counts: list[tuple[int, ...]]) -> float:
+    """Multiply-adds x 2 per forward for layers with these counts (embeddings excluded)."""
+    tokens, d = shape.batch * shape.seq, shape.hidden
+    total = 0.0
+    for _, pairs, dims, head_pairs, head_dims, width in counts:
+        proj = 2 * tokens * d * (2 * head_pairs + 2 * pairs + dims + head_dims + 3 * width)
+        total += proj + 2 * tokens * shape.seq * (2 * head_pairs + head_dims)
+    return total
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(hidden)), eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+class UniformLlamaLayer(nn.Module):
+    """One pre-norm Llama layer with a single kv group (``pairs`` rotary pairs, ``dims`` value
+    dims) shared by ``heads`` query heads, and a SwiGLU FFN of ``width``."""
+
+    def __init__(self, hidden: int, heads: int, pairs: int, dims: int, width: int,
+                 head_dim: int):
+        super().__init__()
+        self.heads, self.pairs, self.dims = heads, pairs, dims
+        self.scale = 1 / math.sqrt(head_dim)
+        self.q = nn.Linear(hidden, heads * 2 * pairs, bias=False)
+        self.kv = nn.Linear(hidden, 2 * pairs + dims, bias=False)
+        self.o = nn.Linear(heads * dims, hidden, bias=False)
+        self.norm1, self.norm2 = RMSNorm(hidden), RMSNorm(hidden)
+        self.gate_up = nn.Linear(hidden, 2 * width, bias=False)
+        self.down = nn.Linear(width, hidden, bias=False)
+
+    @staticmethod
+    def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, -1)
+        return torch.cat([a * cos - b * sin, b * cos + a * sin], -1)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        h = self.norm1(x)
+        cos, sin = freqs[..., :self.pairs].cos(), freqs[..., :self.pairs].sin()
+        q = self.rope(self.q(h).view(bsz, seq, self.heads, 2 * self.pairs).transpose(1, 2),
+                      cos, sin)
+        k, v = self.kv(h).split([2 * self.pairs, self.dims], -1)
+        k = self.rope(k.unsqueeze(1), cos, sin)
+        ctx = nn.functional.scaled_dot_product_attention(
+            q, k, v.unsqueeze(1), is_causal=True, scale=self.scale, enable_gqa=self.heads > 1)
+        x = x + self.o(ctx.transpose(1, 2).reshape(bsz, seq, self.heads * self.dims))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
+        return x + self.down(nn.functional.silu(gate) * up)
+
+
+class UniformLlama(nn.Module):
+    """The same kept work in the most regular shape: per layer one kv group with its kept query
+    heads, FFN of the kept width (``counts``: one tuple per layer, as ``llama_counts``)."""
+
+    def __init__(self, shape: LlamaShape, counts: list[tuple[int, ...]]):
+        super().__init__()
+        self.embed = nn.Embedding(shape.vocab, shape.hidden)
+        self.norm = RMSNorm(shape.hidden)
+        self.layers = nn.ModuleList(
+            UniformLlamaLayer(shape.hidden, heads, pairs, dims, width, shape.head_dim)
+            for heads, pairs, dims, _, _, width in counts)
+        pairs = shape.head_dim // 2
+        inv = 1.0 / (10000 ** (torch.arange(pairs, dtype=torch.float32) / pairs))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(input_ids)
+        positions = torch.arange(input_ids.shape[1], dtype=torch.float32)
+        freqs = positions[:, None] * self.inv_freq[None, :]
+        for layer in self.layers:
+            x = layer(x, freqs)
+        return self.norm(x)
+
+
+def run_llama(shape: LlamaShape, kept_shares: list[float], patterns: list[str],
+              buckets: list[int], threads: list[int], reps: int, out: Path) -> ResultStore:
+    """Eager rows of the Llama-shaped model, under ``llama/batch=B/seq=S/threads=T/eager/...``.
+
+    The limit of a kept share is built from its concentrated masks (the fewest kv groups and
+    query heads holding the kept units), the same for every pattern."""
+    store = ResultStore(out, {"machine": machine()})
+    dense = llama_model(shape)
+    inputs = llama_inputs(shape)
+    gm = passes.capture(dense, inputs)
+    structure = passes.discover(gm)
+    masked = passes.instrument(gm, structure)
+    full = {n: torch.ones(s) for n, s in structure.mask_shapes().items()}
+    dense_flops = llama_flops(shape, [llama_counts(full, shape, i) for i in range(shape.layers)])
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for kept in kept_shares:
+            limit_counts = [llama_counts(llama_masks(structure, shape, kept, "concentrated"),
+                                         shape, i) for i in range(shape.layers)]
+            for pattern in patterns:
+                key = f"{shape.label}/threads={n_threads}/eager/kept={kept}/{pattern}"
+                if key in store:
+                    continue
+                masks = llama_masks(structure, shape, kept, pattern)
+                passes.set_masks(masked, masks)
+                models: dict[str, nn.Module] = {"dense": dense}
+                for b in buckets:
+                    models[f"bucket={b}"] = passes.rewrite(masked, structure, bucket=b)
+                models["bucket=%d,unmerged" % passes.DEFAULT_BUCKET] = passes.rewrite(
+                    masked, structure, merge_projections=False)
+                torch.manual_seed(0)
+                models["uniform"] = UniformLlama(shape, limit_counts).eval()
+                counts = [llama_counts(masks, shape, i) for i in range(shape.layers)]
+                print(f"{key}: density {structure.density(masks):.3f}, layer 0 keeps "
+                      f"{counts[0][0]} query heads, {counts[0][1]} pairs, {counts[0][2]} value "
+                      f"dims, FFN {counts[0][5]}", flush=True)
+                medians, _ = measure(key, models, inputs, reps, False)
+                speedups = {n: medians["dense"] / t for n, t in medians.items()}
+                store.put(key, {
+                    "model": "llama", "shape": shape.__dict__, "reps": reps,
+                    "threads": n_threads, "mode": "eager", "kept": kept, "pattern": pattern,
+                    "density": structure.density(masks), "layer0": counts[0],
+                    "seconds": medians, "speedup": speedups,
+                    "flops_ratio": dense_flops / llama_flops(shape, counts),
+                    "uniform_speedup": speedups["uniform"], "compile_seconds": None,
+                })
+                best = max((s for n, s in speedups.items() if n.startswith("bucket")))
+                print("  speedups: " + ", ".join(f"{n} {s:.2f}x" for n, s in speedups.items())
+                      + f" | best compact / uniform {best / speedups['uniform']:.0%}",
+                      flush=True)
+    return store
+
+
 def run(shape: Shape, kept_shares: list[float], patterns: list[str], buckets: list[int],
         compile_buckets: list[int], threads: list[int], compile_threads: list[int], reps: int,
         out: Path) -> ResultStore:
@@ -232,10 +464,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="thread counts to time torch.compile'd models at (none: skip)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "rewrite_speed.json")
+    parser.add_argument("--only", choices=["bert", "llama"],
+                        help="run only the BERT rows or only the Llama rows (default: both)")
+    parser.add_argument("--llama-shapes", nargs="+", choices=list(LLAMA_SHAPES),
+                        default=list(LLAMA_SHAPES), help="batch x seq of the Llama rows")
     args = parser.parse_args(argv)
-    shape = TINY if args.quick else BERT_BASE
-    run(shape, args.kept, args.patterns, args.buckets, args.compile_buckets, args.threads,
-        args.compile_threads, args.reps, args.out)
+    if args.only != "llama":
+        shape = TINY if args.quick else BERT_BASE
+        run(shape, args.kept, args.patterns, args.buckets, args.compile_buckets, args.threads,
+            args.compile_threads, args.reps, args.out)
+    if args.only != "bert":  # eager only: no compiled Llama rows
+        shapes = [TINY_LLAMA] if args.quick else [LLAMA_SHAPES[s] for s in args.llama_shapes]
+        for shape in shapes:
+            run_llama(shape, args.kept, args.patterns, args.buckets, args.threads, args.reps,
+                      args.out)
     return 0
 
 

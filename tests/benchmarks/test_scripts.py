@@ -9,8 +9,8 @@ from benchmarks import readme_tables, rewrite_speed, step_cost
 
 def test_rewrite_speed_quick_run_writes_results_and_a_readme_section(tmp_path):
     out = tmp_path / "rewrite_speed.json"
-    rewrite_speed.main(["--quick", "--kept", "0.2", "--patterns", "spread", "unequal",
-                        "--buckets", "1", "4", "--threads", "1", "--compile-threads",
+    rewrite_speed.main(["--quick", "--only", "bert", "--kept", "0.2", "--patterns", "spread",
+                        "unequal", "--buckets", "1", "4", "--threads", "1", "--compile-threads",
                         "--reps", "1", "--out", str(out)])
     data = json.loads(out.read_text())
     records = data["records"]
@@ -23,10 +23,31 @@ def test_rewrite_speed_quick_run_writes_results_and_a_readme_section(tmp_path):
     assert "| 20% | spread |" in section and "bucket=4" in section
     readme_tables.rewrite_speed_plot(data, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
-    rewrite_speed.main(["--quick", "--kept", "0.2", "--patterns", "spread", "--buckets", "1",
-                        "--threads", "1", "--compile-threads", "--reps", "1",
+    rewrite_speed.main(["--quick", "--only", "bert", "--kept", "0.2", "--patterns", "spread",
+                        "--buckets", "1", "--threads", "1", "--compile-threads", "--reps", "1",
                         "--out", str(out)])  # resumes: nothing new to measure
     assert json.loads(out.read_text())["records"] == records
+
+
+def test_rewrite_speed_quick_llama_rows_join_the_store_and_the_section(tmp_path):
+    out = tmp_path / "rewrite_speed.json"
+    rewrite_speed.main(["--quick", "--only", "bert", "--kept", "0.2", "--patterns", "spread",
+                        "--buckets", "4", "--threads", "1", "--compile-threads", "--reps", "1",
+                        "--out", str(out)])
+    rewrite_speed.main(["--quick", "--only", "llama", "--kept", "0.2", "--patterns",
+                        "concentrated", "spread", "--buckets", "4", "--threads", "1",
+                        "--reps", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    llama = {k: r for k, r in data["records"].items() if k.startswith("llama/")}
+    assert set(llama) == {"llama/batch=2/seq=16/threads=1/eager/kept=0.2/concentrated",
+                          "llama/batch=2/seq=16/threads=1/eager/kept=0.2/spread"}
+    assert "threads=1/eager/kept=0.2/spread" in data["records"]  # the BERT row is kept
+    for record in llama.values():
+        assert {"dense", "bucket=4", "uniform"} <= set(record["speedup"])
+        assert record["flops_ratio"] > 1 and abs(record["density"] - 0.2) < 0.1
+    section = readme_tables.rewrite_speed_section(data)
+    assert "Llama-shaped" in section and "| 20% | concentrated |" in section
+    assert section.count("| 20% | spread |") == 2  # one BERT row, one Llama row
 
 
 def test_step_cost_quick_run(tmp_path):
