@@ -105,6 +105,29 @@ def _score_chain(node: fx.Node) -> bool:
         return False
 
 
+def _refuse_unknown_scores(candidates: list[fx.Node], steps: int = 6) -> None:
+    """Raise when a few first-argument steps back from a candidate lead to a matmul: scores
+    pass through an op that the rewrite cannot replay yet (soft-capping's tanh)."""
+    for start in candidates:
+        node, path = start, []
+        for _ in range(steps):
+            if is_op(node, _MATMUL):
+                unknown = [n for n in path if scaling(n) is None and not is_op(
+                    n, [aten.add.Tensor] + list(PASSTHROUGH_OPS))]
+                if unknown:
+                    raise UnsupportedArchitectureError(
+                        f"attention scores at {module_label(unknown[0])} pass through "
+                        f"{unknown[0].target} between the q.k matmul and the softmax "
+                        f"(soft-capping?); grainfx replays only scales, additive biases and "
+                        f"casts there for now")
+                break
+            if node.op != "call_function" or not node.args or not isinstance(node.args[0],
+                                                                              fx.Node):
+                break
+            path.append(node)
+            node = node.args[0]
+
+
 def eager_block(softmax: fx.Node, name: str) -> AttentionBlock | None:
     """An attention block around ``softmax``, or None if this softmax is not attention."""
     cur, scale, biases, scaled = softmax.args[0], 1.0, [], False
@@ -113,6 +136,7 @@ def eager_block(softmax: fx.Node, name: str) -> AttentionBlock | None:
             a, b = cur.args[0], cur.args[1]
             chain, bias = (a, b) if isinstance(a, fx.Node) and _score_chain(a) else (b, a)
             if not isinstance(chain, fx.Node) or not _score_chain(chain):
+                _refuse_unknown_scores([x for x in (a, b) if isinstance(x, fx.Node)])
                 return None
             if scaled:
                 raise DiscoverError(f"attention scores at {module_label(cur)} get a bias before "
@@ -127,6 +151,7 @@ def eager_block(softmax: fx.Node, name: str) -> AttentionBlock | None:
         if is_op(cur, PASSTHROUGH_OPS):
             cur = cur.args[0]
             continue
+        _refuse_unknown_scores([cur])
         return None
     scores = cur
     q, k_t = scores.args

@@ -207,3 +207,19 @@ def test_unit_parameters_add_up_to_the_projections():
     projections = {p.weight for b in s.attention for p in (b.q, b.k, b.v, b.o)}
     projections |= {p.weight for b in s.ffn for p in (b.up, b.gate, b.down)}
     assert s.unit_params == sum(attr_tensor(gm, w).numel() for w in projections)
+
+
+def test_soft_capped_scores_are_refused_naming_the_node():
+    import transformers as T
+
+    from passes.errors import UnsupportedArchitectureError
+
+    config = T.Gemma2Config(vocab_size=100, hidden_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                            intermediate_size=96, max_position_embeddings=64, pad_token_id=0)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    gm = capture(T.Gemma2ForCausalLM(config).eval(), {
+        "input_ids": torch.randint(3, 99, (2, 8)), "attention_mask": torch.ones(2, 8).long()})
+    with pytest.raises(UnsupportedArchitectureError, match=r"tanh.*soft-capping"):
+        discover(gm)
