@@ -66,6 +66,20 @@ def live_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
 
 
+def through_passthrough(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """Follow ``node`` through its only live user while that user is a passthrough op:
+    (the last node passed, the first other user). None where a node on the way has other
+    than one live user."""
+    cur = node
+    while True:
+        users = live_users(cur)
+        if len(users) != 1:
+            return None
+        if not is_op(users[0], PASSTHROUGH_OPS):
+            return cur, users[0]
+        cur = users[0]
+
+
 def attr_tensor(gm: fx.GraphModule, node_or_target) -> torch.Tensor:
     """The tensor behind a get_attr node (or its target string)."""
     target = node_or_target.target if isinstance(node_or_target, fx.Node) else node_or_target

@@ -10,7 +10,8 @@ from torch import fx
 from passes.discover.operand import Operand, scaling, trace_operand
 from passes.errors import DiscoverError, UnsupportedArchitectureError
 from passes.graph import (LAYOUT_OPS, PASSTHROUGH_OPS, Projection, aten, is_op, live_users,
-                          match_projection_from_input, module_label, shape, static)
+                          match_projection_from_input, module_label, shape, static,
+                          through_passthrough)
 from passes.structure import AttentionBlock
 
 SOFTMAX = {aten.softmax.int, aten._softmax.default}
@@ -155,18 +156,10 @@ def eager_block(softmax: fx.Node, name: str) -> AttentionBlock | None:
         return None
     scores = cur
     q, k_t = scores.args
-    probs = softmax
-    while True:
-        users = live_users(probs)
-        if len(users) != 1:
-            return None
-        user = users[0]
-        if is_op(user, _MATMUL) and user.args[0] is probs:
-            ctx, v = user, user.args[1]
-            break
-        if not is_op(user, PASSTHROUGH_OPS):
-            return None
-        probs = user
+    found = through_passthrough(softmax)
+    if found is None or not is_op(found[1], _MATMUL) or found[1].args[0] is not found[0]:
+        return None
+    ctx, v = found[1], found[1].args[1]
     if not is_op(k_t, [aten.transpose.int, aten.permute.default]):
         raise DiscoverError(f"the keys of attention at {module_label(cur)} are not transposed "
                             f"for q @ k^T")

@@ -14,8 +14,8 @@ from torch import fx
 
 from passes.discover.common import scalar, strip
 from passes.discover.head_norm import norm_region
-from passes.graph import (PASSTHROUGH_OPS, SPLIT_OPS, Projection, aten, feature_rows, is_op,
-                          live_users, match_projection, shape)
+from passes.graph import (SPLIT_OPS, Projection, aten, feature_rows, is_op, live_users,
+                          match_projection, shape, through_passthrough)
 from passes.structure import FFNBlock
 
 #: Pointwise ops allowed between an FFN's up and down projections.
@@ -71,20 +71,14 @@ def _region(down: Projection, nodes: dict[str, fx.Node]
 
 def residual(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """Follow ``node`` through identity ops to a residual add: (add, other operand)."""
-    cur = node
-    while True:
-        users = live_users(cur)
-        if len(users) != 1:
-            return None
-        user = users[0]
-        if is_op(user, [aten.add.Tensor]):
-            other = user.args[1] if user.args[0] is cur else user.args[0]
-            if isinstance(other, fx.Node) and shape(other) == shape(cur):
-                return user, other
-            return None
-        if not is_op(user, PASSTHROUGH_OPS):
-            return None
-        cur = user
+    found = through_passthrough(node)
+    if found is None or not is_op(found[1], [aten.add.Tensor]):
+        return None
+    cur, add = found
+    other = add.args[1] if add.args[0] is cur else add.args[0]
+    if isinstance(other, fx.Node) and shape(other) == shape(cur):
+        return add, other
+    return None
 
 
 def residual_of(out: fx.Node, x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
