@@ -35,9 +35,8 @@ PASSTHROUGH_OPS = {
     aten.contiguous.default,
 }
 SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
-#: Casts and aliases: identity on float32 graphs.
-CAST_OPS = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.type_as.default,
-            aten.alias.default, aten.clone.default, aten.contiguous.default}
+#: Casts and aliases: identity on float32 graphs (the passthrough ops less dropout).
+CAST_OPS = (PASSTHROUGH_OPS - {aten.dropout.default}) | {aten.alias.default}
 NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
 #: Ops that are kept by dead-code removal even when nothing reads them.
 _SIDE_EFFECT_OPS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
@@ -235,8 +234,9 @@ def feature_rows(source: fx.Node, chain: list[fx.Node]) -> list[int] | None:
     ``chain`` lists layout ops from ``source`` on; each is applied to the result of the one
     before (ops between them that keep every feature in place, a cast or a rotary embedding,
     are left out). They are replayed on the feature indices (symbolic batch and sequence sizes
-    set to 1) at the first position, so a head split, a fused split, a transpose or an unbind gives the index of each
-    (head, dim) of the result, flattened. None when the chain cannot be replayed.
+    set to 1) at the first position, so a head split, a fused split, a transpose or an unbind
+    gives the index of each (head, dim) of the result, flattened. None when the chain cannot be
+    replayed.
     """
     dims = shape(source)
     if dims is None or static(dims[-1]) is None:

@@ -3,9 +3,9 @@
 One mask per block and kind, stored as buffers of a ``grain_masks`` submodule and multiplied in
 at the narrowest point: the queries the attention op reads (qk), the context before the output
 projection (vo, and the query-head mask under GQA) and the FFN activation before the down
-projection (ffn). Masks at one leave the outputs unchanged. Masks require grad, so a backward pass gives dL/dm; :func:`record_mask_grads`
-collects it for the backward passes run inside it only (the mechanism behind GRAIN's gradient
-separation).
+projection (ffn). Masks at one leave the outputs unchanged. Masks require grad, so a backward
+pass gives dL/dm; :func:`record_mask_grads` collects it for the backward passes run inside it
+only (the mechanism behind GRAIN's gradient separation).
 
 Preserves computation: yes, with all masks at one.
 """
@@ -36,11 +36,11 @@ def _mask_name(buffer: str) -> str:
 
 
 def _insert_mask(graph: fx.Graph, at: fx.Node, mask: str, expand, user: fx.Node | None,
-                 shape_: list[int] | None = None) -> fx.Node:
+                 shape_: list[int] | None = None) -> None:
     """Multiply ``at`` by the mask ``mask``: for all users of ``at``, or for ``user``.
 
     ``expand`` (or None) adds the graph ops that turn the stored mask into per-head layout;
-    the result is reshaped to ``shape_`` (default: flat). Returns the multiply.
+    the result is reshaped to ``shape_`` (default: flat).
     """
     with graph.inserting_before(at.next):
         node = graph.get_attr(f"{MASK_MODULE}.{_buffer_name(mask)}")
@@ -52,7 +52,6 @@ def _insert_mask(graph: fx.Graph, at: fx.Node, mask: str, expand, user: fx.Node 
         at.replace_all_uses_with(mul, delete_user_cb=lambda n: n is not mul)
     else:
         user.replace_input_with(at, mul)
-    return mul
 
 
 def _node(nodes: dict[str, fx.Node], name: str, width: int) -> fx.Node:

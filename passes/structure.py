@@ -153,7 +153,7 @@ class AttentionBlock:
     def query_unit_params(self) -> int:
         """Parameters of the largest query unit (a rotary pair, or one dim): W_Q rows of every
         query head of the group, the W_K row, their biases."""
-        dims = 2 if self.rope is not None and self.rotary_dims else 1
+        dims = 2 if self.rotary_dims else 1
         return dims * (self.group_size * self.q.params_per_output() + self.k.params_per_output())
 
     @property
@@ -183,10 +183,9 @@ class AttentionBlock:
         that are not live count as removed.
         """
         names = self.mask_names()
-        vo = masks[names["vo"]].detach().bool().repeat_interleave(self.group_size, dim=0)
+        vo = self.expand_vo(masks[names["vo"]].detach().bool())
         if "qk" in names:
-            qk = masks[names["qk"]].detach().bool()[:, self.unit_of_dim()]
-            qk = qk.repeat_interleave(self.group_size, dim=0)
+            qk = self.expand_qk(masks[names["qk"]].detach().bool())
         else:
             qk = torch.ones(self.num_heads, self.head_dim, dtype=torch.bool)
         live = vo.any(dim=1)

@@ -84,6 +84,9 @@ def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: Atte
         return {"heads": heads_kept}
     d, g = block.head_dim, block.group_size
     layouts = {h: _layout(block, qdims[h]) for h in range(block.num_heads) if live[h]}
+    rep: dict[int, int] = {}  # a live query head of each group: all of them share its units
+    for h in layouts:
+        rep.setdefault(h // g, h)
     buckets = defaultdict(list)
     for h, lay in layouts.items():
         wp = _round_up(len(lay.pairs), bucket, block.rotary_dims // 2)
@@ -99,11 +102,10 @@ def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: Atte
         groups_of.append(groups)
         index["q"].append([i for h in heads
                            for i in _offset(layouts[h].query(block, wp, ws), h * d)])
-        first = {grp: next(h for h in heads if h // g == grp) for grp in groups}
         index["k"].append([i for grp in groups
-                           for i in _offset(layouts[first[grp]].query(block, wp, ws), grp * d)])
-        index["v"].append([i for grp in groups for i in _offset(_dims(vdims[first[grp]], wv),
-                                                                grp * d)])
+                           for i in _offset(layouts[rep[grp]].query(block, wp, ws), grp * d)])
+        index["v"].append([i for grp in groups
+                           for i in _offset(_dims(vdims[rep[grp]], wv), grp * d)])
     pieces = _project(emit, block, index, x_q, x_kv, merge)
     mask = _score_mask(emit, nodes, block)
     contexts, o_index = [], []
@@ -117,9 +119,8 @@ def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: Atte
         if block.k_norm is not None:
             k = _replay(emit, nodes, block.k_norm.source, block.k_norm.region, k)
         if wp:
-            first = {grp: next(h for h in heads if h // g == grp) for grp in groups}
             q_table = [i for h in heads for i in layouts[h].table(block, wp)]
-            k_table = [i for grp in groups for i in layouts[first[grp]].table(block, wp)]
+            k_table = [i for grp in groups for i in layouts[rep[grp]].table(block, wp)]
             q = _rotate(emit, nodes, block.rope, q, q_table, wp, 2 * wp + ws)
             k = _rotate(emit, nodes, block.rope_k, k, k_table, wp, 2 * wp + ws)
         to_group = [groups.index(h // g) for h in heads]
