@@ -27,11 +27,10 @@ def _is_param(node) -> bool:
 
 
 def _inside(node: fx.Node) -> bool:
+    if is_op(node, [aten.add.Tensor]):
+        # x + y of two computed tensors is a residual add, not part of a norm
+        return any(_is_param(a) or scalar(a) is not None for a in node.args[:2])
     if is_op(node, CAST_OPS | _ELEMENTWISE):
-        if is_op(node, [aten.add.Tensor, aten.sub.Tensor]):
-            # x + y of two computed tensors is a residual add, not part of a norm
-            return any(_is_param(a) or scalar(a) is not None for a in node.args[:2]) or \
-                is_op(node, [aten.sub.Tensor])
         return True
     if is_op(node, _REDUCE):
         if node.target in NORM_OPS:
