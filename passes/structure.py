@@ -74,7 +74,10 @@ class AttentionBlock:
     by ``group_size`` consecutive query heads (GQA/MQA). ``rope``/``rope_k`` describe rotary
     positions of queries and keys; ``q_norm``/``k_norm`` a norm over their head dims.
     ``q_operand`` is the query tensor (batch, heads, seq, head_dim) that ``q_reader`` (the
-    attention op or the score matmul) reads.
+    attention op or the score matmul) reads. ``score_ops`` is set on eager blocks whose scores
+    pass through more than a scale, additive biases and casts (soft-capping, ``where`` masks):
+    the nodes from the score matmul to the context matmul, in graph order, replayed by the
+    rewrite; ``scale`` then only holds the factors applied to q and k before the matmul.
     """
 
     name: str
@@ -89,6 +92,7 @@ class AttentionBlock:
     scale: float
     attn_mask: str | None = None
     score_biases: tuple[str, ...] = ()
+    score_ops: tuple[str, ...] = ()
     is_causal: bool = False
     num_kv_heads: int | None = None
     rope: Rope | None = None

@@ -33,8 +33,11 @@ FFN_WIDTH = {family: FFN for family in FAMILIES} | {"gpt2": 4 * HIDDEN}
 #: 3 layers for a local and a global one).
 MODERN_HIDDEN = 64
 MODERN_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2", "qwen2_cls", "qwen3", "phi3",
-                   "modernbert", "gptj", "neox")
-MODERN = [f"{family}-{impl}" for family in MODERN_FAMILIES for impl in IMPLS]
+                   "modernbert", "gptj", "neox", "gemma2")
+#: Families that transformers runs with eager attention only.
+EAGER_ONLY = ("gemma2",)
+MODERN = [f"{family}-{impl}" for family in MODERN_FAMILIES for impl in IMPLS
+          if impl == "eager" or family not in EAGER_ONLY]
 ALL_ARCHITECTURES = ARCHITECTURES + MODERN
 #: The token id that fills padded positions.
 PAD_ID = {family: 0 for family in FAMILIES + MODERN_FAMILIES} | {"roberta": 1}
@@ -42,7 +45,7 @@ PAD_ID = {family: 0 for family in FAMILIES + MODERN_FAMILIES} | {"roberta": 1}
 
 def split(arch_id: str) -> tuple[str, str]:
     family, impl = arch_id.split("-")
-    if family not in FAMILIES + MODERN_FAMILIES or impl not in IMPLS:
+    if arch_id not in ALL_ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch_id!r}; one of {ALL_ARCHITECTURES}")
     return family, impl
 
@@ -75,6 +78,11 @@ def _modern_config_and_class(family: str):
                             bos_token_id=1, eos_token_id=2), T.GPTJForCausalLM
     if family == "neox":
         return T.GPTNeoXConfig(rotary_pct=0.5, **common), T.GPTNeoXForCausalLM
+    if family == "gemma2":
+        # soft-capped scores, GeGLU, post-norms, head size 24 != hidden / heads, local layer
+        return T.Gemma2Config(num_key_value_heads=2, head_dim=24, sliding_window=4,
+                              query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                              **common), T.Gemma2ForCausalLM
     raise AssertionError(family)
 
 

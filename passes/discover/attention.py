@@ -7,16 +7,15 @@ import math
 
 from torch import fx
 
-from passes.discover.operand import Operand, scaling, trace_operand
+from passes.discover.operand import Operand, trace_operand
+from passes.discover.scores import score_chain
 from passes.errors import DiscoverError, UnsupportedArchitectureError
-from passes.graph import (LAYOUT_OPS, PASSTHROUGH_OPS, Projection, aten, is_op, live_users,
-                          match_projection_from_input, module_label, shape, static,
-                          through_passthrough)
+from passes.graph import (LAYOUT_OPS, Projection, aten, is_op, live_users,
+                          match_projection_from_input, module_label, shape, static)
 from passes.structure import AttentionBlock
 
 SOFTMAX = {aten.softmax.int, aten._softmax.default}
 SDPA = {aten.scaled_dot_product_attention.default}
-_MATMUL = {aten.matmul.default, aten.bmm.default}
 
 
 def _head_layout(q: fx.Node, where: fx.Node) -> tuple[int, int]:
@@ -92,77 +91,17 @@ def sdpa_block(node: fx.Node, name: str) -> AttentionBlock:
                   is_causal=is_causal)
 
 
-def _score_chain(node: fx.Node) -> bool:
-    """True when ``node`` is (a scaled / biased version of) a q.k matmul."""
-    while True:
-        if is_op(node, _MATMUL):
-            return True
-        if is_op(node, [aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
-                        aten.add.Tensor] + list(PASSTHROUGH_OPS)):
-            node = node.args[0] if isinstance(node.args[0], fx.Node) else node.args[1]
-            if not isinstance(node, fx.Node):
-                return False
-            continue
-        return False
-
-
-def _refuse_unknown_scores(candidates: list[fx.Node], steps: int = 6) -> None:
-    """Raise when a few first-argument steps back from a candidate lead to a matmul: scores
-    pass through an op that the rewrite cannot replay yet (soft-capping's tanh)."""
-    for start in candidates:
-        node, path = start, []
-        for _ in range(steps):
-            if is_op(node, _MATMUL):
-                unknown = [n for n in path if scaling(n) is None and not is_op(
-                    n, [aten.add.Tensor] + list(PASSTHROUGH_OPS))]
-                if unknown:
-                    raise UnsupportedArchitectureError(
-                        f"attention scores at {module_label(unknown[0])} pass through "
-                        f"{unknown[0].target} between the q.k matmul and the softmax "
-                        f"(soft-capping?); grainfx replays only scales, additive biases and "
-                        f"casts there for now")
-                break
-            if node.op != "call_function" or not node.args or not isinstance(node.args[0],
-                                                                              fx.Node):
-                break
-            path.append(node)
-            node = node.args[0]
-
-
 def eager_block(softmax: fx.Node, name: str) -> AttentionBlock | None:
     """An attention block around ``softmax``, or None if this softmax is not attention."""
-    cur, scale, biases, scaled = softmax.args[0], 1.0, [], False
-    while not is_op(cur, _MATMUL):
-        if is_op(cur, [aten.add.Tensor]):
-            a, b = cur.args[0], cur.args[1]
-            chain, bias = (a, b) if isinstance(a, fx.Node) and _score_chain(a) else (b, a)
-            if not isinstance(chain, fx.Node) or not _score_chain(chain):
-                _refuse_unknown_scores([x for x in (a, b) if isinstance(x, fx.Node)])
-                return None
-            if scaled:
-                raise DiscoverError(f"attention scores at {module_label(cur)} get a bias before "
-                                    f"their scaling; only scale-then-bias is supported")
-            biases.append(bias.name)
-            cur = chain
-            continue
-        factor = scaling(cur)
-        if factor is not None:
-            scale, scaled, cur = scale * factor, True, cur.args[0]
-            continue
-        if is_op(cur, PASSTHROUGH_OPS):
-            cur = cur.args[0]
-            continue
-        _refuse_unknown_scores([cur])
+    chain = score_chain(softmax)
+    if chain is None:
         return None
-    scores = cur
-    q, k_t = scores.args
-    found = through_passthrough(softmax)
-    if found is None or not is_op(found[1], _MATMUL) or found[1].args[0] is not found[0]:
-        return None
-    ctx, v = found[1], found[1].args[1]
+    q, k_t = chain.matmul.args
     if not is_op(k_t, [aten.transpose.int, aten.permute.default]):
-        raise DiscoverError(f"the keys of attention at {module_label(cur)} are not transposed "
-                            f"for q @ k^T")
-    heads, head_dim, *ops = _operands(q, k_t.args[0], v, softmax)
-    return _block(name, "eager", softmax, scores, q, ctx, heads, head_dim, tuple(ops), scale,
-                  score_biases=tuple(reversed(biases)))
+        raise DiscoverError(f"the keys of attention at {module_label(chain.matmul)} are not "
+                            f"transposed for q @ k^T")
+    heads, head_dim, *ops = _operands(q, k_t.args[0], chain.context.args[1], softmax)
+    scores = (dict(score_biases=chain.biases) if chain.canonical
+              else dict(score_ops=tuple(n.name for n in chain.ops)))
+    return _block(name, "eager", softmax, chain.matmul, q, chain.context, heads, head_dim,
+                  tuple(ops), chain.scale, **scores)

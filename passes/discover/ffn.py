@@ -69,11 +69,31 @@ def _region(down: Projection, nodes: dict[str, fx.Node]
     return region, leaves, projs
 
 
+def _post_norm(x: fx.Node, steps: int = 12) -> tuple[fx.Node, fx.Node] | None:
+    """(norm output, add) where ``x`` is normed over the last dim before it is added (Gemma 2's
+    post-attention and post-FFN norms), else None."""
+    frontier, seen = [x], {x}
+    for _ in range(steps):
+        frontier = [u for n in frontier for u in live_users(n) if u not in seen]
+        seen.update(frontier)
+        for add in frontier:
+            if not is_op(add, [aten.add.Tensor]):
+                continue
+            for normed in add.args[:2]:
+                found = norm_region(normed, stop=x) if normed in seen else None
+                if found is not None and found[0] is strip(x):
+                    return normed, add
+    return None
+
+
 def residual(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """Follow ``node`` through identity ops to a residual add: (add, other operand)."""
+    """Follow ``node`` through identity ops (and a post-norm) to a residual add: (add, other
+    operand)."""
     found = through_passthrough(node)
     if found is None or not is_op(found[1], [aten.add.Tensor]):
-        return None
+        found = _post_norm(node if found is None else found[0])
+        if found is None:
+            return None
     cur, add = found
     other = add.args[1] if add.args[0] is cur else add.args[0]
     if isinstance(other, fx.Node) and shape(other) == shape(cur):

@@ -128,9 +128,12 @@ def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: Atte
             select = emit.tensor(f"bucket{b}_kv", torch.tensor(to_group), False)
             k = emit.call(aten.index_select.default, k, 1, select)
             v = emit.call(aten.index_select.default, v, 1, select)
-        ctx = emit.call(aten.scaled_dot_product_attention.default, q, k, v,
-                        _heads_of(emit, mask, block, heads, b), 0.0, block.is_causal,
-                        scale=block.scale)
+        if block.score_ops:
+            ctx = _replay_scores(emit, nodes, block, q, k, v, heads, b)
+        else:
+            ctx = emit.call(aten.scaled_dot_product_attention.default, q, k, v,
+                            _heads_of(emit, mask, block, heads, b), 0.0, block.is_causal,
+                            scale=block.scale)
         contexts.append(emit.call(aten.flatten.using_ints,
                                   emit.call(aten.transpose.int, ctx, 1, 2), -2, -1))
         o_index += [i for h in heads for i in _offset(_dims(vdims[h], wv), h * d)]
@@ -163,6 +166,26 @@ def _replay(emit: Emitter, nodes: dict[str, fx.Node], source: str, region: tuple
             out = emit.graph.node_copy(nodes[name], lambda n: env.get(n, n))
             env[nodes[name]] = out
     return out
+
+
+def _replay_scores(emit: Emitter, nodes: dict[str, fx.Node], block: AttentionBlock,
+                   q: fx.Node, k: fx.Node, v: fx.Node, heads: list[int], bucket: int
+                   ) -> fx.Node:
+    """Attention of one bucket through the model's own score chain (``block.score_ops``):
+    inputs of the chain with one entry per head are sliced to ``heads``."""
+    scores = emit.call(aten.matmul.default, q, emit.call(aten.transpose.int, k, -2, -1))
+    if block.scale != 1.0:
+        scores = emit.call(aten.mul.Tensor, scores, block.scale)
+    env = {nodes[block.q_reader]: scores}
+
+    def arg(node: fx.Node) -> fx.Node:
+        if node not in env:
+            env[node] = _heads_of(emit, node, block, heads, bucket, f"_{node.name}")
+        return env[node]
+    with emit.graph.inserting_before(emit.anchor):
+        for name in block.score_ops:
+            env[nodes[name]] = emit.graph.node_copy(nodes[name], arg)
+    return emit.call(aten.matmul.default, env[nodes[block.score_ops[-1]]], v)
 
 
 def _rotate(emit: Emitter, nodes: dict[str, fx.Node], rope: Rope, x: fx.Node,
@@ -245,7 +268,7 @@ def _score_mask(emit: Emitter, nodes: dict[str, fx.Node], block: AttentionBlock
 
 
 def _heads_of(emit: Emitter, mask: fx.Node | None, block: AttentionBlock, heads: list[int],
-              bucket: int) -> fx.Node | None:
+              bucket: int, tag: str = "") -> fx.Node | None:
     """The mask's slice for ``heads`` when it has one entry per head, else the mask itself."""
     if mask is None:
         return None
@@ -253,5 +276,5 @@ def _heads_of(emit: Emitter, mask: fx.Node | None, block: AttentionBlock, heads:
     per_head = dims is not None and len(dims) == 4 and dims[1] == block.num_heads > 1
     if not per_head or heads == list(range(block.num_heads)):
         return mask
-    index = emit.tensor(f"bucket{bucket}_heads", torch.tensor(heads), False)
+    index = emit.tensor(f"bucket{bucket}{tag}_heads", torch.tensor(heads), False)
     return emit.call(aten.index_select.default, mask, 1, index)

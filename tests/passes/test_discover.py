@@ -209,17 +209,36 @@ def test_unit_parameters_add_up_to_the_projections():
     assert s.unit_params == sum(attr_tensor(gm, w).numel() for w in projections)
 
 
-def test_soft_capped_scores_are_refused_naming_the_node():
-    import transformers as T
+def test_soft_capped_scores_are_replayed_and_post_norms_are_followed():
+    s = structure("gemma2-eager")
+    nodes = {n.name: n for n in captured("gemma2-eager").graph.nodes}
+    for block in s.attention:
+        ops = [nodes[name].target for name in block.score_ops]
+        assert torch.ops.aten.tanh.default in ops and not block.score_biases
+        assert block.scale == pytest.approx(1.0)  # the chain holds the scale
+        assert block.head_dim == 24 and block.kv_heads == 2
+    assert len(s.ffn) == 2 and all(b.gate is not None for b in s.ffn)
+    assert len(s.layer_outputs) == 3
 
+
+class _ReshapedScores(torch.nn.Module):
+    """Attention whose scores are reshaped to (batch * heads, seq, seq) before the softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, 2, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = (q @ k.transpose(-1, -2)).reshape(b * 2, t, t)
+        probs = scores.softmax(-1).reshape(b, 2, t, t)
+        return {"out": self.o((probs @ v).transpose(1, 2).reshape(b, t, 16))}
+
+
+def test_scores_through_a_non_elementwise_op_are_refused_naming_the_node():
     from passes.errors import UnsupportedArchitectureError
 
-    config = T.Gemma2Config(vocab_size=100, hidden_size=64, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=24,
-                            intermediate_size=96, max_position_embeddings=64, pad_token_id=0)
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    gm = capture(T.Gemma2ForCausalLM(config).eval(), {
-        "input_ids": torch.randint(3, 99, (2, 8)), "attention_mask": torch.ones(2, 8).long()})
-    with pytest.raises(UnsupportedArchitectureError, match=r"tanh.*soft-capping"):
+    gm = capture(_ReshapedScores().eval(), {"x": torch.randn(2, 5, 16)})
+    with pytest.raises(UnsupportedArchitectureError, match=r"reshape.*not elementwise"):
         discover(gm)
