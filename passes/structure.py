@@ -353,6 +353,9 @@ class Structure:
                 norm = block.q_norm or block.k_norm
                 parts.append(f"query units not offered: a norm over the query/key head dims "
                              f"(at {norm.output}) makes removing one inexact")
+            if block.score_ops:
+                parts.append(f"scores pass through {len(block.score_ops)} ops the compact model "
+                             f"replays per bucket of heads (no sdpa)")
             if parts:
                 lines.append(f"{block.name}: " + "; ".join(parts))
         return lines

@@ -219,6 +219,7 @@ def test_soft_capped_scores_are_replayed_and_post_norms_are_followed():
         assert block.head_dim == 24 and block.kv_heads == 2
     assert len(s.ffn) == 2 and all(b.gate is not None for b in s.ffn)
     assert len(s.layer_outputs) == 3
+    assert "replays per bucket" in str(s)
 
 
 class _ReshapedScores(torch.nn.Module):
