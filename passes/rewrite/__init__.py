@@ -48,7 +48,8 @@ class RewriteOptions:
 
     bucket: heads whose query and value sizes round up to the same multiple of ``bucket`` share
         one attention call (1: one call per distinct size; head size: one padded call).
-    merge_projections: compute projections that read the same input (Q, K and V) as one matmul.
+    merge_projections: compute projections that read the same input (Q, K and V; an FFN's up
+        and gate) as one matmul.
     """
 
     bucket: int = DEFAULT_BUCKET
@@ -103,7 +104,7 @@ def rewrite(masked_gm: fx.GraphModule, structure: Structure, *, bucket: int | No
         structure: the Structure it was instrumented with.
         bucket: head-size granularity of the attention buckets (default
             :data:`DEFAULT_BUCKET`); see :class:`RewriteOptions`.
-        merge_projections: merge Q, K and V into one matmul.
+        merge_projections: merge Q, K and V, and up and gate, into one matmul.
 
     Returns:
         A new GraphModule (``masked_gm`` is not changed) whose outputs equal ``masked_gm``'s,
@@ -138,7 +139,8 @@ def rewrite(masked_gm: fx.GraphModule, structure: Structure, *, bucket: int | No
         layers[i].update(rewrite_attention(gm, nodes, block, masks, options.bucket,
                                            options.merge_projections))
     for i, block in enumerate(structure.ffn):
-        layers[i].update(rewrite_ffn(gm, nodes, block, masks[block.name]))
+        layers[i].update(rewrite_ffn(gm, nodes, block, masks[block.name],
+                                     options.merge_projections))
     gm.graph.lint()
     remove_dead_code(gm)
     if hasattr(gm, MASK_MODULE):

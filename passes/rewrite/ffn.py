@@ -2,7 +2,7 @@
 the down projection, sliced in place; an empty block becomes the down projection's bias.
 
 A fused up/gate projection (one weight, split in the graph) keeps the kept rows of each piece
-and its split is resized.
+and its split is resized; separate up and gate projections become one matmul, split in two.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from passes.structure import FFNBlock
 
 
 def rewrite_ffn(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock,
-                mask: torch.Tensor) -> dict:
-    """Slice ``block`` to the neurons ``mask`` keeps; returns the kept width for the record."""
+                mask: torch.Tensor, merge: bool) -> dict:
+    """Slice ``block`` to the neurons ``mask`` keeps; returns the kept width for the record.
+    ``merge``: separate up and gate projections become one matmul."""
     kept = torch.nonzero(mask).flatten().tolist()
     if not kept:
         down = nodes[block.down.node]
@@ -38,6 +39,10 @@ def rewrite_ffn(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock,
             for proj in projs:
                 _resize_split(nodes[proj.node], block.width, len(kept))
     _slice_inputs(gm, block.down, kept)
+    if merge and len(by_weight) == 2 and all(
+            p.rows is None and not p.start for p in pieces) and (
+            (block.up.bias is None) == (block.gate.bias is None)):
+        _merge(gm, nodes, block)
     width, new = block.width, len(kept)
     for name in (block.up.node, block.down.input_user, *block.region):
         node = nodes[name]
@@ -46,6 +51,26 @@ def rewrite_ffn(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock,
             if sizes and sizes[-1] == width:
                 node.args = (node.args[0], sizes[:-1] + [new])
     return {"ffn": new}
+
+
+def _merge(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock) -> None:
+    """Compute the (sliced) gate and up projections as one matmul, split in two."""
+    pieces = (block.gate, block.up)
+    first = next(n for n in gm.graph.nodes if n.name in (block.gate.node, block.up.node))
+    emit = Emitter(gm, block.name, first)
+
+    def weight(p: Projection) -> torch.Tensor:
+        w = attr_tensor(gm, p.weight).detach()
+        return w.t() if p.transposed else w
+    ws = [weight(p) for p in pieces]
+    w = emit.tensor("gate_up", torch.cat(ws), True)
+    b = (None if block.up.bias is None else emit.tensor(
+        "gate_up_bias", torch.cat([attr_tensor(gm, p.bias).detach() for p in pieces]), True))
+    split = emit.call(aten.split_with_sizes.default,
+                      emit.call(aten.linear.default, nodes[block.up.input], w, b),
+                      [len(x) for x in ws], -1)
+    for i, p in enumerate(pieces):
+        nodes[p.node].replace_all_uses_with(emit.call(operator.getitem, split, i))
 
 
 def _resize_split(piece: fx.Node, width: int, new: int) -> None:

@@ -127,6 +127,20 @@ def test_unequal_heads_run_as_buckets_of_padded_size():
             assert_close(graph(**inputs), passes.rewrite(graph, struct, bucket=bucket)(**inputs))
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_projections_reading_one_input_are_one_matmul(merge):
+    arch = "llama-sdpa"  # per layer: Q, K, V; O; gate, up; down
+    struct, graph = structure(arch), masked(arch)
+    passes.set_masks(graph, draw_masks(struct, "random", 3, 0.7))
+    compact = passes.rewrite(graph, struct, merge_projections=merge)
+    linears = sum(1 for n in compact.graph.nodes if n.target is aten.linear.default)
+    per_layer = 4 if merge else 7
+    assert linears == per_layer * len(struct.attention) + 1  # + the LM head
+    inputs = example_inputs(arch, 2, 8)
+    with torch.no_grad():
+        assert_close(graph(**inputs), compact(**inputs))
+
+
 def test_dead_attention_and_dropout_nodes_are_removed():
     arch = "distilbert-sdpa"
     struct, graph = structure(arch), masked(arch)
