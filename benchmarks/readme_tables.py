@@ -91,39 +91,47 @@ def rewrite_speed_section(data: dict) -> str:
 
 
 def llama_speed_lines(records: dict) -> list[str]:
-    """The eager Llama rows, one table per (batch, seq, threads)."""
-    llama = [r for r in records.values() if r.get("model") == "llama" and r["mode"] == "eager"]
+    """The Llama rows, one table per (batch, seq, threads, eager / compiled)."""
+    llama = [r for r in records.values() if r.get("model") == "llama"]
     if not llama:
         return []
     s = llama[0]["shape"]
-    lines = [f"**Llama-shaped model, eager** (RoPE, {s['heads']} query heads in {s['kv_heads']} "
+    lines = [f"**Llama-shaped model** (RoPE, {s['heads']} query heads in {s['kv_heads']} "
              f"key/value groups of head size {s['head_dim']}, SwiGLU FFN {s['ffn']}, hidden "
              f"{s['hidden']}, {s['layers']} layers, random weights; `--only llama`). *limit*: a "
              f"uniform Llama doing the kept work of the concentrated masks in the most regular "
              f"shape (one key/value group per layer with its kept query heads, FFN of the kept "
              f"width), the same for every pattern of a kept share: spread and unequal masks keep "
              f"somewhat less (see density and FLOPs ratio), so they can pass 100% of it. "
-             f"*spread* keeps at least one query head per group; no torch.compile rows.", ""]
+             f"*spread* keeps at least one query head per group.", ""]
     order = {"concentrated": 0, "spread": 1, "unequal": 2}
-    groups = sorted({(r["shape"]["batch"], r["shape"]["seq"], r["threads"]) for r in llama},
-                    key=lambda g: (g[2], -g[0], g[1]))
-    for batch, seq, threads in groups:
+    groups = sorted({(r["shape"]["batch"], r["shape"]["seq"], r["threads"], r["mode"])
+                     for r in llama}, key=lambda g: (g[3], g[2], -g[0], g[1]))
+    for batch, seq, threads, mode in groups:
         rows = sorted((r for r in llama if (r["shape"]["batch"], r["shape"]["seq"],
-                                           r["threads"]) == (batch, seq, threads)),
+                                           r["threads"], r["mode"]) == (batch, seq, threads,
+                                                                        mode)),
                       key=lambda r: (-r["kept"], order.get(r["pattern"], 9)))
         present = [b for b in BUCKETS if b in rows[0]["speedup"]]
         unmerged = [k for k in rows[0]["speedup"] if k.endswith("unmerged")]
-        lines += [f"Batch {batch}, sequence {seq}, {threads} thread{'s' if threads > 1 else ''} "
-                  f"(speedup over dense, per bucket size; median of {rows[0]['reps']})", "",
+        compiled = mode == "compiled"
+        lines += [f"Batch {batch}, sequence {seq}, {threads} thread{'s' if threads > 1 else ''}, "
+                  f"{'torch.compile' if compiled else 'eager'} (speedup over dense, per bucket "
+                  f"size; median of {rows[0]['reps']})", "",
                   "| kept | pattern | density | FLOPs ratio | limit | "
-                  + " | ".join(present + unmerged) + " | best / limit |",
-                  "|---:|---|---:|---:|---:|" + "---:|" * (len(present) + len(unmerged)) + "---:|"]
+                  + " | ".join(present + unmerged) + " | best / limit |"
+                  + (" compile time (dense, compact) |" if compiled else ""),
+                  "|---:|---|---:|---:|---:|" + "---:|" * (len(present) + len(unmerged))
+                  + "---:|" + ("---:|" if compiled else "")]
         for r in rows:
-            _, best = _best(r)
+            name, best = _best(r)
             cells = [f"{r['speedup'][b]:.2f}x" for b in present + unmerged]
+            compile_cell = (f" {r['compile_seconds']['dense']:.0f} s, "
+                            f"{r['compile_seconds'][name]:.0f} s |" if compiled else "")
             lines.append(f"| {r['kept']:.0%} | {r['pattern']} | {r['density']:.1%} | "
                          f"{r['flops_ratio']:.1f}x | {r['uniform_speedup']:.2f}x | "
-                         + " | ".join(cells) + f" | {best / r['uniform_speedup']:.0%} |")
+                         + " | ".join(cells) + f" | {best / r['uniform_speedup']:.0%} |"
+                         + compile_cell)
         lines.append("")
     return lines
 

@@ -346,8 +346,10 @@ class UniformLlama(nn.Module):
 
 
 def run_llama(shape: LlamaShape, kept_shares: list[float], patterns: list[str],
-              buckets: list[int], threads: list[int], reps: int, out: Path) -> ResultStore:
-    """Eager rows of the Llama-shaped model, under ``llama/batch=B/seq=S/threads=T/eager/...``.
+              buckets: list[int], compile_buckets: list[int], threads: list[int],
+              compile_threads: list[int], reps: int, out: Path) -> ResultStore:
+    """Rows of the Llama-shaped model, under ``llama/batch=B/seq=S/threads=T/{eager,compiled}/
+    ...``.
 
     The limit of a kept share is built from its concentrated masks (the fewest kv groups and
     query heads holding the kept units), the same for every pattern."""
@@ -359,37 +361,40 @@ def run_llama(shape: LlamaShape, kept_shares: list[float], patterns: list[str],
     masked = passes.instrument(gm, structure)
     full = {n: torch.ones(s) for n, s in structure.mask_shapes().items()}
     dense_flops = llama_flops(shape, [llama_counts(full, shape, i) for i in range(shape.layers)])
-    for n_threads in threads:
+    runs = [(t, "eager") for t in threads] + [(t, "compiled") for t in compile_threads]
+    for n_threads, mode in runs:
         torch.set_num_threads(n_threads)
         for kept in kept_shares:
             limit_counts = [llama_counts(llama_masks(structure, shape, kept, "concentrated"),
                                          shape, i) for i in range(shape.layers)]
             for pattern in patterns:
-                key = f"{shape.label}/threads={n_threads}/eager/kept={kept}/{pattern}"
+                key = f"{shape.label}/threads={n_threads}/{mode}/kept={kept}/{pattern}"
                 if key in store:
                     continue
                 masks = llama_masks(structure, shape, kept, pattern)
                 passes.set_masks(masked, masks)
                 models: dict[str, nn.Module] = {"dense": dense}
-                for b in buckets:
+                for b in (buckets if mode == "eager" else compile_buckets):
                     models[f"bucket={b}"] = passes.rewrite(masked, structure, bucket=b)
-                models["bucket=%d,unmerged" % passes.DEFAULT_BUCKET] = passes.rewrite(
-                    masked, structure, merge_projections=False)
+                if mode == "eager":
+                    models["bucket=%d,unmerged" % passes.DEFAULT_BUCKET] = passes.rewrite(
+                        masked, structure, merge_projections=False)
                 torch.manual_seed(0)
                 models["uniform"] = UniformLlama(shape, limit_counts).eval()
                 counts = [llama_counts(masks, shape, i) for i in range(shape.layers)]
                 print(f"{key}: density {structure.density(masks):.3f}, layer 0 keeps "
                       f"{counts[0][0]} query heads, {counts[0][1]} pairs, {counts[0][2]} value "
                       f"dims, FFN {counts[0][5]}", flush=True)
-                medians, _ = measure(key, models, inputs, reps, False)
+                medians, compile_s = measure(key, models, inputs, reps, mode == "compiled")
                 speedups = {n: medians["dense"] / t for n, t in medians.items()}
                 store.put(key, {
                     "model": "llama", "shape": shape.__dict__, "reps": reps,
-                    "threads": n_threads, "mode": "eager", "kept": kept, "pattern": pattern,
+                    "threads": n_threads, "mode": mode, "kept": kept, "pattern": pattern,
                     "density": structure.density(masks), "layer0": counts[0],
                     "seconds": medians, "speedup": speedups,
                     "flops_ratio": dense_flops / llama_flops(shape, counts),
-                    "uniform_speedup": speedups["uniform"], "compile_seconds": None,
+                    "uniform_speedup": speedups["uniform"],
+                    "compile_seconds": compile_s if mode == "compiled" else None,
                 })
                 best = max((s for n, s in speedups.items() if n.startswith("bucket")))
                 print("  speedups: " + ", ".join(f"{n} {s:.2f}x" for n, s in speedups.items())
@@ -473,11 +478,11 @@ def main(argv: list[str] | None = None) -> int:
         shape = TINY if args.quick else BERT_BASE
         run(shape, args.kept, args.patterns, args.buckets, args.compile_buckets, args.threads,
             args.compile_threads, args.reps, args.out)
-    if args.only != "bert":  # eager only: no compiled Llama rows
+    if args.only != "bert":
         shapes = [TINY_LLAMA] if args.quick else [LLAMA_SHAPES[s] for s in args.llama_shapes]
         for shape in shapes:
-            run_llama(shape, args.kept, args.patterns, args.buckets, args.threads, args.reps,
-                      args.out)
+            run_llama(shape, args.kept, args.patterns, args.buckets, args.compile_buckets,
+                      args.threads, args.compile_threads, args.reps, args.out)
     return 0
 
 

@@ -36,7 +36,7 @@ def test_rewrite_speed_quick_llama_rows_join_the_store_and_the_section(tmp_path)
                         "--out", str(out)])
     rewrite_speed.main(["--quick", "--only", "llama", "--kept", "0.2", "--patterns",
                         "concentrated", "spread", "--buckets", "4", "--threads", "1",
-                        "--reps", "1", "--out", str(out)])
+                        "--compile-threads", "--reps", "1", "--out", str(out)])
     data = json.loads(out.read_text())
     llama = {k: r for k, r in data["records"].items() if k.startswith("llama/")}
     assert set(llama) == {"llama/batch=2/seq=16/threads=1/eager/kept=0.2/concentrated",
@@ -48,6 +48,11 @@ def test_rewrite_speed_quick_llama_rows_join_the_store_and_the_section(tmp_path)
     section = readme_tables.rewrite_speed_section(data)
     assert "Llama-shaped" in section and "| 20% | concentrated |" in section
     assert section.count("| 20% | spread |") == 2  # one BERT row, one Llama row
+    compiled = {k.replace("/eager/", "/compiled/"): {
+        **r, "mode": "compiled", "compile_seconds": {n: 12.0 for n in r["speedup"]}}
+        for k, r in llama.items()}
+    lines = "\n".join(readme_tables.llama_speed_lines(compiled))
+    assert "1 thread, torch.compile" in lines and "| 12 s, 12 s |" in lines
 
 
 def test_step_cost_quick_run(tmp_path):
