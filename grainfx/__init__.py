@@ -2,7 +2,9 @@
 
 ``grainfx.compress(model, dataloader, sparsity)`` prunes a fine-tuned model into a compact
 GraphModule; ``grainfx.save`` / ``grainfx.load`` write and read compact models as ``.pt2``
-files (loading needs torch only). The graph passes themselves live in the ``passes`` package.
+files (loading needs torch only); ``grainfx.load(OUT_DIR)`` of a folder written by
+``grainfx compress`` gives a :class:`Predictor` callable on raw text (torch and tokenizers).
+The graph passes themselves live in the ``passes`` package.
 """
 
 from grainfx.checkpoint import CheckpointConfig, CheckpointError
@@ -10,13 +12,15 @@ from grainfx.compress import (BatchError, CompressionResult, EmptyDataLoaderErro
                               TeacherMismatchError, compress)
 from grainfx.config import ConfigError, GrainConfig
 from grainfx.inspect import Inspection, inspect
+from grainfx.predict import Prediction, Predictor, load
 from grainfx.stages import Stages, stages
 from grainfx.trainer import TrainingDivergedError
-from passes.serialize import load, save
+from passes.serialize import save
 
 __version__ = "0.1.0"
 
 __all__ = ["compress", "CompressionResult", "GrainConfig", "CheckpointConfig", "save", "load",
+           "Predictor", "Prediction",
            "inspect", "Inspection", "stages", "Stages", "ConfigError", "BatchError",
            "CheckpointError",
            "EmptyDataLoaderError", "TeacherMismatchError", "TrainingDivergedError",

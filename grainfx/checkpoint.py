@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,12 +33,16 @@ class CheckpointConfig:
     """Where and how often :func:`grainfx.compress` saves its state.
 
     ``path``: the checkpoint file; ``every``: save after every ``every`` steps (and when
-    interrupted with Ctrl-C); ``resume``: go on from ``path`` (it must exist).
+    interrupted with Ctrl-C); ``resume``: go on from ``path`` (it must exist); ``identity``:
+    what else must be the same to resume, as names and content hashes (the command line puts
+    the data files and the tokenizer here: ``{"--data file": "sha256:..."}``); a checkpoint
+    whose identity differs is refused, naming what changed.
     """
 
     path: Path
     every: int = 100
     resume: bool = False
+    identity: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.path, (str, os.PathLike)):
@@ -45,6 +50,11 @@ class CheckpointConfig:
         object.__setattr__(self, "path", Path(self.path))
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ConfigError(f"checkpoint every must be an integer >= 1, got {self.every!r}")
+        if not isinstance(self.identity, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in self.identity.items()):
+            raise ConfigError(f"checkpoint identity must map names to strings (hashes), got "
+                              f"{self.identity!r}")
+        object.__setattr__(self, "identity", dict(self.identity))
         if self.resume and not self.path.is_file():
             raise CheckpointError(f"no checkpoint at {self.path} to resume from: run without "
                                   f"resume (--resume) to start from the beginning")
@@ -56,11 +66,17 @@ def _fingerprint(trainer: Trainer) -> dict:
             "masks": {k: list(v.shape) for k, v in trainer.masks.items()}}
 
 
-def save(trainer: Trainer, steps_done: int, path: Path) -> Path:
-    """Write the state of ``trainer`` after ``steps_done`` steps to ``path`` (atomically)."""
+def _short(digest: str | None) -> str:
+    return "none" if digest is None else digest[:19]
+
+
+def save(trainer: Trainer, steps_done: int, path: Path,
+         identity: Mapping[str, str] | None = None) -> Path:
+    """Write the state of ``trainer`` after ``steps_done`` steps to ``path`` (atomically);
+    ``identity``: see :class:`CheckpointConfig`."""
     state = {
         "format": FORMAT, "version": VERSION, "steps_done": steps_done,
-        "run": _fingerprint(trainer),
+        "run": _fingerprint(trainer), "identity": dict(identity or {}),
         "student": trainer.student.train.state_dict(),
         "maps": trainer.maps.state_dict() if trainer.maps is not None else None,
         "optimizer": trainer.optimizer.state_dict(),
@@ -78,11 +94,12 @@ def save(trainer: Trainer, steps_done: int, path: Path) -> Path:
     return path
 
 
-def load(trainer: Trainer, path: Path) -> int:
+def load(trainer: Trainer, path: Path, identity: Mapping[str, str] | None = None) -> int:
     """Restore ``trainer`` from ``path``; returns the number of steps already done.
 
     Raises CheckpointError when the file is not a grainfx checkpoint or was written by a run
-    with other settings (config, sparsity, length or model structure).
+    with other settings (config, sparsity, length or model structure) or another
+    ``identity`` (data files, tokenizer: see :class:`CheckpointConfig`).
     """
     try:
         state = torch.load(path, weights_only=True)
@@ -94,6 +111,15 @@ def load(trainer: Trainer, path: Path) -> int:
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} is a version {state.get('version')} checkpoint; this "
                               f"grainfx reads version {VERSION}")
+    theirs = state.get("identity", {})
+    changed = [k for k in sorted({*theirs, *(identity or {})})
+               if theirs.get(k) != (identity or {}).get(k)]
+    if changed:
+        detail = "; ".join(f"{k}: {_short(theirs.get(k))} there, {_short((identity or {}).get(k))}"
+                           f" now" for k in changed)
+        raise CheckpointError(f"{path} was written by a run on other inputs ({', '.join(changed)}"
+                              f" changed: {detail}): resume with the same files, or start "
+                              f"again without resume (--resume)")
     mine = _fingerprint(trainer)
     for key, value in mine.items():
         theirs = state["run"].get(key)

@@ -1,9 +1,11 @@
-"""The ``grainfx`` command line: compress, inspect, bench.
+"""The ``grainfx`` command line: compress, predict, inspect, bench.
 
     grainfx compress MODEL_DIR --data FILE.csv --sparsity 0.9 --out OUT_DIR
     grainfx compress MODEL_DIR --task causal-lm --data FILE.txt --out OUT_DIR
     grainfx compress --demo --out OUT_DIR
     grainfx compress ... --resume          # go on after Ctrl-C or a crash
+    grainfx compress ... --check           # the preflight alone: data, labels, disk, model
+    grainfx predict OUT_DIR --data FILE.csv   # label names and scores (text lines on stdin)
     grainfx inspect OUT_DIR/model.pt2 [--plot kept.png] [--graph]
     grainfx bench OUT_DIR/model.pt2 [--against MODEL_DIR]
 """
@@ -11,14 +13,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
+import importlib.util
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from grainfx.output import write_folder
+from grainfx.predict import SERVING_FILE
 from passes.errors import PassError
 
 log = logging.getLogger("grainfx")
@@ -49,8 +56,7 @@ def _check_model_dir(model_dir: Path) -> None:
 
 def _model(model_dir: Path, task: str):
     """(model, tokenizer) of ``model_dir``: a sequence classifier or a causal LM."""
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              AutoTokenizer)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     _check_model_dir(model_dir)
     auto, what = {"classification": (AutoModelForSequenceClassification,
                                       "a sequence classifier"),
@@ -81,75 +87,86 @@ def _dense_model(model_dir: Path):
     return model
 
 
-def _rows(path: Path, text_column: str, label_column: str) -> list[tuple[str, int]]:
-    import datasets
-    if not path.is_file():
-        raise CLIError(f"data file {path} does not exist")
-    kind = {".csv": "csv", ".json": "json", ".jsonl": "json"}.get(path.suffix.lower())
-    if kind is None:
-        raise CLIError(f"{path}: use a .csv or a .jsonl (JSON Lines) file")
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _read(path: Path, args, labels: bool = True):
+    """The rows of ``path`` (a DataError is a CLIError)."""
+    from grainfx.rows import DataError, read_rows
     try:
-        table = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except Exception as exc:
-        raise CLIError(f"cannot read {path} as {kind}: {exc}".splitlines()[0]) from exc
-    for column, option in ((text_column, "--text-column"), (label_column, "--label-column")):
-        if column not in table.column_names:
-            raise CLIError(f"{path} has no column {column!r} (columns: {table.column_names}); "
-                           f"name it with {option}")
-    rows = []
-    for i, (text, label) in enumerate(zip(table[text_column], table[label_column])):
-        if label is None or text is None:
-            raise CLIError(f"{path} row {i + 2}: {'label' if label is None else 'text'} is "
-                           f"missing; every row needs a text and an integer label")
-        rows.append((str(text), int(label)))
-    if not rows:
-        raise CLIError(f"{path} holds no rows")
-    return rows
+        return read_rows(path, args.text_column, args.label_column, labels=labels)
+    except DataError as exc:
+        raise CLIError(str(exc)) from None
 
 
-def _write_outputs(out: Path, overwrite: bool, write) -> None:
-    """Write into a temporary folder beside ``out``, then move it into place."""
-    if out.exists() and not overwrite:
-        raise CLIError(f"{out} exists: choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _fast_tokenizer(tokenizer, model_dir: Path):
+    """The ``tokenizers`` object of ``tokenizer``: the output folder serves text with it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise CLIError(f"the tokenizer of {model_dir} has no fast (tokenizers) version, which "
+                       f"the output folder needs (tokenizer.json): save the model folder with "
+                       f"a fast tokenizer")
+    return backend
 
 
-def _classification(args):
-    """(model, training batches, evaluate) of a sequence-classification run;
-    ``evaluate(student)`` gives teacher and student held-out accuracy."""
+@dataclass
+class Run:
+    """What a compress run needs beyond its settings: the model and tokenizer, training
+    batches, ``evaluate(student)`` (held-out scores), what the output folder serves with
+    (``serving``), and the content hashes a resumed run must match (``identity``)."""
+
+    model: object
+    tokenizer: object
+    batches: object
+    evaluate: Callable[[object], dict]
+    serving: object
+    identity: dict[str, str]
+
+
+def _classification(args) -> Run:
+    """A sequence-classification run; ``evaluate(student)`` gives teacher and student held-out
+    accuracy. Every row is read and every label mapped before the model is touched."""
     from grainfx import demo
     from grainfx.data import accuracy, stratified_split, text_batches
+    from grainfx.predict import Serving
+    from grainfx.rows import DataError, label_ids
 
     if args.demo:
         _quiet_transformers()
         train, held_out = demo.rotten_tomatoes()
         model, tokenizer = demo.teacher(train, progress=not args.quiet)
+        texts, raw = [t for t, _ in train + held_out], [y for _, y in train + held_out]
+        label2id = {name: i for i, name in enumerate(demo.LABELS)}
+        identity = {"demo data": _digest(json.dumps(train + held_out).encode())}
         # the settings of examples/rotten_tomatoes.py, unless given
         args.epochs = args.epochs if args.epochs is not None else DEMO_EPOCHS
         args.learning_rate = args.learning_rate or DEMO_LEARNING_RATE
     else:
         if args.model_dir is None or args.data is None:
             raise CLIError("give MODEL_DIR and --data FILE (or --demo)")
-        model, tokenizer = _model(args.model_dir, args.task)
-        rows = _rows(args.data, args.text_column, args.label_column)
+        rows = _read(args.data, args)
+        held = _read(args.eval_data, args) if args.eval_data is not None else []
+        identity = {"--data file": _digest(args.data.read_bytes())}
         if args.eval_data is not None:
-            train, held_out = rows, _rows(args.eval_data, args.text_column, args.label_column)
-        else:
-            train, held_out = stratified_split(rows, args.eval_split, args.seed)
-    labels = {y for _, y in train + held_out}
+            identity["--eval-data file"] = _digest(args.eval_data.read_bytes())
+        model, tokenizer = _model(args.model_dir, args.task)
+        texts, raw = [r.text for r in rows + held], [r.label for r in rows + held]
+        label2id = getattr(model.config, "label2id", None)
     classes = model.config.num_labels
-    if not labels <= set(range(classes)):
-        raise CLIError(f"labels {sorted(labels - set(range(classes)))} are outside the "
-                       f"model's {classes} classes (0..{classes - 1})")
+    try:
+        ids, names = label_ids(raw, classes, label2id)
+    except DataError as exc:
+        raise CLIError(str(exc)) from None
+    if not args.demo:
+        labelled = list(zip(texts, ids))
+        train, held_out = ((labelled[:len(rows)], labelled[len(rows):])
+                           if args.eval_data is not None
+                           else stratified_split(labelled, args.eval_split, args.seed))
+    backend = _fast_tokenizer(tokenizer, args.model_dir if not args.demo else "the demo")
+    if tokenizer.pad_token is None:
+        raise CLIError("the tokenizer has no pad token to batch texts with: set one "
+                       "(tokenizer.pad_token = ...) and save the model folder again")
     log.info("compressing on %d examples, %d held out", len(train), len(held_out))
     batches = text_batches(train, tokenizer, args.batch_size, shuffle=True, seed=args.seed,
                            max_length=args.max_length, group_by_length=True)
@@ -162,14 +179,18 @@ def _classification(args):
         return {"teacher_accuracy": accuracy(model, evaluation),
                 "student_accuracy": accuracy(student, evaluation)}
 
-    return model, batches, evaluate
+    serving = Serving("classification", tuple(names), args.max_length,
+                      tokenizer.pad_token_id, tokenizer.pad_token, tokenizer.padding_side,
+                      tokenizer.truncation_side)
+    identity["tokenizer"] = _digest(backend.to_str().encode())
+    return Run(model, tokenizer, batches, evaluate, serving, identity)
 
 
-def _causal_lm(args):
-    """(model, training batches, evaluate) of a causal-LM run on documents of
-    plain text or JSON Lines; ``evaluate(student)`` gives teacher and student held-out
-    perplexity."""
+def _causal_lm(args) -> Run:
+    """A causal-LM run on documents of plain text or JSON Lines; ``evaluate(student)``
+    gives teacher and student held-out perplexity."""
     from grainfx.lm import DataError, lm_batches, perplexity, read_texts, split_texts
+    from grainfx.predict import Serving
 
     if args.demo:
         raise CLIError("--demo is the sequence-classification demo: drop --task causal-lm")
@@ -178,11 +199,14 @@ def _causal_lm(args):
                        ".jsonl)")
     try:
         texts = read_texts(args.data, args.text_column)
+        identity = {"--data file": _digest(args.data.read_bytes())}
         if args.eval_data is not None:
             train, held_out = texts, read_texts(args.eval_data, args.text_column)
+            identity["--eval-data file"] = _digest(args.eval_data.read_bytes())
         else:
             train, held_out = split_texts(texts, args.eval_split, args.seed)
         model, tokenizer = _model(args.model_dir, args.task)
+        backend = _fast_tokenizer(tokenizer, args.model_dir)
         batches = lm_batches(train, tokenizer, args.batch_size, shuffle=True, seed=args.seed,
                              max_length=args.max_length)
     except DataError as exc:
@@ -200,7 +224,10 @@ def _causal_lm(args):
         except ValueError as exc:
             raise CLIError(f"held-out documents: {exc}") from exc
 
-    return model, batches, evaluate
+    serving = Serving("causal-lm", (), args.max_length, tokenizer.pad_token_id,
+                      tokenizer.pad_token, "right", tokenizer.truncation_side)
+    identity["tokenizer"] = _digest(backend.to_str().encode())
+    return Run(model, tokenizer, batches, evaluate, serving, identity)
 
 
 def _score(key: str, value: float) -> str:
@@ -209,32 +236,68 @@ def _score(key: str, value: float) -> str:
                                            else f"{value:.2f}")
 
 
-def cmd_compress(args) -> int:
-    import torch
-
-    import grainfx
-    from grainfx.report import format_report
-
+def _check_settings(args) -> None:
+    """The options that need no file: one line per mistake, before anything is read."""
     if args.task not in TASKS:
         raise CLIError(f"unknown --task {args.task!r}: use one of {', '.join(TASKS)}")
     if not 0 <= args.sparsity < 1:
         raise CLIError(f"--sparsity must be in [0, 1) (0.9 keeps 10% of the encoder), got "
                        f"{args.sparsity}")
+    for option, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length),
+                          ("--threads", args.threads)):
+        if value < 1:
+            raise CLIError(f"{option} must be an integer >= 1, got {value}")
+    if not 0 <= args.eval_split < 1:
+        raise CLIError(f"--eval-split must be in [0, 1) (the held-out share of --data), got "
+                       f"{args.eval_split}")
     if args.out.exists() and not args.overwrite:
         raise CLIError(f"{args.out} exists: choose another --out or pass --overwrite")
-    torch.set_num_threads(args.threads)
-    task = _causal_lm if args.task == "causal-lm" else _classification
-    model, batches, evaluate = task(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise CLIError(f"--out {args.out} is a file: give a folder path")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CLIError("the output's structure.png needs matplotlib: pip install matplotlib")
+
+
+def cmd_compress(args) -> int:
+    """Preflight (settings, locations, every data row and label, free space, the model
+    captured on one batch), then the training, then one atomic write of the output folder."""
+    import torch
+
+    import grainfx
+    from grainfx import preflight
+    from grainfx.compress import check
+    from grainfx.report import format_report
+
+    _check_settings(args)
+    checkpoint_path = _checkpoint_path(args)
+    preflight.writable_folder(args.out.parent, f"the output --out {args.out}",
+                              "choose another --out")
+    preflight.writable_folder(checkpoint_path.parent, f"the checkpoint {checkpoint_path}",
+                              "choose another --checkpoint")
     config = grainfx.GrainConfig(
         **{k: v for k, v in {"epochs": args.epochs, "steps": args.steps,
                              "learning_rate": args.learning_rate, "seed": args.seed,
                              "temperature": args.temperature,
                              "structure_alpha": args.structure_alpha,
                              "granularity": args.granularity}.items() if v is not None})
-    checkpoint = grainfx.CheckpointConfig(_checkpoint_path(args), every=args.checkpoint_every,
+    checkpoint = grainfx.CheckpointConfig(checkpoint_path, every=args.checkpoint_every,
                                           resume=args.resume)
+    torch.set_num_threads(args.threads)
+    run = (_causal_lm if args.task == "causal-lm" else _classification)(args)
+    model_size = preflight.model_bytes(run.model)
+    preflight.free_space({args.out.parent: (2 * model_size, "the output"),
+                          checkpoint_path.parent: (preflight.checkpoint_bytes(run.model),
+                                                   "a checkpoint")},
+                         "choose another --out / --checkpoint")
+    checkpoint = dataclasses.replace(checkpoint, identity=run.identity)
+    if args.check:
+        structure = check(run.model, run.batches, args.sparsity, config=config)
+        print(f"preflight passed: data, labels, {args.out} and {checkpoint_path} writable, "
+              f"free space; the model captured with {len(structure.attention)} attention and "
+              f"{len(structure.ffn)} FFN blocks; run again without --check to compress")
+        return 0
     try:
-        result = grainfx.compress(model, batches, args.sparsity, config=config,
+        result = grainfx.compress(run.model, run.batches, args.sparsity, config=config,
                                   progress=not args.quiet, checkpoint=checkpoint)
     except KeyboardInterrupt:
         saved = checkpoint.path.is_file()
@@ -243,29 +306,121 @@ def cmd_compress(args) -> int:
                  f"on" if saved else "nothing saved yet (no step was finished)"),
               file=sys.stderr)
         return 130
-    scores = evaluate(result.module)
+    scores = run.evaluate(result.module)
     report = {**result.report, "task": args.task, **scores}
     inspection = grainfx.inspect(result.module)
 
     def write(folder: Path) -> None:
         grainfx.save(result.module, folder / "model.pt2")
+        run.tokenizer.save_pretrained(folder)
+        (folder / SERVING_FILE).write_text(run.serving.to_json())
         (folder / "report.json").write_text(json.dumps(report, indent=1))
         summary = "\n".join(f"- {_score(k, v)}" for k, v in scores.items())
         (folder / "report.md").write_text(f"# grainfx compress\n\n{summary}\n\n"
                                           f"{format_report(report)}\n")
         inspection.plot(folder / "structure.png")
 
-    _write_outputs(args.out, args.overwrite, write)
+    try:
+        write_folder(args.out, write)
+    except (OSError, RuntimeError, PassError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise CLIError(f"cannot write the output {args.out} ({reason}): free disk space or "
+                       f"choose another --out, then run the same command with --resume (the "
+                       f"trained state is in {checkpoint.path}); any previous output is "
+                       f"untouched") from None
     checkpoint.path.unlink(missing_ok=True)
     print(format_report(report))
     for key, value in scores.items():
         print(_score(key, value))
-    print(f"wrote {args.out}/model.pt2, model.json, report.json, report.md, structure.png")
+    print(f"wrote {args.out}/: model.pt2, tokenizer, {SERVING_FILE} (labels, max length), "
+          f"model.json, report.json, report.md, structure.png")
     return 0
 
 
 def _checkpoint_path(args) -> Path:
     return args.checkpoint or args.out.with_name(f"{args.out.name}.checkpoint.pt")
+
+
+def _class_ids(rows, names: tuple[str, ...], path: Path) -> list[int]:
+    """The class id of each row's label: a name of the model, or an integer id."""
+    index = {name: i for i, name in enumerate(names)}
+    ids = []
+    for row in rows:
+        text = str(row.label).strip()
+        if text in index:
+            ids.append(index[text])
+        elif text.lstrip("+-").isdigit() and 0 <= int(text) < len(names):
+            ids.append(int(text))
+        else:
+            raise CLIError(f"{path} line {row.line}: label {text!r} is not one of the model's "
+                           f"labels {list(names)} nor an id 0..{len(names) - 1}")
+    return ids
+
+
+def _write_predictions(path: Path, rows, predictions) -> None:
+    import csv
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise CLIError(f"--out {path}: write predictions to a .csv or a .jsonl file")
+    records = [{"text": r.text, "label": p.label, "score": round(p.score, 6),
+                "scores": {k: round(v, 6) for k, v in p.scores.items()}}
+               for r, p in zip(rows, predictions)]
+    try:
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            if suffix == ".jsonl":
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            else:
+                writer = csv.writer(f)
+                writer.writerow(["text", "label", "score"])
+                writer.writerows([r["text"], r["label"], r["score"]] for r in records)
+    except OSError as exc:
+        raise CLIError(f"cannot write {path} ({exc.strerror}): choose another --out") from None
+
+
+def cmd_predict(args) -> int:
+    """Label names and scores of the folder's classifier on --data rows (or stdin lines);
+    the accuracy too when the rows have labels. Needs torch and tokenizers only."""
+    import torch
+
+    import grainfx
+    from grainfx.rows import Row
+
+    for option, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
+        if value < 1:
+            raise CLIError(f"{option} must be an integer >= 1, got {value}")
+    if not args.folder.is_dir():
+        raise CLIError(f"{args.folder} is not a folder: pass the --out folder of grainfx "
+                       f"compress")
+    torch.set_num_threads(args.threads)
+    predictor = grainfx.load(args.folder)
+    if predictor.serving.task != "classification":
+        raise CLIError(f"{args.folder} holds a {predictor.serving.task} model: predict gives "
+                       f"the labels of a classifier (grainfx.load(folder) on texts gives logits)")
+    if args.data is not None:
+        rows, source = _read(args.data, args, labels=False), args.data
+    else:
+        rows = [Row(line.rstrip("\r\n"), None, number)
+                for number, line in enumerate(sys.stdin, 1) if line.strip()]
+        source = Path("<stdin>")
+        if not rows:
+            raise CLIError("no text on stdin: pipe text lines in, or give --data FILE")
+    truth = _class_ids(rows, predictor.labels, source) if rows[0].label is not None else None
+    predictions = predictor.predict([r.text for r in rows], args.batch_size)
+    if args.out is not None:
+        _write_predictions(args.out, rows, predictions)
+        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+    else:
+        try:
+            for row, p in zip(rows, predictions):
+                print(f"{p.label}\t{p.score:.4f}\t{row.text}")
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader stopped early (``| head``): not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if truth is not None:
+        correct = sum(predictor.labels[t] == p.label for t, p in zip(truth, predictions))
+        print(f"accuracy: {correct / len(rows):.2%} ({correct} of {len(rows)} rows)",
+              file=sys.stderr)
+    return 0
 
 
 def _load_pt2(path: Path):
@@ -381,8 +536,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a checkpoint every N steps (and on Ctrl-C)")
     c.add_argument("--resume", action="store_true",
                    help="go on from the checkpoint of an interrupted run (same settings)")
+    c.add_argument("--check", action="store_true",
+                   help="run the preflight alone (settings, locations, free space, every data "
+                        "row and label, the model captured on one batch) and exit")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("predict", help="label names and scores of texts, with an output folder "
+                                       "of compress (torch and tokenizers only)")
+    p.add_argument("folder", type=Path, help="an --out folder of grainfx compress")
+    p.add_argument("--data", type=Path,
+                   help=".csv / .jsonl rows (accuracy too when they have labels); default: "
+                        "text lines on stdin")
+    p.add_argument("--out", type=Path, help="write the predictions to this .csv / .jsonl "
+                                            "(default: print them, tab-separated)")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(run=cmd_predict)
 
     i = sub.add_parser("inspect", help="show what a compact model kept")
     i.add_argument("file", type=Path)

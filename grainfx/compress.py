@@ -15,6 +15,7 @@ from torch import fx
 
 import passes
 from grainfx import checkpoint as checkpoints
+from grainfx import preflight
 from grainfx.checkpoint import CheckpointConfig
 from grainfx.config import ConfigError, GrainConfig
 from grainfx.report import build_report, format_report
@@ -221,6 +222,29 @@ def prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparsity: fl
                    hidden_dims)
 
 
+def _check_sparsity(sparsity) -> None:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
+            0 <= sparsity < 1):
+        raise ConfigError(f"sparsity must be in [0, 1) (0.9 keeps 10% of the encoder), got "
+                          f"{sparsity!r}")
+
+
+def check(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
+          teacher: torch.nn.Module | None = None, config: GrainConfig | None = None
+          ) -> passes.Structure:
+    """What :func:`compress` does before its first step, alone: the model and the teacher
+    captured, discovered and instrumented on the first batch, the teacher's output checked
+    against the student's, and every later batch checked to hold the same inputs. Returns
+    what discover found; raises what compress would raise before training."""
+    _check_sparsity(sparsity)
+    config = config or GrainConfig()
+    trainer = prepare(model, _first_batch(dataloader), sparsity, teacher=teacher,
+                      config=config, total_steps=_total_steps(dataloader, config))
+    for batch in dataloader:
+        _model_inputs(batch, trainer.student.input_names)
+    return trainer.student.eval_structure
+
+
 def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
              teacher: torch.nn.Module | None = None, config: GrainConfig | None = None,
              progress: bool = True,
@@ -237,8 +261,10 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
         config: a :class:`GrainConfig` (default: the paper's settings).
         progress: show a progress bar.
         callback: called after every step with the step index and the current masks.
-        checkpoint: a :class:`CheckpointConfig`: save the run's state every ``every`` steps
-            and on Ctrl-C (the KeyboardInterrupt is raised again after saving), and with
+        checkpoint: a :class:`CheckpointConfig`: its folder is checked for write access and
+            free space before anything else; save the run's state every ``every`` steps
+            and on Ctrl-C (the KeyboardInterrupt is raised again after saving) and at the end
+            (so that a run whose result cannot be written goes on from there), and with
             ``resume`` go on from the saved step. A resumed run ends with the same masks and
             weights as an uninterrupted one when the dataloader yields the same batches in
             the same order (shuffle with a seeded generator, as ``text_batches`` does).
@@ -246,11 +272,14 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
     Returns:
         A :class:`CompressionResult` with the compact module, its density and a report.
     """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
-            0 <= sparsity < 1):
-        raise ConfigError(f"sparsity must be in [0, 1) (0.9 keeps 10% of the encoder), got "
-                          f"{sparsity!r}")
+    _check_sparsity(sparsity)
     config = config or GrainConfig()
+    if checkpoint is not None:
+        folder = checkpoint.path.parent
+        preflight.writable_folder(folder, f"the checkpoint {checkpoint.path}",
+                                  "choose another checkpoint path (--checkpoint)")
+        preflight.free_space({folder: (preflight.checkpoint_bytes(model), "a checkpoint")},
+                             "choose another checkpoint path (--checkpoint)")
     torch.manual_seed(config.seed)
     batch = _first_batch(dataloader)
     total = _total_steps(dataloader, config)
@@ -261,9 +290,9 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
     start, save = 0, None
     if checkpoint is not None:
         def save(steps_done: int) -> None:
-            checkpoints.save(trainer, steps_done, checkpoint.path)
+            checkpoints.save(trainer, steps_done, checkpoint.path, checkpoint.identity)
         if checkpoint.resume:
-            start = checkpoints.load(trainer, checkpoint.path)
+            start = checkpoints.load(trainer, checkpoint.path, checkpoint.identity)
             log.info("resuming from %s after step %d of %d", checkpoint.path, start, total)
             rng = torch.get_rng_state()
             for _ in itertools.islice(raw, start):  # the batches the first run consumed
@@ -272,6 +301,8 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
     batches = (_model_inputs(b, names) for b in raw)
     history = trainer.run(batches, progress=progress, start=start, callback=callback,
                           save=save, save_every=checkpoint.every if checkpoint else None)
+    if save is not None and total > start:
+        save(total)  # a run whose result cannot be written resumes without training again
     masked_eval, structure = trainer.student.eval, trainer.student.eval_structure
     masked_eval.eval()
     compact = passes.rewrite(masked_eval, structure)

@@ -9,6 +9,8 @@ from pathlib import Path
 from grainfx.data import finetune, stratified_split, text_batches
 
 SEED = 0
+#: Class names of the Rotten Tomatoes labels 0 and 1.
+LABELS = ("negative", "positive")
 
 
 def cache_dir() -> Path:

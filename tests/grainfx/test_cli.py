@@ -22,6 +22,9 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the"
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+#: What an output folder of compress holds: model, tokenizer, serving record, reports.
+OUTPUT_FILES = ["grainfx.json", "model.json", "model.pt2", "report.json", "report.md",
+                "structure.png", "tokenizer.json", "tokenizer_config.json"]
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -62,8 +65,7 @@ def compressed(workdir) -> Path:
 
 
 def test_compress_writes_model_structure_report_and_plot(compressed):
-    assert sorted(p.name for p in compressed.iterdir()) == [
-        "model.json", "model.pt2", "report.json", "report.md", "structure.png"]
+    assert sorted(p.name for p in compressed.iterdir()) == OUTPUT_FILES
     report = json.loads((compressed / "report.json").read_text())
     assert abs(report["density"] - 0.2) < 0.01
     assert "teacher_accuracy" in report and "student_accuracy" in report
@@ -205,8 +207,7 @@ def test_compress_causal_lm_reports_held_out_perplexity(lm_compressed):
     import passes
 
     out, result = lm_compressed
-    assert sorted(p.name for p in out.iterdir()) == [
-        "model.json", "model.pt2", "report.json", "report.md", "structure.png"]
+    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == "causal-lm"
     assert abs(report["density"] - 0.5) < 0.01

@@ -1,0 +1,73 @@
+"""Write an output folder all at once: the previous folder or the new one, never a mix.
+
+The files are written into a hidden temporary folder beside the target, given the permissions
+the user's umask gives (``tempfile`` creates them private), then swapped with the target in
+one ``renameat2(RENAME_EXCHANGE)`` (Linux; elsewhere two renames) or renamed into place.
+A crash, a full disk or a ``kill -9`` before the swap leaves the previous folder as it was.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+#: renameat2 arguments: paths relative to the working directory; swap the two names.
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _open_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``mkdir`` / ``open`` would."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap the names ``a`` and ``b`` (both exist) atomically where the system can."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code), str(b))
+    backup = a.with_name(a.name + ".previous")
+    os.rename(b, backup)
+    os.rename(a, b)
+    os.rename(backup, a)
+
+
+def write_folder(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Run ``write(folder)`` on a temporary folder beside ``out``, then put it in ``out``'s
+    place (replacing a previous ``out``). Any error leaves ``out`` as it was and removes the
+    temporary folder. Returns ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        _open_permissions(tmp)
+        if out.exists():
+            _exchange(tmp, out)  # tmp now holds the previous output
+            shutil.rmtree(tmp)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,191 @@
+"""A compressed model's folder, served on its own: ``grainfx.load(OUT_DIR)`` and
+``grainfx predict``.
+
+``grainfx compress`` writes a folder that holds everything needed to run the compact model on
+raw text: ``model.pt2`` (the graph), ``tokenizer.json`` (with the tokenizer's other files),
+and ``grainfx.json`` (task, label names in class-id order, maximum length, padding).
+Loading needs torch and the ``tokenizers`` library only, not transformers nor the original
+model::
+
+    model = grainfx.load("out")
+    model("a gripping, funny film")          # Prediction(label='positive', score=0.93, ...)
+    model(["great", "dull"])                 # one Prediction per text
+    model(input_ids=ids, attention_mask=m)   # the module's outputs: {"logits": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import passes
+from passes.errors import LoadError
+
+#: The serving record of an output folder, and its format.
+SERVING_FILE = "grainfx.json"
+FORMAT = "grainfx-output"
+VERSION = 1
+#: Tokenizer encoding fields of each model input the folder can serve.
+ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask",
+                   "token_type_ids": "type_ids"}
+TASKS = ("classification", "causal-lm")
+
+
+class FolderError(LoadError):
+    """A folder that is not a complete grainfx output (the message names the missing part)."""
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What ``grainfx.json`` records: everything beyond the graph needed to serve raw text.
+
+    ``labels``: class names in id order (classification; empty for causal-lm);
+    ``max_length``: tokens per text, at most (longer texts are cut, as in training);
+    ``pad_id`` / ``pad_token``: what pads a batch; ``padding_side`` / ``truncation_side``:
+    ``"right"`` or ``"left"``.
+    """
+
+    task: str
+    labels: tuple[str, ...]
+    max_length: int
+    pad_id: int
+    pad_token: str
+    padding_side: str = "right"
+    truncation_side: str = "right"
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        object.__setattr__(self, "labels", tuple(str(name) for name in self.labels))
+        if self.task == "classification" and not self.labels:
+            raise ValueError("a classifier needs its label names")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) \
+                or self.max_length < 1:
+            raise ValueError(f"max_length must be an integer >= 1, got {self.max_length!r}")
+        for side in (self.padding_side, self.truncation_side):
+            if side not in ("right", "left"):
+                raise ValueError(f"padding and truncation sides are 'right' or 'left', got "
+                                 f"{side!r}")
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT, "version": VERSION, "task": self.task,
+                           "labels": list(self.labels), "max_length": self.max_length,
+                           "pad_id": self.pad_id, "pad_token": self.pad_token,
+                           "padding_side": self.padding_side,
+                           "truncation_side": self.truncation_side}, indent=1)
+
+    @classmethod
+    def read(cls, path: Path) -> Serving:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if record.pop("format") != FORMAT or record.pop("version") != VERSION:
+                raise ValueError(f"not a version {VERSION} {FORMAT} record")
+            return cls(**record)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise FolderError(f"{path} is not a readable grainfx serving record ({exc}): "
+                              f"write the folder again with grainfx compress") from None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The predicted class of one text: its name, its probability, and every class's."""
+
+    label: str
+    score: float
+    scores: dict[str, float] = field(repr=False)
+
+
+class Predictor:
+    """A compact model with its tokenizer and label names, callable on raw text.
+
+    ``predictor(text)`` gives a :class:`Prediction`, ``predictor([texts])`` a list of them
+    (classification) or the outputs of the tokenized batch (causal-lm);
+    ``predictor(**tensors)`` calls the module itself.
+    """
+
+    def __init__(self, module: torch.nn.Module, tokenizer, serving: Serving):
+        self.module, self.tokenizer, self.serving = module, tokenizer, serving
+        self.input_names = list(getattr(module, "grainfx_kept", {}).get("inputs", {})) \
+            or ["input_ids", "attention_mask"]
+        unknown = [n for n in self.input_names if n not in ENCODING_FIELDS]
+        if unknown:
+            raise FolderError(f"the model takes {unknown}, which a tokenizer does not give: "
+                              f"call the module on tensors (grainfx.load of model.pt2)")
+        tokenizer.enable_truncation(serving.max_length, direction=serving.truncation_side)
+        tokenizer.enable_padding(direction=serving.padding_side, pad_id=serving.pad_id,
+                                 pad_token=serving.pad_token)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.serving.labels
+
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The model's inputs for ``texts``: tokenized, cut to ``max_length``, padded."""
+        encodings = self.tokenizer.encode_batch(list(texts))
+        return {name: torch.tensor([getattr(e, ENCODING_FIELDS[name]) for e in encodings],
+                                   dtype=torch.long) for name in self.input_names}
+
+    def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[Prediction]:
+        """One :class:`Prediction` per text, in order (batches of ``batch_size``)."""
+        if self.serving.task != "classification":
+            raise ValueError("predictions with label names are for classifiers; call a "
+                             "causal LM on texts for its logits")
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                logits = self.module(**self.encode(texts[start:start + batch_size]))["logits"]
+                for row in logits.float().softmax(-1).tolist():
+                    best = max(range(len(row)), key=row.__getitem__)
+                    out.append(Prediction(self.labels[best], row[best],
+                                          dict(zip(self.labels, row))))
+        return out
+
+    def __call__(self, texts: str | Sequence[str] | None = None, /, **inputs):
+        if inputs:
+            if texts is not None:
+                raise TypeError("give texts or tensors, not both")
+            return self.module(**inputs)
+        if isinstance(texts, str):
+            return self([texts])[0]
+        if texts is None or not all(isinstance(t, str) for t in texts):
+            raise TypeError("call with a text, a list of texts, or the model's tensors "
+                            "(input_ids=..., attention_mask=...)")
+        if self.serving.task == "classification":
+            return self.predict(list(texts))
+        with torch.inference_mode():
+            return self.module(**self.encode(texts))
+
+    def __repr__(self) -> str:
+        return (f"Predictor({self.serving.task}, labels={list(self.labels)}, "
+                f"max_length={self.serving.max_length})")
+
+
+def load_folder(folder: str | os.PathLike) -> Predictor:
+    """The :class:`Predictor` of an output folder written by ``grainfx compress``."""
+    from tokenizers import Tokenizer
+
+    folder = Path(folder)
+    for name in ("model.pt2", "tokenizer.json", SERVING_FILE):
+        if not (folder / name).is_file():
+            raise FolderError(f"{folder} has no {name}: pass a folder written by grainfx "
+                              f"compress (or a .pt2 file to load the module alone)")
+    serving = Serving.read(folder / SERVING_FILE)
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as exc:  # noqa: BLE001 (tokenizers raises plain Exception)
+        raise FolderError(f"{folder / 'tokenizer.json'} is not a readable tokenizer "
+                          f"({exc})".splitlines()[0]) from None
+    return Predictor(passes.load(folder / "model.pt2"), tokenizer, serving)
+
+
+def load(path: str | os.PathLike):
+    """A compact model: a folder written by ``grainfx compress`` gives a :class:`Predictor`
+    (callable on raw text and on tensors); a ``.pt2`` file gives the module alone."""
+    if Path(path).is_dir():
+        return load_folder(path)
+    return passes.load(path)
