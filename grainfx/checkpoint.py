@@ -89,18 +89,21 @@ def save(trainer: Trainer, steps_done: int, path: Path,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as either
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise CheckpointError(f"cannot write the checkpoint {path} ({reason}): free disk "
+                              f"space or choose another checkpoint path (--checkpoint); the "
+                              f"previous checkpoint is intact") from None
     return path
 
 
-def load(trainer: Trainer, path: Path, identity: Mapping[str, str] | None = None) -> int:
-    """Restore ``trainer`` from ``path``; returns the number of steps already done.
-
-    Raises CheckpointError when the file is not a grainfx checkpoint or was written by a run
-    with other settings (config, sparsity, length or model structure) or another
-    ``identity`` (data files, tokenizer: see :class:`CheckpointConfig`).
-    """
+def _read(path: Path, identity: Mapping[str, str] | None) -> dict:
+    """The state saved in ``path``, refused unless it is a grainfx checkpoint of this version
+    written on the same ``identity``."""
     try:
         state = torch.load(path, weights_only=True)
     except Exception as exc:
@@ -111,15 +114,31 @@ def load(trainer: Trainer, path: Path, identity: Mapping[str, str] | None = None
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} is a version {state.get('version')} checkpoint; this "
                               f"grainfx reads version {VERSION}")
-    theirs = state.get("identity", {})
-    changed = [k for k in sorted({*theirs, *(identity or {})})
-               if theirs.get(k) != (identity or {}).get(k)]
+    theirs, mine = state.get("identity", {}), dict(identity or {})
+    changed = [k for k in sorted({*theirs, *mine}) if theirs.get(k) != mine.get(k)]
     if changed:
-        detail = "; ".join(f"{k}: {_short(theirs.get(k))} there, {_short((identity or {}).get(k))}"
-                           f" now" for k in changed)
-        raise CheckpointError(f"{path} was written by a run on other inputs ({', '.join(changed)}"
-                              f" changed: {detail}): resume with the same files, or start "
-                              f"again without resume (--resume)")
+        detail = "; ".join(f"{k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} now"
+                           for k in changed)
+        raise CheckpointError(f"{path} was written by a run on other inputs "
+                              f"({', '.join(changed)} changed: {detail}): resume with the same "
+                              f"files, or start again without resume (--resume)")
+    return state
+
+
+def check(path: Path, identity: Mapping[str, str] | None = None) -> int:
+    """Check, before anything is built, that ``path`` can be resumed from with these inputs
+    (see :func:`load`); returns its number of steps done."""
+    return _read(path, identity)["steps_done"]
+
+
+def load(trainer: Trainer, path: Path, identity: Mapping[str, str] | None = None) -> int:
+    """Restore ``trainer`` from ``path``; returns the number of steps already done.
+
+    Raises CheckpointError when the file is not a grainfx checkpoint or was written by a run
+    with other settings (config, sparsity, length or model structure) or another
+    ``identity`` (data files, tokenizer: see :class:`CheckpointConfig`).
+    """
+    state = _read(path, identity)
     mine = _fingerprint(trainer)
     for key, value in mine.items():
         theirs = state["run"].get(key)

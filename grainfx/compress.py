@@ -280,6 +280,8 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
                                   "choose another checkpoint path (--checkpoint)")
         preflight.free_space({folder: (preflight.checkpoint_bytes(model), "a checkpoint")},
                              "choose another checkpoint path (--checkpoint)")
+        if checkpoint.resume:
+            checkpoints.check(checkpoint.path, checkpoint.identity)
     torch.manual_seed(config.seed)
     batch = _first_batch(dataloader)
     total = _total_steps(dataloader, config)

@@ -64,7 +64,26 @@ def test_checkpoint_every_n_steps(tmp_path):
                                                if path.exists() else 0))
     # the callback of step i runs before the save after step i
     assert seen[5] == 0 and seen[6] == 6 and seen[12] == 12 and seen[18] == 18
-    assert torch.load(path, weights_only=True)["steps_done"] == 18
+    # and once at the end, so that a run whose result cannot be written resumes from there
+    assert torch.load(path, weights_only=True)["steps_done"] == STEPS
+
+
+def test_a_finished_checkpoint_resumes_without_training_to_the_same_result(tmp_path):
+    path = tmp_path / "run.ckpt"
+    first = compress(CheckpointConfig(path))
+    seen = []
+    again = compress(CheckpointConfig(path, resume=True), callback=lambda i, m: seen.append(i))
+    assert seen == [] and again.report["steps"] == STEPS
+    assert_same_result(first, again)
+
+
+def test_resume_refuses_other_inputs_before_building_anything(tmp_path):
+    path = tmp_path / "run.ckpt"
+    compress(CheckpointConfig(path, identity={"--data file": "sha256:aaaa", "tokenizer": "t"}))
+    with pytest.raises(CheckpointError, match=r"other inputs \(--data file changed: --data file: "
+                                              r"sha256:aaaa there, sha256:bbbb now\)"):
+        grainfx.compress(build(ARCH), [], 0.6, checkpoint=CheckpointConfig(
+            path, resume=True, identity={"--data file": "sha256:bbbb", "tokenizer": "t"}))
 
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
