@@ -284,11 +284,12 @@ def cmd_compress(args) -> int:
                                           resume=args.resume)
     torch.set_num_threads(args.threads)
     run = (_causal_lm if args.task == "causal-lm" else _classification)(args)
+    # the output: at most the dense model's size (with the tokenizer and plot), written
+    # beside a previous output until it replaces it
     model_size = preflight.model_bytes(run.model)
-    preflight.free_space({args.out.parent: (2 * model_size, "the output"),
-                          checkpoint_path.parent: (preflight.checkpoint_bytes(run.model),
-                                                   "a checkpoint")},
-                         "choose another --out / --checkpoint")
+    preflight.free_space([(args.out.parent, 2 * model_size, "the output"),
+                          (checkpoint_path.parent, preflight.checkpoint_bytes(run.model),
+                           "a checkpoint")], "choose another --out / --checkpoint")
     checkpoint = dataclasses.replace(checkpoint, identity=run.identity)
     if args.check:
         structure = check(run.model, run.batches, args.sparsity, config=config)

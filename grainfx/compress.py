@@ -278,7 +278,7 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
         folder = checkpoint.path.parent
         preflight.writable_folder(folder, f"the checkpoint {checkpoint.path}",
                                   "choose another checkpoint path (--checkpoint)")
-        preflight.free_space({folder: (preflight.checkpoint_bytes(model), "a checkpoint")},
+        preflight.free_space([(folder, preflight.checkpoint_bytes(model), "a checkpoint")],
                              "choose another checkpoint path (--checkpoint)")
         if checkpoint.resume:
             checkpoints.check(checkpoint.path, checkpoint.identity)

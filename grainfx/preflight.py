@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -75,14 +75,14 @@ def _size(n: int) -> str:
     raise AssertionError(n)
 
 
-def free_space(needs: Mapping[str | os.PathLike, tuple[int, str]], fix: str) -> None:
+def free_space(needs: Iterable[tuple[str | os.PathLike, int, str]], fix: str) -> None:
     """Check the free disk space for files about to be written.
 
-    ``needs`` maps a folder to (bytes to write there, what they are); folders on the same
-    file system add up.
+    ``needs``: (folder, bytes to write there, what they are) for each; needs on the same file
+    system add up.
     """
     by_device: dict[int, tuple[Path, int, list[str]]] = {}
-    for folder, (size, what) in needs.items():
+    for folder, size, what in needs:
         existing = _existing(Path(folder))
         device = existing.stat().st_dev
         _, total, whats = by_device.get(device, (existing, 0, []))

@@ -6,7 +6,10 @@ import csv
 import json
 import os
 import random
+import re
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -14,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, example, given, settings
 
 from grainfx.cli import main
+from tests.grainfx.test_rows import random_file
 from tests.models import build_bert
 
 GRAINFX = Path(sys.executable).parent / "grainfx"
@@ -322,3 +327,105 @@ def test_causal_lm_bad_inputs_get_one_clear_line(lm_workdir, case, args, message
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (lm_workdir / out).exists()
+
+
+# -- preflight, output folder, predict ------------------------------------------------------------
+
+
+def test_output_folder_has_the_permissions_of_the_users_umask(compressed):
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(compressed.stat().st_mode) == 0o777 & ~mask
+    for path in compressed.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path.name
+
+
+def test_output_folder_records_labels_and_maximum_length(compressed):
+    serving = json.loads((compressed / "grainfx.json").read_text())
+    assert serving["labels"] == ["0", "1"] and serving["max_length"] == 128
+    assert serving["task"] == "classification" and serving["pad_token"] == "[PAD]"
+
+
+def test_predict_prints_label_names_scores_and_accuracy(compressed, workdir, monkeypatch,
+                                                        capsys):
+    code, out, err = run_here(["predict", "out", "--data", "data.csv"], workdir, monkeypatch,
+                              capsys)
+    assert code == 0, err
+    with open(workdir / "data.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = [line.split("\t") for line in out.splitlines()]
+    assert [text for _, _, text in lines] == [r["text"] for r in rows]
+    assert all(label in ("0", "1") and 0.5 <= float(score) <= 1 for label, score, _ in lines)
+    correct = sum(label == r["label"] for (label, _, _), r in zip(lines, rows))
+    assert err == f"accuracy: {correct / len(rows):.2%} ({correct} of {len(rows)} rows)\n"
+    code, _, err = run_here(["predict", "out", "--data", "data.csv", "--out", "p.jsonl"],
+                            workdir, monkeypatch, capsys)
+    records = [json.loads(line) for line in (workdir / "p.jsonl").read_text().splitlines()]
+    assert [(r["label"], f"{r['score']:.4f}") for r in records] == [(a, b) for a, b, _ in lines]
+    assert all(abs(sum(r["scores"].values()) - 1) < 1e-5 for r in records)
+
+
+def test_predict_reads_text_lines_on_stdin(compressed, workdir):
+    result = subprocess.run([str(GRAINFX), "predict", "out"], cwd=workdir, input="good film\n\n"
+                            "the plot awful\n", capture_output=True, text=True, env=ENV,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [line.split("\t")[2] for line in result.stdout.splitlines()] == [
+        "good film", "the plot awful"]
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("args,message", [
+    (["nowhere"], "nowhere is not a folder: pass the --out folder of grainfx compress"),
+    (["model"], "model has no model.pt2: pass a folder written by grainfx compress"),
+    (["out", "--data", "three.csv"], "line 2: label 'a' is not one of the model's labels "
+                                     "['0', '1'] nor an id 0..1"),
+    (["out", "--data", "data.csv", "--out", "p.txt"], "write predictions to a .csv or a .jsonl"),
+])
+def test_predict_bad_inputs_get_one_clear_line(compressed, workdir, args, message, monkeypatch,
+                                               capsys):
+    (workdir / "three.csv").write_bytes(BAD_FILES["three.csv"])
+    code, _, err = run_here(["predict", *args], workdir, monkeypatch, capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_too_little_disk_space_is_refused_before_anything_runs(workdir, monkeypatch, capsys):
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=50_000))
+    code, _, err = run_here(["compress", "model", "--data", "data.csv", "--out", "full",
+                             "--threads", "1"], workdir, monkeypatch, capsys)
+    assert code == 2, err
+    assert re.search(r"not enough free disk space in \S+: 48.8 KB free, about \d+\.\d KB needed "
+                     r"for the output and a checkpoint; free some space or choose another "
+                     r"--out / --checkpoint", err), err
+    assert not (workdir / "full").exists()
+
+
+def test_check_runs_the_preflight_alone(workdir, monkeypatch, capsys):
+    code, out, err = run_here(["compress", "model", "--data", "data.csv", "--out", "checked",
+                               "--check", "--threads", "1"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    assert "preflight passed" in out and "2 attention and 2 FFN blocks" in out
+    assert not (workdir / "checked").exists()
+    assert not (workdir / "checked.checkpoint.pt").exists()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+@example(("data.csv", b"text,label\ngood film,pos\nbad plot,neg\n", ["good film", "bad plot"]))
+@given(spec=random_file())
+def test_a_random_data_file_gives_a_preflight_pass_or_one_line(workdir, monkeypatch, capsys,
+                                                               spec):
+    name, data, _ = spec
+    folder = workdir / "random"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    (folder / name).write_bytes(data)
+    code, out, err = run_here(["compress", "../model", "--data", name, "--out", "out",
+                               "--check", "--threads", "1", "--quiet"], folder, monkeypatch,
+                              capsys)
+    assert code in (0, 2)
+    if code == 2:
+        assert err.startswith("grainfx compress: error: ") and err.count("\n") == 1, err
+    else:
+        assert "preflight passed" in out, out
+    assert os.listdir(folder) == [name], "the preflight left files behind"
