@@ -9,6 +9,7 @@ crash while writing leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -89,12 +90,17 @@ def save(trainer: Trainer, steps_done: int, path: Path,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    # serialized in memory, then written by Python: torch's archive writer, when a write to
+    # a file fails (a full disk), aborts the process as it is freed (its destructor throws)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     try:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a full disk as either
+    except OSError as exc:
         tmp.unlink(missing_ok=True)
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        reason = exc.strerror or str(exc)
         raise CheckpointError(f"cannot write the checkpoint {path} ({reason}): free disk "
                               f"space or choose another checkpoint path (--checkpoint); the "
                               f"previous checkpoint is intact") from None

@@ -3,14 +3,17 @@
 The files are written into a hidden temporary folder beside the target, given the permissions
 the user's umask gives (``tempfile`` creates them private), then swapped with the target in
 one ``renameat2(RENAME_EXCHANGE)`` (Linux; elsewhere two renames) or renamed into place.
-A crash, a full disk or a ``kill -9`` before the swap leaves the previous folder as it was.
+A crash, a full disk or a ``kill -9`` before the swap leaves the previous folder as it was;
+the temporary folder a ``kill -9`` leaves behind goes at the next successful write.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -70,4 +73,13 @@ def write_folder(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_stale(out)
     return out
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the temporary folders of earlier writes of ``out`` that were killed."""
+    name = re.compile(rf"\.{re.escape(out.name)}\.[a-z0-9_]{{8}}")
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        if name.fullmatch(stale.name) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import stat
@@ -25,6 +26,7 @@ from tests.models import build_bert
 
 GRAINFX = Path(sys.executable).parent / "grainfx"
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "plot"]
+VOCAB = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS)}
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -46,9 +48,7 @@ def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     model_dir = root / "model"
     model_dir.mkdir()
-    vocab = model_dir / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(model_dir)
+    BertTokenizerFast(vocab=VOCAB).save_pretrained(model_dir)
     build_bert().save_pretrained(model_dir)
     rng = random.Random(0)
     with open(root / "data.csv", "w", newline="") as f:
@@ -429,3 +429,95 @@ def test_a_random_data_file_gives_a_preflight_pass_or_one_line(workdir, monkeypa
     else:
         assert "preflight passed" in out, out
     assert os.listdir(folder) == [name], "the preflight left files behind"
+
+
+# -- faults: kill -9, a full disk, resuming with other inputs -----------------------------------
+
+
+def _whole_checkpoint(path: Path) -> int:
+    """The steps done in the checkpoint at ``path``, which must load whole."""
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == "grainfx-checkpoint"
+    return state["steps_done"]
+
+
+def _kill_when(command: list[str], cwd: Path, ready, delay: float = 0.0) -> None:
+    """Start ``grainfx COMMAND``, wait for ``ready()``, wait ``delay`` s more, then kill -9."""
+    child = subprocess.Popen([str(GRAINFX), *command], cwd=cwd, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ready() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    assert child.poll() is None, f"finished before the kill: {child.stderr.read()[-2000:]}"
+    child.kill()
+    child.wait(timeout=60)
+    child.stderr.close()
+
+
+def _limit_file_size(limit: int):
+    """For a child process: files larger than ``limit`` bytes cannot be written (EFBIG),
+    as on a full disk."""
+    def limit_it():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return limit_it
+
+
+def test_kill_9_full_disk_and_other_inputs_never_break_the_output(workdir, compressed,
+                                                                    monkeypatch, capsys):
+    """Over a previous output (--overwrite): kill -9 mid-training, then mid-save; resume on
+    other data or another tokenizer (refused, naming what changed); resume on a disk too
+    full for model.pt2 (a clear error); resume for good. The previous output stays whole
+    until the new one replaces it."""
+    rng = random.Random(14)
+    out, checkpoint = workdir / "kill", workdir / "kill.checkpoint.pt"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(compressed, out)
+    previous = {p.name: p.read_bytes() for p in out.iterdir()}
+    with open(workdir / "named.csv", "w", newline="") as f:  # labels as names this time
+        csv.writer(f).writerows([("label", "text")] + [
+            ("pos" if r["label"] == "1" else "neg", r["text"])
+            for r in csv.DictReader(open(workdir / "data.csv", newline=""))])
+    common = ["compress", "model", "--data", "named.csv", "--sparsity", "0.8", "--steps", "60",
+              "--threads", "1", "--quiet", "--checkpoint-every", "4", "--out", "kill",
+              "--overwrite"]
+
+    def unchanged() -> bool:
+        return {p.name: p.read_bytes() for p in out.iterdir()} == previous
+
+    _kill_when(common, workdir, checkpoint.exists, delay=rng.uniform(0.0, 0.6))
+    assert 4 <= _whole_checkpoint(checkpoint) < 60 and unchanged()
+    def writing() -> bool:  # the output's temporary folder is there
+        return any(p.is_dir() for p in workdir.glob(".kill.*"))
+
+    _kill_when(common + ["--resume"], workdir, writing, delay=rng.uniform(0.0, 0.3))
+    assert _whole_checkpoint(checkpoint) == 60 and unchanged()
+
+    (workdir / "other.csv").write_text((workdir / "named.csv").read_text() + "neg,bad\n")
+    other = [a if a != "named.csv" else "other.csv" for a in common]
+    code, _, err = run_here(other + ["--resume"], workdir, monkeypatch, capsys)
+    assert code == 2 and "written by a run on other inputs (--data file changed:" in err, err
+    shutil.copytree(workdir / "model", workdir / "model2", dirs_exist_ok=True)
+    from transformers import BertTokenizerFast
+    BertTokenizerFast(vocab={**VOCAB, "extra": len(VOCAB)}).save_pretrained(workdir / "model2")
+    code, _, err = run_here(["compress", "model2", *common[2:], "--resume"], workdir,
+                            monkeypatch, capsys)
+    assert code == 2 and "other inputs (tokenizer changed: tokenizer: sha256:" in err, err
+
+    full = subprocess.run([str(GRAINFX), *common, "--resume"], cwd=workdir, env=ENV,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size(100_000))
+    assert full.returncode == 2, full.stderr[-2000:]
+    assert full.stderr.startswith(
+        "grainfx compress: error: cannot write the output kill (torch could not write "
+        "model.pt2: the disk is full or a file size limit was reached): free disk space or "
+        "choose another --out, then run the same command with --resume"), full.stderr
+    assert full.stderr.count("\n") == 1 and unchanged() and _whole_checkpoint(checkpoint) == 60
+
+    code, _, err = run_here(common + ["--resume"], workdir, monkeypatch, capsys)
+    assert code == 0, err
+    assert not checkpoint.exists() and not writing()
+    assert json.loads((out / "grainfx.json").read_text())["labels"] == ["neg", "pos"]
+    assert json.loads((out / "report.json").read_text())["steps"] == 60
+    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES and not unchanged()
