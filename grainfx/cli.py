@@ -110,6 +110,18 @@ def _fast_tokenizer(tokenizer, model_dir: Path):
     return backend
 
 
+def _fit_max_length(args, model, tokenizer) -> None:
+    """Cut ``--max-length`` to what the model and tokenizer can take (their positions), so
+    that a long text cannot fail a step hours in; the output records the value used."""
+    limits = [getattr(model.config, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
+    fit = min([args.max_length] + [n for n in limits if isinstance(n, int) and 0 < n < 10**6])
+    if fit < args.max_length:
+        log.info("--max-length %d is more than the model takes: texts are cut at %d tokens",
+                 args.max_length, fit)
+        args.max_length = fit
+
+
 @dataclass
 class Run:
     """What a compress run needs beyond its settings: the model and tokenizer, training
@@ -164,6 +176,7 @@ def _classification(args) -> Run:
                            if args.eval_data is not None
                            else stratified_split(labelled, args.eval_split, args.seed))
     backend = _fast_tokenizer(tokenizer, args.model_dir if not args.demo else "the demo")
+    _fit_max_length(args, model, tokenizer)
     if tokenizer.pad_token is None:
         raise CLIError("the tokenizer has no pad token to batch texts with: set one "
                        "(tokenizer.pad_token = ...) and save the model folder again")
@@ -207,6 +220,7 @@ def _causal_lm(args) -> Run:
             train, held_out = split_texts(texts, args.eval_split, args.seed)
         model, tokenizer = _model(args.model_dir, args.task)
         backend = _fast_tokenizer(tokenizer, args.model_dir)
+        _fit_max_length(args, model, tokenizer)
         batches = lm_batches(train, tokenizer, args.batch_size, shuffle=True, seed=args.seed,
                              max_length=args.max_length)
     except DataError as exc:
@@ -535,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="intra: query/value units and FFN neurons (default); head: whole heads")
     c.add_argument("--batch-size", type=int, default=32,
                    help="texts per batch (batched by similar length, to pad little)")
-    c.add_argument("--max-length", type=int, default=128, help="tokens per text, at most")
+    c.add_argument("--max-length", type=int, default=128,
+                   help="tokens per text, at most (and at most the model's positions)")
     c.add_argument("--seed", type=int, default=0, help="seed of the split, order and dropout")
     c.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     c.add_argument("--checkpoint", type=Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -13,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -342,7 +344,8 @@ def test_output_folder_has_the_permissions_of_the_users_umask(compressed):
 
 def test_output_folder_records_labels_and_maximum_length(compressed):
     serving = json.loads((compressed / "grainfx.json").read_text())
-    assert serving["labels"] == ["0", "1"] and serving["max_length"] == 128
+    # --max-length 128 (the default) is cut to the tiny model's 64 positions
+    assert serving["labels"] == ["0", "1"] and serving["max_length"] == 64
     assert serving["task"] == "classification" and serving["pad_token"] == "[PAD]"
 
 
@@ -378,8 +381,8 @@ def test_predict_reads_text_lines_on_stdin(compressed, workdir):
 @pytest.mark.parametrize("args,message", [
     (["nowhere"], "nowhere is not a folder: pass the --out folder of grainfx compress"),
     (["model"], "model has no model.pt2: pass a folder written by grainfx compress"),
-    (["out", "--data", "three.csv"], "line 2: label 'a' is not one of the model's labels "
-                                     "['0', '1'] nor an id 0..1"),
+    (["out", "--data", "three.csv"],
+     "line 2: label 'a' is not one of the model's labels ['0', '1'] nor an id 0..1"),
     (["out", "--data", "data.csv", "--out", "p.txt"], "write predictions to a .csv or a .jsonl"),
 ])
 def test_predict_bad_inputs_get_one_clear_line(compressed, workdir, args, message, monkeypatch,
@@ -478,7 +481,7 @@ def test_kill_9_full_disk_and_other_inputs_never_break_the_output(workdir, compr
     with open(workdir / "named.csv", "w", newline="") as f:  # labels as names this time
         csv.writer(f).writerows([("label", "text")] + [
             ("pos" if r["label"] == "1" else "neg", r["text"])
-            for r in csv.DictReader(open(workdir / "data.csv", newline=""))])
+            for r in csv.DictReader(io.StringIO((workdir / "data.csv").read_text()))])
     common = ["compress", "model", "--data", "named.csv", "--sparsity", "0.8", "--steps", "60",
               "--threads", "1", "--quiet", "--checkpoint-every", "4", "--out", "kill",
               "--overwrite"]
@@ -521,3 +524,66 @@ def test_kill_9_full_disk_and_other_inputs_never_break_the_output(workdir, compr
     assert json.loads((out / "grainfx.json").read_text())["labels"] == ["neg", "pos"]
     assert json.loads((out / "report.json").read_text())["steps"] == 60
     assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES and not unchanged()
+
+
+# -- the output folder, loaded on its own -------------------------------------------------------
+
+TEXTS = ["good film", "the plot awful", " ".join(WORDS * 30), "unknown words only", "great"]
+
+
+def test_load_of_the_folder_tokenizes_like_the_model_tokenizer_and_predicts(compressed,
+                                                                           workdir):
+    from transformers import AutoTokenizer
+
+    import grainfx
+    import passes
+
+    predictor = grainfx.load(compressed)
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    expected = tokenizer(TEXTS, padding=True, truncation=True, max_length=64,
+                         return_tensors="pt")
+    encoded = predictor.encode(TEXTS)
+    assert encoded["input_ids"].shape == (5, 64)  # the long text is cut at the model's 64
+    for name, value in encoded.items():
+        assert torch.equal(value, expected[name]), name
+    with torch.no_grad():
+        logits = passes.load(compressed / "model.pt2")(**expected)["logits"]
+    predictions = predictor(TEXTS)
+    assert [p.label for p in predictions] == [str(i) for i in logits.argmax(-1).tolist()]
+    probabilities = logits.softmax(-1)
+    for p, row in zip(predictions, probabilities):
+        assert abs(p.score - row.max().item()) < 1e-6
+        assert list(p.scores) == ["0", "1"] and abs(p.scores["1"] - row[1].item()) < 1e-6
+    alone = predictor("good film")  # unpadded: equal up to float rounding
+    assert alone.label == predictions[0].label and abs(alone.score - predictions[0].score) < 1e-5
+    assert torch.equal(predictor(**expected)["logits"], logits)
+
+
+def test_the_folder_serves_where_transformers_cannot_be_imported(compressed):
+    import grainfx
+
+    with torch.no_grad():
+        expected = [(p.label, p.score) for p in grainfx.load(compressed)(TEXTS)]
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["transformers"] = None  # any import of transformers now fails
+        import grainfx
+        try:
+            import transformers
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("transformers was importable")
+        model = grainfx.load({str(compressed)!r})
+        ids = model.encode(["good film"])
+        logits = model(**ids)["logits"]
+        print(json.dumps({{"predictions": [(p.label, p.score) for p in model({TEXTS!r})],
+                          "shape": list(logits.shape), "labels": list(model.labels)}}))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[2], env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.splitlines()[-1])
+    assert served["labels"] == ["0", "1"] and served["shape"] == [1, 2]
+    assert [label for label, _ in served["predictions"]] == [label for label, _ in expected]
+    assert all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(served["predictions"], expected))

@@ -341,6 +341,35 @@ def test_user_model_not_modified():
     assert all(p.grad is None for p in model.parameters())
 
 
+def _tensors(*models: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (non-persistent ones included) of ``models``, copied, with
+    each parameter's requires_grad."""
+    out = {}
+    for i, model in enumerate(models):
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            out[f"{i}.{name}"] = t.detach().clone()
+            out[f"{i}.{name}.requires_grad"] = torch.tensor(t.requires_grad)
+    return out
+
+
+def test_model_and_teacher_not_modified_by_a_checkpointed_run(tmp_path):
+    """Every parameter and buffer of the model and of the teacher, after a run with
+    embedding factorization, a teacher of its own, a checkpoint and dropout on."""
+    model, teacher = build_bert(seed=1), build_bert(seed=2)
+    model.train()
+    before = _tensors(model, teacher)
+    assert any(".position_ids" in k or "token_type_ids" in k for k in before)  # non-persistent
+    grainfx.compress(model, data(), 0.6, teacher=teacher, progress=False,
+                     config=GrainConfig(steps=8, embedding_rank=8),
+                     checkpoint=grainfx.CheckpointConfig(tmp_path / "c.pt", every=3))
+    after = _tensors(model, teacher)
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert model.training and not teacher.training
+    assert all(p.grad is None for p in [*model.parameters(), *teacher.parameters()])
+
+
 def test_one_shot_iterator_does_not_hang():
     """A generator can be iterated once: compress must train on it or say why it cannot,
     not loop forever looking for the next batch."""
