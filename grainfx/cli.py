@@ -138,7 +138,8 @@ class Run:
 
 def _classification(args) -> Run:
     """A sequence-classification run; ``evaluate(student)`` gives teacher and student held-out
-    accuracy. Every row is read and every label mapped before the model is touched."""
+    accuracy. Every row is read before the model is loaded, and every label mapped before
+    anything is trained."""
     from grainfx import demo
     from grainfx.data import accuracy, stratified_split, text_batches
     from grainfx.predict import Serving
@@ -148,7 +149,7 @@ def _classification(args) -> Run:
         _quiet_transformers()
         train, held_out = demo.rotten_tomatoes()
         model, tokenizer = demo.teacher(train, progress=not args.quiet)
-        texts, raw = [t for t, _ in train + held_out], [y for _, y in train + held_out]
+        raw = [y for _, y in train + held_out]
         label2id = {name: i for i, name in enumerate(demo.LABELS)}
         identity = {"demo data": _digest(json.dumps(train + held_out).encode())}
         # the settings of examples/rotten_tomatoes.py, unless given

@@ -8,7 +8,7 @@ Loading needs torch and the ``tokenizers`` library only, not transformers nor th
 model::
 
     model = grainfx.load("out")
-    model("a gripping, funny film")          # Prediction(label='positive', score=0.93, ...)
+    model("a gripping, funny film")          # Prediction(label='positive', score=0.93)
     model(["great", "dull"])                 # one Prediction per text
     model(input_ids=ids, attention_mask=m)   # the module's outputs: {"logits": ...}
 """

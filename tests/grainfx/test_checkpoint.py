@@ -3,11 +3,14 @@ scores as an uninterrupted run; files from another run or not checkpoints are re
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 import grainfx
 from grainfx import CheckpointConfig, CheckpointError, ConfigError, GrainConfig
+from grainfx.preflight import PreflightError
 from tests.models import build, example_inputs
 
 ARCH = "bert-sdpa"
@@ -114,3 +117,16 @@ def test_resume_from_a_file_that_is_no_checkpoint(tmp_path, content):
 def test_bad_checkpoint_interval(tmp_path, every):
     with pytest.raises(ConfigError, match="every must be an integer >= 1"):
         CheckpointConfig(tmp_path / "x", every=every)
+
+
+def test_a_checkpoint_location_that_cannot_be_written_fails_before_any_step(tmp_path,
+                                                                            monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PreflightError, match=r"cannot write the checkpoint .*file/run.ckpt: "
+                                             r".*file is a file, not a folder"):
+        compress(CheckpointConfig(tmp_path / "file" / "run.ckpt"))
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
+    with pytest.raises(PreflightError, match=r"1000 bytes free, about \d+\.\d KB needed for a "
+                                             r"checkpoint"):
+        compress(CheckpointConfig(tmp_path / "run.ckpt"))
