@@ -260,15 +260,37 @@ def feature_rows(source: fx.Node, chain: list[fx.Node]) -> list[int] | None:
 
 
 def is_impure(node: fx.Node) -> bool:
-    """Impurity for dead-code removal: dead attention and dropout nodes may go, asserts stay."""
+    """Impurity for dead-code removal: dead attention and dropout nodes may go, asserts and
+    writes to inputs, parameters or tensors read elsewhere stay."""
     if node.op in ("placeholder", "output"):
         return True
     if node.op == "call_function":
         if node.target in _SIDE_EFFECT_OPS:
             return True
         schema = getattr(node.target, "_schema", None)
-        return bool(schema is not None and schema.is_mutable)
+        if schema is None or not schema.is_mutable:
+            return False
+        written = [a for a, spec in zip(node.args, schema.arguments)
+                   if spec.alias_info is not None and spec.alias_info.is_write]
+        # an in-place op on an intermediate that nothing else reads (``scores += bias`` of a
+        # dead attention block) may go with it
+        return not written or not all(
+            isinstance(a, fx.Node) and a.op == "call_function" and set(a.users) == {node}
+            for a in written)
     return False
+
+
+def live_attrs(gm: fx.GraphModule) -> set[str]:
+    """The attributes that the graph's output (or an impure op) reads: what
+    :func:`remove_dead_code` keeps."""
+    stack = [n for n in gm.graph.nodes if is_impure(n)]
+    seen = set(stack)
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return {n.target for n in seen if n.op == "get_attr"}
 
 
 def remove_dead_code(gm: fx.GraphModule) -> None:

@@ -29,13 +29,15 @@ TEXT = [a for a in ARCHITECTURES if not a.startswith("vit")]
 FFN_WIDTH = {family: FFN for family in FAMILIES} | {"gpt2": 4 * HIDDEN}
 
 
-#: Rotary, grouped-query and gated architectures (hidden 64, 2 layers, 4 query heads; ModernBERT
-#: 3 layers for a local and a global one).
+#: Rotary, grouped-query and gated architectures, and variants of attention code (hidden 64,
+#: 2 layers, 4 query heads; ModernBERT 3 layers for a local and a global one).
 MODERN_HIDDEN = 64
 MODERN_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2", "qwen2_cls", "qwen3", "phi3",
-                   "modernbert", "gptj", "neox", "gemma2")
+                   "modernbert", "gptj", "neox", "gemma2", "dinov2", "mpnet")
 #: Families that transformers runs with eager attention only.
-EAGER_ONLY = ("gemma2",)
+EAGER_ONLY = ("gemma2", "mpnet")
+#: Families that read images.
+IMAGE_FAMILIES = ("vit", "dinov2")
 MODERN = [f"{family}-{impl}" for family in MODERN_FAMILIES for impl in IMPLS
           if impl == "eager" or family not in EAGER_ONLY]
 ALL_ARCHITECTURES = ARCHITECTURES + MODERN
@@ -78,6 +80,13 @@ def _modern_config_and_class(family: str):
                             bos_token_id=1, eos_token_id=2), T.GPTJForCausalLM
     if family == "neox":
         return T.GPTNeoXConfig(rotary_pct=0.5, **common), T.GPTNeoXForCausalLM
+    if family == "dinov2":  # layer scale after attention and FFN
+        return T.Dinov2Config(hidden_size=MODERN_HIDDEN, num_hidden_layers=LAYERS,
+                              num_attention_heads=HEADS, mlp_ratio=2, image_size=IMAGE,
+                              patch_size=PATCH, layerscale_value=0.5
+                              ), T.Dinov2ForImageClassification
+    if family == "mpnet":  # relative position bias added in place to the scores
+        return T.MPNetConfig(**common), T.MPNetForSequenceClassification
     if family == "gemma2":
         # soft-capped scores, GeGLU, post-norms, head size 24 != hidden / heads, local layer
         return T.Gemma2Config(num_key_value_heads=2, head_dim=24, sliding_window=4,
@@ -134,11 +143,11 @@ def example_inputs(arch_id: str, batch: int = 2, seq: int = 8, seed: int = 0
     """Keyword inputs of one forward call.
 
     Text models get ``input_ids`` and ``attention_mask``; rows after the first end in up to two
-    padded positions (mask 0, pad token). ViT gets ``pixel_values`` and ignores ``seq``.
+    padded positions (mask 0, pad token). ViT and DINOv2 get ``pixel_values`` and ignore ``seq``.
     """
     family, _ = split(arch_id)
     gen = torch.Generator().manual_seed(seed)
-    if family == "vit":
+    if family in IMAGE_FAMILIES:
         return {"pixel_values": torch.randn(batch, 3, IMAGE, IMAGE, generator=gen)}
     pad = PAD_ID[family]
     ids = torch.randint(3, VOCAB - 1, (batch, seq), generator=gen)

@@ -19,7 +19,7 @@ from torch import fx
 from passes.discover.attention import SDPA, SOFTMAX, eager_block, sdpa_block
 from passes.discover.ffn import ffn_block, residual_of, stream_of
 from passes.errors import NoAttentionFoundError
-from passes.graph import NORM_OPS, is_op, live_users
+from passes.graph import NORM_OPS, is_op, live_attrs, live_users
 from passes.structure import AttentionBlock, FFNBlock, Structure
 
 __all__ = ["discover"]
@@ -69,6 +69,8 @@ def discover(gm: fx.GraphModule) -> Structure:
     first = residual_of(nodes[attention[0].o.node], block_input)
     embedding = first[1] if first is not None else stream_of(block_input)
     layer_outputs = [embedding.name] + [_layer_output(add).name for add in ffn_adds]
-    params = {id(p): p.numel() for p in gm.parameters()}
+    used = live_attrs(gm)  # a parameter the graph never reads (DINOv2's mask token) goes
+    params = {id(p): p.numel() for name, p in gm.named_parameters(remove_duplicate=False)
+              if name in used}
     return Structure(attention=tuple(attention), ffn=tuple(ffn),
                      layer_outputs=tuple(layer_outputs), total_params=sum(params.values()))

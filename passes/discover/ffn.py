@@ -86,10 +86,18 @@ def _post_norm(x: fx.Node, steps: int = 12) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
+def _layer_scale(node: fx.Node) -> bool:
+    """``x * gamma`` with a parameter ``gamma`` (DINOv2's and CaiT's layer scale)."""
+    return is_op(node, [aten.mul.Tensor]) and any(
+        isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[:2])
+
+
 def residual(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """Follow ``node`` through identity ops (and a post-norm) to a residual add: (add, other
-    operand)."""
+    """Follow ``node`` through identity ops (a layer scale, a post-norm) to a residual add:
+    (add, other operand)."""
     found = through_passthrough(node)
+    while found is not None and _layer_scale(found[1]):
+        found = through_passthrough(found[1])
     if found is None or not is_op(found[1], [aten.add.Tensor]):
         found = _post_norm(node if found is None else found[0])
         if found is None:

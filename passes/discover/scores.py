@@ -23,6 +23,7 @@ MATMUL = {aten.matmul.default, aten.bmm.default}
 #: Elementwise ops that the pointwise tag misses.
 _ELEMENTWISE = PASSTHROUGH_OPS | {aten.masked_fill.Tensor}
 _LOOKBACK = 8
+_ADD = {aten.add.Tensor, aten.add_.Tensor}
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def _canonical(matmul: fx.Node, ops: list[fx.Node]) -> tuple[float, tuple[str, .
             pass
         elif factor is not None and not biases:
             scale *= factor
-        elif is_op(node, [aten.add.Tensor]) and isinstance(node.args[1 - at], fx.Node):
+        elif is_op(node, _ADD) and isinstance(node.args[1 - at], fx.Node):
             biases.append(node.args[1 - at].name)
         else:
             return None

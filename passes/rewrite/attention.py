@@ -107,7 +107,7 @@ def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: Atte
         index["v"].append([i for grp in groups
                            for i in _offset(_dims(vdims[rep[grp]], wv), grp * d)])
     pieces = _project(emit, block, index, x_q, x_kv, merge)
-    mask = _score_mask(emit, nodes, block)
+    biases = _score_biases(nodes, block)
     contexts, o_index = [], []
     for b, ((wp, ws, wv), heads) in enumerate(buckets.items()):
         groups = groups_of[b]
@@ -132,7 +132,7 @@ def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: Atte
             ctx = _replay_scores(emit, nodes, block, q, k, v, heads, b)
         else:
             ctx = emit.call(aten.scaled_dot_product_attention.default, q, k, v,
-                            _heads_of(emit, mask, block, heads, b), 0.0, block.is_causal,
+                            _bucket_mask(emit, biases, block, heads, b), 0.0, block.is_causal,
                             scale=block.scale)
         contexts.append(emit.call(aten.flatten.using_ints,
                                   emit.call(aten.transpose.int, ctx, 1, 2), -2, -1))
@@ -256,14 +256,21 @@ def _project(emit: Emitter, block: AttentionBlock, index: dict[str, list[list[in
     return pieces
 
 
-def _score_mask(emit: Emitter, nodes: dict[str, fx.Node], block: AttentionBlock
-                ) -> fx.Node | None:
+def _score_biases(nodes: dict[str, fx.Node], block: AttentionBlock) -> list[fx.Node]:
+    """What is added to the scores: sdpa's mask, or the biases of canonical eager scores."""
     if block.kind == "sdpa":
-        return nodes[block.attn_mask] if block.attn_mask else None
+        return [nodes[block.attn_mask]] if block.attn_mask else []
+    return [nodes[name] for name in block.score_biases]
+
+
+def _bucket_mask(emit: Emitter, biases: list[fx.Node], block: AttentionBlock,
+                 heads: list[int], bucket: int) -> fx.Node | None:
+    """The sum of ``biases``, each sliced to ``heads`` where it has one entry per head."""
     mask = None
-    for name in block.score_biases:
-        bias = nodes[name]
-        mask = bias if mask is None else emit.call(aten.add.Tensor, mask, bias)
+    for bias in biases:
+        tag = f"_{bias.name}" if len(biases) > 1 else ""
+        sliced = _heads_of(emit, bias, block, heads, bucket, tag)
+        mask = sliced if mask is None else emit.call(aten.add.Tensor, mask, sliced)
     return mask
 
 
