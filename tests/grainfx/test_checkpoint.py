@@ -3,7 +3,9 @@ scores as an uninterrupted run; files from another run or not checkpoints are re
 
 from __future__ import annotations
 
+import resource
 import shutil
+import signal
 
 import pytest
 import torch
@@ -130,3 +132,24 @@ def test_a_checkpoint_location_that_cannot_be_written_fails_before_any_step(tmp_
     with pytest.raises(PreflightError, match=r"1000 bytes free, about \d+\.\d KB needed for a "
                                              r"checkpoint"):
         compress(CheckpointConfig(tmp_path / "run.ckpt"))
+
+
+def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        compress(CheckpointConfig(path), callback=stop_at(3))
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))  # as a full disk
+    try:
+        with pytest.raises(CheckpointError, match=r"cannot write the checkpoint .*run.ckpt \(File "
+                                                  r"too large\): free disk space or choose "
+                                                  r"another checkpoint path \(--checkpoint\); the "
+                                                  r"previous checkpoint is intact"):
+            compress(CheckpointConfig(path, every=2, resume=True))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
