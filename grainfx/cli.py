@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from grainfx.output import write_folder
-from grainfx.predict import SERVING_FILE
+from grainfx.predict import SERVING_FILE, Serving
 from passes.errors import PassError
 
 log = logging.getLogger("grainfx")
@@ -132,7 +132,7 @@ class Run:
     tokenizer: object
     batches: object
     evaluate: Callable[[object], dict]
-    serving: object
+    serving: Serving
     identity: dict[str, str]
 
 
@@ -142,7 +142,6 @@ def _classification(args) -> Run:
     anything is trained."""
     from grainfx import demo
     from grainfx.data import accuracy, stratified_split, text_batches
-    from grainfx.predict import Serving
     from grainfx.rows import DataError, label_ids
 
     if args.demo:
@@ -204,7 +203,6 @@ def _causal_lm(args) -> Run:
     """A causal-LM run on documents of plain text or JSON Lines; ``evaluate(student)``
     gives teacher and student held-out perplexity."""
     from grainfx.lm import DataError, lm_batches, perplexity, read_texts, split_texts
-    from grainfx.predict import Serving
 
     if args.demo:
         raise CLIError("--demo is the sequence-classification demo: drop --task causal-lm")
@@ -279,6 +277,7 @@ def cmd_compress(args) -> int:
     import torch
 
     import grainfx
+    from grainfx import checkpoint as checkpoints
     from grainfx import preflight
     from grainfx.compress import check
     from grainfx.report import format_report
@@ -307,6 +306,8 @@ def cmd_compress(args) -> int:
                            "a checkpoint")], "choose another --out / --checkpoint")
     checkpoint = dataclasses.replace(checkpoint, identity=run.identity)
     if args.check:
+        if args.resume:
+            checkpoints.check(checkpoint.path, checkpoint.identity)
         structure = check(run.model, run.batches, args.sparsity, config=config)
         print(f"preflight passed: data, labels, {args.out} and {checkpoint_path} writable, "
               f"free space; the model captured with {len(structure.attention)} attention and "

@@ -499,8 +499,9 @@ def test_kill_9_full_disk_and_other_inputs_never_break_the_output(workdir, compr
 
     (workdir / "other.csv").write_text((workdir / "named.csv").read_text() + "neg,bad\n")
     other = [a if a != "named.csv" else "other.csv" for a in common]
-    code, _, err = run_here(other + ["--resume"], workdir, monkeypatch, capsys)
-    assert code == 2 and "written by a run on other inputs (--data file changed:" in err, err
+    for check in ([], ["--check"]):
+        code, _, err = run_here(other + ["--resume", *check], workdir, monkeypatch, capsys)
+        assert code == 2 and "written by a run on other inputs (--data file changed:" in err, err
     shutil.copytree(workdir / "model", workdir / "model2", dirs_exist_ok=True)
     from transformers import BertTokenizerFast
     BertTokenizerFast(vocab={**VOCAB, "extra": len(VOCAB)}).save_pretrained(workdir / "model2")
