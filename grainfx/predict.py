@@ -104,8 +104,8 @@ class Predictor:
     """A compact model with its tokenizer and label names, callable on raw text.
 
     ``predictor(text)`` gives a :class:`Prediction`, ``predictor([texts])`` a list of them
-    (classification) or the outputs of the tokenized batch (causal-lm);
-    ``predictor(**tensors)`` calls the module itself.
+    (classification); for a causal LM both give the outputs of the tokenized batch
+    (``{"logits": ...}``); ``predictor(**tensors)`` calls the module itself.
     """
 
     def __init__(self, module: torch.nn.Module, tokenizer, serving: Serving):
@@ -135,10 +135,14 @@ class Predictor:
         if self.serving.task != "classification":
             raise ValueError("predictions with label names are for classifiers; call a "
                              "causal LM on texts for its logits")
-        out = []
+        texts, out = list(texts), []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 logits = self.module(**self.encode(texts[start:start + batch_size]))["logits"]
+                if logits.shape[-1] != len(self.labels):
+                    raise FolderError(f"the model gives {logits.shape[-1]} classes but "
+                                      f"{SERVING_FILE} names {len(self.labels)}: write the "
+                                      f"folder again with grainfx compress")
                 for row in logits.float().softmax(-1).tolist():
                     best = max(range(len(row)), key=row.__getitem__)
                     out.append(Prediction(self.labels[best], row[best],
@@ -150,13 +154,14 @@ class Predictor:
             if texts is not None:
                 raise TypeError("give texts or tensors, not both")
             return self.module(**inputs)
-        if isinstance(texts, str):
-            return self([texts])[0]
-        if texts is None or not all(isinstance(t, str) for t in texts):
-            raise TypeError("call with a text, a list of texts, or the model's tensors "
-                            "(input_ids=..., attention_mask=...)")
+        single = isinstance(texts, str)
+        texts = [texts] if single else texts
+        if texts is None or not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("call with a text, a non-empty list of texts, or the model's "
+                            "tensors (input_ids=..., attention_mask=...)")
         if self.serving.task == "classification":
-            return self.predict(list(texts))
+            predictions = self.predict(texts)
+            return predictions[0] if single else predictions
         with torch.inference_mode():
             return self.module(**self.encode(texts))
 

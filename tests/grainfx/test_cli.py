@@ -588,3 +588,24 @@ def test_the_folder_serves_where_transformers_cannot_be_imported(compressed):
     assert served["labels"] == ["0", "1"] and served["shape"] == [1, 2]
     assert [label for label, _ in served["predictions"]] == [label for label, _ in expected]
     assert all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(served["predictions"], expected))
+
+
+def test_a_causal_lm_folder_gives_logits_on_text(lm_compressed, lm_workdir, monkeypatch,
+                                                 capsys):
+    from transformers import AutoTokenizer
+
+    import grainfx
+    import passes
+
+    out, _ = lm_compressed
+    model = grainfx.load(out)
+    texts = ["the cat sat on a mat", "a dog ran"]
+    tokenizer = AutoTokenizer.from_pretrained(lm_workdir / "model")
+    expected = tokenizer(texts, padding=True, truncation=True, max_length=64,
+                         return_tensors="pt")
+    with torch.no_grad():
+        logits = passes.load(out / "model.pt2")(**expected)["logits"]
+    assert torch.equal(model(texts)["logits"], logits)
+    assert model("a dog ran")["logits"].shape == (1, 3, 100)
+    code, _, err = run_here(["predict", "out"], lm_workdir, monkeypatch, capsys)
+    assert code == 2 and "holds a causal-lm model: predict gives the labels of a classifier" in err
