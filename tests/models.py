@@ -33,7 +33,8 @@ FFN_WIDTH = {family: FFN for family in FAMILIES} | {"gpt2": 4 * HIDDEN}
 #: 2 layers, 4 query heads; ModernBERT 3 layers for a local and a global one).
 MODERN_HIDDEN = 64
 MODERN_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2", "qwen2_cls", "qwen3", "phi3",
-                   "modernbert", "gptj", "neox", "gemma2", "dinov2", "mpnet")
+                   "modernbert", "gptj", "neox", "gemma2", "dinov2", "mpnet", "cohere",
+                   "granite")
 #: Families that transformers runs with eager attention only.
 EAGER_ONLY = ("gemma2", "mpnet")
 #: Families that read images.
@@ -87,6 +88,11 @@ def _modern_config_and_class(family: str):
                               ), T.Dinov2ForImageClassification
     if family == "mpnet":  # relative position bias added in place to the scores
         return T.MPNetConfig(**common), T.MPNetForSequenceClassification
+    if family == "cohere":  # parallel block added as (stream + attention) + FFN
+        return T.CohereConfig(num_key_value_heads=2, **common), T.CohereForCausalLM
+    if family == "granite":  # residual multiplier between block output and residual add
+        return T.GraniteConfig(num_key_value_heads=2, residual_multiplier=0.5,
+                               attention_multiplier=0.2, **common), T.GraniteForCausalLM
     if family == "gemma2":
         # soft-capped scores, GeGLU, post-norms, head size 24 != hidden / heads, local layer
         return T.Gemma2Config(num_key_value_heads=2, head_dim=24, sliding_window=4,

@@ -18,8 +18,8 @@ from torch import fx
 
 from passes.discover.attention import SDPA, SOFTMAX, eager_block, sdpa_block
 from passes.discover.ffn import ffn_block, residual_of, stream_of
-from passes.errors import NoAttentionFoundError
-from passes.graph import NORM_OPS, is_op, live_attrs, live_users
+from passes.errors import NoAttentionFoundError, UnsupportedArchitectureError
+from passes.graph import NORM_OPS, attr_tensor, is_op, live_attrs, live_users
 from passes.structure import AttentionBlock, FFNBlock, Structure
 
 __all__ = ["discover"]
@@ -30,6 +30,23 @@ def _layer_output(add: fx.Node) -> fx.Node:
     if len(users) == 1 and is_op(users[0], NORM_OPS):
         return users[0]
     return add
+
+
+def _refuse_shared_weights(gm: fx.GraphModule, attention: list[AttentionBlock],
+                           ffn: list[FFNBlock]) -> None:
+    """Blocks that share a projection weight (ALBERT shares one layer's weights across all)
+    cannot keep different units each."""
+    owner: dict[int, str] = {}
+    for block in attention + ffn:
+        projections = ((block.q, block.k, block.v, block.o) if isinstance(block, AttentionBlock)
+                       else (block.up, block.gate, block.down))
+        for weight in {p.weight for p in projections if p is not None}:
+            key = id(attr_tensor(gm, weight))
+            if owner.setdefault(key, block.name) != block.name:
+                raise UnsupportedArchitectureError(
+                    f"{block.name} and {owner[key]} share the weight {weight} (layers with "
+                    f"shared weights, as in ALBERT): grainfx prunes each layer on its own, so "
+                    f"layers must not share weights")
 
 
 def discover(gm: fx.GraphModule) -> Structure:
@@ -65,6 +82,7 @@ def discover(gm: fx.GraphModule) -> Structure:
             ffn.append(block)
             ffn_adds.append(add)
             taken.update(p.node for p in (block.up, block.down, block.gate) if p is not None)
+    _refuse_shared_weights(gm, attention, ffn)
     block_input = nodes[attention[0].q.input]
     first = residual_of(nodes[attention[0].o.node], block_input)
     embedding = first[1] if first is not None else stream_of(block_input)

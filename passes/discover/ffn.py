@@ -87,9 +87,11 @@ def _post_norm(x: fx.Node, steps: int = 12) -> tuple[fx.Node, fx.Node] | None:
 
 
 def _layer_scale(node: fx.Node) -> bool:
-    """``x * gamma`` with a parameter ``gamma`` (DINOv2's and CaiT's layer scale)."""
-    return is_op(node, [aten.mul.Tensor]) and any(
-        isinstance(a, fx.Node) and a.op == "get_attr" for a in node.args[:2])
+    """``x * gamma`` with a parameter ``gamma`` (DINOv2's and CaiT's layer scale) or a
+    constant (Granite's residual multiplier)."""
+    return is_op(node, [aten.mul.Tensor, aten.mul.Scalar]) and any(
+        (isinstance(a, fx.Node) and a.op == "get_attr") or scalar(a) is not None
+        for a in node.args[:2])
 
 
 def residual(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -112,12 +114,17 @@ def residual(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 def residual_of(out: fx.Node, x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """The add that puts block output ``out`` back on the residual stream that the block
     input ``x`` was read from, and that stream; None when there is none. In a parallel block
-    (GPT-J, GPT-NeoX) ``out`` is first added to the attention output, then to the stream."""
+    (GPT-J, GPT-NeoX) ``out`` is first added to the attention output, then to the stream, or
+    to the sum of the stream and the attention output (Cohere)."""
     found = residual(out)
     if found is None:
         return None
     if reads_residual(x, found[1]):
         return found
+    other = found[1]
+    if is_op(other, [aten.add.Tensor]) and any(
+            isinstance(a, fx.Node) and reads_residual(x, a) for a in other.args[:2]):
+        return found[0], other  # Cohere: (stream + attention) + FFN
     outer = residual(found[0])
     if outer is not None and reads_residual(x, outer[1]):
         return outer

@@ -19,7 +19,7 @@ from passes.discover.kv_repeat import match_kv_repeat
 from passes.discover.rope import match_rope
 from passes.errors import DiscoverError, UnsupportedArchitectureError
 from passes.graph import (CAST_OPS, Projection, aten, feature_rows, is_layout, is_op,
-                          match_projection, module_label)
+                          match_projection, module_label, shape)
 from passes.structure import HeadNorm, Rope
 
 
@@ -82,6 +82,12 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
             continue
         found_norm = match_head_norm(cur) if norm is None and role != "value" else None
         if found_norm is not None:
+            if shape(cur) is None or shape(cur)[-1] != head_dim:
+                raise UnsupportedArchitectureError(
+                    f"the {role} of attention at {module_label(cur)} is normed over the whole "
+                    f"projection ({shape(cur)[-1] if shape(cur) else '?'} features, OLMo 2 "
+                    f"style), not per head: removing any query/key dim or head would change "
+                    f"the norm of the others; grainfx prunes norms over the head dims only")
             norm, cur = found_norm
             continue
         raise DiscoverError(

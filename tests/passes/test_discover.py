@@ -243,3 +243,30 @@ def test_scores_through_a_non_elementwise_op_are_refused_naming_the_node():
     gm = capture(_ReshapedScores().eval(), {"x": torch.randn(2, 5, 16)})
     with pytest.raises(UnsupportedArchitectureError, match=r"reshape.*not elementwise"):
         discover(gm)
+
+
+def _tiny(config_cls, model_cls, **kwargs):
+    config = config_cls(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=96, **kwargs)
+    torch.manual_seed(0)
+    return capture(model_cls(config).eval(), {"input_ids": torch.randint(3, 99, (2, 8))})
+
+
+def test_a_norm_over_the_whole_query_projection_is_refused():
+    import transformers as T
+
+    from passes.errors import UnsupportedArchitectureError
+
+    gm = _tiny(T.Olmo2Config, T.Olmo2ForCausalLM)
+    with pytest.raises(UnsupportedArchitectureError, match=r"q_norm.*whole projection"):
+        discover(gm)
+
+
+def test_layers_that_share_weights_are_refused():
+    import transformers as T
+
+    from passes.errors import UnsupportedArchitectureError
+
+    gm = _tiny(T.AlbertConfig, T.AlbertModel, embedding_size=64)
+    with pytest.raises(UnsupportedArchitectureError, match=r"share the weight .*ALBERT"):
+        discover(gm)
