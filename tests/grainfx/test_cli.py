@@ -368,14 +368,11 @@ def test_predict_prints_label_names_scores_and_accuracy(compressed, workdir, mon
     assert all(abs(sum(r["scores"].values()) - 1) < 1e-5 for r in records)
 
 
-def test_predict_reads_text_lines_on_stdin(compressed, workdir):
-    result = subprocess.run([str(GRAINFX), "predict", "out"], cwd=workdir, input="good film\n\n"
-                            "the plot awful\n", capture_output=True, text=True, env=ENV,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert [line.split("\t")[2] for line in result.stdout.splitlines()] == [
-        "good film", "the plot awful"]
-    assert result.stderr == ""
+def test_predict_reads_text_lines_on_stdin(compressed, workdir, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("good film\n\nthe plot awful\n"))
+    code, out, err = run_here(["predict", "out"], workdir, monkeypatch, capsys)
+    assert code == 0 and err == "", err
+    assert [line.split("\t")[2] for line in out.splitlines()] == ["good film", "the plot awful"]
 
 
 @pytest.mark.parametrize("args,message", [
