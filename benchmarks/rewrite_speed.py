@@ -150,22 +150,20 @@ def flops(shape: Shape, q_units: int, v_units: int, width: int) -> float:
     return shape.layers * (proj + attn)
 
 
-#: First-call time of each model compiled in this process, by id: the dense model is compiled
-#: once, later torch.compile calls on it hit dynamo's cache, so its first time is reported.
-_FIRST_COMPILE: dict[int, float] = {}
-
-
 def measure(label: str, models: dict[str, nn.Module], inputs: dict, reps: int,
             compiled: bool) -> tuple[dict[str, float], dict[str, float]]:
-    """Median latency of each model (and its compile time when ``compiled``)."""
+    """Median latency of each model (and its compile time when ``compiled``: dynamo's cache is
+    cleared first, so a model of the same shapes as one compiled before pays in full)."""
     compile_s = {}
     fns = {}
+    if compiled:
+        torch._dynamo.reset()
     for name, model in models.items():
         fn = torch.compile(model) if compiled else model
         start = time.perf_counter()
         with torch.inference_mode():
             fn(**inputs)
-        compile_s[name] = _FIRST_COMPILE.setdefault(id(model), time.perf_counter() - start)
+        compile_s[name] = time.perf_counter() - start
         fns[name] = (lambda f=fn: f(**inputs))
     print(f"  timing {label}: {', '.join(models)}", flush=True)
     return interleaved_medians(fns, reps), compile_s
