@@ -75,12 +75,18 @@ def read_rows(path: str | Path, text_column: str = "text", label_column: str = "
             column, a malformed row, an empty text or label, or no rows at all.
     """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder: give a .csv or a .jsonl file")
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: use a .csv or a .jsonl (JSON Lines) file")
-    text = _decode(path, path.read_bytes())
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror}): check its permissions") from None
+    text = _decode(path, data)
     reader = _csv_rows if kind == "csv" else _json_rows
     rows = reader(path, text, text_column, label_column, labels)
     if not rows:

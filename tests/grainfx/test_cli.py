@@ -188,6 +188,8 @@ def run_here(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str,
     ("eval split", ["model", "--data", "data.csv", "--eval-split", "1.5"],
      "--eval-split must be in [0, 1)"),
     ("unknown task", ["model", "--data", "data.csv", "--task", "ner"], "unknown --task 'ner'"),
+    ("data is a folder", ["model", "--data", "data_dir"],
+     "data_dir is a folder: give a .csv or a .jsonl file"),
 ])
 def test_bad_inputs_get_one_clear_line(workdir, case, args, message, monkeypatch, capsys):
     (workdir / "data_dir").mkdir(exist_ok=True)
