@@ -9,7 +9,7 @@ The graph passes themselves live in the ``passes`` package.
 
 from grainfx.checkpoint import CheckpointConfig, CheckpointError
 from grainfx.compress import (BatchError, CompressionResult, EmptyDataLoaderError,
-                              TeacherMismatchError, compress)
+                              TeacherMismatchError, check, compress)
 from grainfx.config import ConfigError, GrainConfig
 from grainfx.inspect import Inspection, inspect
 from grainfx.predict import Prediction, Predictor, load
@@ -19,7 +19,7 @@ from passes.serialize import save
 
 __version__ = "0.1.0"
 
-__all__ = ["compress", "CompressionResult", "GrainConfig", "CheckpointConfig", "save", "load",
+__all__ = ["compress", "check", "CompressionResult", "GrainConfig", "CheckpointConfig", "save", "load",
            "Predictor", "Prediction",
            "inspect", "Inspection", "stages", "Stages", "ConfigError", "BatchError",
            "CheckpointError",
