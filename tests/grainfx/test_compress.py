@@ -455,3 +455,13 @@ def test_output_name_picks_the_output_to_distil():
                               config=GrainConfig(steps=2, output_name="pooler_output"),
                               progress=False)
     assert abs(result.density - 0.5) < 0.01
+
+
+def test_check_runs_the_preflight_and_finds_a_bad_batch_anywhere():
+    model = build(ARCH)
+    batches = data(3)
+    structure = grainfx.check(model, batches, 0.5, config=GrainConfig(steps=2))
+    assert len(structure.attention) == 2 and len(structure.ffn) == 2
+    batches[2] = {"input_ids": batches[2]["input_ids"]}
+    with pytest.raises(BatchError, match=r"a batch lacks \['attention_mask'\]"):
+        grainfx.check(model, batches, 0.5, config=GrainConfig(steps=2))
