@@ -227,6 +227,9 @@ def sections() -> dict[str, str]:
         out["peer"] = evidence.peer_section(peer)
     if ner:
         out["ner"] = evidence.ner_section(ner)
+    lm = _load("accuracy_lm.json")
+    if lm:
+        out["lm"] = evidence.lm_section(lm)
     sweep = _load("speed.json")
     if sweep:
         out["speed"] = evidence.speed_section(sweep)
