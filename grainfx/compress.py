@@ -18,6 +18,7 @@ from grainfx import checkpoint as checkpoints
 from grainfx import preflight
 from grainfx.checkpoint import CheckpointConfig
 from grainfx.config import ConfigError, GrainConfig
+from grainfx.output import open_permissions
 from grainfx.report import build_report, format_report
 from grainfx.trainer import Student, Trainer
 from passes.capture import OUTPUT_NAMES_ATTR
@@ -67,9 +68,10 @@ class CompressionResult:
 
     def save(self, path: str | Path) -> Path:
         """Write the model (``.pt2``), its kept structure (``.json``) and the report
-        (``.report.json``) beside each other."""
+        (``.report.json``) beside each other, with the permissions the umask gives."""
         path = passes.save(self.module, path)
         path.with_suffix(".report.json").write_text(json.dumps(self.report, indent=1))
+        open_permissions(path, path.with_suffix(".json"))
         return path
 
     def __str__(self) -> str:

@@ -29,15 +29,20 @@ def _umask() -> int:
     return mask
 
 
-def _open_permissions(folder: Path) -> None:
-    """Give ``folder`` and everything in it the modes a plain ``mkdir`` / ``open`` would."""
+def open_permissions(*paths: str | os.PathLike) -> None:
+    """Give each file, and each folder and everything in it, the modes a plain ``open`` /
+    ``mkdir`` would (``tempfile`` creates them readable by their owner only)."""
     mask = _umask()
-    os.chmod(folder, 0o777 & ~mask)
-    for root, dirs, files in os.walk(folder):
-        for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~mask)
-        for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    for path in paths:
+        if not os.path.isdir(path):
+            os.chmod(path, 0o666 & ~mask)
+            continue
+        os.chmod(path, 0o777 & ~mask)
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _exchange(a: Path, b: Path) -> None:
@@ -64,7 +69,7 @@ def write_folder(out: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write(tmp)
-        _open_permissions(tmp)
+        open_permissions(tmp)
         if out.exists():
             _exchange(tmp, out)  # tmp now holds the previous output
             shutil.rmtree(tmp)

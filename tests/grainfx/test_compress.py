@@ -4,7 +4,10 @@ gradient separation, structure regularization, determinism, a learnable task, ba
 from __future__ import annotations
 
 import functools
+import json
+import os
 import signal
+import stat
 
 import pytest
 import torch
@@ -465,3 +468,16 @@ def test_check_runs_the_preflight_and_finds_a_bad_batch_anywhere():
     batches[2] = {"input_ids": batches[2]["input_ids"]}
     with pytest.raises(BatchError, match=r"a batch lacks \['attention_mask'\]"):
         grainfx.check(model, batches, 0.5, config=GrainConfig(steps=2))
+
+
+def test_result_save_writes_files_with_the_users_permissions(tmp_path):
+    result = run(0.5)[0]
+    path = result.save(tmp_path / "compact.pt2")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "compact.json", "compact.pt2", "compact.report.json"]
+    for file in tmp_path.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file.name
+    kept = grainfx.load(path).grainfx_kept
+    assert kept["layers"] == json.loads(json.dumps(result.module.grainfx_kept["layers"]))
