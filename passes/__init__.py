@@ -17,7 +17,7 @@ from passes.discover import discover
 from passes.errors import (CaptureError, CorruptModelFileError, DiscoverError, InvalidInputsError,
                            LoadError, MaskError, ModelFileNotFoundError, NoAttentionFoundError,
                            NotInstrumentedError, PassError, SaveError, TrainingGraphError,
-                           UnsupportedArchitectureError)
+                           UncoveredLayersWarning, UnsupportedArchitectureError)
 from passes.instrument import get_masks, instrument, record_mask_grads, set_masks
 from passes.rewrite import DEFAULT_BUCKET, RewriteOptions, rewrite
 from passes.serialize import load, save
@@ -31,4 +31,5 @@ __all__ = [
     "PassError", "CaptureError", "InvalidInputsError", "DiscoverError", "NoAttentionFoundError",
     "UnsupportedArchitectureError", "MaskError", "NotInstrumentedError", "TrainingGraphError",
     "SaveError", "LoadError", "ModelFileNotFoundError", "CorruptModelFileError",
+    "UncoveredLayersWarning",
 ]

@@ -28,7 +28,7 @@ class NoAttentionFoundError(DiscoverError):
 
 
 class UnsupportedArchitectureError(DiscoverError):
-    """The graph uses an attention variant that grainfx does not prune yet (RoPE, GQA, ...)."""
+    """The graph uses a variant that grainfx cannot prune exactly (the message names the node)."""
 
 
 class MaskError(PassError, ValueError):
@@ -61,3 +61,8 @@ class TrainingGraphError(PassError):
 
 class StructureMismatchError(PassError):
     """A Structure was applied to a graph it was not discovered on."""
+
+
+class UncoveredLayersWarning(UserWarning):
+    """Linear layers inside the transformer layers that no prunable unit covers: they stay
+    whole (``Structure.uncovered`` names them)."""

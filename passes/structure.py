@@ -277,6 +277,9 @@ class Structure:
     ffn: tuple[FFNBlock, ...]
     layer_outputs: tuple[str, ...]
     total_params: int
+    #: Weights of linear layers inside the transformer layers that no unit covers: they stay
+    #: whole (a pattern discover did not recognise); empty when every one is covered.
+    uncovered: tuple[str, ...] = ()
 
     def units(self) -> list[UnitGroup]:
         """Every unit group, attention (query, value, query heads) then FFN, in block order.
@@ -334,9 +337,26 @@ class Structure:
         """Parameters of the compact module that rewrite makes from these masks."""
         return self.total_params - self.unit_params + self.kept_unit_params(masks)
 
+    def covered(self) -> dict[str, tuple[str, ...]]:
+        """``{block name: weights of the linear layers its units cover}``."""
+        blocks = [(b.name, (b.q, b.k, b.v, b.o)) for b in self.attention]
+        blocks += [(b.name, (b.up, b.gate, b.down)) for b in self.ffn]
+        return {name: tuple(dict.fromkeys(p.weight for p in projections if p is not None))
+                for name, projections in blocks}
+
+    def coverage(self) -> str:
+        """One line: the prunable share of the parameters and what inside the layers is not
+        covered."""
+        line = (f"coverage: {self.unit_params / self.total_params:.0%} of the parameters are "
+                f"in prunable units (the rest: embeddings, norms, heads)")
+        if self.uncovered:
+            line += (f"; {len(self.uncovered)} linear layers inside the transformer layers are "
+                     f"not covered and stay whole: {', '.join(self.uncovered)}")
+        return line
+
     def notes(self) -> list[str]:
         """What each attention block offers beyond plain heads, and what it does not."""
-        lines = []
+        lines = [self.coverage()]
         for block in self.attention:
             parts = []
             if block.group_size > 1:

@@ -14,12 +14,16 @@ Preserves computation: it does not change the graph.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import fx
 
 from passes.discover.attention import SDPA, SOFTMAX, eager_block, sdpa_block
 from passes.discover.ffn import ffn_block, residual_of, stream_of
-from passes.errors import NoAttentionFoundError, UnsupportedArchitectureError
-from passes.graph import NORM_OPS, attr_tensor, is_op, live_attrs, live_users
+from passes.errors import (NoAttentionFoundError, UncoveredLayersWarning,
+                           UnsupportedArchitectureError)
+from passes.graph import (NORM_OPS, aten, attr_tensor, is_op, live_attrs, live_users,
+                          match_projection, shape)
 from passes.structure import AttentionBlock, FFNBlock, Structure
 
 __all__ = ["discover"]
@@ -30,6 +34,25 @@ def _layer_output(add: fx.Node) -> fx.Node:
     if len(users) == 1 and is_op(users[0], NORM_OPS):
         return users[0]
     return add
+
+
+def _uncovered(gm: fx.GraphModule, attention: list[AttentionBlock], ffn: list[FFNBlock],
+               layer_outputs: list[str]) -> tuple[str, ...]:
+    """Weights of linear layers that no block covers between the first attention projection
+    and the end of the last layer (its last add of two computed tensors of the residual
+    stream's shape)."""
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    covered = {p.weight for b in attention for p in (b.q, b.k, b.v, b.o)}
+    covered |= {p.weight for b in ffn for p in (b.up, b.gate, b.down) if p is not None}
+    start = min(order[p.node] for b in attention for p in (b.q, b.k, b.v))
+    stream = shape(next(n for n in gm.graph.nodes if n.name == attention[0].q.input))
+    adds = [order[n.name] for n in gm.graph.nodes if is_op(n, [aten.add.Tensor])
+            and all(isinstance(a, fx.Node) and a.op == "call_function" for a in n.args[:2])
+            and shape(n) == stream]
+    end = max([order[b.o.node] for b in attention] + [order[n] for n in layer_outputs] + adds)
+    found = (match_projection(n) for n in gm.graph.nodes if start <= order[n.name] <= end)
+    return tuple(dict.fromkeys(p.weight for p in found
+                               if p is not None and p.weight not in covered))
 
 
 def _refuse_shared_weights(gm: fx.GraphModule, attention: list[AttentionBlock],
@@ -87,8 +110,15 @@ def discover(gm: fx.GraphModule) -> Structure:
     first = residual_of(nodes[attention[0].o.node], block_input)
     embedding = first[1] if first is not None else stream_of(block_input)
     layer_outputs = [embedding.name] + [_layer_output(add).name for add in ffn_adds]
+    uncovered = _uncovered(gm, attention, ffn, layer_outputs)
+    if uncovered:
+        warnings.warn(f"grainfx found no unit for the linear layers {', '.join(uncovered)} "
+                      f"inside the transformer layers: they stay whole. print(structure) "
+                      f"shows what is covered; report the architecture if they should be "
+                      f"pruned", UncoveredLayersWarning, stacklevel=2)
     used = live_attrs(gm)  # a parameter the graph never reads (DINOv2's mask token) goes
     params = {id(p): p.numel() for name, p in gm.named_parameters(remove_duplicate=False)
               if name in used}
     return Structure(attention=tuple(attention), ffn=tuple(ffn),
-                     layer_outputs=tuple(layer_outputs), total_params=sum(params.values()))
+                     layer_outputs=tuple(layer_outputs), total_params=sum(params.values()),
+                     uncovered=uncovered)

@@ -12,8 +12,8 @@ from passes.discover import discover
 from passes.errors import NoAttentionFoundError
 from passes.graph import attr_tensor
 from tests.captures import captured, pair, structure
-from tests.models import (ARCHITECTURES, FFN_WIDTH, HEAD_DIM, HEADS, HIDDEN, LAYERS,
-                          split)
+from tests.models import (ALL_ARCHITECTURES, ARCHITECTURES, FFN_WIDTH, HEAD_DIM, HEADS, HIDDEN,
+                          LAYERS, split)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -270,3 +270,45 @@ def test_layers_that_share_weights_are_refused():
     gm = _tiny(T.AlbertConfig, T.AlbertModel, embedding_size=64)
     with pytest.raises(UnsupportedArchitectureError, match=r"share the weight .*ALBERT"):
         discover(gm)
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
+def test_every_linear_inside_the_layers_is_covered_by_units(arch):
+    s = structure(arch)
+    assert s.uncovered == ()
+    covered = s.covered()
+    for block in s.attention:  # fused projections (one weight for Q, K and V) count once
+        assert 2 <= len(covered[block.name]) <= 4
+    for block in s.ffn:
+        assert len(covered[block.name]) == (2 if block.gate is None or
+                                            block.gate.weight == block.up.weight else 3)
+    assert "coverage: " in str(s)
+
+
+class _GatedResidual(torch.nn.Module):
+    """One attention block and an FFN whose output is gated by the input before it is added:
+    a pattern discover does not recognise as an FFN."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+        self.up, self.down, self.gate = (torch.nn.Linear(16, 32), torch.nn.Linear(32, 16),
+                                         torch.nn.Linear(16, 16))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (y.view(b, t, 2, 8).transpose(1, 2) for y in self.qkv(x).chunk(3, -1))
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.o(ctx.transpose(1, 2).reshape(b, t, 16))
+        x = x + self.down(torch.relu(self.up(x))) * torch.sigmoid(self.gate(x))
+        return {"out": x}
+
+
+def test_linear_layers_no_unit_covers_are_named_in_a_warning_and_the_structure():
+    from passes.errors import UncoveredLayersWarning
+
+    gm = capture(_GatedResidual().eval(), {"x": torch.randn(2, 5, 16)})
+    with pytest.warns(UncoveredLayersWarning, match=r"up\.weight.*stay whole"):
+        s = discover(gm)
+    assert set(s.uncovered) == {"up.weight", "down.weight", "gate.weight"}
+    assert "3 linear layers inside the transformer layers are not covered" in str(s)
