@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -310,6 +312,8 @@ def main(argv=None) -> int:
                              "copy has no gradient and GRAIN's scores stay 0)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=15, help="latency repetitions")
+    parser.add_argument("--resamples", type=int, default=2000,
+                        help="paired bootstrap draws of held-out blocks")
     parser.add_argument("--time-batch", type=int, default=8, help="batch size of the latency")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny model, 400 reviews, a few steps: a smoke test")
@@ -324,6 +328,7 @@ def main(argv=None) -> int:
     if args.smoke:
         args.train_reviews, args.held_out = 400, 40
         args.teacher_steps, args.steps, args.batch, args.reps = 20, 4, 8, 1
+        args.resamples = 200
     texts = imdb_reviews()
     train, held_out = split(texts, args.held_out)
     if args.train_reviews:
@@ -359,6 +364,7 @@ def main(argv=None) -> int:
     name = "lm-dense-smoke.pt2" if args.smoke else "lm-dense.pt2"
     dense = grainfx.load(save_dense(model, time_batch, args.models / name))
     start = student_start(folder, args.dropout)
+    prefix = "lm-smoke-" if args.smoke else "lm-"
     runs = [r for r in RUNS if not args.only or r.name in args.only]
     for i, run in enumerate(runs, 1):
         if run.name in store:
@@ -370,7 +376,6 @@ def main(argv=None) -> int:
         config = grainfx.GrainConfig(steps=args.steps, learning_rate=args.learning_rate,
                                      temperature=args.temperature, ema_beta=beta, seed=SEED,
                                      **run.overrides)
-        prefix = "lm-smoke-" if args.smoke else "lm-"
         ckpt = args.models / f"{prefix}{run.name}.ckpt"
         result = grainfx.compress(start, Batches(train_data, args.batch, shuffle=True,
                                                  seed=SEED + 1),
@@ -394,7 +399,50 @@ def main(argv=None) -> int:
         print(f"  perplexity {ppl:.2f} ({ppl / teacher_ppl:.2f}x the teacher's), density "
               f"{result.density:.2%}, {heads_left(result.report)} heads left, "
               f"{timing['speedup']:.2f}x faster (batch {args.time_batch}, 1 thread)", flush=True)
+    pairs = [(a, b) for a, b in PAIRS if a in store and b in store]
+    done = store.records.get("intervals", {})
+    if any(f"{a} vs {b}" not in done for a, b in pairs):
+        print("paired bootstrap intervals over held-out blocks", flush=True)
+        models = {"teacher": model}
+        for name in {n for pair in pairs for n in pair} - {"teacher"}:
+            models[name] = grainfx.load(args.models / f"{prefix}{name}.pt2")
+        nll = {name: block_nll(m, evaluation) for name, m in models.items()}
+        store.put("intervals", {f"{a} vs {b}": bootstrap(nll[a], nll[b], shape.seq - 1,
+                                                         args.resamples) for a, b in pairs})
     return 0
+
+
+#: (A, B): perplexity of A minus perplexity of B, with a paired bootstrap interval.
+PAIRS = (("grain-20", "head-20"), ("grain-20", "teacher"), ("head-20", "teacher"),
+         ("grain-10", "teacher"), ("grain-5", "teacher"))
+
+
+def block_nll(model, batches: Batches) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of every held-out block (float64), in the
+    order of ``batches``; a block of n tokens predicts n - 1 of them (as ``perplexity``)."""
+    out = []
+    with torch.inference_mode():
+        for batch in batches:
+            result = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = result["logits"] if isinstance(result, dict) else result.logits
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(),
+                                  batch["labels"][:, 1:], reduction="none")
+            out.append(nll.double().sum(1))
+    return torch.cat(out)
+
+
+def bootstrap(a: torch.Tensor, b: torch.Tensor, tokens: int, resamples: int,
+              seed: int = SEED) -> dict:
+    """Perplexity of A minus that of B on the same held-out blocks of ``tokens`` predicted
+    tokens each, with a 95% interval from ``resamples`` paired bootstrap draws of blocks (a
+    drawn block brings both models' losses)."""
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, len(a), (resamples, len(a)), generator=gen)
+    diff = torch.exp(a[draws].mean(1) / tokens) - torch.exp(b[draws].mean(1) / tokens)
+    low, high = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)).tolist()
+    point = math.exp(a.mean().item() / tokens) - math.exp(b.mean().item() / tokens)
+    return {"difference": point, "low": low, "high": high, "resamples": resamples,
+            "blocks": len(a)}
 
 
 if __name__ == "__main__":

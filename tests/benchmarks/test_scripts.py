@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from benchmarks import accuracy_lm, evidence, readme_tables, rewrite_speed, step_cost
 
 
@@ -69,7 +71,7 @@ def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
     assert accuracy_lm.main(args) == 0
     data = json.loads(out.read_text())
     records, meta = data["records"], data["meta"]
-    assert set(records) == {"teacher", "grain-20", "head-20"}
+    assert set(records) == {"teacher", "grain-20", "head-20", "intervals"}
     assert meta["train_reviews"] == 400 and meta["held_out_reviews"] == 40
     assert meta["teacher_training"]["steps"] == 20 and meta["held_out_tokens"] > 0
     teacher = records["teacher"]
@@ -84,11 +86,26 @@ def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
                                                                                 "compact"}
         assert (models / f"lm-smoke-{name}.pt2").exists()
     assert records["head-20"]["overrides"] == {"granularity": "head"}
+    intervals = records["intervals"]
+    assert set(intervals) == {"grain-20 vs head-20", "grain-20 vs teacher", "head-20 vs teacher"}
+    for pair, r in intervals.items():
+        a, b = pair.split(" vs ")
+        assert abs(r["difference"] - (records[a]["perplexity"] - records[b]["perplexity"])) < 1e-3
+        assert r["low"] <= r["difference"] <= r["high"] and r["resamples"] == 200
     assert accuracy_lm.main(args) == 0           # resumes: teacher cached, nothing redone
     assert json.loads(out.read_text())["records"] == records
     section = evidence.lm_section(json.loads(out.read_text()))
     assert "| GRAIN | " in section and "| whole heads + FFN | " in section
     assert "Not run yet: grain-10, grain-5" in section and "1.25x" in section
+    assert "- grain-20 - head-20: " in section
+
+
+def test_accuracy_lm_bootstrap_is_paired():
+    a = torch.tensor([100.0, 300.0, 200.0, 400.0], dtype=torch.float64)
+    same = accuracy_lm.bootstrap(a, a.clone(), tokens=100, resamples=50)
+    assert same["difference"] == same["low"] == same["high"] == 0
+    shifted = accuracy_lm.bootstrap(a + 10, a, tokens=100, resamples=50)
+    assert 0 < shifted["low"] <= shifted["difference"] <= shifted["high"]
 
 
 def test_readme_sections_are_replaced_between_markers():
