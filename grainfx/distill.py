@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 
@@ -15,10 +17,19 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     """
     target = torch.softmax(teacher.detach().float() / temperature, dim=-1)
     loss = -(target * torch.log_softmax(student.float() / temperature, dim=-1)).sum(-1)
-    if mask is not None and loss.dim() == mask.dim():
+    if mask is not None and loss.shape == mask.shape:
         weights = mask.to(loss.dtype)
         return (loss * weights).sum() / weights.sum().clamp_min(1)
     return loss.mean()
+
+
+def logits_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """The padding mask of the positions the logits are for: the decoder's in an
+    encoder-decoder batch (none when it has no ``decoder_attention_mask``), else
+    ``attention_mask``."""
+    if "decoder_input_ids" in batch or "decoder_attention_mask" in batch:
+        return batch.get("decoder_attention_mask")
+    return batch.get("attention_mask")
 
 
 class HiddenMaps(nn.Module):

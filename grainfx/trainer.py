@@ -17,7 +17,7 @@ from torch import fx
 import passes
 from passes.instrument import mask_buffers
 from grainfx.config import GrainConfig
-from grainfx.distill import HiddenMaps, kd_loss
+from grainfx.distill import HiddenMaps, kd_loss, logits_mask
 from grainfx.importance import Importance, all_finite
 from grainfx.schedule import density_at, lr_factor
 
@@ -87,7 +87,8 @@ class Trainer:
             teacher_out = self.teacher(**batch)
         out = self.student.train(**batch)
         mask = batch.get("attention_mask")
-        kd = kd_loss(out[self.output], teacher_out[self.output], self.config.temperature, mask)
+        kd = kd_loss(out[self.output], teacher_out[self.output], self.config.temperature,
+                     logits_mask(batch))
         hidden = None
         if self.maps is not None:
             keys = self.student.hidden_keys

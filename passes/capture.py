@@ -131,9 +131,10 @@ def _prepared_copy(model: torch.nn.Module) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise InvalidInputsError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     clone = copy.deepcopy(model)
-    config = getattr(clone, "config", None)
-    if config is not None and getattr(config, "use_cache", None):
-        config.use_cache = False  # a KV cache is not a tensor output: decoders run without it
+    for module in clone.modules():  # T5's decoder stack holds a config of its own
+        config = getattr(module, "config", None)
+        if config is not None and getattr(config, "use_cache", None):
+            config.use_cache = False  # a KV cache is not a tensor output: run without it
     return clone
 
 

@@ -280,6 +280,9 @@ class Structure:
     #: Weights of linear layers inside the transformer layers that no unit covers: they stay
     #: whole (a pattern discover did not recognise); empty when every one is covered.
     uncovered: tuple[str, ...] = ()
+    #: Parameters that only attention scores read (T5's and MPNet's relative position bias
+    #: tables): ``(size, blocks that read them)``; they go when every one of those is empty.
+    score_params: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
     def units(self) -> list[UnitGroup]:
         """Every unit group, attention (query, value, query heads) then FFN, in block order.
@@ -335,7 +338,9 @@ class Structure:
 
     def count_params(self, masks: Mapping[str, torch.Tensor]) -> int:
         """Parameters of the compact module that rewrite makes from these masks."""
-        return self.total_params - self.unit_params + self.kept_unit_params(masks)
+        live = {b.name for b in self.attention if bool(b.per_head(masks)[2].any())}
+        dropped = sum(size for size, blocks in self.score_params if live.isdisjoint(blocks))
+        return self.total_params - self.unit_params + self.kept_unit_params(masks) - dropped
 
     def covered(self) -> dict[str, tuple[str, ...]]:
         """``{block name: weights of the linear layers its units cover}``."""

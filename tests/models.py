@@ -34,11 +34,13 @@ FFN_WIDTH = {family: FFN for family in FAMILIES} | {"gpt2": 4 * HIDDEN}
 MODERN_HIDDEN = 64
 MODERN_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2", "qwen2_cls", "qwen3", "phi3",
                    "modernbert", "gptj", "neox", "gemma2", "dinov2", "mpnet", "cohere",
-                   "granite")
+                   "granite", "t5", "flan_t5")
 #: Families that transformers runs with eager attention only.
 EAGER_ONLY = ("gemma2", "mpnet")
 #: Families that read images.
 IMAGE_FAMILIES = ("vit", "dinov2")
+#: Encoder-decoder families: they also read ``decoder_input_ids``.
+SEQ2SEQ_FAMILIES = ("t5", "flan_t5")
 MODERN = [f"{family}-{impl}" for family in MODERN_FAMILIES for impl in IMPLS
           if impl == "eager" or family not in EAGER_ONLY]
 ALL_ARCHITECTURES = ARCHITECTURES + MODERN
@@ -88,6 +90,11 @@ def _modern_config_and_class(family: str):
                               ), T.Dinov2ForImageClassification
     if family == "mpnet":  # relative position bias added in place to the scores
         return T.MPNetConfig(**common), T.MPNetForSequenceClassification
+    if family in ("t5", "flan_t5"):  # unscaled scores, position bias shared across layers
+        return T.T5Config(vocab_size=VOCAB, d_model=MODERN_HIDDEN, d_kv=16, d_ff=96,
+                          num_layers=LAYERS, num_heads=HEADS, decoder_start_token_id=0,
+                          pad_token_id=0, feed_forward_proj="gated-gelu" if family == "flan_t5"
+                          else "relu"), T.T5ForConditionalGeneration
     if family == "cohere":  # parallel block added as (stream + attention) + FFN
         return T.CohereConfig(num_key_value_heads=2, **common), T.CohereForCausalLM
     if family == "granite":  # residual multiplier between block output and residual add
@@ -149,7 +156,8 @@ def example_inputs(arch_id: str, batch: int = 2, seq: int = 8, seed: int = 0
     """Keyword inputs of one forward call.
 
     Text models get ``input_ids`` and ``attention_mask``; rows after the first end in up to two
-    padded positions (mask 0, pad token). ViT and DINOv2 get ``pixel_values`` and ignore ``seq``.
+    padded positions (mask 0, pad token); encoder-decoders also get ``decoder_input_ids`` of
+    ``seq // 2 + 1``. ViT and DINOv2 get ``pixel_values`` and ignore ``seq``.
     """
     family, _ = split(arch_id)
     gen = torch.Generator().manual_seed(seed)
@@ -163,7 +171,11 @@ def example_inputs(arch_id: str, batch: int = 2, seq: int = 8, seed: int = 0
         if padded:
             mask[row, seq - padded:] = 0
             ids[row, seq - padded:] = pad
-    return {"input_ids": ids, "attention_mask": mask}
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if family in SEQ2SEQ_FAMILIES:
+        inputs["decoder_input_ids"] = torch.randint(3, VOCAB - 1, (batch, seq // 2 + 1),
+                                                    generator=gen)
+    return inputs
 
 
 def build_bert(*, hidden: int = HIDDEN, heads: int = HEADS, layers: int = LAYERS,

@@ -22,8 +22,8 @@ from passes.discover.attention import SDPA, SOFTMAX, eager_block, sdpa_block
 from passes.discover.ffn import ffn_block, residual_of, stream_of
 from passes.errors import (NoAttentionFoundError, UncoveredLayersWarning,
                            UnsupportedArchitectureError)
-from passes.graph import (NORM_OPS, aten, attr_tensor, is_op, live_attrs, live_users,
-                          match_projection, shape)
+from passes.graph import (NORM_OPS, aten, attr_tensor, is_impure, is_op, live_attrs,
+                          live_users, match_projection, shape)
 from passes.structure import AttentionBlock, FFNBlock, Structure
 
 __all__ = ["discover"]
@@ -53,6 +53,55 @@ def _uncovered(gm: fx.GraphModule, attention: list[AttentionBlock], ffn: list[FF
     found = (match_projection(n) for n in gm.graph.nodes if start <= order[n.name] <= end)
     return tuple(dict.fromkeys(p.weight for p in found
                                if p is not None and p.weight not in covered))
+
+
+def _score_inputs(block: AttentionBlock, nodes: dict[str, fx.Node]
+                  ) -> list[tuple[fx.Node, fx.Node]]:
+    """(consumer, input) edges into the scores of ``block``: sdpa's mask, eager biases, and
+    what the ops of a replayed chain read besides the chain."""
+    if block.kind == "sdpa":
+        return [(nodes[block.op], nodes[block.attn_mask])] if block.attn_mask else []
+    if not block.score_ops:
+        add = {nodes[name] for name in block.score_biases}
+        return [(user, bias) for bias in add for user in bias.users]
+    chain = {nodes[name] for name in block.score_ops} | {nodes[block.q_reader]}
+    return [(op, a) for op in chain - {nodes[block.q_reader]} for a in op.all_input_nodes
+            if a not in chain]
+
+
+def _score_params(gm: fx.GraphModule, attention: list[AttentionBlock]
+                  ) -> tuple[tuple[int, tuple[str, ...]], ...]:
+    """Parameters read only through the scores of attention blocks, with those blocks."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    cut, readers = set(), {}
+    for block in attention:
+        for edge in _score_inputs(block, nodes):
+            cut.add(edge)
+            for attr in _attr_ancestors(edge[1]):
+                readers.setdefault(attr, set()).add(block.name)
+    if not readers:
+        return ()
+    stack = [n for n in gm.graph.nodes if is_impure(n)]
+    seen = set(stack)
+    while stack:  # everything live without the score edges
+        node = stack.pop()
+        for arg in node.all_input_nodes:
+            if (node, arg) not in cut and arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    return tuple((params[a.target].numel(), tuple(sorted(blocks)))
+                 for a, blocks in readers.items() if a not in seen and a.target in params)
+
+
+def _attr_ancestors(node: fx.Node) -> set[fx.Node]:
+    stack, seen = [node], {node}
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return {n for n in seen if n.op == "get_attr"}
 
 
 def _refuse_shared_weights(gm: fx.GraphModule, attention: list[AttentionBlock],
@@ -116,9 +165,10 @@ def discover(gm: fx.GraphModule) -> Structure:
                       f"inside the transformer layers: they stay whole. print(structure) "
                       f"shows what is covered; report the architecture if they should be "
                       f"pruned", UncoveredLayersWarning, stacklevel=2)
+    score_params = _score_params(gm, attention)
     used = live_attrs(gm)  # a parameter the graph never reads (DINOv2's mask token) goes
     params = {id(p): p.numel() for name, p in gm.named_parameters(remove_duplicate=False)
               if name in used}
     return Structure(attention=tuple(attention), ffn=tuple(ffn),
                      layer_outputs=tuple(layer_outputs), total_params=sum(params.values()),
-                     uncovered=uncovered)
+                     uncovered=uncovered, score_params=score_params)

@@ -481,3 +481,19 @@ def test_result_save_writes_files_with_the_users_permissions(tmp_path):
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file.name
     kept = grainfx.load(path).grainfx_kept
     assert kept["layers"] == json.loads(json.dumps(result.module.grainfx_kept["layers"]))
+
+
+def test_compress_t5_distils_the_decoders_logits():
+    """A tiny Flan-T5 (encoder, causal decoder, cross-attention, gated FFN, relative position
+    bias shared across layers) compressed end to end: density reached, compact = masked."""
+    arch = "flan_t5-sdpa"
+    batches = [example_inputs(arch, 4, 10, seed=i) for i in range(4)]
+    result = grainfx.compress(build(arch), batches, 0.5,
+                              config=GrainConfig(steps=8), progress=False)
+    assert abs(result.density - 0.5) <= 0.01
+    assert len(result.report["layers"]) == 6  # encoder self, decoder self and cross
+    x = example_inputs(arch, 3, 13, seed=9)
+    with torch.no_grad():
+        logits = result.module(**x)["logits"]
+        assert logits.shape == (3, 7, 100)
+        assert_close(result.masked(**x)["logits"], logits)

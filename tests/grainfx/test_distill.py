@@ -134,3 +134,13 @@ def test_hidden_loss_trains_maps_and_student_not_teacher():
     maps([student], [teacher]).backward()
     assert student.grad is not None and maps.maps[0].weight.grad is not None
     assert teacher.grad is None
+
+
+def test_logits_mask_is_the_decoders_in_an_encoder_decoder_batch():
+    from grainfx.distill import logits_mask
+
+    enc, dec = torch.ones(2, 5), torch.ones(2, 3)
+    assert logits_mask({"input_ids": enc, "attention_mask": enc}) is enc
+    assert logits_mask({"attention_mask": enc, "decoder_input_ids": dec}) is None
+    assert logits_mask({"attention_mask": enc, "decoder_input_ids": dec,
+                        "decoder_attention_mask": dec}) is dec
