@@ -9,6 +9,7 @@ code.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -24,13 +25,27 @@ from passes.rewrite import KEPT_ATTR
 STRUCTURE_FILE = "grainfx_structure.json"
 
 
-def _atomic_write(path: Path, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed into place, with the
+    permissions the umask gives: a failed write (a full disk) leaves the old file as it was."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
                                dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise SaveError(f"could not write {path}: {exc.strerror or exc}; free some space or "
+                        f"choose another folder (the previous file, if any, is unchanged)"
+                        ) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -65,10 +80,11 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
     record = dict(getattr(gm, KEPT_ATTR, {}))
     record["inputs"] = {name: _input_spec(t) for name, t in inputs.items()}
     kept = json.dumps(record, indent=2)
+    buffer = io.BytesIO()  # serialized in memory: torch's file writer aborts on a full disk
+    torch.export.save(ep, buffer, extra_files={STRUCTURE_FILE: kept})
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: torch.export.save(ep, tmp,
-                                                      extra_files={STRUCTURE_FILE: kept}))
-    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(kept))
+    _atomic_write(path, buffer.getvalue())
+    _atomic_write(path.with_suffix(".json"), kept.encode())
     return path
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -72,6 +74,39 @@ def test_save_writes_the_kept_structure_beside_the_model_and_no_temporary_files(
     assert inputs == {"input_ids": {"shape": [2, 8], "dtype": "int64", "max": int(ids.max())},
                       "attention_mask": {"shape": [2, 8], "dtype": "int64", "max": 1}}
     assert grainfx.load(tmp_path / "m.pt2").grainfx_kept == {**kept, "inputs": inputs}
+
+
+def test_saved_files_have_the_permissions_the_umask_gives(tmp_path):
+    old = os.umask(0o022)
+    try:
+        passes.save(compact("distilbert-sdpa"), tmp_path / "m.pt2")
+    finally:
+        os.umask(old)
+    for name in ("m.pt2", "m.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_a_full_disk_gives_a_save_error_and_leaves_the_previous_file(tmp_path):
+    module = compact("distilbert-sdpa")
+    path = passes.save(module, tmp_path / "m.pt2")
+    before = path.read_bytes()
+    torch.save(module, tmp_path / "module.pt")
+    script = textwrap.dedent(f"""
+        import resource, signal, torch, passes
+        module = torch.load({str(tmp_path / 'module.pt')!r}, weights_only=False)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            passes.save(module, {str(path)!r})
+        except passes.SaveError as exc:
+            print("SaveError:", exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"SaveError: could not write {path}" in result.stdout
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.pt2", "module.pt"]
 
 
 def test_save_refuses_a_path_that_is_not_pt2(tmp_path):
