@@ -13,7 +13,9 @@ is cached with its tokenizer and training time (``GRAINFX_CACHE``, default
 Students, all from the same teacher with the same distillation budget (``--steps`` batches of
 the same blocks, AdamW ``--learning-rate``, distillation temperature ``--temperature``): GRAIN
 at 20, 10 and 5% density of the attention and FFN units, and whole heads (GQA: a key/value
-group goes with its last query head) + FFN neurons (``granularity="head"``) at 20%. Held-out
+group goes with its last query head) + FFN neurons (``granularity="head"``) at 20 and 5%.
+Differences in perplexity (GRAIN vs whole heads, each student vs the teacher) get a paired
+bootstrap 95% interval over the held-out blocks. Held-out
 perplexity of every model on the same held-out blocks, its ratio to the teacher's, and the
 latency of each compact model against the dense teacher captured by the same pass
 (interleaved calls, medians, 1 thread).
@@ -72,6 +74,7 @@ RUNS = (
     Run("head-20", 0.20, "whole heads + FFN", {"granularity": "head"}),
     Run("grain-10", 0.10, "GRAIN"),
     Run("grain-5", 0.05, "GRAIN"),
+    Run("head-5", 0.05, "whole heads + FFN", {"granularity": "head"}),
 )
 
 
@@ -413,8 +416,9 @@ def main(argv=None) -> int:
 
 
 #: (A, B): perplexity of A minus perplexity of B, with a paired bootstrap interval.
-PAIRS = (("grain-20", "head-20"), ("grain-20", "teacher"), ("head-20", "teacher"),
-         ("grain-10", "teacher"), ("grain-5", "teacher"))
+PAIRS = (("grain-20", "head-20"), ("grain-5", "head-5"), ("grain-20", "teacher"),
+         ("head-20", "teacher"), ("grain-10", "teacher"), ("grain-5", "teacher"),
+         ("head-5", "teacher"))
 
 
 def block_nll(model, batches: Batches) -> torch.Tensor:

@@ -314,10 +314,12 @@ def lm_section(lm: dict) -> str:
         f"(`python benchmarks/accuracy_lm.py`).",
         "",
         "| model | unit density | held-out perplexity | vs teacher | unit params | "
-        f"total params | heads left | speed ({_lm_shape(records)}, 1 thread) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"total params | heads left | FFN width per layer | speed ({_lm_shape(records)}, "
+        f"1 thread) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
         f"| teacher | 100% | {t['perplexity']:.2f} | 1.00x | - | {t['total_parameters']:,} | "
-        f"{shape['layers'] * shape['heads']} | 1x |",
+        f"{shape['layers'] * shape['heads']} | {' / '.join([str(shape['ffn'])] * shape['layers'])}"
+        f" | 1x |",
     ]
     students = sorted(((k, r) for k, r in records.items() if k not in ("teacher", "intervals")),
                       key=lambda kv: (-kv[1]["target_density"], kv[1]["label"] != "GRAIN"))
@@ -325,6 +327,7 @@ def lm_section(lm: dict) -> str:
         lines.append(f"| {r['label']} | {r['density']:.1%} | {r['perplexity']:.2f} | "
                      f"{r['ratio']:.2f}x | {r['encoder_parameters'][1]:,} | "
                      f"{r['total_parameters'][1]:,} | {r['heads_left']} | "
+                     f"{' / '.join(str(layer['ffn']) for layer in r['layers'])} | "
                      f"{r['speed']['speedup']:.2f}x |")
     lines += ["", "*unit density*: share of the attention and FFN unit parameters kept (the "
                   "embeddings and the untied LM head, "
@@ -338,13 +341,18 @@ def lm_section(lm: dict) -> str:
         lines.append(f"Target of issue 13, perplexity at 20% density within 1.25x of the "
                      f"teacher's: GRAIN at 20% is at {grain['ratio']:.2f}x, **{verdict}** with "
                      f"this budget.")
-    head = records.get("head-20")
-    if grain and head:
-        better = "lower" if grain["perplexity"] < head["perplexity"] else "higher"
-        lines.append(f"At 20%, GRAIN's perplexity ({grain['perplexity']:.2f}, "
-                     f"{grain['heads_left']} heads) is {better} than whole heads + FFN "
+    for percent in (20, 5):
+        ours, head = records.get(f"grain-{percent}"), records.get(f"head-{percent}")
+        if not (ours and head):
+            continue
+        better = "lower" if ours["perplexity"] < head["perplexity"] else "higher"
+        lines.append(f"At {percent}%, GRAIN's perplexity ({ours['perplexity']:.2f}, "
+                     f"{ours['heads_left']} heads) is {better} than whole heads + FFN "
                      f"({head['perplexity']:.2f} at {head['density']:.1%}, "
-                     f"{head['heads_left']} heads); one seed each.")
+                     f"{head['heads_left']} heads); one seed each. With whole heads as units "
+                     f"the global ranking kept "
+                     f"{sum(layer['ffn'] for layer in head['layers'])} FFN neurons in all "
+                     f"(GRAIN: {sum(layer['ffn'] for layer in ours['layers'])}).")
     intervals = records.get("intervals", {})
     if intervals:
         first = next(iter(intervals.values()))
@@ -361,7 +369,7 @@ def lm_section(lm: dict) -> str:
             lines.append(f"- {a} - {b}: {r['difference']:+.2f} [{r['low']:+.2f}, "
                          f"{r['high']:+.2f}]: {verdict}")
         lines.append("")
-    missing = [name for name in ("grain-20", "head-20", "grain-10", "grain-5")
+    missing = [name for name in ("grain-20", "head-20", "grain-10", "grain-5", "head-5")
                if name not in records]
     lines.append(("Not run yet: " + ", ".join(missing) + " (the script resumes). "
                   if missing else "")

@@ -96,7 +96,7 @@ def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
     assert json.loads(out.read_text())["records"] == records
     section = evidence.lm_section(json.loads(out.read_text()))
     assert "| GRAIN | " in section and "| whole heads + FFN | " in section
-    assert "Not run yet: grain-10, grain-5" in section and "1.25x" in section
+    assert "Not run yet: grain-10, grain-5, head-5 (" in section and "1.25x" in section
     assert "- grain-20 - head-20: " in section
 
 
