@@ -33,7 +33,8 @@ class GrainConfig:
     Ablation switches: ``gradient_separation`` (importance from the logit loss only),
     ``structure_regularization``, ``hidden_loss``, ``random_scores`` and ``granularity``
     (``"intra"``: query / value units and FFN neurons; ``"head"``: whole heads and FFN
-    neurons).
+    neurons); ``query_heads`` (under GQA, single query heads inside a key/value group are
+    units too; False: only whole groups lose query heads).
 
     ``embedding_rank``: factorize the word embedding by truncated SVD to this rank (a table of
     width r and a projection to the model width, both trained); None (default) keeps it.
@@ -60,6 +61,7 @@ class GrainConfig:
     gradient_separation: bool = True
     random_scores: bool = False
     granularity: str = "intra"
+    query_heads: bool = True
     embedding_rank: int | None = None
     output_name: str | None = None
     max_bad_steps: int = 20
@@ -90,7 +92,7 @@ class GrainConfig:
         _integer(self, "seed", low=0)
         _integer(self, "version", low=1)
         for name in ("hidden_loss", "structure_regularization", "gradient_separation",
-                     "random_scores"):
+                     "random_scores", "query_heads"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"GrainConfig: {name} must be True or False, got "
                                   f"{getattr(self, name)!r}")

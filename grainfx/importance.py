@@ -28,7 +28,8 @@ class Importance:
         self.structure, self.config = structure, config
         if config.granularity == "intra":
             self.groups = [ScoreGroup(g.mask, g.kind, g.shape, g.unit_params)
-                           for g in structure.units()]
+                           for g in structure.units()
+                           if config.query_heads or g.kind != "qhead"]
         else:
             # whole heads; under GQA whole key/value groups with their query heads
             self.groups = [ScoreGroup(f"{b.name}.head", "head", torch.Size([b.kv_heads]),
@@ -96,6 +97,8 @@ class Importance:
                     masks[name] = alive[group.name][:, None].expand(shape).float()
             else:
                 masks[group.name] = alive[group.name].float()
+        for name, mask in like.items():  # masks no group ranks (query heads when not units)
+            masks.setdefault(name, mask.detach().clone())
         return masks
 
     def prune(self, masks: Mapping[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:

@@ -20,10 +20,12 @@ def structure():
 
 
 @pytest.mark.parametrize("arch", ["llama-sdpa", "qwen3-eager"])
-@pytest.mark.parametrize("granularity", ["intra", "head"])
-def test_prune_reaches_density_under_gqa_rope_and_head_norms(arch, granularity):
+@pytest.mark.parametrize("granularity,query_heads", [("intra", True), ("intra", False),
+                                                     ("head", True)])
+def test_prune_reaches_density_under_gqa_rope_and_head_norms(arch, granularity, query_heads):
     struct = captured_structure(arch)
-    importance = Importance(struct, GrainConfig(granularity=granularity))
+    importance = Importance(struct, GrainConfig(granularity=granularity,
+                                                query_heads=query_heads))
     masks = struct.ones()
     for step, target in enumerate([0.8, 0.5, 0.2]):
         random_scores(importance, seed=step)
@@ -32,7 +34,7 @@ def test_prune_reaches_density_under_gqa_rope_and_head_norms(arch, granularity):
         assert all(bool((new[n] <= masks[n]).all()) for n in new)
         assert struct.density(new) <= target + 1e-12
         masks = new
-    if granularity == "head":  # whole key/value groups go; query heads are not ranked
+    if granularity == "head" or not query_heads:  # query heads are not ranked
         assert all(bool(masks[f"{b.name}.heads"].all()) for b in struct.attention)
 
 
