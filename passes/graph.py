@@ -172,8 +172,13 @@ def _get_attr(node) -> str | None:
     return None
 
 
+#: A 2-d weight transposed for ``x @ W.T``.
+_WEIGHT_T = {aten.numpy_T.default, aten.t.default, aten.permute.default}
+
+
 def match_projection(node: fx.Node) -> Projection | None:
-    """The projection whose output is ``node``: ``aten.linear`` or Conv1D's view-addmm-view."""
+    """The projection whose output is ``node``: ``aten.linear``, ``x @ W.T`` or Conv1D's
+    view-addmm-view."""
     if is_op(node, [aten.linear.default]):
         weight = _get_attr(node.args[1])
         bias = _get_attr(node.args[2]) if len(node.args) > 2 else None
@@ -181,6 +186,14 @@ def match_projection(node: fx.Node) -> Projection | None:
             return None
         out = node.args[1].meta["val"].shape
         return Projection(node.name, node.args[0].name, node.name, weight, bias, False,
+                          0, int(out[0]), int(out[1]))
+    if is_op(node, [aten.matmul.default]) and is_op(node.args[1], _WEIGHT_T):
+        weight = _get_attr(node.args[1].args[0])  # x @ W.T (Falcon's FalconLinear)
+        out = node.args[1].args[0].meta["val"].shape if weight is not None else ()
+        if len(out) != 2 or (is_op(node.args[1], [aten.permute.default])
+                             and list(node.args[1].args[1]) != [1, 0]):
+            return None
+        return Projection(node.name, node.args[0].name, node.name, weight, None, False,
                           0, int(out[0]), int(out[1]))
     if is_op(node, [aten.view.default, aten.reshape.default]):
         mm = node.args[0]
@@ -205,7 +218,7 @@ def match_projection_from_input(node: fx.Node) -> Projection | None:
     if len(users) != 1:
         return None
     user = users[0]
-    if is_op(user, [aten.linear.default]) and user.args[0] is node:
+    if is_op(user, [aten.linear.default, aten.matmul.default]) and user.args[0] is node:
         return match_projection(user)
     if is_op(user, [aten.view.default, aten.reshape.default]):
         mm_users = live_users(user)

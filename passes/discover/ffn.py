@@ -18,6 +18,8 @@ from passes.graph import (SPLIT_OPS, Projection, aten, feature_rows, is_op, live
                           match_projection, shape, through_passthrough)
 from passes.structure import FFNBlock
 
+#: Residual adds (Falcon adds the FFN output to the attention output in place).
+_ADDS = [aten.add.Tensor, aten.add_.Tensor]
 #: Pointwise ops allowed between an FFN's up and down projections.
 _POINTWISE = {
     aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default,
@@ -100,7 +102,7 @@ def residual(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     found = through_passthrough(node)
     while found is not None and _layer_scale(found[1]):
         found = through_passthrough(found[1])
-    if found is None or not is_op(found[1], [aten.add.Tensor]):
+    if found is None or not is_op(found[1], _ADDS):
         found = _post_norm(node if found is None else found[0])
         if found is None:
             return None
@@ -122,7 +124,7 @@ def residual_of(out: fx.Node, x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if reads_residual(x, found[1]):
         return found
     other = found[1]
-    if is_op(other, [aten.add.Tensor]) and any(
+    if is_op(other, _ADDS) and any(
             isinstance(a, fx.Node) and reads_residual(x, a) for a in other.args[:2]):
         return found[0], other  # Cohere: (stream + attention) + FFN
     outer = residual(found[0])

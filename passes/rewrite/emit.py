@@ -51,9 +51,10 @@ class Emitter:
         return w, b
 
     def constant_output(self, like: fx.Node, bias: torch.Tensor | None, width: int) -> fx.Node:
-        """``bias`` (or zeros) broadcast to ``like``'s leading dims and ``width`` features."""
+        """``bias`` (or zeros) broadcast to ``like``'s leading dims and ``width`` features, as
+        a tensor of its own (the model may add to it in place)."""
         ndim = len(shape(like))
         value = self.tensor("bias", bias, True) if bias is not None else self.tensor(
             "zeros", torch.zeros(width), False)
         sizes = [self.call(aten.sym_size.int, like, i) for i in range(ndim - 1)] + [width]
-        return self.call(aten.expand.default, value, sizes)
+        return self.call(aten.clone.default, self.call(aten.expand.default, value, sizes))

@@ -216,3 +216,48 @@ def test_rewrite_refuses_a_train_mode_graph():
 def test_bucket_option_is_validated():
     with pytest.raises(ValueError, match="bucket"):
         passes.RewriteOptions(bucket=0)
+
+
+class _MatmulProjections(torch.nn.Module):
+    """A pre-norm block whose projections are ``x @ W.T`` without bias (Falcon's
+    FalconLinear) and whose FFN output is added to the attention output in place."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(16)
+        names = {"q": (16, 16), "k": (16, 16), "v": (16, 16), "o": (16, 16), "up": (32, 16),
+                 "down": (16, 32)}
+        for name, size in names.items():
+            setattr(self, name, torch.nn.Parameter(torch.randn(size) * 0.3))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.norm(x)
+        q, k, v = ((h @ w.T).view(b, t, 2, 8).transpose(1, 2) for w in (self.q, self.k, self.v))
+        ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        attn = ctx.transpose(1, 2).reshape(b, t, 16) @ self.o.T
+        mlp = torch.relu(h @ self.up.T) @ self.down.T
+        mlp += attn
+        return {"out": x + mlp}
+
+
+@functools.cache
+def _matmul_projections():
+    gm = passes.capture(_MatmulProjections().eval(), {"x": torch.randn(2, 5, 16)})
+    struct = passes.discover(gm)
+    return struct, passes.instrument(gm, struct)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**16), keep=st.floats(0.0, 1.0))
+def test_x_at_w_transposed_projections_are_pruned_exactly(seed, keep):
+    struct, graph = _matmul_projections()
+    assert len(struct.attention) == 1 and len(struct.ffn) == 1 and struct.uncovered == ()
+    masks = draw_masks(struct, "random", seed, keep)
+    passes.set_masks(graph, masks)
+    compact = passes.rewrite(graph, struct)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        assert_close(graph(x=x), compact(x=x))
+    assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)
