@@ -47,6 +47,8 @@ class Inspection:
     parameters: int
     parameters_dense: int
     density: float
+    prunable_share: float = 0.0
+    uncovered: tuple[str, ...] = ()
 
     @property
     def flops(self) -> float:
@@ -72,6 +74,9 @@ class Inspection:
                  f"(dense {self.parameters_dense:,}); {self.flops / 1e9:.3f} GFLOPs per "
                  f"sequence of {self.seq} (dense {self.flops_dense / 1e9:.3f}, "
                  f"{self.flops_dense / max(self.flops, 1):.1f}x fewer)",
+                 f"coverage: {self.prunable_share:.0%} of the dense parameters were in "
+                 f"prunable units" + (f"; not covered inside the layers (kept whole): "
+                                      f"{', '.join(self.uncovered)}" if self.uncovered else ""),
                  "  ".join(c.ljust(widths[c]) for c in cols)]
         lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
         return "\n".join(lines)
@@ -145,4 +150,6 @@ def inspect(model: torch.nn.Module | str | os.PathLike, seq: int = 128) -> Inspe
             flops_dense=_flops(hidden, seq, dense_heads * d, dense_heads * d, ffn_dense)))
     return Inspection(layers=tuple(layers), hidden=hidden, seq=seq,
                       parameters=kept["parameters"], parameters_dense=kept["parameters_dense"],
-                      density=kept["density"])
+                      density=kept["density"],
+                      prunable_share=kept["unit_parameters_dense"] / kept["parameters_dense"],
+                      uncovered=tuple(kept.get("uncovered", ())))

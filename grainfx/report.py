@@ -41,6 +41,8 @@ def build_report(kept: Mapping, structure: passes.Structure, history: History,
             "total_before": original_params,
             "total_after": kept["parameters"],
         },
+        "coverage": {"prunable_share": structure.unit_params / structure.total_params,
+                     "uncovered": list(structure.uncovered)},
         "layers": layers,
         "steps": history.steps,
         "skipped_steps": history.skipped,
@@ -66,6 +68,8 @@ def format_report(report: Mapping) -> str:
         f"| encoder (prunable) parameters | {p['encoder_before']:,} | {p['encoder_after']:,} |",
         f"| total parameters | {p['total_before']:,} | {p['total_after']:,} |",
         "",
+        _coverage_line(report["coverage"]["prunable_share"], report["coverage"]["uncovered"]),
+        "",
         "| layer | heads | query units per head | value units per head | FFN width |",
         "|---:|---:|---|---|---:|",
     ]
@@ -74,3 +78,10 @@ def format_report(report: Mapping) -> str:
                      f"{' '.join(map(str, layer['query_units'])) or '-'} | "
                      f"{' '.join(map(str, layer['value_units'])) or '-'} | {layer['ffn']} |")
     return "\n".join(lines)
+
+
+def _coverage_line(share: float, uncovered: list[str]) -> str:
+    line = f"coverage: {share:.0%} of the parameters are in prunable units"
+    if uncovered:
+        line += f"; not covered inside the layers (kept whole): {', '.join(uncovered)}"
+    return line

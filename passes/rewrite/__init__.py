@@ -154,6 +154,7 @@ def rewrite(masked_gm: fx.GraphModule, structure: Structure, *, bucket: int | No
         "unit_parameters": structure.kept_unit_params(masks),
         "unit_parameters_dense": structure.unit_params,
         "parameters_dense": structure.total_params,
+        "uncovered": list(structure.uncovered),
         "density": structure.density(masks),
         "bucket": options.bucket,
         "merge_projections": options.merge_projections,

@@ -106,6 +106,10 @@ def test_report_layers_match_masks():
         assert layer["ffn"] == int(result.masks[block.name].sum())
     assert result.report["steps"] == 20
     assert len(result.report["kd_loss"]) == 20
+    coverage = result.report["coverage"]
+    assert coverage == {"prunable_share": structure.unit_params / structure.total_params,
+                        "uncovered": []}
+    assert "coverage: " in str(result)
 
 
 # -- masks over the run ------------------------------------------------------------------------

@@ -29,6 +29,8 @@ def test_inspection_reports_heads_units_ffn_and_flops(tmp_path):
     assert second.query_units == (4, 4, 4, 4) and second.value_units == (8, 8, 8, 8)
     assert info.flops < info.flops_dense
     assert "3/4" in str(info) and "<table>" in info._repr_html_()
+    assert 0.5 < info.prunable_share < 1 and info.uncovered == ()
+    assert f"coverage: {info.prunable_share:.0%} of the dense parameters" in str(info)
     assert info.rows()[0]["ffn"] == "48/64"
     assert info.plot(tmp_path / "kept.png").stat().st_size > 1000
 
