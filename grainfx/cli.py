@@ -293,7 +293,8 @@ def cmd_compress(args) -> int:
                              "learning_rate": args.learning_rate, "seed": args.seed,
                              "temperature": args.temperature,
                              "structure_alpha": args.structure_alpha,
-                             "granularity": args.granularity}.items() if v is not None})
+                             "granularity": args.granularity,
+                             "ema_beta": args.ema_beta}.items() if v is not None})
     checkpoint = grainfx.CheckpointConfig(checkpoint_path, every=args.checkpoint_every,
                                           resume=args.resume)
     torch.set_num_threads(args.threads)
@@ -506,6 +507,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _ema_beta(text: str) -> float | str:
+    """A number, or the text itself ('auto'; anything else GrainConfig refuses in one line)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -547,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--temperature", type=float, help="distillation temperature (default 8)")
     c.add_argument("--structure-alpha", type=float,
                    help="structure regularization strength (default 0.3)")
+    c.add_argument("--ema-beta", type=_ema_beta,
+                   help="EMA factor of the importance scores, or 'auto' (a few horizons per "
+                        "pruning window; default 0.998, the paper's)")
     c.add_argument("--granularity", choices=["intra", "head"],
                    help="intra: query/value units and FFN neurons (default); head: whole heads")
     c.add_argument("--batch-size", type=int, default=32,

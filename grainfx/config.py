@@ -16,6 +16,10 @@ class ConfigError(PassError, ValueError):
 GRANULARITIES = ("intra", "head")
 
 
+#: EMA horizons per pruning window under ``ema_beta="auto"``.
+AUTO_HORIZONS = 3
+
+
 @dataclass(frozen=True)
 class GrainConfig:
     """Settings of :func:`grainfx.compress`; defaults are the GRAIN paper's GLUE settings.
@@ -26,7 +30,8 @@ class GrainConfig:
     norm clipped to ``max_grad_norm``. Distillation: soft cross-entropy on logits at
     ``temperature``, plus (``hidden_loss``) MSE between student and teacher layer outputs on
     every ``hidden_every``-th layer, through trainable maps initialised to identity, scaled by
-    ``hidden_loss_weight``. Pruning: EMA of |dL/dm| with ``ema_beta``; density 1 until
+    ``hidden_loss_weight``. Pruning: EMA of |dL/dm| with ``ema_beta`` (``"auto"``: a few
+    horizons per pruning window, see :meth:`beta`); density 1 until
     ``prune_start`` of training, cubic down to the target by ``prune_end``; masks updated every
     ``prune_every`` steps; structure regularization with ``structure_alpha``.
 
@@ -52,7 +57,7 @@ class GrainConfig:
     hidden_loss: bool = True
     hidden_every: int = 2
     hidden_loss_weight: float = 1.0
-    ema_beta: float = 0.998
+    ema_beta: float | str = 0.998
     prune_start: float = 0.2
     prune_end: float = 0.4
     prune_every: int = 1
@@ -79,7 +84,11 @@ class GrainConfig:
         _real(self, "temperature", low=0, low_open=True)
         _integer(self, "hidden_every", low=1)
         _real(self, "hidden_loss_weight", low=0)
-        _real(self, "ema_beta", low=0, high=1, high_open=True)
+        if isinstance(self.ema_beta, str) and self.ema_beta != "auto":
+            raise ConfigError(f"GrainConfig: ema_beta must be a number in [0, 1) or 'auto', "
+                              f"got {self.ema_beta!r}")
+        if self.ema_beta != "auto":
+            _real(self, "ema_beta", low=0, high=1, high_open=True)
         _real(self, "prune_start", low=0, high=1)
         _real(self, "prune_end", low=0, high=1)
         if self.prune_start > self.prune_end:
@@ -102,6 +111,15 @@ class GrainConfig:
         if self.output_name is not None and not isinstance(self.output_name, str):
             raise ConfigError(f"GrainConfig: output_name must be a string or None, got "
                               f"{self.output_name!r}")
+
+    def beta(self, total_steps: int) -> float:
+        """The EMA factor of a run of ``total_steps``: ``ema_beta``, or for ``"auto"`` the one
+        whose horizon (1 / (1 - beta) steps) fits :data:`AUTO_HORIZONS` times into the pruning
+        window, so that the ranking is re-estimated while pruning goes on."""
+        if self.ema_beta != "auto":
+            return float(self.ema_beta)
+        window = (self.prune_end - self.prune_start) * total_steps
+        return 1.0 - AUTO_HORIZONS / max(window, AUTO_HORIZONS + 1)
 
     def to_dict(self) -> dict:
         """The config as JSON-ready data."""

@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-from grainfx.config import GrainConfig
+from grainfx.config import ConfigError, GrainConfig
 from passes.structure import Structure
 
 
@@ -24,8 +24,13 @@ class ScoreGroup:
 class Importance:
     """Smoothed |dL/dm| scores of every unit and the pruning decisions made from them."""
 
-    def __init__(self, structure: Structure, config: GrainConfig):
+    def __init__(self, structure: Structure, config: GrainConfig, total_steps: int = 0):
+        """``total_steps``: the run's length, which ``ema_beta="auto"`` needs."""
         self.structure, self.config = structure, config
+        if config.ema_beta == "auto" and total_steps < 1:
+            raise ConfigError("GrainConfig: ema_beta='auto' needs the run's length; pass "
+                              "total_steps to Importance")
+        self.beta = config.beta(total_steps)
         if config.granularity == "intra":
             self.groups = [ScoreGroup(g.mask, g.kind, g.shape, g.unit_params)
                            for g in structure.units()
@@ -61,7 +66,7 @@ class Importance:
     def update(self, grads: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
                ) -> None:
         """Fold one step's gradients into the EMA: S = beta S + (1 - beta) |dL/dm|."""
-        beta = self.config.ema_beta
+        beta = self.beta
         for name, score in self.raw(grads, masks).items():
             self.scores[name] = beta * self.scores[name] + (1 - beta) * score.float()
 

@@ -61,7 +61,7 @@ class Trainer:
                  hidden_dims: tuple[int, int] | None):
         self.student, self.teacher, self.config = student, teacher, config
         self.target, self.output, self.total = target_density, output, total_steps
-        self.importance = Importance(student.structure, config)
+        self.importance = Importance(student.structure, config, total_steps)
         self.masks = mask_buffers(student.train)
         use_hidden = config.hidden_loss and hidden_dims is not None and student.hidden_keys
         self.maps = HiddenMaps(len(student.hidden_keys), *hidden_dims) if use_hidden else None

@@ -188,6 +188,8 @@ def run_here(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str,
     ("eval split", ["model", "--data", "data.csv", "--eval-split", "1.5"],
      "--eval-split must be in [0, 1)"),
     ("unknown task", ["model", "--data", "data.csv", "--task", "ner"], "unknown --task 'ner'"),
+    ("ema beta", ["model", "--data", "data.csv", "--ema-beta", "fast"],
+     "ema_beta must be a number in [0, 1) or 'auto', got 'fast'"),
     ("data is a folder", ["model", "--data", "data_dir"],
      "data_dir is a folder: give a .csv or a .jsonl file"),
 ])

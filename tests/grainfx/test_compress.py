@@ -501,3 +501,9 @@ def test_compress_t5_distils_the_decoders_logits():
         logits = result.module(**x)["logits"]
         assert logits.shape == (3, 7, 100)
         assert_close(result.masked(**x)["logits"], logits)
+
+
+def test_auto_ema_beta_runs_and_follows_the_run_length():
+    result, *_ = run(0.5, steps=20, ema_beta="auto")
+    assert abs(result.density - 0.5) <= 0.02
+    assert result.report["config"]["ema_beta"] == "auto"

@@ -102,3 +102,25 @@ def test_from_dict_unknown_field_raises_config_error():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         GrainConfig().steps = 3
+
+
+def test_auto_ema_beta_fits_a_few_horizons_into_the_pruning_window():
+    from grainfx.config import AUTO_HORIZONS
+
+    config = GrainConfig(ema_beta="auto", prune_start=0.2, prune_end=0.4)
+    beta = config.beta(1000)  # a window of 200 steps
+    assert 1 / (1 - beta) == pytest.approx(200 / AUTO_HORIZONS)
+    assert GrainConfig(ema_beta=0.9).beta(1000) == 0.9
+    assert 0 < config.beta(3) < 1  # a window shorter than the horizons still gives a factor
+    with pytest.raises(ConfigError, match="ema_beta"):
+        GrainConfig(ema_beta="fast")
+    assert GrainConfig.from_dict(config.to_dict()) == config
+
+
+def test_auto_ema_beta_needs_the_runs_length():
+    from grainfx.importance import Importance
+    from tests.captures import structure
+
+    with pytest.raises(ConfigError, match="total_steps"):
+        Importance(structure("bert-sdpa"), GrainConfig(ema_beta="auto"))
+    assert Importance(structure("bert-sdpa"), GrainConfig(ema_beta="auto"), 500).beta < 0.998
