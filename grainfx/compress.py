@@ -20,6 +20,7 @@ from grainfx.checkpoint import CheckpointConfig
 from grainfx.config import ConfigError, GrainConfig
 from grainfx.output import open_permissions
 from grainfx.report import build_report, format_report
+from grainfx.distill import KD_POSITIONS
 from grainfx.trainer import Student, Trainer
 from passes.capture import OUTPUT_NAMES_ATTR
 from passes.errors import CaptureError, PassError
@@ -28,6 +29,8 @@ from passes.instrument import mask_buffers
 
 #: Batch entries that are labels: distillation does not use them.
 LABEL_KEYS = ("labels", "label")
+#: Label value of positions that carry none (Hugging Face's convention).
+IGNORE_INDEX = -100
 HIDDEN_PREFIX = "grain.hidden."
 
 log = logging.getLogger("grainfx")
@@ -78,8 +81,10 @@ class CompressionResult:
         return format_report(self.report)
 
 
-def _model_inputs(batch, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """The model's keyword inputs from one dataloader batch (labels dropped)."""
+def _model_inputs(batch, names: list[str] | None = None, positions: bool = False
+                  ) -> dict[str, torch.Tensor]:
+    """The model's keyword inputs from one dataloader batch (labels dropped); with
+    ``positions``, per-token labels give the positions to distil (:data:`KD_POSITIONS`)."""
     if not isinstance(batch, Mapping):
         raise BatchError(
             f"batches must be dicts of tensors keyed by the model's argument names (as a "
@@ -96,6 +101,9 @@ def _model_inputs(batch, names: list[str] | None = None) -> dict[str, torch.Tens
             raise BatchError(f"a batch lacks {missing}, which the first batch had; every "
                              f"batch must hold the same keys")
         inputs = {n: inputs[n] for n in names}
+    labels = batch.get("labels")
+    if positions and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        inputs[KD_POSITIONS] = labels != IGNORE_INDEX
     return inputs
 
 
@@ -302,7 +310,7 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
             for _ in itertools.islice(raw, start):  # the batches the first run consumed
                 pass
             torch.set_rng_state(rng)
-    batches = (_model_inputs(b, names) for b in raw)
+    batches = (_model_inputs(b, names, config.kd_positions == "labeled") for b in raw)
     history = trainer.run(batches, progress=progress, start=start, callback=callback,
                           save=save, save_every=checkpoint.every if checkpoint else None)
     if save is not None and total > start:

@@ -14,6 +14,7 @@ class ConfigError(PassError, ValueError):
 
 
 GRANULARITIES = ("intra", "head")
+KD_POSITIONS = ("labeled", "all")
 
 
 #: EMA horizons per pruning window under ``ema_beta="auto"``.
@@ -41,6 +42,10 @@ class GrainConfig:
     neurons); ``query_heads`` (under GQA, single query heads inside a key/value group are
     units too; False: only whole groups lose query heads).
 
+    ``kd_positions``: for per-token logits with per-token ``labels`` in the batches (token
+    classification), ``"labeled"`` distils the positions whose label is not -100 (the first
+    sub-token of each word), ``"all"`` every non-padding position.
+
     ``embedding_rank``: factorize the word embedding by truncated SVD to this rank (a table of
     width r and a projection to the model width, both trained); None (default) keeps it.
     ``output_name``: the model output to distil when it is neither ``logits`` nor the only one.
@@ -67,6 +72,7 @@ class GrainConfig:
     random_scores: bool = False
     granularity: str = "intra"
     query_heads: bool = True
+    kd_positions: str = "labeled"
     embedding_rank: int | None = None
     output_name: str | None = None
     max_bad_steps: int = 20
@@ -108,6 +114,9 @@ class GrainConfig:
         if self.granularity not in GRANULARITIES:
             raise ConfigError(f"GrainConfig: granularity must be one of {GRANULARITIES}, got "
                               f"{self.granularity!r}")
+        if self.kd_positions not in KD_POSITIONS:
+            raise ConfigError(f"GrainConfig: kd_positions must be one of {KD_POSITIONS}, got "
+                              f"{self.kd_positions!r}")
         if self.output_name is not None and not isinstance(self.output_name, str):
             raise ConfigError(f"GrainConfig: output_name must be a string or None, got "
                               f"{self.output_name!r}")

@@ -23,6 +23,10 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     return loss.mean()
 
 
+#: Batch entry, beside the model's inputs, marking the positions to distil (from labels).
+KD_POSITIONS = "grainfx_kd_positions"
+
+
 def logits_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     """The padding mask of the positions the logits are for: the decoder's in an
     encoder-decoder batch (none when it has no ``decoder_attention_mask``), else

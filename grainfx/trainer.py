@@ -17,7 +17,7 @@ from torch import fx
 import passes
 from passes.instrument import mask_buffers
 from grainfx.config import GrainConfig
-from grainfx.distill import HiddenMaps, kd_loss, logits_mask
+from grainfx.distill import KD_POSITIONS, HiddenMaps, kd_loss, logits_mask
 from grainfx.importance import Importance, all_finite
 from grainfx.schedule import density_at, lr_factor
 
@@ -83,12 +83,14 @@ class Trainer:
 
     def losses(self, batch: Mapping[str, torch.Tensor]):
         """The logit KD loss and the (weighted) hidden-state loss, or None, of one batch."""
+        inputs = {k: v for k, v in batch.items() if k != KD_POSITIONS}
         with torch.no_grad():
-            teacher_out = self.teacher(**batch)
-        out = self.student.train(**batch)
+            teacher_out = self.teacher(**inputs)
+        out = self.student.train(**inputs)
         mask = batch.get("attention_mask")
+        positions = batch.get(KD_POSITIONS)
         kd = kd_loss(out[self.output], teacher_out[self.output], self.config.temperature,
-                     logits_mask(batch))
+                     positions if positions is not None else logits_mask(batch))
         hidden = None
         if self.maps is not None:
             keys = self.student.hidden_keys

@@ -507,3 +507,50 @@ def test_auto_ema_beta_runs_and_follows_the_run_length():
     result, *_ = run(0.5, steps=20, ema_beta="auto")
     assert abs(result.density - 0.5) <= 0.02
     assert result.report["config"]["ema_beta"] == "auto"
+
+
+def _token_batches(labeled: int) -> list[dict]:
+    """Token-classification batches whose labels mark only the first ``labeled`` positions."""
+    batches = []
+    for i in range(4):
+        x = example_inputs("bert-sdpa", 4, 10, seed=i)
+        labels = torch.full_like(x["input_ids"], -100)
+        labels[:, :labeled] = 1
+        batches.append({**x, "labels": labels})
+    return batches
+
+
+def _token_model():
+    import transformers as T
+
+    config = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=64,
+                          max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0,
+                          attention_probs_dropout_prob=0.0)  # the train graph is deterministic
+    config.initializer_range = 0.3
+    torch.manual_seed(0)
+    return T.BertForTokenClassification(config).eval()
+
+
+@pytest.mark.parametrize("positions", ["labeled", "all"])
+def test_token_classification_distils_the_labeled_positions(positions):
+    """With kd_positions="labeled" the logit loss reads only positions whose label is not
+    -100: the first KD loss equals the soft cross-entropy over those positions alone."""
+    from grainfx.compress import _model_inputs, prepare
+    from grainfx.distill import kd_loss
+
+    model, batches = _token_model(), _token_batches(labeled=3)
+    config = GrainConfig(steps=4, kd_positions=positions, hidden_loss=False)
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    trainer = prepare(model, inputs, 0.5, teacher=None, config=config, total_steps=4)
+    batch = _model_inputs(batches[0], trainer.student.input_names, positions == "labeled")
+    kd, _ = trainer.losses(batch)
+    with torch.no_grad():
+        student = trainer.student.train(**inputs)["logits"]
+        teacher = model(**inputs).logits
+    cut = slice(0, 3) if positions == "labeled" else slice(None)
+    mask = inputs["attention_mask"][:, cut]
+    expected = kd_loss(student[:, cut], teacher[:, cut], config.temperature, mask)
+    assert kd.item() == pytest.approx(expected.item(), rel=1e-4)
+    result = grainfx.compress(model, batches, 0.5, config=config, progress=False)
+    assert result.report["config"]["kd_positions"] == positions
