@@ -34,13 +34,16 @@ FFN_WIDTH = {family: FFN for family in FAMILIES} | {"gpt2": 4 * HIDDEN}
 MODERN_HIDDEN = 64
 MODERN_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2", "qwen2_cls", "qwen3", "phi3",
                    "modernbert", "gptj", "neox", "gemma2", "dinov2", "mpnet", "cohere",
-                   "granite", "t5", "flan_t5")
+                   "granite", "t5", "flan_t5", "bart", "marian", "whisper", "clip_text",
+                   "clip_vision")
 #: Families that transformers runs with eager attention only.
 EAGER_ONLY = ("gemma2", "mpnet")
 #: Families that read images.
-IMAGE_FAMILIES = ("vit", "dinov2")
+IMAGE_FAMILIES = ("vit", "dinov2", "clip_vision")
 #: Encoder-decoder families: they also read ``decoder_input_ids``.
-SEQ2SEQ_FAMILIES = ("t5", "flan_t5")
+SEQ2SEQ_FAMILIES = ("t5", "flan_t5", "bart", "marian", "whisper")
+#: Whisper reads log-mel features of a fixed length: MELS bins x 2 * its source positions.
+MELS, FRAMES = 8, 32
 MODERN = [f"{family}-{impl}" for family in MODERN_FAMILIES for impl in IMPLS
           if impl == "eager" or family not in EAGER_ONLY]
 ALL_ARCHITECTURES = ARCHITECTURES + MODERN
@@ -95,6 +98,28 @@ def _modern_config_and_class(family: str):
                           num_layers=LAYERS, num_heads=HEADS, decoder_start_token_id=0,
                           pad_token_id=0, feed_forward_proj="gated-gelu" if family == "flan_t5"
                           else "relu"), T.T5ForConditionalGeneration
+    seq2seq = dict(vocab_size=VOCAB, d_model=MODERN_HIDDEN, encoder_layers=LAYERS,
+                   decoder_layers=LAYERS, encoder_attention_heads=HEADS,
+                   decoder_attention_heads=HEADS, encoder_ffn_dim=96, decoder_ffn_dim=96,
+                   pad_token_id=0, decoder_start_token_id=1, bos_token_id=1, eos_token_id=2)
+    if family == "bart":
+        return T.BartConfig(max_position_embeddings=64, **seq2seq), \
+            T.BartForConditionalGeneration
+    if family == "marian":
+        return T.MarianConfig(max_position_embeddings=64, **seq2seq), T.MarianMTModel
+    if family == "whisper":
+        return T.WhisperConfig(num_mel_bins=MELS, max_source_positions=FRAMES // 2,
+                               max_target_positions=64, suppress_tokens=None,
+                               begin_suppress_tokens=None, **seq2seq), \
+            T.WhisperForConditionalGeneration
+    clip = dict(hidden_size=MODERN_HIDDEN, intermediate_size=96, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS)
+    if family == "clip_text":
+        return T.CLIPTextConfig(vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
+                                bos_token_id=1, eos_token_id=2, **clip), T.CLIPTextModel
+    if family == "clip_vision":
+        return T.CLIPVisionConfig(image_size=IMAGE, patch_size=PATCH, **clip), \
+            T.CLIPVisionModel
     if family == "cohere":  # parallel block added as (stream + attention) + FFN
         return T.CohereConfig(num_key_value_heads=2, **common), T.CohereForCausalLM
     if family == "granite":  # residual multiplier between block output and residual add
@@ -157,10 +182,15 @@ def example_inputs(arch_id: str, batch: int = 2, seq: int = 8, seed: int = 0
 
     Text models get ``input_ids`` and ``attention_mask``; rows after the first end in up to two
     padded positions (mask 0, pad token); encoder-decoders also get ``decoder_input_ids`` of
-    ``seq // 2 + 1``. ViT and DINOv2 get ``pixel_values`` and ignore ``seq``.
+    ``seq // 2 + 1``. Image models get ``pixel_values`` and Whisper ``input_features`` (of
+    fixed length) with its decoder inputs.
     """
     family, _ = split(arch_id)
     gen = torch.Generator().manual_seed(seed)
+    if family == "whisper":
+        return {"input_features": torch.randn(batch, MELS, FRAMES, generator=gen),
+                "decoder_input_ids": torch.randint(3, VOCAB - 1, (batch, seq // 2 + 1),
+                                                   generator=gen)}
     if family in IMAGE_FAMILIES:
         return {"pixel_values": torch.randn(batch, 3, IMAGE, IMAGE, generator=gen)}
     pad = PAD_ID[family]
