@@ -236,9 +236,28 @@ def is_layout(node: fx.Node) -> bool:
         return False
     if node.target is operator.getitem:
         return isinstance(node.args[0], fx.Node) and is_op(node.args[0], SPLIT_OPS)
+    if node.target is aten.index.Tensor:
+        return _constant_index(node)
     return node.target in LAYOUT_OPS or node.target in SPLIT_OPS or node.target in (
         aten.slice.Tensor, aten.alias.default, aten.select.int, aten.squeeze.dim,
         aten.unsqueeze.default)
+
+
+def _constant(node: fx.Node) -> torch.Tensor | None:
+    """The tensor behind a get_attr node (or its ``lift_fresh_copy``), else None."""
+    if is_op(node, [aten.lift_fresh_copy.default]):
+        node = node.args[0]
+    if node.op != "get_attr" or node.graph.owning_module is None:
+        return None
+    value = attr_tensor(node.graph.owning_module, node)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _constant_index(node: fx.Node) -> bool:
+    """``x[..., idx, ...]`` with constant integer indices (Falcon's ``fused[..., [-2], :]``)."""
+    return all(i is None or (isinstance(i, fx.Node) and _constant(i) is not None
+                             and not _constant(i).is_floating_point())
+               for i in node.args[1])
 
 
 def feature_rows(source: fx.Node, chain: list[fx.Node]) -> list[int] | None:
@@ -260,7 +279,10 @@ def feature_rows(source: fx.Node, chain: list[fx.Node]) -> list[int] | None:
     value: object = torch.arange(math.prod(sizes)).reshape(sizes)
 
     def arg(a):
-        return 1 if isinstance(a, fx.Node) else a  # a symbolic batch or sequence size
+        if isinstance(a, fx.Node):  # a constant index, or a symbolic batch or sequence size
+            constant = _constant(a)
+            return 1 if constant is None else constant
+        return a
     try:
         for node in chain:
             rest = fx.node.map_aggregate(node.args[1:], arg)
