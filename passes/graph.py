@@ -231,7 +231,8 @@ def match_projection_from_input(node: fx.Node) -> Projection | None:
 
 def is_layout(node: fx.Node) -> bool:
     """True for ops that only move features around: head splits and merges, splits of fused
-    projections (split / chunk / unbind and their getitem), slices."""
+    projections (split / chunk / unbind and their getitem), slices, constant indexing, and
+    expansions (key/value heads repeated for their query heads)."""
     if node.op != "call_function":
         return False
     if node.target is operator.getitem:
@@ -240,7 +241,8 @@ def is_layout(node: fx.Node) -> bool:
         return _constant_index(node)
     return node.target in LAYOUT_OPS or node.target in SPLIT_OPS or node.target in (
         aten.slice.Tensor, aten.alias.default, aten.select.int, aten.squeeze.dim,
-        aten.unsqueeze.default)
+        aten.unsqueeze.default, aten.flatten.using_ints, aten.expand.default,
+        aten.broadcast_to.default)
 
 
 def _constant(node: fx.Node) -> torch.Tensor | None:

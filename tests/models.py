@@ -35,7 +35,7 @@ MODERN_HIDDEN = 64
 MODERN_FAMILIES = ("llama", "llama_mha", "mistral", "qwen2", "qwen2_cls", "qwen3", "phi3",
                    "modernbert", "gptj", "neox", "gemma2", "dinov2", "mpnet", "cohere",
                    "granite", "t5", "flan_t5", "bart", "marian", "whisper", "clip_text",
-                   "clip_vision", "falcon")
+                   "clip_vision", "falcon", "falcon_gqa")
 #: Families that transformers runs with eager attention only.
 EAGER_ONLY = ("gemma2", "mpnet")
 #: Families that read images.
@@ -124,6 +124,11 @@ def _modern_config_and_class(family: str):
         return T.FalconConfig(vocab_size=VOCAB, hidden_size=MODERN_HIDDEN,
                               num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                               multi_query=True, new_decoder_architecture=False,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=2), T.FalconForCausalLM
+    if family == "falcon_gqa":  # new decoder architecture: kv heads repeated by broadcast_to
+        return T.FalconConfig(vocab_size=VOCAB, hidden_size=MODERN_HIDDEN,
+                              num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                              num_kv_heads=2, new_decoder_architecture=True,
                               pad_token_id=0, bos_token_id=1, eos_token_id=2), T.FalconForCausalLM
     if family == "cohere":  # parallel block added as (stream + attention) + FFN
         return T.CohereConfig(num_key_value_heads=2, **common), T.CohereForCausalLM

@@ -96,6 +96,8 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
             f"splits, fused QKV splits, casts, a constant scale, a norm over the head dims, "
             f"rotary embeddings (rotate-half, interleaved, partial) and key/value head repeats")
     rows = feature_rows(cur, chain[::-1])
+    if rows is not None and role != "query" and kv == heads:
+        rows, kv = _repeated_heads(rows, heads, head_dim)
     if rows is None or len(rows) != kv * head_dim or len(set(rows)) != len(rows):
         raise DiscoverError(
             f"the {role} of attention is not a head split of projection {module_label(cur)}: "
@@ -104,3 +106,17 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
         raise DiscoverError(f"the values of attention from {module_label(cur)} are scaled; "
                             f"only query/key scaling is supported")
     return Operand(projection.with_rows(projection.node, rows), kv, scale, rope, norm)
+
+
+def _repeated_heads(rows: list[int], heads: int, head_dim: int) -> tuple[list[int], int]:
+    """Key/value heads repeated by the layout ops themselves (Falcon's ``broadcast_to`` of
+    (batch, seq, kv, 1, d) to g query heads per group): the rows of the distinct heads and
+    their count; ``rows`` and ``heads`` unchanged where no head repeats."""
+    per_head = [tuple(rows[h * head_dim:(h + 1) * head_dim]) for h in range(heads)]
+    distinct = list(dict.fromkeys(per_head))
+    if len(per_head) * head_dim != len(rows) or len(distinct) == heads or heads % len(distinct):
+        return rows, heads
+    group = heads // len(distinct)
+    if per_head != [distinct[h // group] for h in range(heads)]:
+        return rows, heads
+    return [r for head in distinct for r in head], len(distinct)
