@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import operator
 from dataclasses import dataclass
@@ -187,6 +189,14 @@ def match_projection(node: fx.Node) -> Projection | None:
         out = node.args[1].meta["val"].shape
         return Projection(node.name, node.args[0].name, node.name, weight, bias, False,
                           0, int(out[0]), int(out[1]))
+    if is_op(node, [aten.add.Tensor]) and is_op(node.args[0], [aten.matmul.default]):
+        inner = match_projection(node.args[0])  # x @ W.T + b (FalconLinear with a bias)
+        bias = _get_attr(node.args[1])
+        if inner is None or bias is None or len(live_users(node.args[0])) != 1:
+            return None
+        if tuple(node.args[1].meta["val"].shape) != (inner.stop,):
+            return None
+        return dataclasses.replace(inner, node=node.name, bias=bias)
     if is_op(node, [aten.matmul.default]) and is_op(node.args[1], _WEIGHT_T):
         weight = _get_attr(node.args[1].args[0])  # x @ W.T (Falcon's FalconLinear)
         out = node.args[1].args[0].meta["val"].shape if weight is not None else ()
@@ -219,6 +229,9 @@ def match_projection_from_input(node: fx.Node) -> Projection | None:
         return None
     user = users[0]
     if is_op(user, [aten.linear.default, aten.matmul.default]) and user.args[0] is node:
+        outs = live_users(user)
+        if len(outs) == 1 and match_projection(outs[0]) is not None:
+            return match_projection(outs[0])  # x @ W.T + b
         return match_projection(user)
     if is_op(user, [aten.view.default, aten.reshape.default]):
         mm_users = live_users(user)

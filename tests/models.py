@@ -125,10 +125,10 @@ def _modern_config_and_class(family: str):
                               num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                               multi_query=True, new_decoder_architecture=False,
                               pad_token_id=0, bos_token_id=1, eos_token_id=2), T.FalconForCausalLM
-    if family == "falcon_gqa":  # new decoder architecture: kv heads repeated by broadcast_to
+    if family == "falcon_gqa":  # kv heads repeated by broadcast_to; x @ W.T + b projections
         return T.FalconConfig(vocab_size=VOCAB, hidden_size=MODERN_HIDDEN,
                               num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                              num_kv_heads=2, new_decoder_architecture=True,
+                              num_kv_heads=2, new_decoder_architecture=True, bias=True,
                               pad_token_id=0, bos_token_id=1, eos_token_id=2), T.FalconForCausalLM
     if family == "cohere":  # parallel block added as (stream + attention) + FFN
         return T.CohereConfig(num_key_value_heads=2, **common), T.CohereForCausalLM
