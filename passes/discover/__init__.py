@@ -20,10 +20,11 @@ from torch import fx
 
 from passes.discover.attention import SDPA, SOFTMAX, eager_block, sdpa_block
 from passes.discover.ffn import ffn_block, residual_of, stream_of
+from passes.discover.scores import score_source
 from passes.errors import (NoAttentionFoundError, UncoveredLayersWarning,
                            UnsupportedArchitectureError)
 from passes.graph import (NORM_OPS, aten, attr_tensor, is_impure, is_op, live_attrs,
-                          live_users, match_projection, shape)
+                          live_users, match_projection, module_label, shape)
 from passes.structure import AttentionBlock, FFNBlock, Structure
 
 __all__ = ["discover"]
@@ -140,6 +141,15 @@ def discover(gm: fx.GraphModule) -> Structure:
             if block is not None:
                 attention.append(block)
     if not attention:
+        softmaxes = [n for n in gm.graph.nodes if is_op(n, SOFTMAX)]
+        if softmaxes:
+            source = score_source(softmaxes[0])
+            raise NoAttentionFoundError(
+                f"no attention found: {len(softmaxes)} softmax nodes read no q @ k^T matmul; "
+                f"the first, at {module_label(softmaxes[0])}, reads {source.target} "
+                f"({source.name}) where the matmul (aten.matmul / bmm, then elementwise ops "
+                f"only) was expected; scores in a (batch * heads) layout are not followed yet "
+                f"(print(gm.graph) shows what was captured)")
         raise NoAttentionFoundError(
             f"no attention found in the graph of {len(nodes)} nodes: grainfx looks for "
             f"scaled_dot_product_attention or matmul-softmax-matmul between projections; pass "

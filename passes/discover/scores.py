@@ -146,3 +146,12 @@ def score_chain(softmax: fx.Node) -> ScoreChain | None:
                  else None)
     scale, biases = canonical if canonical is not None else (1.0, ())
     return ScoreChain(matmul, context, tuple(ops), canonical is not None, scale, biases)
+
+
+def score_source(softmax: fx.Node) -> fx.Node:
+    """The first op behind ``softmax`` that is not elementwise (following first arguments):
+    what a softmax that is not attention's computes its input from, for messages."""
+    cur = softmax.args[0]
+    while _elementwise(cur) and cur.all_input_nodes:
+        cur = cur.all_input_nodes[0]
+    return cur
