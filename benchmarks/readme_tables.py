@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import evidence  # noqa: E402
+from benchmarks import architectures, evidence  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 BUCKETS = ("bucket=1", "bucket=4", "bucket=8", "bucket=16", "bucket=64")
@@ -233,6 +233,9 @@ def sections() -> dict[str, str]:
     sweep = _load("speed.json")
     if sweep:
         out["speed"] = evidence.speed_section(sweep)
+    archs = _load("architectures.json")
+    if archs:
+        out["architectures"] = architectures.section(archs)
     session = ROOT / "examples" / "session" / "session.txt"
     if session.exists():
         out["cli_session"] = evidence.session_section(session.read_text())

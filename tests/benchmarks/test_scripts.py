@@ -134,3 +134,18 @@ def test_readme_is_up_to_date_with_the_results():
     assert {"rewrite_speed", "step_cost", "example"} <= set(generated)
     for name, body in generated.items():
         assert f"<!-- {name}:start -->\n{body}\n<!-- {name}:end -->" in text, name
+
+
+def test_architectures_records_exact_and_refused_models_and_a_readme_table(tmp_path):
+    from benchmarks import architectures
+
+    out = tmp_path / "architectures.json"
+    assert architectures.main(["--only", "OPT", "ALBERT", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    records = data["records"]
+    assert records["OPT/eager"]["status"] == records["OPT/sdpa"]["status"] == "exact"
+    assert records["OPT/sdpa"]["parameter_count_matches"]
+    assert records["ALBERT/eager"]["status"] == "refused"
+    assert "share the weight" in records["ALBERT/eager"]["message"]
+    table = architectures.section(data)
+    assert "| OPT | exact | exact | 2 / 2 |" in table and "| ALBERT | refused |" in table
