@@ -14,11 +14,13 @@ Students, all from the same teacher with the same distillation budget (``--steps
 the same blocks, AdamW ``--learning-rate``, distillation temperature ``--temperature``): GRAIN
 at 20, 10 and 5% density of the attention and FFN units, and whole heads (GQA: a key/value
 group goes with its last query head) + FFN neurons (``granularity="head"``) at 20 and 5%.
-Differences in perplexity (GRAIN vs whole heads, each student vs the teacher) get a paired
-bootstrap 95% interval over the held-out blocks. Held-out
-perplexity of every model on the same held-out blocks, its ratio to the teacher's, and the
-latency of each compact model against the dense teacher captured by the same pass
-(interleaved calls, medians, 1 thread).
+Held-out perplexity of every model on the same held-out blocks, its ratio to the teacher's,
+paired bootstrap 95% intervals over the held-out blocks for the differences (GRAIN vs whole
+heads, each student vs the teacher), and the latency of each compact model against the dense
+teacher captured by the same pass (interleaved calls, medians, 1 thread).
+
+The defaults (teacher 400 steps, students 100 steps) are the budget one session could afford
+on 2 CPU cores shared with other jobs; the paper's budgets are two orders of magnitude larger.
 
 Each finished run is written at once to ``benchmarks/results/accuracy_lm.json`` (rerunning
 skips finished runs; a run in progress goes on from its checkpoint) and its compact model to

@@ -7,6 +7,7 @@ PY=${PYTHON:-.venv/bin/python}
 $PY benchmarks/accuracy_rt.py --threads 1
 $PY benchmarks/peer_torch_pruning.py --threads 1
 $PY benchmarks/accuracy_ner.py --threads 1
+OMP_NUM_THREADS=1 $PY benchmarks/accuracy_lm.py --threads 1
 $PY benchmarks/speed.py --threads 2
 $PY benchmarks/step_cost.py --threads 1
 $PY benchmarks/rewrite_speed.py
