@@ -375,11 +375,12 @@ def lm_section(lm: dict) -> str:
                if name not in records]
     lines.append(("Not run yet: " + ", ".join(missing) + " (the script resumes). "
                   if missing else "")
-                 + "Not run: torch-pruning's LLM path (GQA-aware head pruning). A first try "
-                   "(torch-pruning 1.6.1 on transformers 5.24, `MetaPruner` with `num_heads` "
-                   "for q/k/v, `prune_num_heads=True`, FFN and embeddings ignored) on a "
-                   "2-layer, hidden-32 Llama of this family had not finished building its "
-                   "dependency groups (`MetaPruner.__init__` -> `get_all_groups` -> "
-                   "`get_pruning_group`) after 90 s, and the CPU time left went to the runs "
+                 + "Not run: torch-pruning's LLM path (GQA-aware head pruning). torch-pruning "
+                   "1.6.1 on transformers 5.24 (`MetaPruner` with `num_heads` for q/k/v, "
+                   "`prune_num_heads=True`, FFN and embeddings ignored) did not finish building "
+                   "its dependency groups (`get_all_groups` -> `get_pruning_group`) in 45-90 s "
+                   "on a one-layer, hidden-32 Llama with grouped key/value heads (4 query heads, "
+                   "2 groups; eager and sdpa attention alike), while the same model with 4 "
+                   "key/value heads was pruned at once; the CPU time left went to the runs "
                    "above.")
     return "\n".join(lines)
