@@ -340,19 +340,15 @@ def cmd_compress(args) -> int:
 
     try:
         write_folder(args.out, write)
-    except (OSError, RuntimeError, PassError) as exc:
-        reason = (exc.strerror if isinstance(exc, OSError) and exc.strerror else
-                  "torch could not write model.pt2: the disk is full or a file size limit "
-                  "was reached" if isinstance(exc, RuntimeError) else str(exc).splitlines()[0])
+    except (OSError, PassError) as exc:
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        reason = (cause.strerror if isinstance(cause, OSError) and cause.strerror
+                  else str(exc).splitlines()[0])
         print(f"grainfx compress: error: cannot write the output {args.out} ({reason}): free "
               f"disk space or choose another --out, then run the same command with --resume "
               f"(the trained state is in {checkpoint.path}); any previous output is untouched",
               file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # exit now: torch's archive writer, after a failed write to its file, aborts the
-        # process when it is freed (its destructor throws), which would bury this message
-        os._exit(2)
+        return 2
     checkpoint.path.unlink(missing_ok=True)
     print(format_report(report))
     for key, value in scores.items():
