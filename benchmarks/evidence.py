@@ -81,7 +81,7 @@ def peer_section(peer: dict) -> str:
                          f"({r['retention']:.1%} of the teacher), heads per layer {r['heads']}, "
                          f"FFN widths {r['ffn']}; {r['speedup_batch32']:.2f}x faster than the "
                          f"dense model at batch 32 (eager, 2 threads).")
-    for name, value in caps.get("saving", {}).items():
+    for value in caps.get("saving", {}).values():
         lines.append(f"- saving, {value['how']}: {'works' if value['works'] else 'fails'} "
                      f"({value['detail']})")
     for name, value in caps.items():
@@ -124,7 +124,7 @@ def retention_plot(rt: dict, peer: dict | None, ner: dict | None, path: Path) ->
     fig, ax = plt.subplots(figsize=(7, 4.2))
     grain = sorted((r["density"], r["retention"]) for k, r in rt["records"].items()
                    if is_density_run(k))
-    ax.plot(*zip(*grain), "o-", label="GRAIN, Rotten Tomatoes (accuracy)")
+    ax.plot(*zip(*grain, strict=True), "o-", label="GRAIN, Rotten Tomatoes (accuracy)")
     markers = iter("sv^Dp")
     for k, r in sorted(rt["records"].items()):
         if k != "teacher" and not is_density_run(k):
@@ -132,12 +132,12 @@ def retention_plot(rt: dict, peer: dict | None, ner: dict | None, path: Path) ->
     if peer:
         tp = sorted((r["density"], r["retention"]) for k, r in peer["records"].items()
                     if k.startswith("tp-"))
-        ax.plot(*zip(*tp), "k*--", label="torch-pruning (Taylor, heads + FFN)")
+        ax.plot(*zip(*tp, strict=True), "k*--", label="torch-pruning (Taylor, heads + FFN)")
     if ner:
         pts = sorted((r["density"], r["retention"]) for k, r in ner["records"].items()
                      if k != "teacher")
         if pts:
-            ax.plot(*zip(*pts), "o:", label="GRAIN, Twitter NER (F1)")
+            ax.plot(*zip(*pts, strict=True), "o:", label="GRAIN, Twitter NER (F1)")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log")
     ticks = sorted({round(d, 2) for d, _ in grain})
@@ -228,18 +228,18 @@ def speedup_plot(speed: dict, path: Path) -> None:
                          if (r["batch"], r["seq"]) == (8, 128)
                          and is_density_run(r["model"]))
             if pts:
-                ax.plot(*zip(*pts), marker + style, label=f"{family}, {mode}")
+                ax.plot(*zip(*pts, strict=True), marker + style, label=f"{family}, {mode}")
         ideal = sorted({(r["density"], r["flops_ratio"]) for r in _speed_rows(speed, family,
                                                                               "eager")
                         if (r["batch"], r["seq"]) == (8, 128)})
         if ideal and family == "bert-base":
-            ax.plot(*zip(*ideal), "k:", label="ideal (FLOPs ratio)")
+            ax.plot(*zip(*ideal, strict=True), "k:", label="ideal (FLOPs ratio)")
         limit = sorted((r["density"], r["speedup"]["limit"])
                        for r in _speed_rows(speed, family, "eager")
                        if "limit" in r["speedup"] and (r["batch"], r["seq"]) == (8, 128)
                        and is_density_run(r["model"]))
         if limit:
-            ax.plot(*zip(*limit), "k--", label="uniform limit (eager)")
+            ax.plot(*zip(*limit, strict=True), "k--", label="uniform limit (eager)")
     densities = sorted({round(r["density"], 2) for r in speed["records"].values()
                         if is_density_run(r["model"])})
     speedup_axes(ax, densities, "encoder density", "speedup over dense (batch 8, seq 128)",

@@ -143,7 +143,7 @@ def grain_target(path: Path, run: Run) -> int | None:
 def taylor_gradients(model, batches, count: int) -> None:
     """Gradients of the model's own loss (labels in the batches) over ``count`` batches."""
     model.zero_grad(set_to_none=True)
-    for _, batch in zip(range(count), batches):
+    for _, batch in zip(range(count), batches, strict=False):
         model(**batch).loss.backward()
 
 

@@ -132,7 +132,7 @@ class UniformModel(nn.Module):
         self.embed = nn.Embedding(shape.vocab, shape.hidden)
         self.ln = nn.LayerNorm(shape.hidden)
         self.layers = nn.ModuleList(UniformLayer(shape.hidden, q, v, w, shape.head_dim)
-                                    for q, v, w in zip(*per_layer))
+                                    for q, v, w in zip(*per_layer, strict=False))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.ln(self.embed(input_ids))

@@ -64,7 +64,8 @@ def grain_shaped_masks(structure: passes.Structure, layers: list[dict], shape: S
     for i in range(len(blocks)):
         src = layers[i * len(layers) // len(blocks)]
         scale = shape.head_dim / (src.get("head_dim") or 32)  # older records: MiniLM's
-        heads = zip(range(blocks[i].num_heads), src["query_units"], src["value_units"])
+        heads = zip(range(blocks[i].num_heads), src["query_units"], src["value_units"],
+                    strict=False)
         for h, q, v in heads:
             masks[f"{blocks[i].name}.qk"][h, :min(shape.head_dim, round(q * scale))] = 1
             masks[f"{blocks[i].name}.vo"][h, :min(shape.head_dim, round(v * scale))] = 1
@@ -99,8 +100,8 @@ def measure(store: ResultStore, name: str, models: dict,
                     with torch.inference_mode():
                         fn(**inputs)
                     first[k] = time.perf_counter() - start
-            seconds = interleaved_medians({k: (lambda f=f: f(**inputs)) for k, f in fns.items()},
-                                          reps)
+            calls = {k: functools.partial(f, **inputs) for k, f in fns.items()}
+            seconds = interleaved_medians(calls, reps)
             speedup = {k: seconds["dense"] / v for k, v in seconds.items()}
             ideal = inspection.flops_dense / inspection.flops
             store.put(key, {

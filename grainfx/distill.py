@@ -54,7 +54,7 @@ class HiddenMaps(nn.Module):
         Padding positions (``mask`` == 0, shape (batch, seq)) are left out.
         """
         total = student[0].new_zeros(())
-        for m, hs, ht in zip(self.maps, student, teacher):
+        for m, hs, ht in zip(self.maps, student, teacher, strict=False):
             err = (m(hs) - ht.detach()).pow(2).mean(-1)
             if mask is not None and err.shape == mask.shape:
                 weights = mask.to(err.dtype)

@@ -124,7 +124,7 @@ class Importance:
         def masks_after(count: int) -> dict[str, torch.Tensor]:
             keep = flat_alive.clone()
             keep[order[:count]] = False
-            parts = dict(zip(names, keep.split(sizes)))
+            parts = dict(zip(names, keep.split(sizes), strict=True))
             return self._masks({n: parts[n].view(self.scores[n].shape) for n in names}, masks)
 
         low, high = 0, len(order)  # smallest count whose density is <= target

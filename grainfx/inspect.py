@@ -98,12 +98,13 @@ class Inspection:
         grids = {"query": torch.zeros(len(self.layers), heads),
                  "value": torch.zeros(len(self.layers), heads)}
         for i, layer in enumerate(self.layers):
-            for h, q, v in zip(layer.head_index, layer.query_units, layer.value_units):
+            for h, q, v in zip(layer.head_index, layer.query_units, layer.value_units,
+                                 strict=True):
                 grids["query"][i, h], grids["value"][i, h] = q, v
         fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(self.layers) + 2.2),
                                  gridspec_kw={"width_ratios": [heads, heads, 6]})
         vmax = max(x.head_dim for x in self.layers)
-        for ax, (name, grid) in zip(axes, grids.items()):
+        for ax, (name, grid) in zip(axes, grids.items(), strict=False):
             image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
             ax.set_title(f"{name} units per head")
             ax.set_xlabel("head")

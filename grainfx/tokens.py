@@ -146,7 +146,7 @@ def f1_from_tags(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str
     if len(gold) != len(predicted):
         raise ValueError(f"{len(gold)} gold sequences but {len(predicted)} predicted")
     gold_set, pred_set = set(), set()
-    for i, (g, p) in enumerate(zip(gold, predicted)):
+    for i, (g, p) in enumerate(zip(gold, predicted, strict=True)):
         if len(g) != len(p):
             raise ValueError(f"sequence {i}: {len(g)} gold tags but {len(p)} predicted")
         gold_set |= {(i, *s) for s in spans(g)}
@@ -172,7 +172,7 @@ def entity_f1(model, batches: Iterable[dict], labels: Sequence[str]) -> dict[str
             tags = batch.pop("labels")
             out = model(**batch)
             guesses = (out["logits"] if isinstance(out, dict) else out.logits).argmax(-1)
-            for row_tags, row_guesses in zip(tags, guesses):
+            for row_tags, row_guesses in zip(tags, guesses, strict=True):
                 keep = row_tags != IGNORE
                 gold.append([labels[i] for i in row_tags[keep].tolist()])
                 predicted.append([labels[i] for i in row_guesses[keep].tolist()])

@@ -89,7 +89,7 @@ def _plain_graph_module(exported: fx.GraphModule, inputs: dict[str, torch.Tensor
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     placeholders = [n for n in src.nodes if n.op == "placeholder"]
-    for node, name in zip(placeholders, inputs):
+    for node, name in zip(placeholders, inputs, strict=False):
         new = graph.placeholder(name)
         new.meta = dict(node.meta)
         env[node] = new
@@ -104,7 +104,7 @@ def _plain_graph_module(exported: fx.GraphModule, inputs: dict[str, torch.Tensor
                 raise CaptureError(
                     f"the exported graph has {len(flat)} outputs but the model returned "
                     f"{len(names)} tensors; return only tensors from forward")
-            graph.output({name: env[n] for name, n in zip(names, flat)})
+            graph.output({name: env[n] for name, n in zip(names, flat, strict=True)})
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
     gm = fx.GraphModule(exported, graph, class_name="GraphModule")

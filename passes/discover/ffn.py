@@ -171,7 +171,7 @@ def ffn_block(down_node: fx.Node, taken: set[str], nodes: dict[str, fx.Node],
     if found is None:
         return None
     if len(projs) == 2:
-        direct = [p for p, leaf in zip(projs, leaves)
+        direct = [p for p, leaf in zip(projs, leaves, strict=False)
                   if any(is_op(u, [aten.mul.Tensor]) for u in live_users(leaf))]
         up = direct[0] if len(direct) == 1 else projs[0]
         gate = projs[1] if up is projs[0] else projs[0]

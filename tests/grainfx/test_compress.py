@@ -4,6 +4,7 @@ gradient separation, structure regularization, determinism, a learnable task, ba
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import signal
@@ -95,14 +96,14 @@ def test_compact_module_equals_masked_student(sparsity):
 def test_report_layers_match_masks():
     result, _, _, _, _ = run(0.8)
     structure = result.structure
-    for layer, block in zip(result.report["layers"], structure.attention):
+    for layer, block in zip(result.report["layers"], structure.attention, strict=True):
         vo = result.masks[f"{block.name}.vo"].bool()
         qk = result.masks[f"{block.name}.qk"].bool()
         live = vo.any(dim=1)
         assert layer["heads"] == int(live.sum())
         assert sorted(layer["value_units"]) == sorted(int(n) for n in vo.sum(1)[live])
         assert sorted(layer["query_units"]) == sorted(int(n) for n in qk.sum(1)[live])
-    for layer, block in zip(result.report["layers"], structure.ffn):
+    for layer, block in zip(result.report["layers"], structure.ffn, strict=True):
         assert layer["ffn"] == int(result.masks[block.name].sum())
     assert result.report["steps"] == 20
     assert len(result.report["kd_loss"]) == 20
@@ -129,7 +130,7 @@ def test_masks_only_go_from_kept_to_pruned(sparsity):
     for name, mask in per_step[-1].items():
         assert torch.equal(mask, result.masks[name])
     densities = result.report["density_per_step"]
-    assert all(b <= a for a, b in zip(densities, densities[1:]))
+    assert all(b <= a for a, b in itertools.pairwise(densities))
     assert densities[-1] == pytest.approx(result.density)
 
 

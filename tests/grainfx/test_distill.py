@@ -108,7 +108,7 @@ def test_hidden_loss_is_sum_of_layer_mse():
     gen = torch.Generator().manual_seed(4)
     s = [torch.randn(2, 5, 8, generator=gen) for _ in range(2)]
     t = [torch.randn(2, 5, 8, generator=gen) for _ in range(2)]
-    expected = sum(F.mse_loss(a, b) for a, b in zip(s, t))
+    expected = sum(F.mse_loss(a, b) for a, b in zip(s, t, strict=True))
     assert maps(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -119,7 +119,7 @@ def test_hidden_loss_ignores_padded_positions():
     t = [torch.randn(2, 5, 8, generator=gen) for _ in range(2)]
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     keep = mask.bool()
-    expected = sum(((a - b).pow(2).mean(-1))[keep].mean() for a, b in zip(s, t))
+    expected = sum(((a - b).pow(2).mean(-1))[keep].mean() for a, b in zip(s, t, strict=True))
     got = maps(s, t, mask)
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     for x in s + t:

@@ -160,13 +160,13 @@ def test_lm_batches_shuffled_cover_every_document_once_per_epoch():
     tok = tokenizer()
     loader = lm_batches(texts, tok, 4, shuffle=True, seed=1)
     first, second = ([tok.decode(row[m.bool()]) for b in loader
-                      for row, m in zip(b["input_ids"], b["attention_mask"])]
+                      for row, m in zip(b["input_ids"], b["attention_mask"], strict=True)]
                      for _ in range(2))
     assert sorted(first) == sorted(second) == sorted(texts)
     assert first != second                                  # a new order every epoch
     again = lm_batches(texts, tok, 4, shuffle=True, seed=1)
     assert [tok.decode(row[m.bool()]) for b in again
-            for row, m in zip(b["input_ids"], b["attention_mask"])] == first
+            for row, m in zip(b["input_ids"], b["attention_mask"], strict=True)] == first
 
 
 # -- compress on decoders -----------------------------------------------------------------------

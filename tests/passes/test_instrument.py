@@ -136,7 +136,7 @@ def test_record_mask_grads_inside_the_context_only(fresh):
     inputs = example_inputs(arch)
     buffers = mask_buffers(gm)
     expected = torch.autograd.grad(_loss(gm, inputs), list(buffers.values()))
-    expected = dict(zip(buffers, expected))
+    expected = dict(zip(buffers, expected, strict=True))
 
     _loss(gm, inputs).backward()  # before the context: not recorded
     with record_mask_grads(gm) as grads:
@@ -161,7 +161,8 @@ def test_record_mask_grads_sums_backwards_inside_and_separates_losses(fresh):
     first, second = out.square().sum(), out.sum()
     buffers = mask_buffers(gm)
     only_first = dict(zip(buffers, torch.autograd.grad(first, list(buffers.values()),
-                                                       retain_graph=True)))
+                                                       retain_graph=True),
+                           strict=True))
     with record_mask_grads(gm) as grads:
         first.backward(retain_graph=True)
     second.backward(retain_graph=True)
