@@ -28,7 +28,7 @@ EXAMPLE_INPUTS_ATTR = "grainfx_example_inputs"
 OUTPUT_NAMES_ATTR = "grainfx_output_names"
 
 
-def check_inputs(example_inputs) -> dict[str, torch.Tensor]:
+def check_inputs(example_inputs: object) -> dict[str, torch.Tensor]:
     """Validate that ``example_inputs`` is a non-empty dict of tensors; return it as a dict."""
     if not isinstance(example_inputs, Mapping) or not example_inputs:
         raise InvalidInputsError(
@@ -67,7 +67,7 @@ def _widen(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return widened
 
 
-def output_names(outputs) -> list[str]:
+def output_names(outputs: object) -> list[str]:
     """Names of the flat tensor outputs of a model call, in pytree order."""
     if isinstance(outputs, torch.Tensor):
         return ["output"]

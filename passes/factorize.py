@@ -9,6 +9,8 @@ Preserves computation: approximately (exactly when ``rank`` >= the rank of E).
 
 from __future__ import annotations
 
+from typing import Any, Callable, cast
+
 import torch
 from torch import fx
 
@@ -44,7 +46,8 @@ def _fake_values(gm: fx.GraphModule, lookup: fx.Node, *nodes: fx.Node) -> None:
         else:
             with mode:
                 args = fx.node.map_arg(node.args, lambda n: n.meta["val"])
-                node.meta["val"] = node.target(*args)
+                op = cast(Callable[..., Any], node.target)  # a call_function node's op
+                node.meta["val"] = op(*args)
 
 
 def factorize_embedding(gm: fx.GraphModule, rank: int,

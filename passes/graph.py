@@ -7,7 +7,7 @@ import dataclasses
 import math
 import operator
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable, cast
 
 import torch
 from torch import fx
@@ -44,6 +44,25 @@ NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_no
 _SIDE_EFFECT_OPS = {aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
 
 
+def as_node(arg: fx.node.Argument) -> fx.Node:
+    """``arg`` where the pattern being matched makes it a node.
+
+    fx types every argument as any ``Argument``; this says which ones the passes read as nodes
+    (a cast for the type checker: nothing is checked at run time).
+    """
+    return cast(fx.Node, arg)
+
+
+def arg_node(node: fx.Node, index: int) -> fx.Node:
+    """``node.args[index]`` where the pattern being matched makes it a node (see ``as_node``)."""
+    return cast(fx.Node, node.args[index])
+
+
+def arg_nodes(node: fx.Node, index: int) -> list[fx.Node]:
+    """``node.args[index]`` where the pattern makes it a list of nodes (``cat``, ``stack``)."""
+    return cast(list[fx.Node], node.args[index])
+
+
 def is_op(node: fx.Node, ops: Iterable) -> bool:
     """True when ``node`` calls one of ``ops``."""
     return node.op == "call_function" and node.target in set(ops)
@@ -57,7 +76,7 @@ def shape(node: fx.Node) -> tuple | None:
     return None
 
 
-def static(dim) -> int | None:
+def static(dim: object) -> int | None:
     """``dim`` as an int when it is static, else None."""
     return dim if isinstance(dim, int) else None
 
@@ -81,19 +100,19 @@ def through_passthrough(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         cur = users[0]
 
 
-def attr_tensor(gm: fx.GraphModule, node_or_target) -> torch.Tensor:
+def attr_tensor(gm: fx.GraphModule, node_or_target: fx.Node | str) -> torch.Tensor:
     """The tensor behind a get_attr node (or its target string)."""
-    target = node_or_target.target if isinstance(node_or_target, fx.Node) else node_or_target
-    obj = gm
+    target = str(node_or_target.target) if isinstance(node_or_target, fx.Node) else node_or_target
+    obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def set_attr(gm: fx.GraphModule, target: str, value) -> None:
+def set_attr(gm: fx.GraphModule, target: str, value: object) -> None:
     """Set ``gm.<target>`` (dotted), replacing a parameter or buffer of the same name."""
     *path, name = target.split(".")
-    owner = gm
+    owner: torch.nn.Module = gm
     for part in path:
         owner = getattr(owner, part)
     if name in owner._parameters:
@@ -168,9 +187,9 @@ class Projection:
                           self.transposed, 0, 0, self.in_features, tuple(picked))
 
 
-def _get_attr(node) -> str | None:
+def _get_attr(node: fx.node.Argument) -> str | None:
     if isinstance(node, fx.Node) and node.op == "get_attr":
-        return node.target
+        return str(node.target)
     return None
 
 
@@ -186,8 +205,8 @@ def match_projection(node: fx.Node) -> Projection | None:
         bias = _get_attr(node.args[2]) if len(node.args) > 2 else None
         if weight is None or (len(node.args) > 2 and node.args[2] is not None and bias is None):
             return None
-        out = node.args[1].meta["val"].shape
-        return Projection(node.name, node.args[0].name, node.name, weight, bias, False,
+        out = arg_node(node, 1).meta["val"].shape
+        return Projection(node.name, arg_node(node, 0).name, node.name, weight, bias, False,
                           0, int(out[0]), int(out[1]))
     if is_op(node, [aten.add.Tensor]) and is_op(node.args[0], [aten.matmul.default]):
         inner = match_projection(node.args[0])  # x @ W.T + b (FalconLinear with a bias)
@@ -206,18 +225,18 @@ def match_projection(node: fx.Node) -> Projection | None:
         return Projection(node.name, node.args[0].name, node.name, weight, None, False,
                           0, int(out[0]), int(out[1]))
     if is_op(node, [aten.view.default, aten.reshape.default]):
-        mm = node.args[0]
+        mm = arg_node(node, 0)
         if is_op(mm, [aten.addmm.default, aten.mm.default]):
             if mm.target is aten.addmm.default:
-                bias, flat, weight = _get_attr(mm.args[0]), mm.args[1], _get_attr(mm.args[2])
+                bias, flat, weight = _get_attr(mm.args[0]), arg_node(mm, 1), _get_attr(mm.args[2])
                 if bias is None:
                     return None
             else:
-                bias, flat, weight = None, mm.args[0], _get_attr(mm.args[1])
+                bias, flat, weight = None, arg_node(mm, 0), _get_attr(mm.args[1])
             if weight is None or not is_op(flat, [aten.view.default, aten.reshape.default]):
                 return None
-            w = mm.args[-1].meta["val"].shape
-            return Projection(node.name, flat.args[0].name, flat.name, weight, bias, True,
+            w = arg_node(mm, -1).meta["val"].shape
+            return Projection(node.name, arg_node(flat, 0).name, flat.name, weight, bias, True,
                               0, int(w[1]), int(w[0]))
     return None
 
@@ -293,7 +312,7 @@ def feature_rows(source: fx.Node, chain: list[fx.Node]) -> list[int] | None:
     # entry = feature + features * position: the entries of position 0 are the answer
     value: object = torch.arange(math.prod(sizes)).reshape(sizes)
 
-    def arg(a):
+    def arg(a: fx.node.Argument) -> fx.node.Argument:
         if isinstance(a, fx.Node):  # a constant index, or a symbolic batch or sequence size
             constant = _constant(a)
             return 1 if constant is None else constant
@@ -301,7 +320,8 @@ def feature_rows(source: fx.Node, chain: list[fx.Node]) -> list[int] | None:
     try:
         for node in chain:
             rest = fx.node.map_aggregate(node.args[1:], arg)
-            value = node.target(value, *rest, **fx.node.map_aggregate(node.kwargs, arg))
+            op = cast(Callable[..., object], node.target)  # layout ops: call_function nodes
+            value = op(value, *rest, **fx.node.map_aggregate(node.kwargs, arg))
     except Exception:  # noqa: BLE001 - a chain that does not replay is no head layout
         return None
     if not isinstance(value, torch.Tensor):

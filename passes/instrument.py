@@ -13,7 +13,7 @@ Preserves computation: yes, with all masks at one.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import fx
@@ -35,7 +35,12 @@ def _mask_name(buffer: str) -> str:
     return buffer.replace("__", ".")
 
 
-def _insert_mask(graph: fx.Graph, at: fx.Node, mask: str, expand, user: fx.Node | None,
+#: Graph ops that turn a stored mask into its per-head layout: (graph, mask node) -> node.
+Expand = Callable[[fx.Graph, fx.Node], fx.Node]
+
+
+def _insert_mask(graph: fx.Graph, at: fx.Node, mask: str, expand: Expand | None,
+                 user: fx.Node | None,
                  shape_: list[int] | None = None) -> None:
     """Multiply ``at`` by the mask ``mask``: for all users of ``at``, or for ``user``.
 
@@ -54,12 +59,12 @@ def _insert_mask(graph: fx.Graph, at: fx.Node, mask: str, expand, user: fx.Node 
         user.replace_input_with(at, mul)
 
 
-def _node(nodes: dict[str, fx.Node], name: str, width: int) -> fx.Node:
+def _node(nodes: dict[str, fx.Node], name: str | None, width: int) -> fx.Node:
     """The node ``name``, checked to hold ``width`` features: a Structure names nodes of the
     graph it was discovered on, and another graph may reuse a name for something else."""
-    node = nodes.get(name)
+    node = nodes.get(name) if name is not None else None
     dims = shape(node) if node is not None else None
-    if dims is None or dims[-1] != width:
+    if node is None or dims is None or dims[-1] != width:
         raise StructureMismatchError(
             f"node {name!r} of the structure is not in this graph with {width} features: a "
             f"Structure only fits the graph it was discovered on; run passes.discover on this "
@@ -67,9 +72,9 @@ def _node(nodes: dict[str, fx.Node], name: str, width: int) -> fx.Node:
     return node
 
 
-def _reader(nodes: dict[str, fx.Node], name: str, value: fx.Node) -> fx.Node:
+def _reader(nodes: dict[str, fx.Node], name: str | None, value: fx.Node) -> fx.Node:
     """The node ``name``, checked to read ``value``."""
-    reader = nodes.get(name)
+    reader = nodes.get(name) if name is not None else None
     if reader is None or value not in reader.all_input_nodes:
         raise StructureMismatchError(
             f"node {name!r} of the structure does not read {value.name!r} in this graph: a "
@@ -78,7 +83,7 @@ def _reader(nodes: dict[str, fx.Node], name: str, value: fx.Node) -> fx.Node:
     return reader
 
 
-def _expand_qk(block: AttentionBlock):
+def _expand_qk(block: AttentionBlock) -> Expand | None:
     """Graph ops that turn a (kv heads x query units) mask into (heads x head_dim), or None."""
     pairs = block.rotary_dims // 2
     if block.group_size == 1 and not pairs:
@@ -88,6 +93,7 @@ def _expand_qk(block: AttentionBlock):
         if pairs:
             rotary = graph.call_function(aten.slice.Tensor, (node, 1, 0, pairs))
             passing = graph.call_function(aten.slice.Tensor, (node, 1, pairs, block.head_dim))
+            assert block.rope is not None  # pairs > 0 only under RoPE
             if block.rope.layout == "half":
                 parts = [rotary, rotary, passing]
             else:
@@ -104,7 +110,7 @@ def _repeat_heads(graph: fx.Graph, node: fx.Node, times: int) -> fx.Node:
     return graph.call_function(aten.repeat_interleave.self_int, (node, times, 0))
 
 
-def _expand_vo(block: AttentionBlock):
+def _expand_vo(block: AttentionBlock) -> Expand | None:
     """Graph ops that turn the vo mask (and the query-head mask) into (heads x head_dim)."""
     if block.group_size == 1:
         return None
@@ -159,9 +165,9 @@ def instrument(gm: fx.GraphModule, structure: Structure,
         ctx = _node(nodes, block.o.input, block.num_heads * block.head_dim)
         _insert_mask(graph, ctx, names["vo"], _expand_vo(block),
                      _reader(nodes, block.o.input_user, ctx))
-    for block in structure.ffn:
-        act = _node(nodes, block.down.input, block.width)
-        _insert_mask(graph, act, block.name, None, _reader(nodes, block.down.input_user, act))
+    for ffn in structure.ffn:
+        act = _node(nodes, ffn.down.input, ffn.width)
+        _insert_mask(graph, act, ffn.name, None, _reader(nodes, ffn.down.input_user, act))
     new = derive(gm, graph, root=_with_masks(gm, holder))
     new.graph.lint()
     return new
@@ -242,7 +248,7 @@ def record_mask_grads(gm: fx.GraphModule) -> Iterator[MaskGradients]:
         if not buf.requires_grad:
             raise MaskError(f"mask {name!r} does not require grad; masks from instrument do")
 
-        def hook(grad, name=name):
+        def hook(grad: torch.Tensor, name: str = name) -> torch.Tensor:
             recorded[name] = recorded[name] + grad if name in recorded else grad.detach().clone()
             return grad
         handles.append(buf.register_hook(hook))

@@ -54,7 +54,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def _input_spec(t: torch.Tensor) -> dict:
     """Shape and dtype of an example input (and the largest value of integer ones, so that
     benchmarks can draw valid token ids)."""
-    spec = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+    spec: dict[str, object] = {"shape": list(t.shape),
+                               "dtype": str(t.dtype).replace("torch.", "")}
     if not t.dtype.is_floating_point and t.numel():
         spec["max"] = int(t.max())
     return spec

@@ -134,6 +134,7 @@ class AttentionBlock:
         """The head dims of query unit ``unit``: a rotary pair or one pass-through dim."""
         pairs = self.rotary_dims // 2
         if unit < pairs:
+            assert self.rope is not None  # pairs > 0 only under RoPE
             return self.rope.pair_dims(unit)
         return (self.rotary_dims + unit - pairs,)
 
@@ -301,9 +302,9 @@ class Structure:
             if "heads" in names:
                 groups.append(UnitGroup(names["heads"], "qhead", block.name,
                                         torch.Size([block.num_heads]), block.head_unit_params))
-        for block in self.ffn:
-            groups.append(UnitGroup(block.name, "ffn", block.name, torch.Size([block.width]),
-                                    block.unit_params))
+        for ffn in self.ffn:
+            groups.append(UnitGroup(ffn.name, "ffn", ffn.name, torch.Size([ffn.width]),
+                                    ffn.unit_params))
         return groups
 
     def mask_shapes(self) -> dict[str, torch.Size]:
@@ -376,6 +377,7 @@ class Structure:
                              f"rotary pairs{partial}")
             if not block.has_query_units:
                 norm = block.q_norm or block.k_norm
+                assert norm is not None  # has_query_units is False only with a head norm
                 parts.append(f"query units not offered: a norm over the query/key head dims "
                              f"(at {norm.output}) makes removing one inexact")
             if block.score_ops:

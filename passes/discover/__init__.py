@@ -160,10 +160,10 @@ def discover(gm: fx.GraphModule) -> Structure:
     for node in gm.graph.nodes:
         found = ffn_block(node, taken, nodes, f"ffn{len(ffn)}")
         if found is not None:
-            block, add = found
-            ffn.append(block)
+            fb, add = found
+            ffn.append(fb)
             ffn_adds.append(add)
-            taken.update(p.node for p in (block.up, block.down, block.gate) if p is not None)
+            taken.update(p.node for p in (fb.up, fb.down, fb.gate) if p is not None)
     _refuse_shared_weights(gm, attention, ffn)
     block_input = nodes[attention[0].q.input]
     first = residual_of(nodes[attention[0].o.node], block_input)

@@ -4,13 +4,14 @@ matmuls, to the Q, K, V and output projections and what the scores are made of."
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch import fx
 
 from passes.discover.operand import Operand, trace_operand
 from passes.discover.scores import score_chain
 from passes.errors import DiscoverError, UnsupportedArchitectureError
-from passes.graph import (LAYOUT_OPS, Projection, aten, is_op, live_users,
+from passes.graph import (LAYOUT_OPS, Projection, arg_node, as_node, aten, is_op, live_users,
                           match_projection_from_input, module_label, shape, static)
 from passes.structure import AttentionBlock
 
@@ -47,7 +48,8 @@ def _operands(q: fx.Node, k: fx.Node, v: fx.Node, where: fx.Node
               ) -> tuple[int, int, Operand, Operand, Operand]:
     heads, head_dim = _head_layout(q, where)
     qo = trace_operand(q, "query", heads, head_dim)
-    kv_heads = static(shape(k)[1]) if shape(k) is not None else None
+    k_dims = shape(k)
+    kv_heads = static(k_dims[1]) if k_dims is not None else None
     if kv_heads is None or heads % kv_heads:
         raise DiscoverError(f"the keys of attention at {module_label(where)} do not have a "
                             f"static number of heads that divides the {heads} query heads")
@@ -57,7 +59,7 @@ def _operands(q: fx.Node, k: fx.Node, v: fx.Node, where: fx.Node
         raise UnsupportedArchitectureError(
             f"attention at {module_label(where)} has {ko.heads} key heads but {vo.heads} value "
             f"heads; grainfx needs keys and values grouped alike")
-    if (qo.rope is None) != (ko.rope is None) or (qo.rope and (
+    if (qo.rope is None) != (ko.rope is None) or (qo.rope and ko.rope and (
             qo.rope.layout, qo.rope.rotary_dims) != (ko.rope.layout, ko.rope.rotary_dims)):
         raise UnsupportedArchitectureError(
             f"attention at {module_label(where)} rotates queries and keys differently "
@@ -67,7 +69,7 @@ def _operands(q: fx.Node, k: fx.Node, v: fx.Node, where: fx.Node
 
 def _block(name: str, kind: str, op: fx.Node, q_reader: fx.Node, q: fx.Node, ctx: fx.Node,
            heads: int, head_dim: int, ops: tuple[Operand, Operand, Operand], scale: float,
-           **scores) -> AttentionBlock:
+           **scores: Any) -> AttentionBlock:
     qo, ko, vo = ops
     return AttentionBlock(
         name=name, kind=kind, op=op.name, q=qo.projection, k=ko.projection, v=vo.projection,
@@ -79,14 +81,14 @@ def _block(name: str, kind: str, op: fx.Node, q_reader: fx.Node, q: fx.Node, ctx
 
 def sdpa_block(node: fx.Node, name: str) -> AttentionBlock:
     """The attention block of a ``scaled_dot_product_attention`` node."""
-    args = list(node.args) + [None] * (6 - len(node.args))
+    args: list[Any] = list(node.args) + [None] * (6 - len(node.args))
     q, k, v = args[0], args[1], args[2]
     attn_mask = args[3] if args[3] is not None else node.kwargs.get("attn_mask")
     is_causal = bool(args[5] if args[5] is not None else node.kwargs.get("is_causal", False))
-    heads, head_dim, *ops = _operands(q, k, v, node)
-    scale = node.kwargs.get("scale")
-    scale = (1.0 / math.sqrt(head_dim)) if scale is None else float(scale)
-    return _block(name, "sdpa", node, node, q, node, heads, head_dim, tuple(ops), scale,
+    heads, head_dim, qo, ko, vo = _operands(q, k, v, node)
+    given: Any = node.kwargs.get("scale")
+    scale = (1.0 / math.sqrt(head_dim)) if given is None else float(given)
+    return _block(name, "sdpa", node, node, q, node, heads, head_dim, (qo, ko, vo), scale,
                   attn_mask=attn_mask.name if isinstance(attn_mask, fx.Node) else None,
                   is_causal=is_causal)
 
@@ -96,12 +98,13 @@ def eager_block(softmax: fx.Node, name: str) -> AttentionBlock | None:
     chain = score_chain(softmax)
     if chain is None:
         return None
-    q, k_t = chain.matmul.args
+    q, k_t = (as_node(a) for a in chain.matmul.args)
     if not is_op(k_t, [aten.transpose.int, aten.permute.default]):
         raise DiscoverError(f"the keys of attention at {module_label(chain.matmul)} are not "
                             f"transposed for q @ k^T")
-    heads, head_dim, *ops = _operands(q, k_t.args[0], chain.context.args[1], softmax)
+    heads, head_dim, qo, ko, vo = _operands(q, arg_node(k_t, 0), arg_node(chain.context, 1),
+                                            softmax)
     scores = (dict(score_biases=chain.biases) if chain.canonical
               else dict(score_ops=tuple(n.name for n in chain.ops)))
     return _block(name, "eager", softmax, chain.matmul, q, chain.context, heads, head_dim,
-                  tuple(ops), chain.scale, **scores)
+                  (qo, ko, vo), chain.scale, **scores)

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any, overload
+
 from torch import fx
 
-from passes.graph import CAST_OPS, aten, is_op, shape, static
+from passes.graph import CAST_OPS, arg_node, aten, is_op, shape, static
 
 #: ``slice(x, dim, 0, end)`` with this end (or larger) reaches the end of ``dim``.
 _END = 2 ** 62
 
 
-def scalar(value) -> float | None:
+def scalar(value: fx.node.Argument) -> float | None:
     """A Python number, or a constant 0-dim ``aten.full`` node, as a float."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, fx.Node) and is_op(value, [aten.full.default]) and value.args[0] == []:
-        return float(value.args[1])
+        return float(value.args[1])  # type: ignore[arg-type]  # full's fill value: a number
     return None
 
 
@@ -24,24 +26,28 @@ def is_noop_slice(node: fx.Node) -> bool:
     indexing like ``x[:, :, None]``)."""
     if not is_op(node, [aten.slice.Tensor]):
         return False
-    args = list(node.args) + [None] * (5 - len(node.args))
+    args: list[Any] = list(node.args) + [None] * (5 - len(node.args))
     start, stop, step = args[2] or 0, args[3], args[4] or 1
     if start != 0 or step != 1:
         return False
-    src = shape(node.args[0])
+    src = shape(arg_node(node, 0))
     dim = args[1] or 0
     size = static(src[dim]) if src is not None else None
     return isinstance(stop, int) and (stop >= _END or (size is not None and stop >= size))
 
 
-def strip(node):
+@overload
+def strip(node: fx.Node) -> fx.Node: ...
+@overload
+def strip(node: fx.node.Argument) -> fx.node.Argument: ...
+def strip(node: fx.node.Argument) -> fx.node.Argument:
     """``node`` without the casts, aliases and no-op slices in front of it."""
     while isinstance(node, fx.Node) and (is_op(node, CAST_OPS) or is_noop_slice(node)):
-        node = node.args[0]
+        node = arg_node(node, 0)
     return node
 
 
-def last_dim(node: fx.Node, dim) -> bool:
+def last_dim(node: fx.Node, dim: object) -> bool:
     """True when ``dim`` is the last dimension of ``node``'s result."""
     dims = shape(node)
     return dims is not None and isinstance(dim, int) and dim % len(dims) == len(dims) - 1
@@ -51,11 +57,13 @@ def dim_slice(node: fx.Node) -> tuple[fx.Node, int, int | None, int] | None:
     """For a slice of the last dim: (source, start, stop or None for the end, step)."""
     if not is_op(node, [aten.slice.Tensor]):
         return None
-    args = list(node.args) + [None] * (5 - len(node.args))
+    args: list[Any] = list(node.args) + [None] * (5 - len(node.args))
     src = args[0]
     if not last_dim(src, args[1] if args[1] is not None else 0):
         return None
-    total = static(shape(src)[-1])
+    dims = shape(src)
+    assert dims is not None  # last_dim read it
+    total = static(dims[-1])
     stop = args[3]
     if stop is None or (isinstance(stop, int) and total is not None and stop >= total):
         stop = None

@@ -14,8 +14,8 @@ from torch import fx
 
 from passes.discover.common import scalar, strip
 from passes.discover.head_norm import norm_region
-from passes.graph import (SPLIT_OPS, Projection, aten, feature_rows, is_op, live_users,
-                          match_projection, shape, through_passthrough)
+from passes.graph import (SPLIT_OPS, Projection, arg_node, aten, feature_rows, is_op,
+                          live_users, match_projection, shape, through_passthrough)
 from passes.structure import FFNBlock
 
 #: Residual adds (Falcon adds the FFN output to the attention output in place).
@@ -38,13 +38,13 @@ def _piece(node: fx.Node) -> Projection | None:
         return found
     if node.op != "call_function" or node.target is not operator.getitem:
         return None
-    split = node.args[0]
+    split = arg_node(node, 0)
     if not is_op(split, SPLIT_OPS - {aten.unbind.int}):
         return None
-    fused = match_projection(split.args[0])
+    fused = match_projection(arg_node(split, 0))
     if fused is None:
         return None
-    rows = feature_rows(split.args[0], [split, node])
+    rows = feature_rows(arg_node(split, 0), [split, node])
     if rows is None:
         return None
     return fused.with_rows(node.name, rows)
@@ -82,7 +82,9 @@ def _post_norm(x: fx.Node, steps: int = 12) -> tuple[fx.Node, fx.Node] | None:
             if not is_op(add, [aten.add.Tensor]):
                 continue
             for normed in add.args[:2]:
-                found = norm_region(normed, stop=x) if normed in seen else None
+                if not isinstance(normed, fx.Node) or normed not in seen:
+                    continue
+                found = norm_region(normed, stop=x)
                 if found is not None and found[0] is strip(x):
                     return normed, add
     return None

@@ -13,7 +13,7 @@ import operator
 from torch import fx
 
 from passes.discover.common import last_dim, scalar, strip
-from passes.graph import CAST_OPS, NORM_OPS, aten, attr_tensor, is_op
+from passes.graph import CAST_OPS, NORM_OPS, arg_node, aten, attr_tensor, is_op
 from passes.structure import HeadNorm
 
 _REDUCE = {aten.mean.dim, aten.var.correction, aten.var.dim} | NORM_OPS
@@ -22,7 +22,7 @@ _ELEMENTWISE = {aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.sqrt.default,
                 aten.sub.Tensor, aten.add.Tensor, aten.add.Scalar}
 
 
-def _is_param(node) -> bool:
+def _is_param(node: fx.node.Argument) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
@@ -36,10 +36,10 @@ def _inside(node: fx.Node) -> bool:
         if node.target in NORM_OPS:
             return True
         dims = node.args[1] if len(node.args) > 1 else None
-        return isinstance(dims, (list, tuple)) and len(dims) == 1 and last_dim(node.args[0],
+        return isinstance(dims, (list, tuple)) and len(dims) == 1 and last_dim(arg_node(node, 0),
                                                                                 dims[0])
     return node.op == "call_function" and node.target is operator.getitem and is_op(
-        node.args[0], NORM_OPS)
+        arg_node(node, 0), NORM_OPS)
 
 
 def norm_region(node: fx.Node, stop: fx.Node | None = None
@@ -71,5 +71,7 @@ def match_head_norm(node: fx.Node) -> tuple[HeadNorm, fx.Node] | None:
     order = {n: i for i, n in enumerate(node.graph.nodes)}
     region = sorted(region, key=order.__getitem__)
     weights = {a for n in region for a in n.all_input_nodes if _is_param(a)}
-    params = sum(attr_tensor(node.graph.owning_module, w).numel() for w in weights)
+    gm = node.graph.owning_module
+    assert gm is not None  # discover runs on a GraphModule's graph
+    params = sum(attr_tensor(gm, w).numel() for w in weights)
     return HeadNorm(source.name, node.name, tuple(n.name for n in region), params), source

@@ -18,8 +18,8 @@ from passes.discover.head_norm import match_head_norm
 from passes.discover.kv_repeat import match_kv_repeat
 from passes.discover.rope import match_rope
 from passes.errors import DiscoverError, UnsupportedArchitectureError
-from passes.graph import (CAST_OPS, Projection, aten, feature_rows, is_layout, is_op,
-                          match_projection, module_label, shape)
+from passes.graph import (CAST_OPS, Projection, arg_node, aten, feature_rows, is_layout,
+                          is_op, match_projection, module_label, shape)
 from passes.structure import HeadNorm, Rope
 
 
@@ -57,7 +57,7 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
         if projection is not None:
             break
         if is_op(cur, CAST_OPS) or is_op(cur, [aten.dropout.default]):
-            cur = cur.args[0]
+            cur = arg_node(cur, 0)
             continue
         repeat = match_kv_repeat(cur) if role != "query" and kv == heads else None
         if repeat is not None:
@@ -73,12 +73,12 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
             continue
         if is_layout(cur):
             chain.append(cur)
-            cur = cur.args[0]
+            cur = arg_node(cur, 0)
             continue
         factor = scaling(cur)
         if factor is not None:
             scale *= factor
-            cur = cur.args[0]
+            cur = arg_node(cur, 0)
             continue
         found_norm = match_head_norm(cur) if norm is None and role != "value" else None
         if found_norm is not None:

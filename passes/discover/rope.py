@@ -12,23 +12,25 @@ from __future__ import annotations
 from torch import fx
 
 from passes.discover.common import dim_slice, last_dim, strip
-from passes.graph import aten, is_op, shape, static
+from passes.graph import arg_node, arg_nodes, aten, is_op, shape, static
 from passes.structure import Rope
 
 
 def _rotated_half(node: fx.Node) -> fx.Node | None:
     """``x`` for ``cat([-x[..., h:], x[..., :h]], -1)`` with h half of x's last dim."""
-    if not is_op(node, [aten.cat.default]) or len(node.args[0]) != 2:
+    if not is_op(node, [aten.cat.default]) or len(arg_nodes(node, 0)) != 2:
         return None
     if not last_dim(node, node.args[1] if len(node.args) > 1 else 0):
         return None
-    first, second = node.args[0]
+    first, second = arg_nodes(node, 0)
     if not is_op(first, [aten.neg.default]):
         return None
-    upper, lower = dim_slice(first.args[0]), dim_slice(second)
+    upper, lower = dim_slice(arg_node(first, 0)), dim_slice(second)
     if upper is None or lower is None or strip(upper[0]) is not strip(lower[0]):
         return None
-    total = static(shape(upper[0])[-1])
+    dims = shape(upper[0])
+    assert dims is not None  # dim_slice read it
+    total = static(dims[-1])
     if total is None or total % 2:
         return None
     half = total // 2
@@ -41,18 +43,20 @@ def _rotated_pairs(node: fx.Node) -> fx.Node | None:
     """``x`` for ``flatten(stack([-x[..., 1::2], x[..., ::2]], -1), -2)``."""
     if not is_op(node, [aten.flatten.using_ints, aten.view.default, aten.reshape.default]):
         return None
-    stack = node.args[0]
-    if not is_op(stack, [aten.stack.default]) or len(stack.args[0]) != 2:
+    stack = arg_node(node, 0)
+    if not is_op(stack, [aten.stack.default]) or len(arg_nodes(stack, 0)) != 2:
         return None
-    first, second = stack.args[0]
+    first, second = arg_nodes(stack, 0)
     if not is_op(first, [aten.neg.default]):
         return None
-    odd, even = dim_slice(first.args[0]), dim_slice(second)
+    odd, even = dim_slice(arg_node(first, 0)), dim_slice(second)
     if odd is None or even is None or strip(odd[0]) is not strip(even[0]):
         return None
     if odd[1:] != (1, None, 2) or even[1:] != (0, None, 2):
         return None
-    if shape(node) is None or shape(node)[-1] != shape(odd[0])[-1]:
+    dims, odd_dims = shape(node), shape(odd[0])
+    assert odd_dims is not None  # dim_slice read it
+    if dims is None or dims[-1] != odd_dims[-1]:
         return None
     return strip(odd[0])
 
@@ -80,9 +84,10 @@ def _full(node: fx.Node) -> tuple[Rope, fx.Node] | None:
     if not is_op(node, [aten.add.Tensor]):
         return None
     terms = [strip(a) for a in node.args[:2]]
-    if not all(isinstance(t, fx.Node) and is_op(t, [aten.mul.Tensor]) for t in terms):
+    muls = [t for t in terms if isinstance(t, fx.Node) and is_op(t, [aten.mul.Tensor])]
+    if len(muls) != len(terms):
         return None
-    for plain, rotated in (terms, terms[::-1]):
+    for plain, rotated in (muls, muls[::-1]):
         for a, b in (rotated.args[:2], rotated.args[1::-1]):
             found = _rotation(a) if isinstance(a, fx.Node) else None
             if found is None:
@@ -95,7 +100,10 @@ def _full(node: fx.Node) -> tuple[Rope, fx.Node] | None:
             axis = _head_axis(x, cos[0])
             if axis is None or _head_axis(x, sin) != axis:
                 continue
-            dims = static(shape(x)[-1])
+            x_dims = shape(x)
+            dims = static(x_dims[-1]) if x_dims is not None else None
+            if dims is None:
+                continue
             return Rope(layout, dims, cos[0].name, sin.name, axis), x
     return None
 
@@ -105,11 +113,11 @@ def match_rope(node: fx.Node) -> tuple[Rope, fx.Node] | None:
     found = _full(node)
     if found is not None:
         return found
-    if not is_op(node, [aten.cat.default]) or len(node.args[0]) != 2:
+    if not is_op(node, [aten.cat.default]) or len(arg_nodes(node, 0)) != 2:
         return None
     if not last_dim(node, node.args[1] if len(node.args) > 1 else 0):
         return None
-    rotated, passed = node.args[0]
+    rotated, passed = arg_nodes(node, 0)
     found = _full(strip(rotated))
     tail = dim_slice(passed)
     if found is None or tail is None:

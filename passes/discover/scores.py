@@ -17,7 +17,7 @@ from torch import fx
 
 from passes.discover.operand import scaling
 from passes.errors import UnsupportedArchitectureError
-from passes.graph import PASSTHROUGH_OPS, aten, is_op, live_users, module_label
+from passes.graph import PASSTHROUGH_OPS, arg_node, as_node, aten, is_op, live_users, module_label
 
 MATMUL = {aten.matmul.default, aten.bmm.default}
 #: Elementwise ops that the pointwise tag misses.
@@ -74,7 +74,7 @@ def _refuse_non_elementwise(node: fx.Node) -> None:
 
 def _before_softmax(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """The score matmul behind ``softmax`` and the ops between them (softmax last)."""
-    cur, ops = softmax.args[0], [softmax]
+    cur, ops = arg_node(softmax, 0), [softmax]
     while not is_op(cur, MATMUL):
         if not _elementwise(cur):
             _refuse_non_elementwise(cur)
@@ -93,7 +93,8 @@ def _before_softmax(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
 
 def _after_softmax(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """The context matmul that reads the probabilities and the ops on the way."""
-    cur, ops = softmax, []
+    cur = softmax
+    ops: list[fx.Node] = []
     while True:
         users = live_users(cur)
         if len(users) != 1:
@@ -110,7 +111,8 @@ def _after_softmax(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
 def _canonical(matmul: fx.Node, ops: list[fx.Node]) -> tuple[float, tuple[str, ...]] | None:
     """(scale, additive biases) when ``ops`` (matmul to softmax input) only scale, then add
     biases, and cast; else None."""
-    scale, biases, prev = 1.0, [], matmul
+    scale, prev = 1.0, matmul
+    biases: list[str] = []
     for node in ops:
         at = next((i for i, a in enumerate(node.args) if a is prev), None)
         if at is None:
@@ -121,7 +123,7 @@ def _canonical(matmul: fx.Node, ops: list[fx.Node]) -> tuple[float, tuple[str, .
         elif factor is not None and not biases:
             scale *= factor
         elif is_op(node, _ADD) and isinstance(node.args[1 - at], fx.Node):
-            biases.append(node.args[1 - at].name)
+            biases.append(as_node(node.args[1 - at]).name)
         else:
             return None
         prev = node

@@ -55,7 +55,7 @@ class RewriteOptions:
     bucket: int = DEFAULT_BUCKET
     merge_projections: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.bucket, int) or isinstance(self.bucket, bool) or self.bucket < 1:
             raise ValueError(f"bucket must be a positive int, got {self.bucket!r}")
 
@@ -78,7 +78,7 @@ def _check_masks(structure: Structure, masks: dict[str, torch.Tensor]) -> dict[s
     return checked
 
 
-def _is_mask_value(node) -> bool:
+def _is_mask_value(node: fx.node.Argument) -> bool:
     """True for the (expanded, flattened) get_attr of a mask buffer."""
     while isinstance(node, fx.Node) and node.op == "call_function":
         node = node.args[0]
@@ -133,13 +133,13 @@ def rewrite(masked_gm: fx.GraphModule, structure: Structure, *, bucket: int | No
         layers[i].update(heads_dense=block.num_heads, head_dim=block.head_dim)
         if block.group_size > 1:
             layers[i]["kv_heads_dense"] = block.kv_heads
-    for i, block in enumerate(structure.ffn):
-        layers[i]["ffn_dense"] = block.width
+    for i, ffn in enumerate(structure.ffn):
+        layers[i]["ffn_dense"] = ffn.width
     for i, block in enumerate(structure.attention):
         layers[i].update(rewrite_attention(gm, nodes, block, masks, options.bucket,
                                            options.merge_projections))
-    for i, block in enumerate(structure.ffn):
-        layers[i].update(rewrite_ffn(gm, nodes, block, masks[block.name],
+    for i, ffn in enumerate(structure.ffn):
+        layers[i].update(rewrite_ffn(gm, nodes, ffn, masks[ffn.name],
                                      options.merge_projections))
     gm.graph.lint()
     remove_dead_code(gm)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from passes.graph import Projection, aten, shape
+from passes.graph import aten, shape
 from passes.rewrite.emit import PAD, Emitter
 from passes.structure import AttentionBlock, Rope
 
@@ -87,15 +87,15 @@ def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: Atte
     rep: dict[int, int] = {}  # a live query head of each group: all of them share its units
     for h in layouts:
         rep.setdefault(h // g, h)
-    buckets = defaultdict(list)
+    by_width: defaultdict[tuple[int, int, int], list[int]] = defaultdict(list)
     for h, lay in layouts.items():
         wp = _round_up(len(lay.pairs), bucket, block.rotary_dims // 2)
         ws = _round_up(len(lay.dims), bucket, d - block.rotary_dims)
         if wp + ws == 0:
             ws = 1  # no query units: a zero query, uniform attention
-        buckets[(wp, ws, _round_up(int(vdims[h].sum()), bucket, d))].append(h)
-    buckets = dict(sorted(buckets.items()))
-    index = {"q": [], "k": [], "v": []}
+        by_width[(wp, ws, _round_up(int(vdims[h].sum()), bucket, d))].append(h)
+    buckets = dict(sorted(by_width.items()))
+    index: dict[str, list[list[int]]] = {"q": [], "k": [], "v": []}
     groups_of = []
     for (wp, ws, wv), heads in buckets.items():
         groups = sorted({h // g for h in heads})
@@ -119,6 +119,7 @@ def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: Atte
         if block.k_norm is not None:
             k = _replay(emit, nodes, block.k_norm.source, block.k_norm.region, k)
         if wp:
+            assert block.rope is not None and block.rope_k is not None  # wp > 0 only under RoPE
             q_table = [i for h in heads for i in layouts[h].table(block, wp)]
             k_table = [i for grp in groups for i in layouts[rep[grp]].table(block, wp)]
             q = _rotate(emit, nodes, block.rope, q, q_table, wp, 2 * wp + ws)
@@ -176,11 +177,14 @@ def _replay_scores(emit: Emitter, nodes: dict[str, fx.Node], block: AttentionBlo
     scores = emit.call(aten.matmul.default, q, emit.call(aten.transpose.int, k, -2, -1))
     if block.scale != 1.0:
         scores = emit.call(aten.mul.Tensor, scores, block.scale)
+    assert block.q_reader is not None  # eager blocks name the node that reads the scores
     env = {nodes[block.q_reader]: scores}
 
     def arg(node: fx.Node) -> fx.Node:
         if node not in env:
-            env[node] = _heads_of(emit, node, block, heads, bucket, f"_{node.name}")
+            sliced = _heads_of(emit, node, block, heads, bucket, f"_{node.name}")
+            assert sliced is not None  # a node in, a node out
+            env[node] = sliced
         return env[node]
     with emit.graph.inserting_before(emit.anchor):
         for name in block.score_ops:
@@ -234,7 +238,7 @@ def _project(emit: Emitter, block: AttentionBlock, index: dict[str, list[list[in
     for group in groups:
         weights, biases, flat_index, sizes, offset = [], [], [], [], 0
         for role in group:
-            proj: Projection = projections[role][0]
+            proj = projections[role][0]
             weights.append(proj.linear_weight(emit.gm))
             biases.append(proj.linear_bias(emit.gm))
             for part in index[role]:
@@ -242,7 +246,8 @@ def _project(emit: Emitter, block: AttentionBlock, index: dict[str, list[list[in
                 sizes.append(len(part))
             offset += proj.out_features
         weight = torch.cat(weights)
-        bias = None if biases[0] is None else torch.cat(biases)
+        # merged projections all have a bias or none (see ``same`` above)
+        bias = None if biases[0] is None else torch.cat([b for b in biases if b is not None])
         w, b = emit.padded("".join(group), weight, bias, flat_index)
         y = emit.call(aten.linear.default, projections[group[0]][1], w, b)
         if len(sizes) == 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import fx
 
@@ -28,7 +30,8 @@ class Emitter:
         with self.graph.inserting_before(self.anchor):
             return self.graph.get_attr(target)
 
-    def call(self, op, *args, **kwargs) -> fx.Node:
+    def call(self, op: Callable[..., Any], *args: fx.node.Argument,
+             **kwargs: fx.node.Argument) -> fx.Node:
         with self.graph.inserting_before(self.anchor):
             return self.graph.call_function(op, args, kwargs)
 
@@ -53,7 +56,9 @@ class Emitter:
     def constant_output(self, like: fx.Node, bias: torch.Tensor | None, width: int) -> fx.Node:
         """``bias`` (or zeros) broadcast to ``like``'s leading dims and ``width`` features, as
         a tensor of its own (the model may add to it in place)."""
-        ndim = len(shape(like))
+        dims = shape(like)
+        assert dims is not None  # export records the shape of every tensor node
+        ndim = len(dims)
         value = self.tensor("bias", bias, True) if bias is not None else self.tensor(
             "zeros", torch.zeros(width), False)
         sizes = [self.call(aten.sym_size.int, like, i) for i in range(ndim - 1)] + [width]

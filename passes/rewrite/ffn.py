@@ -8,11 +8,12 @@ and its split is resized; separate up and gate projections become one matmul, sp
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 from torch import fx
 
-from passes.graph import Projection, aten, attr_tensor, is_op, set_attr
+from passes.graph import Projection, arg_node, aten, attr_tensor, is_op, set_attr
 from passes.rewrite.emit import Emitter
 from passes.structure import FFNBlock
 
@@ -39,24 +40,26 @@ def rewrite_ffn(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock,
             for proj in projs:
                 _resize_split(nodes[proj.node], block.width, len(kept))
     _slice_inputs(gm, block.down, kept)
-    if merge and len(by_weight) == 2 and all(
+    if merge and block.gate is not None and len(by_weight) == 2 and all(
             p.rows is None and not p.start for p in pieces) and (
             (block.up.bias is None) == (block.gate.bias is None)):
-        _merge(gm, nodes, block)
+        _merge(gm, nodes, block, block.gate)
     width, new = block.width, len(kept)
     for name in (block.up.node, block.down.input_user, *block.region):
         node = nodes[name]
         if is_op(node, [aten.view.default, aten.reshape.default]):
-            sizes = list(node.args[1])
+            args: list[Any] = list(node.args)
+            sizes = list(args[1])
             if sizes and sizes[-1] == width:
-                node.args = (node.args[0], sizes[:-1] + [new])
+                node.args = (args[0], sizes[:-1] + [new])
     return {"ffn": new}
 
 
-def _merge(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock) -> None:
+def _merge(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock,
+           gate: Projection) -> None:
     """Compute the (sliced) gate and up projections as one matmul, split in two."""
-    pieces = (block.gate, block.up)
-    first = next(n for n in gm.graph.nodes if n.name in (block.gate.node, block.up.node))
+    pieces = (gate, block.up)
+    first = next(n for n in gm.graph.nodes if n.name in (gate.node, block.up.node))
     emit = Emitter(gm, block.name, first)
 
     def weight(p: Projection) -> torch.Tensor:
@@ -65,7 +68,8 @@ def _merge(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock) -> No
     ws = [weight(p) for p in pieces]
     w = emit.tensor("gate_up", torch.cat(ws), True)
     b = (None if block.up.bias is None else emit.tensor(
-        "gate_up_bias", torch.cat([attr_tensor(gm, p.bias).detach() for p in pieces]), True))
+        "gate_up_bias", torch.cat([attr_tensor(gm, p.bias).detach() for p in pieces
+                                   if p.bias is not None]), True))
     split = emit.call(aten.split_with_sizes.default,
                       emit.call(aten.linear.default, nodes[block.up.input], w, b),
                       [len(x) for x in ws], -1)
@@ -78,10 +82,10 @@ def _resize_split(piece: fx.Node, width: int, new: int) -> None:
     ``width``, features."""
     if piece.op != "call_function" or piece.target is not operator.getitem:
         raise AssertionError(f"{piece.name} is not a piece of a split")
-    split = piece.args[0]
+    split = arg_node(piece, 0)
     if split.target is aten.chunk.default:
         return  # equal pieces stay equal
-    args = list(split.args)
+    args: list[Any] = list(split.args)
     if split.target is aten.split.Tensor and args[1] == width:
         args[1] = new
     elif split.target is aten.split_with_sizes.default:
