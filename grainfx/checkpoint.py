@@ -45,7 +45,7 @@ class CheckpointConfig:
     resume: bool = False
     identity: Mapping[str, str] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.path, (str, os.PathLike)):
             raise ConfigError(f"checkpoint path must be a path, got {self.path!r}")
         object.__setattr__(self, "path", Path(self.path))

@@ -20,13 +20,22 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from grainfx.output import write_folder
 from grainfx.predict import SERVING_FILE, Serving
 from passes.errors import PassError
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from grainfx.predict import Prediction
+    from grainfx.rows import Row
 
 log = logging.getLogger("grainfx")
 
@@ -54,7 +63,7 @@ def _check_model_dir(model_dir: Path) -> None:
                        f"written by save_pretrained, holding the fine-tuned model and tokenizer")
 
 
-def _model(model_dir: Path, task: str):
+def _model(model_dir: Path, task: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) of ``model_dir``: a sequence classifier or a causal LM."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     _check_model_dir(model_dir)
@@ -70,7 +79,7 @@ def _model(model_dir: Path, task: str):
     return model, tokenizer
 
 
-def _dense_model(model_dir: Path):
+def _dense_model(model_dir: Path) -> torch.nn.Module:
     """The model of ``model_dir`` as the class its config names (a sequence classifier when
     it names none), without a KV cache: the dense side of ``bench --against``."""
     import transformers
@@ -91,7 +100,7 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _read(path: Path, args, labels: bool = True):
+def _read(path: Path, args: argparse.Namespace, labels: bool = True) -> list[Row]:
     """The rows of ``path`` (a DataError is a CLIError)."""
     from grainfx.rows import DataError, read_rows
     try:
@@ -100,7 +109,7 @@ def _read(path: Path, args, labels: bool = True):
         raise CLIError(str(exc)) from None
 
 
-def _fast_tokenizer(tokenizer, model_dir: Path):
+def _fast_tokenizer(tokenizer: PreTrainedTokenizerBase, model_dir: Path | str) -> Tokenizer:
     """The ``tokenizers`` object of ``tokenizer``: the output folder serves text with it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -110,7 +119,8 @@ def _fast_tokenizer(tokenizer, model_dir: Path):
     return backend
 
 
-def _fit_max_length(args, model, tokenizer) -> None:
+def _fit_max_length(args: argparse.Namespace, model: PreTrainedModel,
+                    tokenizer: PreTrainedTokenizerBase) -> None:
     """Cut ``--max-length`` to what the model and tokenizer can take (their positions), so
     that a long text cannot fail a step hours in; the output records the value used."""
     limits = [getattr(model.config, "max_position_embeddings", None),
@@ -128,15 +138,15 @@ class Run:
     batches, ``evaluate(student)`` (held-out scores), what the output folder serves with
     (``serving``), and the content hashes a resumed run must match (``identity``)."""
 
-    model: object
-    tokenizer: object
-    batches: object
-    evaluate: Callable[[object], dict]
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    batches: torch.utils.data.DataLoader
+    evaluate: Callable[[Callable[..., Any]], dict[str, float]]
     serving: Serving
     identity: dict[str, str]
 
 
-def _classification(args) -> Run:
+def _classification(args: argparse.Namespace) -> Run:
     """A sequence-classification run; ``evaluate(student)`` gives teacher and student held-out
     accuracy. Every row is read before the model is loaded, and every label mapped before
     anything is trained."""
@@ -149,7 +159,7 @@ def _classification(args) -> Run:
         train, held_out = demo.rotten_tomatoes()
         model, tokenizer = demo.teacher(train, progress=not args.quiet)
         raw = [y for _, y in train + held_out]
-        label2id = {name: i for i, name in enumerate(demo.LABELS)}
+        label2id: Mapping[str, int] | None = {name: i for i, name in enumerate(demo.LABELS)}
         identity = {"demo data": _digest(json.dumps(train + held_out).encode())}
         # the settings of examples/rotten_tomatoes.py, unless given
         args.epochs = args.epochs if args.epochs is not None else DEMO_EPOCHS
@@ -166,6 +176,9 @@ def _classification(args) -> Run:
         texts, raw = [r.text for r in rows + held], [r.label for r in rows + held]
         label2id = getattr(model.config, "label2id", None)
     classes = model.config.num_labels
+    if classes is None:
+        raise CLIError("the model's config names no classes (num_labels): pass a sequence "
+                       "classifier")
     try:
         ids, names = label_ids(raw, classes, label2id)
     except DataError as exc:
@@ -184,7 +197,7 @@ def _classification(args) -> Run:
     batches = text_batches(train, tokenizer, args.batch_size, shuffle=True, seed=args.seed,
                            max_length=args.max_length, group_by_length=True)
 
-    def evaluate(student) -> dict[str, float]:
+    def evaluate(student: Callable[..., Any]) -> dict[str, float]:
         if not held_out:
             return {}
         evaluation = text_batches(held_out, tokenizer, 64, shuffle=False,
@@ -199,7 +212,7 @@ def _classification(args) -> Run:
     return Run(model, tokenizer, batches, evaluate, serving, identity)
 
 
-def _causal_lm(args) -> Run:
+def _causal_lm(args: argparse.Namespace) -> Run:
     """A causal-LM run on documents of plain text or JSON Lines; ``evaluate(student)``
     gives teacher and student held-out perplexity."""
     from grainfx.lm import DataError, lm_batches, perplexity, read_texts, split_texts
@@ -226,7 +239,7 @@ def _causal_lm(args) -> Run:
         raise CLIError(str(exc)) from exc
     log.info("compressing on %d documents, %d held out", len(train), len(held_out))
 
-    def evaluate(student) -> dict[str, float]:
+    def evaluate(student: Callable[..., Any]) -> dict[str, float]:
         if not held_out:
             return {}
         evaluation = lm_batches(held_out, tokenizer, args.batch_size, shuffle=False,
@@ -249,7 +262,7 @@ def _score(key: str, value: float) -> str:
                                            else f"{value:.2f}")
 
 
-def _check_settings(args) -> None:
+def _check_settings(args: argparse.Namespace) -> None:
     """The options that need no file: one line per mistake, before anything is read."""
     if args.task not in TASKS:
         raise CLIError(f"unknown --task {args.task!r}: use one of {', '.join(TASKS)}")
@@ -271,7 +284,7 @@ def _check_settings(args) -> None:
         raise CLIError("the output's structure.png needs matplotlib: pip install matplotlib")
 
 
-def cmd_compress(args) -> int:
+def cmd_compress(args: argparse.Namespace) -> int:
     """Preflight (settings, locations, every data row and label, free space, the model
     captured on one batch), then the training, then one atomic write of the output folder."""
     import torch
@@ -358,11 +371,11 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def _checkpoint_path(args) -> Path:
+def _checkpoint_path(args: argparse.Namespace) -> Path:
     return args.checkpoint or args.out.with_name(f"{args.out.name}.checkpoint.pt")
 
 
-def _class_ids(rows, names: tuple[str, ...], path: Path) -> list[int]:
+def _class_ids(rows: Sequence[Row], names: tuple[str, ...], path: Path) -> list[int]:
     """The class id of each row's label: a name of the model, or an integer id."""
     index = {name: i for i, name in enumerate(names)}
     ids = []
@@ -378,7 +391,8 @@ def _class_ids(rows, names: tuple[str, ...], path: Path) -> list[int]:
     return ids
 
 
-def _write_predictions(path: Path, rows, predictions) -> None:
+def _write_predictions(path: Path, rows: Sequence[Row], predictions: Sequence[Prediction]
+                       ) -> None:
     import csv
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
@@ -398,12 +412,12 @@ def _write_predictions(path: Path, rows, predictions) -> None:
         raise CLIError(f"cannot write {path} ({exc.strerror}): choose another --out") from None
 
 
-def cmd_predict(args) -> int:
+def cmd_predict(args: argparse.Namespace) -> int:
     """Label names and scores of the folder's classifier on --data rows (or stdin lines);
     the accuracy too when the rows have labels. Needs torch and tokenizers only."""
     import torch
 
-    import grainfx
+    from grainfx.predict import load_folder
     from grainfx.rows import Row
 
     for option, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
@@ -413,7 +427,7 @@ def cmd_predict(args) -> int:
         raise CLIError(f"{args.folder} is not a folder: pass the --out folder of grainfx "
                        f"compress")
     torch.set_num_threads(args.threads)
-    predictor = grainfx.load(args.folder)
+    predictor = load_folder(args.folder)  # what grainfx.load gives for a folder
     if predictor.serving.task != "classification":
         raise CLIError(f"{args.folder} holds a {predictor.serving.task} model: predict gives "
                        f"the labels of a classifier (grainfx.load(folder) on texts gives logits)")
@@ -444,7 +458,7 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _load_pt2(path: Path):
+def _load_pt2(path: Path) -> torch.nn.Module:
     """The module saved in ``path``; a missing or foreign file is a CLIError."""
     import passes
     if not path.is_file():
@@ -455,7 +469,7 @@ def _load_pt2(path: Path):
         raise CLIError(str(exc)) from exc
 
 
-def cmd_inspect(args) -> int:
+def cmd_inspect(args: argparse.Namespace) -> int:
     import grainfx
 
     module = _load_pt2(args.file)
@@ -467,31 +481,36 @@ def cmd_inspect(args) -> int:
     if args.plot:
         print(f"wrote {inspection.plot(args.plot)}")
     if args.graph:
-        print(module.graph_module.print_readable(print_output=False)
-              if hasattr(module, "graph_module") else module.code)
+        graph_module = getattr(module, "graph_module", None)
+        print(graph_module.print_readable(print_output=False)
+              if graph_module is not None else module.code)
     return 0
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
+    import functools
+
     import torch
 
     from grainfx.timing import example_inputs, interleaved_medians
+    from passes.rewrite import KEPT_ATTR
 
     torch.set_num_threads(args.threads)
     compact = _load_pt2(args.file)
     try:
-        inputs = example_inputs(compact.grainfx_kept, args.batch, args.seq)
+        inputs = example_inputs(getattr(compact, KEPT_ATTR), args.batch, args.seq)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
-    models = {"compact": compact}
+    models: dict[str, Callable[..., Any]] = {"compact": compact}
     if args.against is not None:
         models["dense"] = _dense_model(args.against)
     rows = []
     modes = ["eager"] + (["compiled"] if args.compile else [])
     for mode in modes:
         fns = {name: (torch.compile(m) if mode == "compiled" else m) for name, m in models.items()}
-        times = interleaved_medians({n: (lambda f=f: f(**inputs)) for n, f in fns.items()},
-                                    args.reps)
+        calls: dict[str, Callable[[], object]] = {
+            n: functools.partial(f, **inputs) for n, f in fns.items()}
+        times = interleaved_medians(calls, args.reps)
         for name, seconds in times.items():
             ratio = times["dense"] / seconds if "dense" in times else None
             rows.append({"mode": mode, "model": name, "ms": seconds * 1e3, "speedup": ratio})

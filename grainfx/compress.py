@@ -8,7 +8,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping, TypeVar
 
 import torch
 from torch import fx
@@ -26,6 +26,7 @@ from passes.capture import OUTPUT_NAMES_ATTR
 from passes.errors import CaptureError, PassError
 from passes.factorize import factorize_embedding
 from passes.instrument import mask_buffers
+from passes.rewrite import KEPT_ATTR
 
 #: Batch entries that are labels: distillation does not use them.
 LABEL_KEYS = ("labels", "label")
@@ -81,7 +82,7 @@ class CompressionResult:
         return format_report(self.report)
 
 
-def _model_inputs(batch, names: list[str] | None = None, positions: bool = False
+def _model_inputs(batch: object, names: list[str] | None = None, positions: bool = False
                   ) -> dict[str, torch.Tensor]:
     """The model's keyword inputs from one dataloader batch (labels dropped); with
     ``positions``, per-token labels give the positions to distil (:data:`KD_POSITIONS`)."""
@@ -130,8 +131,11 @@ def _first_batch(dataloader: Iterable) -> dict[str, torch.Tensor]:
                                "over at least one example")
 
 
-def _capture(capturing: Callable, model: torch.nn.Module, batch: dict[str, torch.Tensor],
-             what: str):
+Captured = TypeVar("Captured")
+
+
+def _capture(capturing: Callable[[torch.nn.Module, dict[str, torch.Tensor]], Captured],
+             model: torch.nn.Module, batch: dict[str, torch.Tensor], what: str) -> Captured:
     """``capturing(model, batch)`` (capture or capture_pair), with a batch the model cannot
     take reported as a BatchError."""
     try:
@@ -176,7 +180,8 @@ def _total_steps(dataloader: Iterable, config: GrainConfig) -> int:
     if config.steps is not None:
         return config.steps
     try:
-        return max(1, math.ceil(config.epochs * len(dataloader)))
+        # a dataloader without len() is reported below
+        return max(1, math.ceil(config.epochs * len(dataloader)))  # type: ignore[arg-type]
     except TypeError:
         raise ConfigError("the dataloader has no len(): set GrainConfig(steps=...)") from None
 
@@ -232,7 +237,7 @@ def prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparsity: fl
                    hidden_dims)
 
 
-def _check_sparsity(sparsity) -> None:
+def _check_sparsity(sparsity: object) -> None:
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
             0 <= sparsity < 1):
         raise ConfigError(f"sparsity must be in [0, 1) (0.9 keeps 10% of the encoder), got "
@@ -321,7 +326,7 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
     log.info("rewrote the masked graph into a compact one of %d nodes",
              len(compact.graph.nodes))
     original = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    report = build_report(compact.grainfx_kept, structure, history, 1.0 - float(sparsity),
+    report = build_report(getattr(compact, KEPT_ATTR), structure, history, 1.0 - float(sparsity),
                           config, original)
     return CompressionResult(module=compact, density=report["density"], report=report,
                              structure=structure, masked=masked_eval,

@@ -79,7 +79,7 @@ class GrainConfig:
     seed: int = 0
     version: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _integer(self, "steps", low=1, optional=True)
         _real(self, "epochs", low=0, low_open=True)
         _real(self, "learning_rate", low=0, low_open=True)
@@ -145,13 +145,14 @@ class GrainConfig:
         return cls(**data)
 
 
-def _range_text(low, high, low_open, high_open) -> str:
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     left = "" if low is None else f"{'>' if low_open else '>='} {low}"
     right = "" if high is None else f"{'<' if high_open else '<='} {high}"
     return " and ".join(part for part in (left, right) if part)
 
 
-def _check_range(name, value, low, high, low_open, high_open, kind) -> None:
+def _check_range(name: str, value: float, low: float | None, high: float | None,
+                 low_open: bool, high_open: bool, kind: str) -> None:
     bad = (low is not None and (value < low or (low_open and value == low))) or (
         high is not None and (value > high or (high_open and value == high)))
     if bad:
@@ -159,7 +160,8 @@ def _check_range(name, value, low, high, low_open, high_open, kind) -> None:
                           f"{_range_text(low, high, low_open, high_open)}, got {value!r}")
 
 
-def _real(config, name, *, low=None, high=None, low_open=False, high_open=False) -> None:
+def _real(config: object, name: str, *, low: float | None = None, high: float | None = None,
+          low_open: bool = False, high_open: bool = False) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
             value):
@@ -167,7 +169,8 @@ def _real(config, name, *, low=None, high=None, low_open=False, high_open=False)
     _check_range(name, value, low, high, low_open, high_open, "a number")
 
 
-def _integer(config, name, *, low=None, optional=False) -> None:
+def _integer(config: object, name: str, *, low: int | None = None,
+             optional: bool = False) -> None:
     value = getattr(config, name)
     if value is None and optional:
         return

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar,
+                    cast)
 
 import torch
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 Rows = Sequence[tuple[str, int]]
+Item = TypeVar("Item")
+
+
+def as_dataset(items: list[Item]) -> torch.utils.data.Dataset[Item]:
+    """``items`` for a DataLoader, which indexes a list as well as a map-style Dataset (torch's
+    annotation asks for a Dataset; nothing is wrapped or copied)."""
+    return cast("torch.utils.data.Dataset[Item]", items)
 
 
 def stratified_split(rows: Rows, held_out: float, seed: int) -> tuple[list, list]:
@@ -23,7 +34,8 @@ def stratified_split(rows: Rows, held_out: float, seed: int) -> tuple[list, list
     return [train[i] for i in shuffle], test
 
 
-def text_batches(rows: Rows, tokenizer, batch_size: int, shuffle: bool, seed: int = 0,
+def text_batches(rows: Rows, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                 shuffle: bool, seed: int = 0,
                  max_length: int = 128, group_by_length: bool = False
                  ) -> torch.utils.data.DataLoader:
     """Dynamic-padding batches of tokenized text, with ``labels``.
@@ -32,7 +44,7 @@ def text_batches(rows: Rows, tokenizer, batch_size: int, shuffle: bool, seed: in
     batches by length and shuffle the batches, so a batch holds sentences of similar length
     and pads little (about half the tokens of random batches on Rotten Tomatoes).
     """
-    def collate(batch):
+    def collate(batch: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
         enc = tokenizer([t for t, _ in batch], padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
         return {**enc, "labels": torch.tensor([y for _, y in batch])}
@@ -41,12 +53,13 @@ def text_batches(rows: Rows, tokenizer, batch_size: int, shuffle: bool, seed: in
     if group_by_length and shuffle:
         lengths = [len(ids) for ids in tokenizer([t for t, _ in rows])["input_ids"]]
         sampler = LengthGroupedBatches(lengths, batch_size, generator)
-        return torch.utils.data.DataLoader(rows, batch_sampler=sampler, collate_fn=collate)
-    return torch.utils.data.DataLoader(rows, batch_size=batch_size, shuffle=shuffle,
+        return torch.utils.data.DataLoader(as_dataset(rows), batch_sampler=sampler,
+                                           collate_fn=collate)
+    return torch.utils.data.DataLoader(as_dataset(rows), batch_size=batch_size, shuffle=shuffle,
                                        collate_fn=collate, generator=generator)
 
 
-class LengthGroupedBatches(torch.utils.data.Sampler):
+class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
     """Batches of indices of similar length, in a new seeded order every epoch."""
 
     WINDOW = 50
@@ -57,7 +70,7 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
         window = self.batch_size * self.WINDOW
         batches = []
@@ -69,7 +82,7 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
             yield batches[i]
 
 
-def accuracy(model, batches) -> float:
+def accuracy(model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
     """Share of correct predictions; ``model`` returns a dict or an object with logits."""
     correct = total = 0
     with torch.inference_mode():
@@ -83,8 +96,8 @@ def accuracy(model, batches) -> float:
     return correct / max(total, 1)
 
 
-def finetune(model, batches, epochs: float, learning_rate: float, seed: int,
-             progress: bool = True):
+def finetune(model: torch.nn.Module, batches: torch.utils.data.DataLoader, epochs: float,
+             learning_rate: float, seed: int, progress: bool = True) -> torch.nn.Module:
     """Plain fine-tuning with the model's own loss (labels in the batches); returns it in eval
     mode. AdamW, 10% warm-up then linear decay, gradient clip 1."""
     from tqdm.auto import tqdm

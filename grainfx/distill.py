@@ -41,11 +41,11 @@ class HiddenMaps(nn.Module):
 
     def __init__(self, count: int, student_dim: int, teacher_dim: int):
         super().__init__()
-        self.maps = nn.ModuleList(nn.Linear(student_dim, teacher_dim, bias=False)
-                                  for _ in range(count))
+        maps = [nn.Linear(student_dim, teacher_dim, bias=False) for _ in range(count)]
         with torch.no_grad():
-            for m in self.maps:
+            for m in maps:
                 m.weight.copy_(torch.eye(teacher_dim, student_dim))
+        self.maps = nn.ModuleList(maps)
 
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
                 mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
@@ -145,7 +145,7 @@ class Importance:
         self._random.set_state(state["random"])
 
 
-def all_finite(tensors) -> bool:
+def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """True when every tensor (None skipped) holds finite values only."""
     return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
 

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from grainfx.data import LengthGroupedBatches
+from grainfx.data import LengthGroupedBatches, as_dataset
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 #: Label id of positions that are not predicted (padding).
 IGNORE = -100
@@ -85,8 +89,9 @@ def split_texts(texts: Sequence[str], held_out: float, seed: int) -> tuple[list,
     return [texts[i] for i in order[cut:]], [texts[i] for i in order[:cut]]
 
 
-def lm_batches(texts: Sequence[str], tokenizer, batch_size: int, shuffle: bool, seed: int = 0,
-               max_length: int = 128) -> torch.utils.data.DataLoader:
+def lm_batches(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, batch_size: int,
+               shuffle: bool, seed: int = 0, max_length: int = 128
+               ) -> torch.utils.data.DataLoader:
     """Right-padded batches of tokenized documents, with ``labels``.
 
     Each batch is what ``tokenizer`` returns (input_ids, attention_mask, ...) plus ``labels``:
@@ -105,7 +110,7 @@ def lm_batches(texts: Sequence[str], tokenizer, batch_size: int, shuffle: bool, 
                             "with: set tokenizer.pad_token")
         tokenizer.pad_token = tokenizer.eos_token
 
-    def collate(batch):
+    def collate(batch: list[str]) -> dict[str, torch.Tensor]:
         enc = tokenizer(list(batch), padding=True, padding_side="right", truncation=True,
                         max_length=max_length, return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE)
@@ -116,12 +121,14 @@ def lm_batches(texts: Sequence[str], tokenizer, batch_size: int, shuffle: bool, 
         lengths = [len(ids) for ids in tokenizer(texts, truncation=True,
                                                   max_length=max_length)["input_ids"]]
         sampler = LengthGroupedBatches(lengths, batch_size, torch.Generator().manual_seed(seed))
-        return torch.utils.data.DataLoader(texts, batch_sampler=sampler, collate_fn=collate)
-    return torch.utils.data.DataLoader(texts, batch_size=batch_size, shuffle=False,
+        return torch.utils.data.DataLoader(as_dataset(texts), batch_sampler=sampler,
+                                           collate_fn=collate)
+    return torch.utils.data.DataLoader(as_dataset(texts), batch_size=batch_size, shuffle=False,
                                        collate_fn=collate)
 
 
-def perplexity(model, batches) -> float:
+def perplexity(model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]]
+               ) -> float:
     """Perplexity of next-token prediction: exp of the mean negative log-likelihood over
     every predicted token of ``batches``.
 

@@ -20,11 +20,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import passes
 from passes.errors import LoadError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 #: The serving record of an output folder, and its format.
 SERVING_FILE = "grainfx.json"
@@ -58,7 +62,7 @@ class Serving:
     padding_side: str = "right"
     truncation_side: str = "right"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         object.__setattr__(self, "labels", tuple(str(name) for name in self.labels))
@@ -108,7 +112,7 @@ class Predictor:
     (``{"logits": ...}``); ``predictor(**tensors)`` calls the module itself.
     """
 
-    def __init__(self, module: torch.nn.Module, tokenizer, serving: Serving):
+    def __init__(self, module: torch.nn.Module, tokenizer: Tokenizer, serving: Serving):
         self.module, self.tokenizer, self.serving = module, tokenizer, serving
         self.input_names = list(getattr(module, "grainfx_kept", {}).get("inputs", {})) \
             or ["input_ids", "attention_mask"]
@@ -149,7 +153,8 @@ class Predictor:
                                           dict(zip(self.labels, row))))
         return out
 
-    def __call__(self, texts: str | Sequence[str] | None = None, /, **inputs):
+    def __call__(self, texts: str | Sequence[str] | None = None, /,
+                 **inputs: torch.Tensor) -> Any:
         if inputs:
             if texts is not None:
                 raise TypeError("give texts or tensors, not both")
@@ -188,7 +193,7 @@ def load_folder(folder: str | os.PathLike) -> Predictor:
     return Predictor(passes.load(folder / "model.pt2"), tokenizer, serving)
 
 
-def load(path: str | os.PathLike):
+def load(path: str | os.PathLike) -> Predictor | torch.nn.Module:
     """A compact model: a folder written by ``grainfx compress`` gives a :class:`Predictor`
     (callable on raw text and on tensors); a ``.pt2`` file gives the module alone."""
     if Path(path).is_dir():

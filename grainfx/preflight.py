@@ -67,7 +67,7 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return CHECKPOINT_COPIES * model_bytes(model)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("bytes", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"

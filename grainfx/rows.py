@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import io
 import json
 import re
@@ -96,7 +97,7 @@ def read_rows(path: str | Path, text_column: str = "text", label_column: str = "
     return rows
 
 
-def _row(path: Path, line: int, text, label, label_column: str | None) -> Row:
+def _row(path: Path, line: int, text: object, label: object, label_column: str | None) -> Row:
     """A checked row: a non-empty string text and, when the file has labels, a label."""
     if not isinstance(text, str):
         what = "null" if text is None else f"{json.dumps(text)[:20]} ({type(text).__name__})"
@@ -187,8 +188,8 @@ def _json_rows(path: Path, text: str, text_column: str, label_column: str,
         objects = []
         for number, line in lines:
             try:
-                value = json.loads(line, object_pairs_hook=lambda p, n=number:
-                                   _object(path, n, p))
+                value = json.loads(line, object_pairs_hook=functools.partial(_object, path,
+                                                                             number))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {number} is not JSON ({exc.msg}): a .jsonl file "
                                 f"holds one JSON object a line") from None
@@ -243,6 +244,7 @@ def label_ids(labels: Sequence[Label], classes: int,
     """
     texts = [str(label).strip() for label in labels]
     named = not _default_names(label2id, classes)
+    label2id = label2id or {}  # no names, as for None (named is False then)
     if named:
         by_id = {int(i): name for name, i in label2id.items()}
         names = [by_id.get(i, f"LABEL_{i}") for i in range(classes)]

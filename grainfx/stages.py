@@ -44,7 +44,7 @@ class Stages:
         """Per stage: graph nodes, counts of the key operators, parameters."""
         rows = []
         for name, gm in self.graphs.items():
-            ops = Counter()
+            ops: Counter[str] = Counter()
             for node in gm.graph.nodes:
                 if node.op == "call_function":
                     base = getattr(node.target, "__name__", str(node.target)).split(".")[0]

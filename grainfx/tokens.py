@@ -9,12 +9,16 @@ types). Labels sit on the first sub-token of each word; entity F1 is seqeval's d
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from grainfx.data import LengthGroupedBatches, finetune
+from grainfx.data import LengthGroupedBatches, as_dataset, finetune
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Sentence = tuple[list[str], list[str]]
 #: Label id of positions that carry no label (sub-tokens after the first, specials, padding).
@@ -73,7 +77,8 @@ def label_list(sentences: Iterable[Sentence]) -> list[str]:
     return ["O"] + sorted(found - {"O"})
 
 
-def token_batches(sentences: Sequence[Sentence], tokenizer, label_ids: dict[str, int],
+def token_batches(sentences: Sequence[Sentence], tokenizer: PreTrainedTokenizerBase,
+                  label_ids: dict[str, int],
                   batch_size: int, shuffle: bool, seed: int = SEED, max_length: int = 128
                   ) -> torch.utils.data.DataLoader:
     """Dynamic-padding batches of word-split sentences with per-token ``labels``.
@@ -93,7 +98,7 @@ def token_batches(sentences: Sequence[Sentence], tokenizer, label_ids: dict[str,
     if unknown:
         raise ValueError(f"tags {unknown[:5]} are not in label_ids {list(label_ids)[:5]}...")
 
-    def collate(batch):
+    def collate(batch: list[Sentence]) -> dict[str, torch.Tensor]:
         enc = tokenizer([words for words, _ in batch], is_split_into_words=True,
                         truncation=True, max_length=max_length, padding=True,
                         return_tensors="pt")
@@ -112,8 +117,10 @@ def token_batches(sentences: Sequence[Sentence], tokenizer, label_ids: dict[str,
                                                  is_split_into_words=True, truncation=True,
                                                  max_length=max_length)["input_ids"]]
         sampler = LengthGroupedBatches(lengths, batch_size, generator)
-        return torch.utils.data.DataLoader(sentences, batch_sampler=sampler, collate_fn=collate)
-    return torch.utils.data.DataLoader(sentences, batch_size=batch_size, shuffle=False,
+        return torch.utils.data.DataLoader(as_dataset(sentences), batch_sampler=sampler,
+                                           collate_fn=collate)
+    return torch.utils.data.DataLoader(as_dataset(sentences), batch_size=batch_size,
+                                       shuffle=False,
                                        collate_fn=collate)
 
 
@@ -158,7 +165,8 @@ def f1_from_tags(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def entity_f1(model, batches: Iterable[dict], labels: Sequence[str]) -> dict[str, float]:
+def entity_f1(model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]],
+              labels: Sequence[str]) -> dict[str, float]:
     """Entity-level micro precision, recall and F1 of ``model`` on ``batches`` (from
     :func:`token_batches`): the prediction of a word is the argmax at its first sub-token.
 
@@ -180,7 +188,7 @@ def entity_f1(model, batches: Iterable[dict], labels: Sequence[str]) -> dict[str
 
 
 def ner_teacher(train: Sequence[Sentence], labels: Sequence[str], epochs: float,
-                progress: bool = True):
+                progress: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer): all-MiniLM-L6-v2 fine-tuned for token classification on ``train``
     (AdamW at ``TEACHER_LEARNING_RATE``, batches of ``TEACHER_BATCH``), cached under
     ``grainfx.demo.cache_dir()`` after the first run."""

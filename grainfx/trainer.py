@@ -9,7 +9,8 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from types import FrameType
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import fx
@@ -20,6 +21,9 @@ from grainfx.config import GrainConfig
 from grainfx.distill import KD_POSITIONS, HiddenMaps, kd_loss, logits_mask
 from grainfx.importance import Importance, all_finite
 from grainfx.schedule import density_at, lr_factor
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger("grainfx")
 
@@ -63,8 +67,9 @@ class Trainer:
         self.target, self.output, self.total = target_density, output, total_steps
         self.importance = Importance(student.structure, config, total_steps)
         self.masks = mask_buffers(student.train)
-        use_hidden = config.hidden_loss and hidden_dims is not None and student.hidden_keys
-        self.maps = HiddenMaps(len(student.hidden_keys), *hidden_dims) if use_hidden else None
+        use_hidden = config.hidden_loss and student.hidden_keys
+        self.maps = (HiddenMaps(len(student.hidden_keys), *hidden_dims)
+                     if use_hidden and hidden_dims is not None else None)
         params = [p for p in student.train.parameters() if p.requires_grad]
         if self.maps is not None:
             params += list(self.maps.parameters())
@@ -81,7 +86,8 @@ class Trainer:
         self.bad_in_a_row = 0
         self.warned_flat = False
 
-    def losses(self, batch: Mapping[str, torch.Tensor]):
+    def losses(self, batch: Mapping[str, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logit KD loss and the (weighted) hidden-state loss, or None, of one batch."""
         inputs = {k: v for k, v in batch.items() if k != KD_POSITIONS}
         with torch.no_grad():
@@ -199,7 +205,7 @@ class Trainer:
                  self.history.skipped, self.history.seconds)
         return self.history
 
-    def _show(self, bar) -> None:
+    def _show(self, bar: tqdm) -> None:
         h = self.history
         if h.kd_loss:
             bar.set_postfix(density=f"{h.density[-1]:.3f}", kd=f"{h.kd_loss[-1]:.4f}",
@@ -208,15 +214,15 @@ class Trainer:
 
 
 @contextlib.contextmanager
-def _deferred_interrupt():
+def _deferred_interrupt() -> Iterator[Callable[[], bool]]:
     """Within: the first SIGINT only sets a flag (read by calling the yielded function), the
     second raises KeyboardInterrupt. Outside the main thread, signals are left alone."""
-    flag = []
+    flag: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
 
-    def handler(signum, frame):
+    def handler(signum: int, frame: FrameType | None) -> None:
         if flag:
             raise KeyboardInterrupt
         flag.append(signum)
