@@ -17,7 +17,7 @@ from grainfx.stages import Stages, stages
 from grainfx.trainer import TrainingDivergedError
 from passes.serialize import save
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["compress", "check", "CompressionResult", "GrainConfig", "CheckpointConfig", "save", "load",
            "Predictor", "Prediction",
