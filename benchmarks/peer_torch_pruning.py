@@ -319,9 +319,9 @@ def saving(student, batch: dict) -> dict:
     }
     notes = {
         "torch_save_module": "torch.save of the whole module, torch.load(weights_only=False)",
-        "torch_save_module_without_hf_hooks":
+        "torch_save_module_without_hf_hooks": (
             "the same after removing the output-capturing hooks transformers installs on the "
-            "first call (the pickled transformers classes carry the patched head counts)",
+            "first call (the pickled transformers classes carry the patched head counts)"),
         "save_pretrained": "save_pretrained + from_pretrained: the config still has the dense "
                            "num_attention_heads / intermediate_size",
         "tp_state_dict": "tp.state_dict (of the model without the hooks) + tp.load_state_dict into "
