@@ -184,7 +184,7 @@ def _classification(args: argparse.Namespace) -> Run:
     except DataError as exc:
         raise CLIError(str(exc)) from None
     if not args.demo:
-        labelled = list(zip(texts, ids))
+        labelled = list(zip(texts, ids, strict=True))
         train, held_out = ((labelled[:len(rows)], labelled[len(rows):])
                            if args.eval_data is not None
                            else stratified_split(labelled, args.eval_split, args.seed))
@@ -399,7 +399,7 @@ def _write_predictions(path: Path, rows: Sequence[Row], predictions: Sequence[Pr
         raise CLIError(f"--out {path}: write predictions to a .csv or a .jsonl file")
     records = [{"text": r.text, "label": p.label, "score": round(p.score, 6),
                 "scores": {k: round(v, 6) for k, v in p.scores.items()}}
-               for r, p in zip(rows, predictions)]
+               for r, p in zip(rows, predictions, strict=True)]
     try:
         with open(path, "w", newline="", encoding="utf-8") as f:
             if suffix == ".jsonl":
@@ -446,13 +446,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
     else:
         try:
-            for row, p in zip(rows, predictions):
+            for row, p in zip(rows, predictions, strict=True):
                 print(f"{p.label}\t{p.score:.4f}\t{row.text}")
             sys.stdout.flush()
         except BrokenPipeError:  # the reader stopped early (``| head``): not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if truth is not None:
-        correct = sum(predictor.labels[t] == p.label for t, p in zip(truth, predictions))
+        correct = sum(predictor.labels[t] == p.label
+                      for t, p in zip(truth, predictions, strict=True))
         print(f"accuracy: {correct / len(rows):.2%} ({correct} of {len(rows)} rows)",
               file=sys.stderr)
     return 0

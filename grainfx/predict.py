@@ -150,7 +150,7 @@ class Predictor:
                 for row in logits.float().softmax(-1).tolist():
                     best = max(range(len(row)), key=row.__getitem__)
                     out.append(Prediction(self.labels[best], row[best],
-                                          dict(zip(self.labels, row))))
+                                          dict(zip(self.labels, row, strict=False))))
         return out
 
     def __call__(self, texts: str | Sequence[str] | None = None, /,

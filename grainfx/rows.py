@@ -250,7 +250,7 @@ def label_ids(labels: Sequence[Label], classes: int,
         names = [by_id.get(i, f"LABEL_{i}") for i in range(classes)]
         if all(t in label2id for t in texts):
             return [int(label2id[t]) for t in texts], names
-    if all(isinstance(x, int) or INTEGER.fullmatch(t) for x, t in zip(labels, texts)):
+    if all(isinstance(x, int) or INTEGER.fullmatch(t) for x, t in zip(labels, texts, strict=True)):
         ids = [int(t) for t in texts]
         outside = sorted({i for i in ids if not 0 <= i < classes})
         if outside:

@@ -363,7 +363,7 @@ def test_predict_prints_label_names_scores_and_accuracy(compressed, workdir, mon
     lines = [line.split("\t") for line in out.splitlines()]
     assert [text for _, _, text in lines] == [r["text"] for r in rows]
     assert all(label in ("0", "1") and 0.5 <= float(score) <= 1 for label, score, _ in lines)
-    correct = sum(label == r["label"] for (label, _, _), r in zip(lines, rows))
+    correct = sum(label == r["label"] for (label, _, _), r in zip(lines, rows, strict=True))
     assert err == f"accuracy: {correct / len(rows):.2%} ({correct} of {len(rows)} rows)\n"
     code, _, err = run_here(["predict", "out", "--data", "data.csv", "--out", "p.jsonl"],
                             workdir, monkeypatch, capsys)
