@@ -552,7 +552,7 @@ def test_load_of_the_folder_tokenizes_like_the_model_tokenizer_and_predicts(comp
     predictions = predictor(TEXTS)
     assert [p.label for p in predictions] == [str(i) for i in logits.argmax(-1).tolist()]
     probabilities = logits.softmax(-1)
-    for p, row in zip(predictions, probabilities):
+    for p, row in zip(predictions, probabilities, strict=True):
         assert abs(p.score - row.max().item()) < 1e-6
         assert list(p.scores) == ["0", "1"] and abs(p.scores["1"] - row[1].item()) < 1e-6
     alone = predictor("good film")  # unpadded: equal up to float rounding
@@ -587,7 +587,8 @@ def test_the_folder_serves_where_transformers_cannot_be_imported(compressed):
     served = json.loads(result.stdout.splitlines()[-1])
     assert served["labels"] == ["0", "1"] and served["shape"] == [1, 2]
     assert [label for label, _ in served["predictions"]] == [label for label, _ in expected]
-    assert all(abs(a[1] - b[1]) < 1e-6 for a, b in zip(served["predictions"], expected))
+    assert all(abs(a[1] - b[1]) < 1e-6
+               for a, b in zip(served["predictions"], expected, strict=True))
 
 
 def test_a_causal_lm_folder_gives_logits_on_text(lm_compressed, lm_workdir, monkeypatch,
