@@ -340,7 +340,7 @@ def is_impure(node: fx.Node) -> bool:
         schema = getattr(node.target, "_schema", None)
         if schema is None or not schema.is_mutable:
             return False
-        written = [a for a, spec in zip(node.args, schema.arguments)
+        written = [a for a, spec in zip(node.args, schema.arguments, strict=False)
                    if spec.alias_info is not None and spec.alias_info.is_write]
         # an in-place op on an intermediate that nothing else reads (``scores += bias`` of a
         # dead attention block) may go with it

@@ -345,6 +345,7 @@ class Structure:
 
     def covered(self) -> dict[str, tuple[str, ...]]:
         """``{block name: weights of the linear layers its units cover}``."""
+        blocks: list[tuple[str, tuple[Projection | None, ...]]]
         blocks = [(b.name, (b.q, b.k, b.v, b.o)) for b in self.attention]
         blocks += [(b.name, (b.up, b.gate, b.down)) for b in self.ffn]
         return {name: tuple(dict.fromkeys(p.weight for p in projections if p is not None))

@@ -82,10 +82,11 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
             continue
         found_norm = match_head_norm(cur) if norm is None and role != "value" else None
         if found_norm is not None:
-            if shape(cur) is None or shape(cur)[-1] != head_dim:
+            dims = shape(cur)
+            if dims is None or dims[-1] != head_dim:
                 raise UnsupportedArchitectureError(
                     f"the {role} of attention at {module_label(cur)} is normed over the whole "
-                    f"projection ({shape(cur)[-1] if shape(cur) else '?'} features, OLMo 2 "
+                    f"projection ({dims[-1] if dims else '?'} features, OLMo 2 "
                     f"style), not per head: removing any query/key dim or head would change "
                     f"the norm of the others; grainfx prunes norms over the head dims only")
             norm, cur = found_norm
