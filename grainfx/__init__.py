@@ -19,8 +19,8 @@ from passes.serialize import save
 
 __version__ = "0.2.0"
 
-__all__ = ["compress", "check", "CompressionResult", "GrainConfig", "CheckpointConfig", "save", "load",
-           "Predictor", "Prediction",
+__all__ = ["compress", "check", "CompressionResult", "GrainConfig", "CheckpointConfig", "save",
+           "load", "Predictor", "Prediction",
            "inspect", "Inspection", "stages", "Stages", "ConfigError", "BatchError",
            "CheckpointError",
            "EmptyDataLoaderError", "TeacherMismatchError", "TrainingDivergedError",

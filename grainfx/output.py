@@ -29,7 +29,7 @@ def _umask() -> int:
     return mask
 
 
-def open_permissions(*paths: str | os.PathLike) -> None:
+def open_permissions(*paths: str | os.PathLike[str]) -> None:
     """Give each file, and each folder and everything in it, the modes a plain ``open`` /
     ``mkdir`` would (``tempfile`` creates them readable by their owner only)."""
     mask = _umask()

@@ -160,7 +160,7 @@ class Predictor:
                 raise TypeError("give texts or tensors, not both")
             return self.module(**inputs)
         single = isinstance(texts, str)
-        texts = [texts] if single else texts
+        texts = [texts] if isinstance(texts, str) else texts
         if texts is None or not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("call with a text, a non-empty list of texts, or the model's "
                             "tensors (input_ids=..., attention_mask=...)")
