@@ -65,8 +65,10 @@ def _score_inputs(block: AttentionBlock, nodes: dict[str, fx.Node]
     if not block.score_ops:
         add = {nodes[name] for name in block.score_biases}
         return [(user, bias) for bias in add for user in bias.users]
-    chain = {nodes[name] for name in block.score_ops} | {nodes[block.q_reader]}
-    return [(op, a) for op in chain - {nodes[block.q_reader]} for a in op.all_input_nodes
+    assert block.q_reader is not None  # eager blocks name the node that reads the scores
+    q_reader = nodes[block.q_reader]
+    chain = {nodes[name] for name in block.score_ops} | {q_reader}
+    return [(op, a) for op in chain - {q_reader} for a in op.all_input_nodes
             if a not in chain]
 
 
@@ -74,7 +76,8 @@ def _score_params(gm: fx.GraphModule, attention: list[AttentionBlock]
                   ) -> tuple[tuple[int, tuple[str, ...]], ...]:
     """Parameters read only through the scores of attention blocks, with those blocks."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    cut, readers = set(), {}
+    cut: set[tuple[fx.Node, fx.Node]] = set()
+    readers: dict[fx.Node, set[str]] = {}
     for block in attention:
         for edge in _score_inputs(block, nodes):
             cut.add(edge)
