@@ -7,7 +7,7 @@ import dataclasses
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, cast
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import torch
 from torch import fx
@@ -216,13 +216,16 @@ def match_projection(node: fx.Node) -> Projection | None:
         if tuple(node.args[1].meta["val"].shape) != (inner.stop,):
             return None
         return dataclasses.replace(inner, node=node.name, bias=bias)
-    if is_op(node, [aten.matmul.default]) and is_op(node.args[1], _WEIGHT_T):
-        weight = _get_attr(node.args[1].args[0])  # x @ W.T (Falcon's FalconLinear)
-        out = node.args[1].args[0].meta["val"].shape if weight is not None else ()
-        if len(out) != 2 or (is_op(node.args[1], [aten.permute.default])
-                             and list(node.args[1].args[1]) != [1, 0]):
+    if is_op(node, [aten.matmul.default]) and is_op(arg_node(node, 1), _WEIGHT_T):
+        weight_t = arg_node(node, 1)
+        weight = _get_attr(weight_t.args[0])  # x @ W.T (Falcon's FalconLinear)
+        if weight is None:
             return None
-        return Projection(node.name, node.args[0].name, node.name, weight, None, False,
+        out = arg_node(weight_t, 0).meta["val"].shape
+        if len(out) != 2 or (is_op(weight_t, [aten.permute.default])
+                             and list(cast(Sequence[int], weight_t.args[1])) != [1, 0]):
+            return None
+        return Projection(node.name, arg_node(node, 0).name, node.name, weight, None, False,
                           0, int(out[0]), int(out[1]))
     if is_op(node, [aten.view.default, aten.reshape.default]):
         mm = arg_node(node, 0)
