@@ -283,7 +283,7 @@ def is_layout(node: fx.Node) -> bool:
 def _constant(node: fx.Node) -> torch.Tensor | None:
     """The tensor behind a get_attr node (or its ``lift_fresh_copy``), else None."""
     if is_op(node, [aten.lift_fresh_copy.default]):
-        node = node.args[0]
+        node = arg_node(node, 0)
     if node.op != "get_attr" or node.graph.owning_module is None:
         return None
     value = attr_tensor(node.graph.owning_module, node)
@@ -292,9 +292,13 @@ def _constant(node: fx.Node) -> torch.Tensor | None:
 
 def _constant_index(node: fx.Node) -> bool:
     """``x[..., idx, ...]`` with constant integer indices (Falcon's ``fused[..., [-2], :]``)."""
-    return all(i is None or (isinstance(i, fx.Node) and _constant(i) is not None
-                             and not _constant(i).is_floating_point())
-               for i in node.args[1])
+    for i in cast(Sequence[fx.node.Argument], node.args[1]):  # aten.index: one per dim or None
+        if i is None:
+            continue
+        constant = _constant(i) if isinstance(i, fx.Node) else None
+        if constant is None or constant.is_floating_point():
+            return False
+    return True
 
 
 def feature_rows(source: fx.Node, chain: list[fx.Node]) -> list[int] | None:
