@@ -208,12 +208,13 @@ def match_projection(node: fx.Node) -> Projection | None:
         out = arg_node(node, 1).meta["val"].shape
         return Projection(node.name, arg_node(node, 0).name, node.name, weight, bias, False,
                           0, int(out[0]), int(out[1]))
-    if is_op(node, [aten.add.Tensor]) and is_op(node.args[0], [aten.matmul.default]):
-        inner = match_projection(node.args[0])  # x @ W.T + b (FalconLinear with a bias)
+    if is_op(node, [aten.add.Tensor]) and is_op(arg_node(node, 0), [aten.matmul.default]):
+        matmul = arg_node(node, 0)
+        inner = match_projection(matmul)  # x @ W.T + b (FalconLinear with a bias)
         bias = _get_attr(node.args[1])
-        if inner is None or bias is None or len(live_users(node.args[0])) != 1:
+        if inner is None or bias is None or len(live_users(matmul)) != 1:
             return None
-        if tuple(node.args[1].meta["val"].shape) != (inner.stop,):
+        if tuple(arg_node(node, 1).meta["val"].shape) != (inner.stop,):
             return None
         return dataclasses.replace(inner, node=node.name, bias=bias)
     if is_op(node, [aten.matmul.default]) and is_op(arg_node(node, 1), _WEIGHT_T):

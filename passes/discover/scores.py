@@ -153,7 +153,7 @@ def score_chain(softmax: fx.Node) -> ScoreChain | None:
 def score_source(softmax: fx.Node) -> fx.Node:
     """The first op behind ``softmax`` that is not elementwise (following first arguments):
     what a softmax that is not attention's computes its input from, for messages."""
-    cur = softmax.args[0]
+    cur = arg_node(softmax, 0)
     while _elementwise(cur) and cur.all_input_nodes:
         cur = cur.all_input_nodes[0]
     return cur
