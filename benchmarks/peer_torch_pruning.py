@@ -74,14 +74,19 @@ HIDDEN_EVERY = 2
 
 # ---- the encoder in grainfx's units -------------------------------------------------------
 
+
 def layer_widths(model) -> list[dict]:
     """Per encoder layer: attention heads, their size and the FFN width."""
     rows = []
     for layer in model.bert.encoder.layer:
         attn = layer.attention.self
-        rows.append({"heads": attn.query.out_features // attn.attention_head_size,
-                     "head_size": attn.attention_head_size,
-                     "ffn": layer.intermediate.dense.out_features})
+        rows.append(
+            {
+                "heads": attn.query.out_features // attn.attention_head_size,
+                "head_size": attn.attention_head_size,
+                "ffn": layer.intermediate.dense.out_features,
+            }
+        )
     return rows
 
 
@@ -103,8 +108,7 @@ def unit_sizes(model) -> tuple[int, int, int, int]:
     attn, hidden = layer.attention.self, model.config.hidden_size
     head = attn.attention_head_size * (2 * (hidden + 1) + (hidden + 1) + hidden)
     widths = layer_widths(model)
-    return (head, 2 * hidden + 1, sum(w["heads"] for w in widths),
-            sum(w["ffn"] for w in widths))
+    return (head, 2 * hidden + 1, sum(w["heads"] for w in widths), sum(w["ffn"] for w in widths))
 
 
 def plan(model, target: int) -> dict:
@@ -123,22 +127,28 @@ def plan(model, target: int) -> dict:
     while keep > 1 and keep * layers * head > target:
         keep -= 1
     keep_neurons = min(neurons, max(layers, round((target - keep * layers * head) / neuron)))
-    return {"heads_per_layer": keep, "heads": keep * layers, "ffn": keep_neurons,
-            "head_ratio": (per_layer - keep - 0.5) / per_layer,
-            "ffn_ratio": 1 - (keep_neurons + 0.5) / neurons,
-            "encoder_parameters": keep * layers * head + keep_neurons * neuron}
+    return {
+        "heads_per_layer": keep,
+        "heads": keep * layers,
+        "ffn": keep_neurons,
+        "head_ratio": (per_layer - keep - 0.5) / per_layer,
+        "ffn_ratio": 1 - (keep_neurons + 0.5) / neurons,
+        "encoder_parameters": keep * layers * head + keep_neurons * neuron,
+    }
 
 
 def grain_target(path: Path, run: Run) -> int | None:
     """GRAIN's encoder parameters after pruning at the same density, if that run is done."""
     if not path.exists():
         return None
-    record = json.loads(path.read_text()).get("records", {}).get(
-        f"grain-{round(run.density * 100)}")
+    record = (
+        json.loads(path.read_text()).get("records", {}).get(f"grain-{round(run.density * 100)}")
+    )
     return record["encoder_parameters"][1] if record else None
 
 
 # ---- torch-pruning ------------------------------------------------------------------------
+
 
 def taylor_gradients(model, batches, count: int) -> None:
     """Gradients of the model's own loss (labels in the batches) over ``count`` batches."""
@@ -171,19 +181,31 @@ def prune(model, example: dict, batches, plan_: dict, steps: int, grad_batches: 
 
     def show(what: str) -> None:
         widths = layer_widths(model)
-        print(f"  {what}: heads {[w['heads'] for w in widths]}, "
-              f"FFN {[w['ffn'] for w in widths]}", flush=True)
+        print(
+            f"  {what}: heads {[w['heads'] for w in widths]}, FFN {[w['ffn'] for w in widths]}",
+            flush=True,
+        )
 
-    num_heads = {proj: a.num_attention_heads
-                 for a in attentions for proj in (a.query, a.key, a.value)}
+    num_heads = {
+        proj: a.num_attention_heads for a in attentions for proj in (a.query, a.key, a.value)
+    }
     taylor_gradients(model, batches, grad_batches)
     heads = tp.pruner.MetaPruner(
-        model, example, importance=taylor, global_pruning=False, iterative_steps=1,
+        model,
+        example,
+        importance=taylor,
+        global_pruning=False,
+        iterative_steps=1,
         # the per-layer width ratio only has to be > 0 for torch-pruning to visit the
         # attention groups; prune_head_dims=False keeps every head's dims
-        pruning_ratio=0.5, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-        head_pruning_ratio=plan_["head_ratio"], ignored_layers=outside + ffn,
-        output_transform=lambda out: out.logits.sum())
+        pruning_ratio=0.5,
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=plan_["head_ratio"],
+        ignored_layers=outside + ffn,
+        output_transform=lambda out: out.logits.sum(),
+    )
     for group in heads.step(interactive=True):
         group.prune()
     for a in attentions:  # the HF module keeps its own head count
@@ -191,10 +213,15 @@ def prune(model, example: dict, batches, plan_: dict, steps: int, grad_batches: 
         a.all_head_size = a.query.out_features
     show("heads pruned")
     neurons = tp.pruner.MetaPruner(
-        model, example, importance=taylor, global_pruning=True, iterative_steps=steps,
+        model,
+        example,
+        importance=taylor,
+        global_pruning=True,
+        iterative_steps=steps,
         pruning_ratio=plan_["ffn_ratio"],
         ignored_layers=outside + [p for a in attentions for p in (a.query, a.key, a.value)],
-        output_transform=lambda out: out.logits.sum())
+        output_transform=lambda out: out.logits.sum(),
+    )
     for step in range(steps):
         taylor_gradients(model, batches, grad_batches)
         for group in neurons.step(interactive=True):
@@ -206,6 +233,7 @@ def prune(model, example: dict, batches, plan_: dict, steps: int, grad_batches: 
 
 # ---- distillation as grainfx does it ------------------------------------------------------
 
+
 def cycle(batches, total: int):
     count = 0
     while count < total:
@@ -216,26 +244,31 @@ def cycle(batches, total: int):
                 return
 
 
-def distil(student, teacher, batches, steps: int, learning_rate: float, seed: int,
-           progress: bool = True) -> dict:
+def distil(
+    student, teacher, batches, steps: int, learning_rate: float, seed: int, progress: bool = True
+) -> dict:
     """GRAIN's distillation without its pruning: logit KD plus hidden-state MSE."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     hidden = student.config.hidden_size
-    maps = HiddenMaps(len(range(0, student.config.num_hidden_layers + 1, HIDDEN_EVERY)),
-                      hidden, hidden)
+    maps = HiddenMaps(
+        len(range(0, student.config.num_hidden_layers + 1, HIDDEN_EVERY)), hidden, hidden
+    )
     params = [p for p in student.parameters() if p.requires_grad] + list(maps.parameters())
     opt = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=learning_rate, eps=1e-6)
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=learning_rate,
+        eps=1e-6,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, 0.1))
     student.train()
     teacher.eval()
     kd_last = hidden_last = float("nan")
-    with tqdm(total=steps, desc="distil", unit="step", disable=not progress,
-              mininterval=20) as bar:
+    with tqdm(total=steps, desc="distil", unit="step", disable=not progress, mininterval=20) as bar:
         for batch in cycle(batches, steps):
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             mask = inputs.get("attention_mask")
@@ -243,8 +276,11 @@ def distil(student, teacher, batches, steps: int, learning_rate: float, seed: in
                 t_out = teacher(**inputs, output_hidden_states=True)
             s_out = student(**inputs, output_hidden_states=True)
             kd = kd_loss(s_out.logits, t_out.logits, TEMPERATURE, mask)
-            hid = maps(list(s_out.hidden_states[::HIDDEN_EVERY]),
-                       list(t_out.hidden_states[::HIDDEN_EVERY]), mask)
+            hid = maps(
+                list(s_out.hidden_states[::HIDDEN_EVERY]),
+                list(t_out.hidden_states[::HIDDEN_EVERY]),
+                mask,
+            )
             (kd + hid).backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -310,23 +346,26 @@ def saving(student, batch: dict) -> dict:
 
     savers = {
         "torch_save_module": lambda f: torch.save(student, f / "module.pt"),
-        "torch_save_module_without_hf_hooks":
-            lambda f: torch.save(without_capture_hooks(student), f / "module_nohooks.pt"),
+        "torch_save_module_without_hf_hooks": lambda f: torch.save(
+            without_capture_hooks(student), f / "module_nohooks.pt"
+        ),
         "save_pretrained": lambda f: student.save_pretrained(f / "pretrained"),
         "tp_state_dict": lambda f: (
             student.config.save_pretrained(f / "dense-config"),
-            tp.save(tp.state_dict(without_capture_hooks(student)), f / "tp_state.pt")),
+            tp.save(tp.state_dict(without_capture_hooks(student)), f / "tp_state.pt"),
+        ),
     }
     notes = {
         "torch_save_module": "torch.save of the whole module, torch.load(weights_only=False)",
         "torch_save_module_without_hf_hooks": (
             "the same after removing the output-capturing hooks transformers installs on the "
-            "first call (the pickled transformers classes carry the patched head counts)"),
+            "first call (the pickled transformers classes carry the patched head counts)"
+        ),
         "save_pretrained": "save_pretrained + from_pretrained: the config still has the dense "
-                           "num_attention_heads / intermediate_size",
+        "num_attention_heads / intermediate_size",
         "tp_state_dict": "tp.state_dict (of the model without the hooks) + tp.load_state_dict into "
-                         "a dense model built from the original config (needs the original "
-                         "architecture and config)",
+        "a dense model built from the original config (needs the original "
+        "architecture and config)",
     }
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -339,11 +378,19 @@ def saving(student, batch: dict) -> dict:
             try:
                 save(folder)
             except Exception as exc:  # noqa: BLE001 - what fails is the finding
-                result[name] = {"works": False, "detail": f"save failed: {type(exc).__name__}: "
-                                                          f"{str(exc).splitlines()[0][:300]}"}
-        done = subprocess.run([sys.executable, "-c", _RELOAD, str(folder)], check=False,
-                              capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                result[name] = {
+                    "works": False,
+                    "detail": f"save failed: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0][:300]}",
+                }
+        done = subprocess.run(
+            [sys.executable, "-c", _RELOAD, str(folder)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         if done.returncode != 0:
             return {"error": done.stderr[-500:]}
         loaded = json.loads(done.stdout.strip().splitlines()[-1])
@@ -359,35 +406,42 @@ def capabilities(student, batch: dict) -> dict:
         "unequal_head_sizes": {
             "possible": False,
             "detail": "heads go whole (prune_num_heads) or every head loses the same dims "
-                      "(prune_head_dims averages importance over heads); head sizes here: "
-                      f"{sorted({w['head_size'] for w in widths})}"},
+            "(prune_head_dims averages importance over heads); head sizes here: "
+            f"{sorted({w['head_size'] for w in widths})}",
+        },
         "separate_query_and_value_units": {
             "possible": False,
             "detail": "Q, K and V of a head are one dependency group: query/key and value "
-                      "dims cannot be kept in different numbers"},
+            "dims cannot be kept in different numbers",
+        },
         "parameter_budget": {
             "possible": False,
             "detail": "it takes a head ratio and a channel ratio; the ratios were solved here "
-                      "for the encoder parameter target"},
+            "for the encoder parameter target",
+        },
         "hf_attributes_patched_by_hand": {
             "needed": True,
             "detail": "num_attention_heads / all_head_size of BertSelfAttention and the "
-                      "config (still dense) are not updated by torch-pruning"},
+            "config (still dense) are not updated by torch-pruning",
+        },
         "pruning_during_distillation": {
             "possible": False,
             "detail": "it prunes (iteratively) before training; distillation is this script's "
-                      "own loop"},
+            "own loop",
+        },
         "layers_without_heads": {
             "possible": False,
             "detail": "a group that would remove every head (or FFN neuron) of a layer is "
-                      "refused (DependencyGraph.check_pruning_group) and that layer is left "
-                      "unpruned, while the pruner still books its heads as removed; so at "
-                      "least one head per layer, and no global head ranking at 5-10% "
-                      f"(heads per layer here: {[w['heads'] for w in widths]})"},
+            "refused (DependencyGraph.check_pruning_group) and that layer is left "
+            "unpruned, while the pruner still books its heads as removed; so at "
+            "least one head per layer, and no global head ranking at 5-10% "
+            f"(heads per layer here: {[w['heads'] for w in widths]})",
+        },
     }
 
 
 # ---- the benchmark ------------------------------------------------------------------------
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -395,16 +449,25 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--prune-steps", type=int, default=5, help="iterative pruning steps")
-    parser.add_argument("--grad-batches", type=int, default=4,
-                        help="batches of Taylor gradients before each pruning step")
+    parser.add_argument(
+        "--grad-batches",
+        type=int,
+        default=4,
+        help="batches of Taylor gradients before each pruning step",
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads for training")
     parser.add_argument("--reps", type=int, default=10, help="latency repetitions")
     parser.add_argument("--quick", action="store_true", help="tiny model and data, 4 steps")
     parser.add_argument("--out", type=Path, default=RESULTS / "peer_torch_pruning.json")
-    parser.add_argument("--grain", type=Path, default=RESULTS / "accuracy_rt.json",
-                        help="GRAIN results whose encoder sizes are the targets")
-    parser.add_argument("--models", type=Path, default=RESULTS / "models",
-                        help="where the pruned modules go")
+    parser.add_argument(
+        "--grain",
+        type=Path,
+        default=RESULTS / "accuracy_rt.json",
+        help="GRAIN results whose encoder sizes are the targets",
+    )
+    parser.add_argument(
+        "--models", type=Path, default=RESULTS / "models", help="where the pruned modules go"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import torch_pruning as tp
@@ -415,19 +478,34 @@ def main(argv=None) -> int:
     train_batches = text_batches(train, tokenizer, 32, shuffle=True, group_by_length=True)
     timing_batch = next(iter(text_batches(test, tokenizer, 32, shuffle=False)))
     timing_batch.pop("labels")
-    store = ResultStore(args.out, {
-        "machine": machine(), "threads": args.threads, "timing_threads": 2,
-        "epochs": args.epochs, "learning_rate": args.learning_rate,
-        "prune_steps": args.prune_steps, "grad_batches": args.grad_batches,
-        "torch_pruning": tp.__version__, "train_rows": len(train), "held_out_rows": len(test),
-        "loss": f"kd_loss(T={TEMPERATURE}) + HiddenMaps MSE on hidden_states[::{HIDDEN_EVERY}]",
-        "model": "tiny random BERT (smoke test)" if args.quick else "all-MiniLM-L6-v2"})
+    store = ResultStore(
+        args.out,
+        {
+            "machine": machine(),
+            "threads": args.threads,
+            "timing_threads": 2,
+            "epochs": args.epochs,
+            "learning_rate": args.learning_rate,
+            "prune_steps": args.prune_steps,
+            "grad_batches": args.grad_batches,
+            "torch_pruning": tp.__version__,
+            "train_rows": len(train),
+            "held_out_rows": len(test),
+            "loss": f"kd_loss(T={TEMPERATURE}) + HiddenMaps MSE on hidden_states[::{HIDDEN_EVERY}]",
+            "model": "tiny random BERT (smoke test)" if args.quick else "all-MiniLM-L6-v2",
+        },
+    )
     dense_encoder = encoder_parameters(teacher)
     if "teacher" not in store:
-        store.put("teacher", {
-            "accuracy": accuracy(teacher, held_out),
-            "total_parameters": sum(p.numel() for p in teacher.parameters()),
-            "encoder_parameters": dense_encoder, "layers": layer_widths(teacher)})
+        store.put(
+            "teacher",
+            {
+                "accuracy": accuracy(teacher, held_out),
+                "total_parameters": sum(p.numel() for p in teacher.parameters()),
+                "encoder_parameters": dense_encoder,
+                "layers": layer_widths(teacher),
+            },
+        )
     teacher_acc = store.records["teacher"]["accuracy"]
     print(f"teacher held-out accuracy {teacher_acc:.2%}, encoder {dense_encoder:,} parameters")
     runs = [r for r in RUNS if not args.only or r.name in args.only]
@@ -440,29 +518,46 @@ def main(argv=None) -> int:
         density = run.quick_density if args.quick else run.density
         target = grain if grain is not None else round(density * dense_encoder)
         plan_ = plan(teacher, target)
-        print(f"[{i}/{len(runs)}] {run.name}: target {target:,} encoder parameters "
-              f"({'GRAIN' if grain is not None else 'density'}): keep {plan_['heads']} heads, "
-              f"{plan_['ffn']} FFN neurons ({plan_['encoder_parameters']:,})", flush=True)
+        print(
+            f"[{i}/{len(runs)}] {run.name}: target {target:,} encoder parameters "
+            f"({'GRAIN' if grain is not None else 'density'}): keep {plan_['heads']} heads, "
+            f"{plan_['ffn']} FFN neurons ({plan_['encoder_parameters']:,})",
+            flush=True,
+        )
         student = copy.deepcopy(teacher)
         torch.manual_seed(demo.SEED)
-        heads = prune(student, dict(timing_batch), train_batches, plan_,
-                      2 if args.quick else args.prune_steps, 2 if args.quick else args.grad_batches)
+        heads = prune(
+            student,
+            dict(timing_batch),
+            train_batches,
+            plan_,
+            2 if args.quick else args.prune_steps,
+            2 if args.quick else args.grad_batches,
+        )
         widths = layer_widths(student)
         if (sum(w["heads"] for w in widths), sum(w["ffn"] for w in widths)) != (
-                plan_["heads"], plan_["ffn"]):
+            plan_["heads"],
+            plan_["ffn"],
+        ):
             print(f"  warning: torch-pruning kept {widths}, not the plan {plan_}", flush=True)
         student.eval()
         with torch.inference_mode():
             shape = tuple(student(**timing_batch).logits.shape)
         pruned_acc = accuracy(student, held_out)
-        print(f"  pruned: accuracy {pruned_acc:.2%} before distillation, logits {shape}",
-              flush=True)
+        print(
+            f"  pruned: accuracy {pruned_acc:.2%} before distillation, logits {shape}", flush=True
+        )
         steps = 4 if args.quick else max(1, int(args.epochs * len(train_batches)))
         losses = distil(student, teacher, train_batches, steps, args.learning_rate, demo.SEED)
         acc = accuracy(student, held_out)
         torch.set_num_threads(2)
-        times = interleaved_medians({"dense": lambda: teacher(**timing_batch),
-                                     "pruned": lambda s=student: s(**timing_batch)}, args.reps)
+        times = interleaved_medians(
+            {
+                "dense": lambda: teacher(**timing_batch),
+                "pruned": lambda s=student: s(**timing_batch),
+            },
+            args.reps,
+        )
         torch.set_num_threads(args.threads)
         if "capabilities" not in store:
             store.put("capabilities", capabilities(student, dict(timing_batch)))
@@ -470,23 +565,41 @@ def main(argv=None) -> int:
         torch.save(without_capture_hooks(student), args.models / f"rt-{run.name}.pt")
         widths = layer_widths(student)
         encoder = encoder_parameters(student)
-        store.put(run.name, {
-            "library": f"torch-pruning {tp.__version__}", "target_density": density,
-            "target_encoder_parameters": target, "target_from": "grain" if grain else "density",
-            "density": encoder / dense_encoder, "accuracy": acc,
-            "retention": acc / teacher_acc, "accuracy_after_pruning": pruned_acc,
-            "encoder_parameters": [dense_encoder, encoder],
-            "total_parameters": [store.records["teacher"]["total_parameters"],
-                                 sum(p.numel() for p in student.parameters())],
-            "plan": plan_, "heads_left": sum(heads), "heads": [w["heads"] for w in widths],
-            "ffn": [w["ffn"] for w in widths], "head_size": widths[0]["head_size"],
-            "logits_shape": list(shape), "steps": steps, "final_losses": losses,
-            "latency_ms_batch32": {k: v * 1e3 for k, v in times.items()},
-            "speedup_batch32": times["dense"] / times["pruned"],
-            "minutes": (time.perf_counter() - began) / 60})
-        print(f"  accuracy {acc:.2%} (retention {acc / teacher_acc:.1%}), encoder "
-              f"{encoder:,} ({encoder / dense_encoder:.2%}), heads {sum(heads)}, speedup "
-              f"{times['dense'] / times['pruned']:.2f}x", flush=True)
+        store.put(
+            run.name,
+            {
+                "library": f"torch-pruning {tp.__version__}",
+                "target_density": density,
+                "target_encoder_parameters": target,
+                "target_from": "grain" if grain else "density",
+                "density": encoder / dense_encoder,
+                "accuracy": acc,
+                "retention": acc / teacher_acc,
+                "accuracy_after_pruning": pruned_acc,
+                "encoder_parameters": [dense_encoder, encoder],
+                "total_parameters": [
+                    store.records["teacher"]["total_parameters"],
+                    sum(p.numel() for p in student.parameters()),
+                ],
+                "plan": plan_,
+                "heads_left": sum(heads),
+                "heads": [w["heads"] for w in widths],
+                "ffn": [w["ffn"] for w in widths],
+                "head_size": widths[0]["head_size"],
+                "logits_shape": list(shape),
+                "steps": steps,
+                "final_losses": losses,
+                "latency_ms_batch32": {k: v * 1e3 for k, v in times.items()},
+                "speedup_batch32": times["dense"] / times["pruned"],
+                "minutes": (time.perf_counter() - began) / 60,
+            },
+        )
+        print(
+            f"  accuracy {acc:.2%} (retention {acc / teacher_acc:.1%}), encoder "
+            f"{encoder:,} ({encoder / dense_encoder:.2%}), heads {sum(heads)}, speedup "
+            f"{times['dense'] / times['pruned']:.2f}x",
+            flush=True,
+        )
     return 0
 
 

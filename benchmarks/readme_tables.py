@@ -16,14 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import architectures, evidence  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 BUCKETS = ("bucket=1", "bucket=4", "bucket=8", "bucket=16", "bucket=64")
 
 
 def _kept_rows(records: dict, threads: int, mode: str, model: str = "bert") -> list[dict]:
-    rows = [r for r in records.values() if r["threads"] == threads and r["mode"] == mode
-            and r.get("model", "bert") == model]
+    rows = [
+        r
+        for r in records.values()
+        if r["threads"] == threads and r["mode"] == mode and r.get("model", "bert") == model
+    ]
     order = {"concentrated": 0, "spread": 1, "unequal": 2}
     return sorted(rows, key=lambda r: (-r["kept"], order.get(r["pattern"], 9)))
 
@@ -54,35 +58,48 @@ def rewrite_speed_section(data: dict) -> str:
             continue
         present = [b for b in BUCKETS if b in rows[0]["speedup"]]
         unmerged = [k for k in rows[0]["speedup"] if k.endswith("unmerged")]
-        lines += [f"**Eager, {threads} thread{'s' if threads > 1 else ''}** (speedup over "
-                  f"dense, per bucket size)", "",
-                  "| kept | pattern | FLOPs ratio | limit | " + " | ".join(present + unmerged)
-                  + " | best / limit |",
-                  "|---:|---|---:|---:|" + "---:|" * (len(present) + len(unmerged)) + "---:|"]
+        lines += [
+            f"**Eager, {threads} thread{'s' if threads > 1 else ''}** (speedup over "
+            f"dense, per bucket size)",
+            "",
+            "| kept | pattern | FLOPs ratio | limit | "
+            + " | ".join(present + unmerged)
+            + " | best / limit |",
+            "|---:|---|---:|---:|" + "---:|" * (len(present) + len(unmerged)) + "---:|",
+        ]
         for r in rows:
             _, best = _best(r)
             cells = [f"{r['speedup'][b]:.2f}x" for b in present + unmerged]
-            lines.append(f"| {r['kept']:.0%} | {r['pattern']} | {r['flops_ratio']:.1f}x | "
-                         f"{r['uniform_speedup']:.2f}x | " + " | ".join(cells)
-                         + f" | {best / r['uniform_speedup']:.0%} |")
+            lines.append(
+                f"| {r['kept']:.0%} | {r['pattern']} | {r['flops_ratio']:.1f}x | "
+                f"{r['uniform_speedup']:.2f}x | "
+                + " | ".join(cells)
+                + f" | {best / r['uniform_speedup']:.0%} |"
+            )
         lines.append("")
     for threads in sorted({r["threads"] for r in records.values()}):
         rows = _kept_rows(records, threads, "compiled")
         if not rows:
             continue
         present = [b for b in BUCKETS if b in rows[0]["speedup"]]
-        lines += [f"**torch.compile, {threads} thread{'s' if threads > 1 else ''}** (speedup "
-                  f"over compiled dense; compile time of the first call)", "",
-                  "| kept | pattern | limit | " + " | ".join(present) + " | best / limit | "
-                  "compile: dense | " + " | ".join(f"compile: {b}" for b in present) + " |",
-                  "|---:|---|---:|" + "---:|" * (2 * len(present) + 2)]
+        lines += [
+            f"**torch.compile, {threads} thread{'s' if threads > 1 else ''}** (speedup "
+            f"over compiled dense; compile time of the first call)",
+            "",
+            "| kept | pattern | limit | " + " | ".join(present) + " | best / limit | "
+            "compile: dense | " + " | ".join(f"compile: {b}" for b in present) + " |",
+            "|---:|---|---:|" + "---:|" * (2 * len(present) + 2),
+        ]
         for r in rows:
             _, best = _best(r)
             cs = r["compile_seconds"]
-            lines.append(f"| {r['kept']:.0%} | {r['pattern']} | {r['uniform_speedup']:.2f}x | "
-                         + " | ".join(f"{r['speedup'][b]:.2f}x" for b in present)
-                         + f" | {best / r['uniform_speedup']:.0%} | {cs['dense']:.0f} s | "
-                         + " | ".join(f"{cs[b]:.0f} s" for b in present) + " |")
+            lines.append(
+                f"| {r['kept']:.0%} | {r['pattern']} | {r['uniform_speedup']:.2f}x | "
+                + " | ".join(f"{r['speedup'][b]:.2f}x" for b in present)
+                + f" | {best / r['uniform_speedup']:.0%} | {cs['dense']:.0f} s | "
+                + " | ".join(f"{cs[b]:.0f} s" for b in present)
+                + " |"
+            )
         lines.append("")
     lines += llama_speed_lines(records)
     if (RESULTS / "rewrite_speed.png").exists():
@@ -96,48 +113,71 @@ def llama_speed_lines(records: dict) -> list[str]:
     if not llama:
         return []
     s = llama[0]["shape"]
-    lines = [f"**Llama-shaped model** (RoPE, {s['heads']} query heads in {s['kv_heads']} "
-             f"key/value groups of head size {s['head_dim']}, SwiGLU FFN {s['ffn']}, hidden "
-             f"{s['hidden']}, {s['layers']} layers, random weights; `--only llama`). *limit*: a "
-             f"uniform Llama doing the kept work of the concentrated masks in the most regular "
-             f"shape (one key/value group per layer with its kept query heads, FFN of the kept "
-             f"width), the same for every pattern of a kept share: spread and unequal masks keep "
-             f"somewhat less (see density and FLOPs ratio), so they can pass 100% of it. "
-             f"*spread* keeps at least one query head per group.", ""]
+    lines = [
+        f"**Llama-shaped model** (RoPE, {s['heads']} query heads in {s['kv_heads']} "
+        f"key/value groups of head size {s['head_dim']}, SwiGLU FFN {s['ffn']}, hidden "
+        f"{s['hidden']}, {s['layers']} layers, random weights; `--only llama`). *limit*: a "
+        f"uniform Llama doing the kept work of the concentrated masks in the most regular "
+        f"shape (one key/value group per layer with its kept query heads, FFN of the kept "
+        f"width), the same for every pattern of a kept share: spread and unequal masks keep "
+        f"somewhat less (see density and FLOPs ratio), so they can pass 100% of it. "
+        f"*spread* keeps at least one query head per group.",
+        "",
+    ]
     order = {"concentrated": 0, "spread": 1, "unequal": 2}
-    groups = sorted({(r["shape"]["batch"], r["shape"]["seq"], r["threads"], r["mode"])
-                     for r in llama}, key=lambda g: (g[3], g[2], -g[0], g[1]))
+    groups = sorted(
+        {(r["shape"]["batch"], r["shape"]["seq"], r["threads"], r["mode"]) for r in llama},
+        key=lambda g: (g[3], g[2], -g[0], g[1]),
+    )
     for batch, seq, threads, mode in groups:
-        rows = sorted((r for r in llama if (r["shape"]["batch"], r["shape"]["seq"],
-                                           r["threads"], r["mode"]) == (batch, seq, threads,
-                                                                        mode)),
-                      key=lambda r: (-r["kept"], order.get(r["pattern"], 9)))
+        rows = sorted(
+            (
+                r
+                for r in llama
+                if (r["shape"]["batch"], r["shape"]["seq"], r["threads"], r["mode"])
+                == (batch, seq, threads, mode)
+            ),
+            key=lambda r: (-r["kept"], order.get(r["pattern"], 9)),
+        )
         present = [b for b in BUCKETS if b in rows[0]["speedup"]]
         unmerged = [k for k in rows[0]["speedup"] if k.endswith("unmerged")]
         compiled = mode == "compiled"
-        lines += [f"Batch {batch}, sequence {seq}, {threads} thread{'s' if threads > 1 else ''}, "
-                  f"{'torch.compile' if compiled else 'eager'} (speedup over dense, per bucket "
-                  f"size; median of {rows[0]['reps']})", "",
-                  "| kept | pattern | density | FLOPs ratio | limit | "
-                  + " | ".join(present + unmerged) + " | best / limit |"
-                  + (" compile time (dense, compact) |" if compiled else ""),
-                  "|---:|---|---:|---:|---:|" + "---:|" * (len(present) + len(unmerged))
-                  + "---:|" + ("---:|" if compiled else "")]
+        lines += [
+            f"Batch {batch}, sequence {seq}, {threads} thread{'s' if threads > 1 else ''}, "
+            f"{'torch.compile' if compiled else 'eager'} (speedup over dense, per bucket "
+            f"size; median of {rows[0]['reps']})",
+            "",
+            "| kept | pattern | density | FLOPs ratio | limit | "
+            + " | ".join(present + unmerged)
+            + " | best / limit |"
+            + (" compile time (dense, compact) |" if compiled else ""),
+            "|---:|---|---:|---:|---:|"
+            + "---:|" * (len(present) + len(unmerged))
+            + "---:|"
+            + ("---:|" if compiled else ""),
+        ]
         for r in rows:
             name, best = _best(r)
             cells = [f"{r['speedup'][b]:.2f}x" for b in present + unmerged]
-            compile_cell = (f" {r['compile_seconds']['dense']:.0f} s, "
-                            f"{r['compile_seconds'][name]:.0f} s |" if compiled else "")
-            lines.append(f"| {r['kept']:.0%} | {r['pattern']} | {r['density']:.1%} | "
-                         f"{r['flops_ratio']:.1f}x | {r['uniform_speedup']:.2f}x | "
-                         + " | ".join(cells) + f" | {best / r['uniform_speedup']:.0%} |"
-                         + compile_cell)
+            compile_cell = (
+                f" {r['compile_seconds']['dense']:.0f} s, {r['compile_seconds'][name]:.0f} s |"
+                if compiled
+                else ""
+            )
+            lines.append(
+                f"| {r['kept']:.0%} | {r['pattern']} | {r['density']:.1%} | "
+                f"{r['flops_ratio']:.1f}x | {r['uniform_speedup']:.2f}x | "
+                + " | ".join(cells)
+                + f" | {best / r['uniform_speedup']:.0%} |"
+                + compile_cell
+            )
         lines.append("")
     return lines
 
 
 def rewrite_speed_plot(data: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -148,16 +188,22 @@ def rewrite_speed_plot(data: dict, path: Path) -> None:
     for pattern, marker in (("concentrated", "o"), ("spread", "s"), ("unequal", "^")):
         pts = sorted((r["kept"], _best(r)[1]) for r in rows if r["pattern"] == pattern)
         if pts:
-            ax.plot([k for k, _ in pts], [s for _, s in pts], marker=marker,
-                    label=f"compact, {pattern}")
-    limit = sorted({(r["kept"], r["uniform_speedup"]) for r in rows
-                    if r["pattern"] == "concentrated"})
+            ax.plot(
+                [k for k, _ in pts], [s for _, s in pts], marker=marker, label=f"compact, {pattern}"
+            )
+    limit = sorted(
+        {(r["kept"], r["uniform_speedup"]) for r in rows if r["pattern"] == "concentrated"}
+    )
     ax.plot([k for k, _ in limit], [s for _, s in limit], "k--", label="uniform limit")
     flops = sorted({(r["kept"], r["flops_ratio"]) for r in rows if r["pattern"] == "concentrated"})
     ax.plot([k for k, _ in flops], [s for _, s in flops], "k:", label="FLOPs ratio")
-    evidence.speedup_axes(ax, sorted({r["kept"] for r in rows}), "share of units kept",
-                          "speedup over dense (eager, 1 thread)",
-                          "grainfx rewrite: BERT-base size, batch 8, seq 128")
+    evidence.speedup_axes(
+        ax,
+        sorted({r["kept"] for r in rows}),
+        "share of units kept",
+        "speedup over dense (eager, 1 thread)",
+        "grainfx rewrite: BERT-base size, batch 8, seq 128",
+    )
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -167,20 +213,22 @@ def rewrite_speed_plot(data: dict, path: Path) -> None:
 def example_section(summary: dict) -> str:
     """The main job's last run: accuracy, parameters, speed, time."""
     enc, tot = summary["encoder_parameters"], summary["total_parameters"]
-    return "\n".join([
-        f"Last run of `python examples/rotten_tomatoes.py` on this machine "
-        f"({summary['threads']} threads, {summary['minutes']:.0f} min in all, teacher "
-        f"fine-tuning included):",
-        "",
-        "| | teacher | GRAIN student |",
-        "|---|---:|---:|",
-        f"| held-out accuracy | {summary['teacher_accuracy']:.2%} | "
-        f"{summary['student_accuracy']:.2%} ({summary['retention']:.1%} retained) |",
-        f"| encoder density | 100% | {summary['density']:.1%} |",
-        f"| encoder parameters | {enc[0]:,} | {enc[1]:,} |",
-        f"| total parameters | {tot[0]:,} | {tot[1]:,} |",
-        f"| speed (batch 32, eager) | 1x | {summary['speedup_batch32']:.1f}x |",
-    ])
+    return "\n".join(
+        [
+            f"Last run of `python examples/rotten_tomatoes.py` on this machine "
+            f"({summary['threads']} threads, {summary['minutes']:.0f} min in all, teacher "
+            f"fine-tuning included):",
+            "",
+            "| | teacher | GRAIN student |",
+            "|---|---:|---:|",
+            f"| held-out accuracy | {summary['teacher_accuracy']:.2%} | "
+            f"{summary['student_accuracy']:.2%} ({summary['retention']:.1%} retained) |",
+            f"| encoder density | 100% | {summary['density']:.1%} |",
+            f"| encoder parameters | {enc[0]:,} | {enc[1]:,} |",
+            f"| total parameters | {tot[0]:,} | {tot[1]:,} |",
+            f"| speed (batch 32, eager) | 1x | {summary['speedup_batch32']:.1f}x |",
+        ]
+    )
 
 
 def step_cost_section(data: dict) -> str:
@@ -188,10 +236,12 @@ def step_cost_section(data: dict) -> str:
     lines = []
     for record in data["records"].values():
         secs = record["seconds"]
-        lines.append(f"- {record['model']}, {record['threads']} thread(s): a GRAIN step takes "
-                     f"{secs['grain']:.2f} s against {secs['plain']:.2f} s for a plain "
-                     f"distillation step ({record['ratio']:.2f}x), median of {record['steps']} "
-                     f"interleaved steps (`python benchmarks/step_cost.py`).")
+        lines.append(
+            f"- {record['model']}, {record['threads']} thread(s): a GRAIN step takes "
+            f"{secs['grain']:.2f} s against {secs['plain']:.2f} s for a plain "
+            f"distillation step ({record['ratio']:.2f}x), median of {record['steps']} "
+            f"interleaved steps (`python benchmarks/step_cost.py`)."
+        )
     return "\n".join(lines)
 
 
@@ -219,8 +269,11 @@ def sections() -> dict[str, str]:
     example = _load("rotten_tomatoes_example.json")
     if example:
         out["example"] = example_section(example)
-    rt, peer, ner = (_load("accuracy_rt.json"), _load("peer_torch_pruning.json"),
-                     _load("accuracy_ner.json"))
+    rt, peer, ner = (
+        _load("accuracy_rt.json"),
+        _load("peer_torch_pruning.json"),
+        _load("accuracy_ner.json"),
+    )
     if rt:
         out["accuracy"] = evidence.accuracy_section(rt, peer)
     if peer:
@@ -249,14 +302,19 @@ def plots() -> None:
         rewrite_speed_plot(speed, RESULTS / "rewrite_speed.png")
     rt = _load("accuracy_rt.json")
     if rt:
-        evidence.retention_plot(rt, _load("peer_torch_pruning.json"),
-                                _load("accuracy_ner.json"), RESULTS / "retention.png")
+        evidence.retention_plot(
+            rt,
+            _load("peer_torch_pruning.json"),
+            _load("accuracy_ner.json"),
+            RESULTS / "retention.png",
+        )
     sweep = _load("speed.json")
     if sweep:
         evidence.speedup_plot(sweep, RESULTS / "speedup.png")
     model = RESULTS / "models" / "rt-grain-5.pt2"
     if model.exists():  # the model files are not committed: the plot is, drawn from one
         import grainfx
+
         grainfx.inspect(model).plot(RESULTS / "structure_rt_grain-5.png")
 
 

@@ -61,9 +61,14 @@ TINY = Shape(hidden=64, heads=4, ffn=128, layers=2, vocab=100, batch=2, seq=16)
 
 def dense_model(shape: Shape) -> nn.Module:
     from transformers import BertConfig, BertModel
-    config = BertConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                        intermediate_size=shape.ffn)
+
+    config = BertConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.ffn,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return BertModel(config).eval()
@@ -71,12 +76,15 @@ def dense_model(shape: Shape) -> nn.Module:
 
 def inputs_for(shape: Shape) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen),
-            "attention_mask": torch.ones(shape.batch, shape.seq, dtype=torch.long)}
+    return {
+        "input_ids": torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen),
+        "attention_mask": torch.ones(shape.batch, shape.seq, dtype=torch.long),
+    }
 
 
-def masks_for(structure: passes.Structure, shape: Shape, kept: float, pattern: str
-              ) -> dict[str, torch.Tensor]:
+def masks_for(
+    structure: passes.Structure, shape: Shape, kept: float, pattern: str
+) -> dict[str, torch.Tensor]:
     """Masks keeping ``kept`` of each unit kind: spread evenly over all heads, packed in few
     heads (concentrated), or scattered at random so that heads have unequal sizes."""
     gen = torch.Generator().manual_seed(1)
@@ -85,7 +93,7 @@ def masks_for(structure: passes.Structure, shape: Shape, kept: float, pattern: s
     for name, size in structure.mask_shapes().items():
         mask = torch.zeros(size)
         if len(size) == 1:
-            mask[torch.randperm(size[0], generator=gen)[:max(1, round(kept * size[0]))]] = 1
+            mask[torch.randperm(size[0], generator=gen)[: max(1, round(kept * size[0]))]] = 1
         elif pattern == "spread":
             per_head = max(1, round(kept * d))
             for h in range(size[0]):
@@ -96,7 +104,7 @@ def masks_for(structure: passes.Structure, shape: Shape, kept: float, pattern: s
             flat[torch.randperm(size.numel(), generator=gen)[:count]] = 1
             mask = flat.view(size)
         else:
-            mask.view(-1)[:max(1, round(kept * size.numel()))] = 1
+            mask.view(-1)[: max(1, round(kept * size.numel()))] = 1
         masks[name] = mask
     return masks
 
@@ -115,7 +123,8 @@ class UniformLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).split([self.nq, self.nq, self.nv], -1)
         ctx = nn.functional.scaled_dot_product_attention(
-            q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), mask, scale=self.scale).squeeze(1)
+            q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), mask, scale=self.scale
+        ).squeeze(1)
         x = self.ln1(x + self.o(ctx))
         return self.ln2(x + self.down(nn.functional.gelu(self.up(x))))
 
@@ -131,8 +140,10 @@ class UniformModel(nn.Module):
         per_layer = [v if isinstance(v, list) else [v] * shape.layers for v in (nq, nv, width)]
         self.embed = nn.Embedding(shape.vocab, shape.hidden)
         self.ln = nn.LayerNorm(shape.hidden)
-        self.layers = nn.ModuleList(UniformLayer(shape.hidden, q, v, w, shape.head_dim)
-                                    for q, v, w in zip(*per_layer, strict=False))
+        self.layers = nn.ModuleList(
+            UniformLayer(shape.hidden, q, v, w, shape.head_dim)
+            for q, v, w in zip(*per_layer, strict=False)
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.ln(self.embed(input_ids))
@@ -150,8 +161,9 @@ def flops(shape: Shape, q_units: int, v_units: int, width: int) -> float:
     return shape.layers * (proj + attn)
 
 
-def measure(label: str, models: dict[str, nn.Module], inputs: dict, reps: int,
-            compiled: bool) -> tuple[dict[str, float], dict[str, float]]:
+def measure(
+    label: str, models: dict[str, nn.Module], inputs: dict, reps: int, compiled: bool
+) -> tuple[dict[str, float], dict[str, float]]:
     """Median latency of each model (and its compile time when ``compiled``: dynamo's cache is
     cleared first, so a model of the same shapes as one compiled before pays in full)."""
     compile_s = {}
@@ -164,7 +176,7 @@ def measure(label: str, models: dict[str, nn.Module], inputs: dict, reps: int,
         with torch.inference_mode():
             fn(**inputs)
         compile_s[name] = time.perf_counter() - start
-        fns[name] = (lambda f=fn: f(**inputs))
+        fns[name] = lambda f=fn: f(**inputs)
     print(f"  timing {label}: {', '.join(models)}", flush=True)
     return interleaved_medians(fns, reps), compile_s
 
@@ -190,20 +202,37 @@ class LlamaShape:
         return f"llama/batch={self.batch}/seq={self.seq}"
 
 
-LLAMA = LlamaShape(hidden=768, heads=12, kv_heads=4, head_dim=64, ffn=2048, layers=12,
-                   vocab=32000, batch=8, seq=128)
+LLAMA = LlamaShape(
+    hidden=768,
+    heads=12,
+    kv_heads=4,
+    head_dim=64,
+    ffn=2048,
+    layers=12,
+    vocab=32000,
+    batch=8,
+    seq=128,
+)
 LLAMA_SHAPES = {"8x128": LLAMA, "1x512": LlamaShape(**{**LLAMA.__dict__, "batch": 1, "seq": 512})}
-TINY_LLAMA = LlamaShape(hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, layers=2, vocab=100,
-                        batch=2, seq=16)
+TINY_LLAMA = LlamaShape(
+    hidden=64, heads=4, kv_heads=2, head_dim=16, ffn=128, layers=2, vocab=100, batch=2, seq=16
+)
 
 
 def llama_model(shape: LlamaShape) -> nn.Module:
     from transformers import LlamaConfig, LlamaModel
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
-                         intermediate_size=shape.ffn, max_position_embeddings=max(2048, shape.seq),
-                         use_cache=False)
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        intermediate_size=shape.ffn,
+        max_position_embeddings=max(2048, shape.seq),
+        use_cache=False,
+    )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return LlamaModel(config).eval()
@@ -214,8 +243,9 @@ def llama_inputs(shape: LlamaShape) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=gen)}
 
 
-def llama_masks(structure: passes.Structure, shape: LlamaShape, kept: float, pattern: str
-                ) -> dict[str, torch.Tensor]:
+def llama_masks(
+    structure: passes.Structure, shape: LlamaShape, kept: float, pattern: str
+) -> dict[str, torch.Tensor]:
     """Masks keeping ``kept`` of each unit kind (rotary pairs per kv group, value dims per kv
     group, query heads, FFN width) of a GQA model.
 
@@ -232,7 +262,7 @@ def llama_masks(structure: passes.Structure, shape: LlamaShape, kept: float, pat
             if pattern == "spread":
                 per_group = max(1, round(n / shape.kv_heads))
                 for g in range(shape.kv_heads):
-                    mask[g * shape.group:g * shape.group + per_group] = 1
+                    mask[g * shape.group : g * shape.group + per_group] = 1
             elif pattern == "unequal":
                 mask[torch.randperm(size[0], generator=gen)[:n]] = 1
             else:
@@ -249,8 +279,9 @@ def llama_masks(structure: passes.Structure, shape: LlamaShape, kept: float, pat
     return masks
 
 
-def llama_counts(masks: dict[str, torch.Tensor], shape: LlamaShape, layer: int
-                 ) -> tuple[int, int, int, int, int, int]:
+def llama_counts(
+    masks: dict[str, torch.Tensor], shape: LlamaShape, layer: int
+) -> tuple[int, int, int, int, int, int]:
     """Of one layer: kept query heads, rotary pairs and value dims (over all kv groups), the
     pairs and value dims summed over the kept query heads (what q, o and the attention pay),
     and FFN width. A group none of whose query heads is kept does no work."""
@@ -259,9 +290,14 @@ def llama_counts(masks: dict[str, torch.Tensor], shape: LlamaShape, layer: int
     per_group = heads.view(shape.kv_heads, shape.group).sum(1)
     live = per_group > 0
     pairs, dims = qk.sum(1), vo.sum(1)
-    return (int(heads.sum()), int(pairs[live].sum()), int(dims[live].sum()),
-            int((per_group * pairs).sum()), int((per_group * dims).sum()),
-            int(masks[f"ffn{layer}"].sum()))
+    return (
+        int(heads.sum()),
+        int(pairs[live].sum()),
+        int(dims[live].sum()),
+        int((per_group * pairs).sum()),
+        int((per_group * dims).sum()),
+        int(masks[f"ffn{layer}"].sum()),
+    )
 
 
 def llama_flops(shape: LlamaShape, counts: list[tuple[int, ...]]) -> float:
@@ -287,8 +323,7 @@ class UniformLlamaLayer(nn.Module):
     """One pre-norm Llama layer with a single kv group (``pairs`` rotary pairs, ``dims`` value
     dims) shared by ``heads`` query heads, and a SwiGLU FFN of ``width``."""
 
-    def __init__(self, hidden: int, heads: int, pairs: int, dims: int, width: int,
-                 head_dim: int):
+    def __init__(self, hidden: int, heads: int, pairs: int, dims: int, width: int, head_dim: int):
         super().__init__()
         self.heads, self.pairs, self.dims = heads, pairs, dims
         self.scale = 1 / math.sqrt(head_dim)
@@ -307,13 +342,15 @@ class UniformLlamaLayer(nn.Module):
     def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape
         h = self.norm1(x)
-        cos, sin = freqs[..., :self.pairs].cos(), freqs[..., :self.pairs].sin()
-        q = self.rope(self.q(h).view(bsz, seq, self.heads, 2 * self.pairs).transpose(1, 2),
-                      cos, sin)
+        cos, sin = freqs[..., : self.pairs].cos(), freqs[..., : self.pairs].sin()
+        q = self.rope(
+            self.q(h).view(bsz, seq, self.heads, 2 * self.pairs).transpose(1, 2), cos, sin
+        )
         k, v = self.kv(h).split([2 * self.pairs, self.dims], -1)
         k = self.rope(k.unsqueeze(1), cos, sin)
         ctx = nn.functional.scaled_dot_product_attention(
-            q, k, v.unsqueeze(1), is_causal=True, scale=self.scale, enable_gqa=self.heads > 1)
+            q, k, v.unsqueeze(1), is_causal=True, scale=self.scale, enable_gqa=self.heads > 1
+        )
         x = x + self.o(ctx.transpose(1, 2).reshape(bsz, seq, self.heads * self.dims))
         gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
         return x + self.down(nn.functional.silu(gate) * up)
@@ -329,7 +366,8 @@ class UniformLlama(nn.Module):
         self.norm = RMSNorm(shape.hidden)
         self.layers = nn.ModuleList(
             UniformLlamaLayer(shape.hidden, heads, pairs, dims, width, shape.head_dim)
-            for heads, pairs, dims, _, _, width in counts)
+            for heads, pairs, dims, _, _, width in counts
+        )
         pairs = shape.head_dim // 2
         inv = 1.0 / (10000 ** (torch.arange(pairs, dtype=torch.float32) / pairs))
         self.register_buffer("inv_freq", inv, persistent=False)
@@ -343,9 +381,17 @@ class UniformLlama(nn.Module):
         return self.norm(x)
 
 
-def run_llama(shape: LlamaShape, kept_shares: list[float], patterns: list[str],
-              buckets: list[int], compile_buckets: list[int], threads: list[int],
-              compile_threads: list[int], reps: int, out: Path) -> ResultStore:
+def run_llama(
+    shape: LlamaShape,
+    kept_shares: list[float],
+    patterns: list[str],
+    buckets: list[int],
+    compile_buckets: list[int],
+    threads: list[int],
+    compile_threads: list[int],
+    reps: int,
+    out: Path,
+) -> ResultStore:
     """Rows of the Llama-shaped model, under ``llama/batch=B/seq=S/threads=T/{eager,compiled}/
     ...``.
 
@@ -363,8 +409,10 @@ def run_llama(shape: LlamaShape, kept_shares: list[float], patterns: list[str],
     for n_threads, mode in runs:
         torch.set_num_threads(n_threads)
         for kept in kept_shares:
-            limit_counts = [llama_counts(llama_masks(structure, shape, kept, "concentrated"),
-                                         shape, i) for i in range(shape.layers)]
+            limit_counts = [
+                llama_counts(llama_masks(structure, shape, kept, "concentrated"), shape, i)
+                for i in range(shape.layers)
+            ]
             for pattern in patterns:
                 key = f"{shape.label}/threads={n_threads}/{mode}/kept={kept}/{pattern}"
                 if key in store:
@@ -372,50 +420,77 @@ def run_llama(shape: LlamaShape, kept_shares: list[float], patterns: list[str],
                 masks = llama_masks(structure, shape, kept, pattern)
                 passes.set_masks(masked, masks)
                 models: dict[str, nn.Module] = {"dense": dense}
-                for b in (buckets if mode == "eager" else compile_buckets):
+                for b in buckets if mode == "eager" else compile_buckets:
                     models[f"bucket={b}"] = passes.rewrite(masked, structure, bucket=b)
                 if mode == "eager":
                     models["bucket=%d,unmerged" % passes.DEFAULT_BUCKET] = passes.rewrite(
-                        masked, structure, merge_projections=False)
+                        masked, structure, merge_projections=False
+                    )
                 torch.manual_seed(0)
                 models["uniform"] = UniformLlama(shape, limit_counts).eval()
                 counts = [llama_counts(masks, shape, i) for i in range(shape.layers)]
-                print(f"{key}: density {structure.density(masks):.3f}, layer 0 keeps "
-                      f"{counts[0][0]} query heads, {counts[0][1]} pairs, {counts[0][2]} value "
-                      f"dims, FFN {counts[0][5]}", flush=True)
+                print(
+                    f"{key}: density {structure.density(masks):.3f}, layer 0 keeps "
+                    f"{counts[0][0]} query heads, {counts[0][1]} pairs, {counts[0][2]} value "
+                    f"dims, FFN {counts[0][5]}",
+                    flush=True,
+                )
                 medians, compile_s = measure(key, models, inputs, reps, mode == "compiled")
                 speedups = {n: medians["dense"] / t for n, t in medians.items()}
-                store.put(key, {
-                    "model": "llama", "shape": shape.__dict__, "reps": reps,
-                    "threads": n_threads, "mode": mode, "kept": kept, "pattern": pattern,
-                    "density": structure.density(masks), "layer0": counts[0],
-                    "seconds": medians, "speedup": speedups,
-                    "flops_ratio": dense_flops / llama_flops(shape, counts),
-                    "uniform_speedup": speedups["uniform"],
-                    "compile_seconds": compile_s if mode == "compiled" else None,
-                })
+                store.put(
+                    key,
+                    {
+                        "model": "llama",
+                        "shape": shape.__dict__,
+                        "reps": reps,
+                        "threads": n_threads,
+                        "mode": mode,
+                        "kept": kept,
+                        "pattern": pattern,
+                        "density": structure.density(masks),
+                        "layer0": counts[0],
+                        "seconds": medians,
+                        "speedup": speedups,
+                        "flops_ratio": dense_flops / llama_flops(shape, counts),
+                        "uniform_speedup": speedups["uniform"],
+                        "compile_seconds": compile_s if mode == "compiled" else None,
+                    },
+                )
                 best = max((s for n, s in speedups.items() if n.startswith("bucket")))
-                print("  speedups: " + ", ".join(f"{n} {s:.2f}x" for n, s in speedups.items())
-                      + f" | best compact / uniform {best / speedups['uniform']:.0%}",
-                      flush=True)
+                print(
+                    "  speedups: "
+                    + ", ".join(f"{n} {s:.2f}x" for n, s in speedups.items())
+                    + f" | best compact / uniform {best / speedups['uniform']:.0%}",
+                    flush=True,
+                )
     return store
 
 
-def run(shape: Shape, kept_shares: list[float], patterns: list[str], buckets: list[int],
-        compile_buckets: list[int], threads: list[int], compile_threads: list[int], reps: int,
-        out: Path) -> ResultStore:
+def run(
+    shape: Shape,
+    kept_shares: list[float],
+    patterns: list[str],
+    buckets: list[int],
+    compile_buckets: list[int],
+    threads: list[int],
+    compile_threads: list[int],
+    reps: int,
+    out: Path,
+) -> ResultStore:
     store = ResultStore(out, {"machine": machine(), "shape": shape.__dict__, "reps": reps})
     dense = dense_model(shape)
     inputs = inputs_for(shape)
     gm = passes.capture(dense, inputs)
     structure = passes.discover(gm)
     masked = passes.instrument(gm, structure)
-    dense_flops = flops(shape, shape.heads * shape.head_dim, shape.heads * shape.head_dim,
-                        shape.ffn)
+    dense_flops = flops(
+        shape, shape.heads * shape.head_dim, shape.heads * shape.head_dim, shape.ffn
+    )
     for n_threads in sorted(set(threads) | set(compile_threads)):
         torch.set_num_threads(n_threads)
         modes = (["eager"] if n_threads in threads else []) + (
-            ["compiled"] if n_threads in compile_threads else [])
+            ["compiled"] if n_threads in compile_threads else []
+        )
         for mode in modes:
             for kept in kept_shares:
                 for pattern in patterns:
@@ -430,7 +505,8 @@ def run(shape: Shape, kept_shares: list[float], patterns: list[str], buckets: li
                         models[f"bucket={b}"] = passes.rewrite(masked, structure, bucket=b)
                     if mode == "eager":
                         models["bucket=%d,unmerged" % passes.DEFAULT_BUCKET] = passes.rewrite(
-                            masked, structure, merge_projections=False)
+                            masked, structure, merge_projections=False
+                        )
                     nq = int(masks["attn0.qk"].sum())
                     nv = int(masks["attn0.vo"].sum())
                     width = int(masks["ffn0"].sum())
@@ -439,19 +515,28 @@ def run(shape: Shape, kept_shares: list[float], patterns: list[str], buckets: li
                     print(f"{key}: density {structure.density(masks):.3f}", flush=True)
                     medians, compile_s = measure(key, models, inputs, reps, mode == "compiled")
                     speedups = {n: medians["dense"] / t for n, t in medians.items()}
-                    store.put(key, {
-                        "threads": n_threads, "mode": mode, "kept": kept, "pattern": pattern,
-                        "density": structure.density(masks),
-                        "seconds": medians, "speedup": speedups,
-                        "flops_ratio": dense_flops / flops(shape, nq, nv, width),
-                        "uniform_speedup": speedups["uniform"],
-                        "compile_seconds": compile_s if mode == "compiled" else None,
-                    })
+                    store.put(
+                        key,
+                        {
+                            "threads": n_threads,
+                            "mode": mode,
+                            "kept": kept,
+                            "pattern": pattern,
+                            "density": structure.density(masks),
+                            "seconds": medians,
+                            "speedup": speedups,
+                            "flops_ratio": dense_flops / flops(shape, nq, nv, width),
+                            "uniform_speedup": speedups["uniform"],
+                            "compile_seconds": compile_s if mode == "compiled" else None,
+                        },
+                    )
                     best = max((s for n, s in speedups.items() if n.startswith("bucket")))
-                    print("  speedups: " + ", ".join(f"{n} {s:.2f}x" for n, s in
-                                                      speedups.items()) +
-                          f" | best compact / uniform {best / speedups['uniform']:.0%}",
-                          flush=True)
+                    print(
+                        "  speedups: "
+                        + ", ".join(f"{n} {s:.2f}x" for n, s in speedups.items())
+                        + f" | best compact / uniform {best / speedups['uniform']:.0%}",
+                        flush=True,
+                    )
     return store
 
 
@@ -463,24 +548,55 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buckets", type=int, nargs="+", default=[1, 4, 8, 16, 64])
     parser.add_argument("--compile-buckets", type=int, nargs="+", default=[4, 8, 64])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--compile-threads", type=int, nargs="*", default=[1],
-                        help="thread counts to time torch.compile'd models at (none: skip)")
+    parser.add_argument(
+        "--compile-threads",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="thread counts to time torch.compile'd models at (none: skip)",
+    )
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", type=Path, default=RESULTS / "rewrite_speed.json")
-    parser.add_argument("--only", choices=["bert", "llama"],
-                        help="run only the BERT rows or only the Llama rows (default: both)")
-    parser.add_argument("--llama-shapes", nargs="+", choices=list(LLAMA_SHAPES),
-                        default=list(LLAMA_SHAPES), help="batch x seq of the Llama rows")
+    parser.add_argument(
+        "--only",
+        choices=["bert", "llama"],
+        help="run only the BERT rows or only the Llama rows (default: both)",
+    )
+    parser.add_argument(
+        "--llama-shapes",
+        nargs="+",
+        choices=list(LLAMA_SHAPES),
+        default=list(LLAMA_SHAPES),
+        help="batch x seq of the Llama rows",
+    )
     args = parser.parse_args(argv)
     if args.only != "llama":
         shape = TINY if args.quick else BERT_BASE
-        run(shape, args.kept, args.patterns, args.buckets, args.compile_buckets, args.threads,
-            args.compile_threads, args.reps, args.out)
+        run(
+            shape,
+            args.kept,
+            args.patterns,
+            args.buckets,
+            args.compile_buckets,
+            args.threads,
+            args.compile_threads,
+            args.reps,
+            args.out,
+        )
     if args.only != "bert":
         shapes = [TINY_LLAMA] if args.quick else [LLAMA_SHAPES[s] for s in args.llama_shapes]
         for shape in shapes:
-            run_llama(shape, args.kept, args.patterns, args.buckets, args.compile_buckets,
-                      args.threads, args.compile_threads, args.reps, args.out)
+            run_llama(
+                shape,
+                args.kept,
+                args.patterns,
+                args.buckets,
+                args.compile_buckets,
+                args.threads,
+                args.compile_threads,
+                args.reps,
+                args.out,
+            )
     return 0
 
 

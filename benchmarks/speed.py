@@ -48,15 +48,16 @@ def task_models(folder: Path) -> list[tuple[str, Path, Path]]:
     """(name, compact file, dense file) for every ``<task>-<run>.pt2`` beside a dense one."""
     found = []
     for dense in sorted(folder.glob("*-dense.pt2")):
-        task = dense.name[:-len("-dense.pt2")]
+        task = dense.name[: -len("-dense.pt2")]
         for compact in sorted(folder.glob(f"{task}-*.pt2")):
             if compact != dense:
                 found.append((compact.stem, compact, dense))
     return found
 
 
-def grain_shaped_masks(structure: passes.Structure, layers: list[dict], shape: Shape
-                       ) -> dict[str, torch.Tensor]:
+def grain_shaped_masks(
+    structure: passes.Structure, layers: list[dict], shape: Shape
+) -> dict[str, torch.Tensor]:
     """Masks giving each layer of ``structure`` the kept structure of ``layers`` (a report's
     per-layer heads, query / value units and FFN width from a smaller model), scaled."""
     masks = {name: torch.zeros(size) for name, size in structure.mask_shapes().items()}
@@ -64,11 +65,12 @@ def grain_shaped_masks(structure: passes.Structure, layers: list[dict], shape: S
     for i in range(len(blocks)):
         src = layers[i * len(layers) // len(blocks)]
         scale = shape.head_dim / (src.get("head_dim") or 32)  # older records: MiniLM's
-        heads = zip(range(blocks[i].num_heads), src["query_units"], src["value_units"],
-                    strict=False)
+        heads = zip(
+            range(blocks[i].num_heads), src["query_units"], src["value_units"], strict=False
+        )
         for h, q, v in heads:
-            masks[f"{blocks[i].name}.qk"][h, :min(shape.head_dim, round(q * scale))] = 1
-            masks[f"{blocks[i].name}.vo"][h, :min(shape.head_dim, round(v * scale))] = 1
+            masks[f"{blocks[i].name}.qk"][h, : min(shape.head_dim, round(q * scale))] = 1
+            masks[f"{blocks[i].name}.vo"][h, : min(shape.head_dim, round(v * scale))] = 1
     for i in range(len(ffns)):
         src = layers[i * len(layers) // len(ffns)]
         width = round(src["ffn"] * shape.ffn / (src.get("ffn_dense") or 1536))
@@ -76,15 +78,24 @@ def grain_shaped_masks(structure: passes.Structure, layers: list[dict], shape: S
     return masks
 
 
-def measure(store: ResultStore, name: str, models: dict,
-            make_inputs: Callable[[int, int], dict], modes: list[str], reps: int,
-            extra: dict) -> None:
+def measure(
+    store: ResultStore,
+    name: str,
+    models: dict,
+    make_inputs: Callable[[int, int], dict],
+    modes: list[str],
+    reps: int,
+    extra: dict,
+) -> None:
     """Time ``models`` (``dense``, ``compact``, maybe ``limit``) at every shape and mode.
 
     Compiled models are compiled once with dynamic shapes and reused for every shape; the
     first call's time is recorded as the compile time."""
-    compiled = {k: torch.compile(m, dynamic=True) for k, m in models.items()} \
-        if "compiled" in modes else {}
+    compiled = (
+        {k: torch.compile(m, dynamic=True) for k, m in models.items()}
+        if "compiled" in modes
+        else {}
+    )
     first: dict[str, float] = {}
     for batch, seq in SHAPES:
         inputs = make_inputs(batch, seq)
@@ -104,23 +115,40 @@ def measure(store: ResultStore, name: str, models: dict,
             seconds = interleaved_medians(calls, reps)
             speedup = {k: seconds["dense"] / v for k, v in seconds.items()}
             ideal = inspection.flops_dense / inspection.flops
-            store.put(key, {
-                "model": name, "mode": mode, "batch": batch, "seq": seq,
-                "density": inspection.density, "seconds": seconds, "speedup": speedup,
-                "flops_ratio": ideal, "compile_seconds": dict(first) if mode == "compiled"
-                else None, **extra})
-            print(f"{key}: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items())
-                  + f" (FLOPs ratio {ideal:.1f}x)", flush=True)
+            store.put(
+                key,
+                {
+                    "model": name,
+                    "mode": mode,
+                    "batch": batch,
+                    "seq": seq,
+                    "density": inspection.density,
+                    "seconds": seconds,
+                    "speedup": speedup,
+                    "flops_ratio": ideal,
+                    "compile_seconds": dict(first) if mode == "compiled" else None,
+                    **extra,
+                },
+            )
+            print(
+                f"{key}: "
+                + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items())
+                + f" (FLOPs ratio {ideal:.1f}x)",
+                flush=True,
+            )
 
 
 def token_inputs(shape: Shape, batch: int, seq: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, shape.vocab, (batch, seq), generator=gen),
-            "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    return {
+        "input_ids": torch.randint(0, shape.vocab, (batch, seq), generator=gen),
+        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+    }
 
 
-def bert_base_runs(store: ResultStore, accuracy: Path, shape: Shape, modes: list[str],
-                   reps: int, only: str | None) -> None:
+def bert_base_runs(
+    store: ResultStore, accuracy: Path, shape: Shape, modes: list[str], reps: int, only: str | None
+) -> None:
     if not accuracy.exists():
         print(f"{accuracy} missing: no GRAIN structures for the BERT-base-size rows")
         return
@@ -135,14 +163,23 @@ def bert_base_runs(store: ResultStore, accuracy: Path, shape: Shape, modes: list
         masks = grain_shaped_masks(structure, record["layers"], shape)
         passes.set_masks(masked, masks)
         compact = passes.rewrite(masked, structure)
-        per_layer = [[int(masks[f"{b.name}.{kind}"].sum()) for b in structure.attention]
-                     for kind in ("qk", "vo")]
+        per_layer = [
+            [int(masks[f"{b.name}.{kind}"].sum()) for b in structure.attention]
+            for kind in ("qk", "vo")
+        ]
         widths = [int(masks[f.name].sum()) for f in structure.ffn]
         torch.manual_seed(0)
         limit = UniformModel(shape, per_layer[0], per_layer[1], widths).eval()
         models = {"dense": captured, "compact": compact, "limit": limit}
-        measure(store, f"bert-base-{run}", models, functools.partial(token_inputs, shape),
-                modes, reps, {"family": "bert-base", "structure_from": run})
+        measure(
+            store,
+            f"bert-base-{run}",
+            models,
+            functools.partial(token_inputs, shape),
+            modes,
+            reps,
+            {"family": "bert-base", "structure_from": run},
+        )
 
 
 def main(argv=None) -> int:
@@ -151,20 +188,30 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--models", type=Path, default=RESULTS / "models")
-    parser.add_argument("--accuracy", type=Path, default=RESULTS / "accuracy_rt.json",
-                        help="the GRAIN structures for the BERT-base-size rows")
-    parser.add_argument("--quick", action="store_true",
-                        help="a tiny BERT instead of the BERT-base-size one (smoke test)")
+    parser.add_argument(
+        "--accuracy",
+        type=Path,
+        default=RESULTS / "accuracy_rt.json",
+        help="the GRAIN structures for the BERT-base-size rows",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny BERT instead of the BERT-base-size one (smoke test)",
+    )
     parser.add_argument("--only", help="time only the models whose name matches this regex")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
-    store = ResultStore(args.out, {"machine": machine(), "threads": args.threads,
-                                   "reps": args.reps, "shapes": SHAPES})
+    store = ResultStore(
+        args.out,
+        {"machine": machine(), "threads": args.threads, "reps": args.reps, "shapes": SHAPES},
+    )
     began = time.perf_counter()
-    bert_base_runs(store, args.accuracy, TINY if args.quick else BERT_BASE, modes, args.reps,
-                   args.only)
+    bert_base_runs(
+        store, args.accuracy, TINY if args.quick else BERT_BASE, modes, args.reps, args.only
+    )
     dense: dict[Path, torch.nn.Module] = {}
     for name, compact_path, dense_path in task_models(args.models):
         if args.only and not re.search(args.only, name):

@@ -33,9 +33,11 @@ def minilm_batches(count: int):
 
     from grainfx import demo
     from grainfx.data import text_batches
+
     tokenizer = AutoTokenizer.from_pretrained(demo.minilm_path())
-    model = AutoModelForSequenceClassification.from_pretrained(demo.minilm_path(),
-                                                               num_labels=2).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        demo.minilm_path(), num_labels=2
+    ).eval()
     train, _ = demo.rotten_tomatoes()
     batches = []
     for batch in text_batches(train, tokenizer, 32, shuffle=True):
@@ -48,6 +50,7 @@ def minilm_batches(count: int):
 
 def tiny_batches(count: int):
     from tests.models import build, example_inputs
+
     return build("bert-sdpa"), [example_inputs("bert-sdpa", 4, 12, seed=i) for i in range(count)]
 
 
@@ -87,11 +90,20 @@ def main(argv=None) -> int:
     medians = {k: statistics.median(v) for k, v in times.items()}
     ratio = medians["grain"] / medians["plain"]
     store = ResultStore(args.out, {"machine": machine()})
-    store.put(f"{'tiny' if args.quick else 'minilm'}/threads={args.threads}", {
-        "threads": args.threads, "steps": args.steps, "seconds": medians, "ratio": ratio,
-        "model": "tiny BERT" if args.quick else "all-MiniLM-L6-v2, RT batch 32"})
-    print(f"plain distillation step {medians['plain']:.3f} s, GRAIN step {medians['grain']:.3f} s:"
-          f" {ratio:.2f}x")
+    store.put(
+        f"{'tiny' if args.quick else 'minilm'}/threads={args.threads}",
+        {
+            "threads": args.threads,
+            "steps": args.steps,
+            "seconds": medians,
+            "ratio": ratio,
+            "model": "tiny BERT" if args.quick else "all-MiniLM-L6-v2, RT batch 32",
+        },
+    )
+    print(
+        f"plain distillation step {medians['plain']:.3f} s, GRAIN step {medians['grain']:.3f} s:"
+        f" {ratio:.2f}x"
+    )
     return 0
 
 

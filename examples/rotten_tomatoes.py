@@ -49,31 +49,44 @@ def main(argv=None) -> int:
     teacher_acc = accuracy(model, held_out)
     print(f"teacher held-out accuracy: {teacher_acc:.2%}")
 
-    config = grainfx.GrainConfig(epochs=args.epochs, learning_rate=args.learning_rate,
-                                 seed=demo.SEED)
-    result = grainfx.compress(model, text_batches(train_rows, tokenizer, 32, shuffle=True),
-                              sparsity=1.0 - args.density, config=config)
+    config = grainfx.GrainConfig(
+        epochs=args.epochs, learning_rate=args.learning_rate, seed=demo.SEED
+    )
+    result = grainfx.compress(
+        model,
+        text_batches(train_rows, tokenizer, 32, shuffle=True),
+        sparsity=1.0 - args.density,
+        config=config,
+    )
     student_acc = accuracy(result.module, held_out)
     print(result)
     batch = next(iter(text_batches(test_rows, tokenizer, 32, shuffle=False)))
     batch.pop("labels")
-    times = interleaved_medians({"dense": lambda: model(**batch),
-                                 "compact": lambda: result.module(**batch)}, reps=10)
+    times = interleaved_medians(
+        {"dense": lambda: model(**batch), "compact": lambda: result.module(**batch)}, reps=10
+    )
     ratio = times["dense"] / times["compact"]
     params = result.report["parameters"]
     summary = {
-        "teacher_accuracy": teacher_acc, "student_accuracy": student_acc,
-        "retention": student_acc / teacher_acc, "density": result.density,
+        "teacher_accuracy": teacher_acc,
+        "student_accuracy": student_acc,
+        "retention": student_acc / teacher_acc,
+        "density": result.density,
         "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
         "total_parameters": [params["total_before"], params["total_after"]],
-        "speedup_batch32": ratio, "threads": args.threads,
+        "speedup_batch32": ratio,
+        "threads": args.threads,
         "minutes": (time.perf_counter() - began) / 60,
     }
-    print(f"\nteacher accuracy {teacher_acc:.2%} | student accuracy {student_acc:.2%} "
-          f"(retention {student_acc / teacher_acc:.1%}) at density {result.density:.1%}")
-    print(f"parameters: encoder {params['encoder_before']:,} -> {params['encoder_after']:,}, "
-          f"total {params['total_before']:,} -> {params['total_after']:,}; speedup {ratio:.1f}x "
-          f"(batch 32, {args.threads} threads); {summary['minutes']:.1f} min in all")
+    print(
+        f"\nteacher accuracy {teacher_acc:.2%} | student accuracy {student_acc:.2%} "
+        f"(retention {student_acc / teacher_acc:.1%}) at density {result.density:.1%}"
+    )
+    print(
+        f"parameters: encoder {params['encoder_before']:,} -> {params['encoder_after']:,}, "
+        f"total {params['total_before']:,} -> {params['total_after']:,}; speedup {ratio:.1f}x "
+        f"(batch 32, {args.threads} threads); {summary['minutes']:.1f} min in all"
+    )
     result.save(args.out)
     args.out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
     print(f"saved {args.out} (load it with grainfx.load)")

@@ -8,8 +8,14 @@ The graph passes themselves live in the ``passes`` package.
 """
 
 from grainfx.checkpoint import CheckpointConfig, CheckpointError
-from grainfx.compress import (BatchError, CompressionResult, EmptyDataLoaderError,
-                              TeacherMismatchError, check, compress)
+from grainfx.compress import (
+    BatchError,
+    CompressionResult,
+    EmptyDataLoaderError,
+    TeacherMismatchError,
+    check,
+    compress,
+)
 from grainfx.config import ConfigError, GrainConfig
 from grainfx.inspect import Inspection, inspect
 from grainfx.predict import Prediction, Predictor, load
@@ -19,9 +25,25 @@ from passes.serialize import save
 
 __version__ = "0.2.0"
 
-__all__ = ["compress", "check", "CompressionResult", "GrainConfig", "CheckpointConfig", "save",
-           "load", "Predictor", "Prediction",
-           "inspect", "Inspection", "stages", "Stages", "ConfigError", "BatchError",
-           "CheckpointError",
-           "EmptyDataLoaderError", "TeacherMismatchError", "TrainingDivergedError",
-           "__version__"]
+__all__ = [
+    "compress",
+    "check",
+    "CompressionResult",
+    "GrainConfig",
+    "CheckpointConfig",
+    "save",
+    "load",
+    "Predictor",
+    "Prediction",
+    "inspect",
+    "Inspection",
+    "stages",
+    "Stages",
+    "ConfigError",
+    "BatchError",
+    "CheckpointError",
+    "EmptyDataLoaderError",
+    "TeacherMismatchError",
+    "TrainingDivergedError",
+    "__version__",
+]

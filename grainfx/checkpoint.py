@@ -52,32 +52,43 @@ class CheckpointConfig:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ConfigError(f"checkpoint every must be an integer >= 1, got {self.every!r}")
         if not isinstance(self.identity, Mapping) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in self.identity.items()):
-            raise ConfigError(f"checkpoint identity must map names to strings (hashes), got "
-                              f"{self.identity!r}")
+            isinstance(k, str) and isinstance(v, str) for k, v in self.identity.items()
+        ):
+            raise ConfigError(
+                f"checkpoint identity must map names to strings (hashes), got {self.identity!r}"
+            )
         object.__setattr__(self, "identity", dict(self.identity))
         if self.resume and not self.path.is_file():
-            raise CheckpointError(f"no checkpoint at {self.path} to resume from: run without "
-                                  f"resume (--resume) to start from the beginning")
+            raise CheckpointError(
+                f"no checkpoint at {self.path} to resume from: run without "
+                f"resume (--resume) to start from the beginning"
+            )
 
 
 def _fingerprint(trainer: Trainer) -> dict:
-    return {"config": trainer.config.to_dict(), "target_density": trainer.target,
-            "total_steps": trainer.total,
-            "masks": {k: list(v.shape) for k, v in trainer.masks.items()}}
+    return {
+        "config": trainer.config.to_dict(),
+        "target_density": trainer.target,
+        "total_steps": trainer.total,
+        "masks": {k: list(v.shape) for k, v in trainer.masks.items()},
+    }
 
 
 def _short(digest: str | None) -> str:
     return "none" if digest is None else digest[:19]
 
 
-def save(trainer: Trainer, steps_done: int, path: Path,
-         identity: Mapping[str, str] | None = None) -> Path:
+def save(
+    trainer: Trainer, steps_done: int, path: Path, identity: Mapping[str, str] | None = None
+) -> Path:
     """Write the state of ``trainer`` after ``steps_done`` steps to ``path`` (atomically);
     ``identity``: see :class:`CheckpointConfig`."""
     state = {
-        "format": FORMAT, "version": VERSION, "steps_done": steps_done,
-        "run": _fingerprint(trainer), "identity": dict(identity or {}),
+        "format": FORMAT,
+        "version": VERSION,
+        "steps_done": steps_done,
+        "run": _fingerprint(trainer),
+        "identity": dict(identity or {}),
         "student": trainer.student.train.state_dict(),
         "maps": trainer.maps.state_dict() if trainer.maps is not None else None,
         "optimizer": trainer.optimizer.state_dict(),
@@ -101,9 +112,11 @@ def save(trainer: Trainer, steps_done: int, path: Path,
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         reason = exc.strerror or str(exc)
-        raise CheckpointError(f"cannot write the checkpoint {path} ({reason}): free disk "
-                              f"space or choose another checkpoint path (--checkpoint); the "
-                              f"previous checkpoint is intact") from None
+        raise CheckpointError(
+            f"cannot write the checkpoint {path} ({reason}): free disk "
+            f"space or choose another checkpoint path (--checkpoint); the "
+            f"previous checkpoint is intact"
+        ) from None
     return path
 
 
@@ -113,21 +126,27 @@ def _read(path: Path, identity: Mapping[str, str] | None) -> dict:
     try:
         state = torch.load(path, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable grainfx checkpoint ({exc})"
-                              .splitlines()[0]) from exc
+        raise CheckpointError(
+            f"{path} is not a readable grainfx checkpoint ({exc})".splitlines()[0]
+        ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a grainfx checkpoint")
     if state.get("version") != VERSION:
-        raise CheckpointError(f"{path} is a version {state.get('version')} checkpoint; this "
-                              f"grainfx reads version {VERSION}")
+        raise CheckpointError(
+            f"{path} is a version {state.get('version')} checkpoint; this "
+            f"grainfx reads version {VERSION}"
+        )
     theirs, mine = state.get("identity", {}), dict(identity or {})
     changed = [k for k in sorted({*theirs, *mine}) if theirs.get(k) != mine.get(k)]
     if changed:
-        detail = "; ".join(f"{k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} now"
-                           for k in changed)
-        raise CheckpointError(f"{path} was written by a run on other inputs "
-                              f"({', '.join(changed)} changed: {detail}): resume with the same "
-                              f"files, or start again without resume (--resume)")
+        detail = "; ".join(
+            f"{k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} now" for k in changed
+        )
+        raise CheckpointError(
+            f"{path} was written by a run on other inputs "
+            f"({', '.join(changed)} changed: {detail}): resume with the same "
+            f"files, or start again without resume (--resume)"
+        )
     return state
 
 
@@ -151,11 +170,15 @@ def load(trainer: Trainer, path: Path, identity: Mapping[str, str] | None = None
         if theirs != value:
             detail = key.replace("_", " ")
             if key == "config":
-                detail = ", ".join(f"{k}={theirs.get(k)!r} there, {v!r} now"
-                                   for k, v in value.items() if theirs.get(k) != v)
+                detail = ", ".join(
+                    f"{k}={theirs.get(k)!r} there, {v!r} now"
+                    for k, v in value.items()
+                    if theirs.get(k) != v
+                )
             raise CheckpointError(
                 f"{path} was written by another run ({detail}): resume with "
-                f"the same model, data and settings, or start again without resume")
+                f"the same model, data and settings, or start again without resume"
+            )
     trainer.student.train.load_state_dict(state["student"])
     if trainer.maps is not None:
         trainer.maps.load_state_dict(state["maps"])

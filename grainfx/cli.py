@@ -1,13 +1,13 @@
 """The ``grainfx`` command line: compress, predict, inspect, bench.
 
-    grainfx compress MODEL_DIR --data FILE.csv --sparsity 0.9 --out OUT_DIR
-    grainfx compress MODEL_DIR --task causal-lm --data FILE.txt --out OUT_DIR
-    grainfx compress --demo --out OUT_DIR
-    grainfx compress ... --resume          # go on after Ctrl-C or a crash
-    grainfx compress ... --check           # the preflight alone: data, labels, disk, model
-    grainfx predict OUT_DIR --data FILE.csv   # label names and scores (text lines on stdin)
-    grainfx inspect OUT_DIR/model.pt2 [--plot kept.png] [--graph]
-    grainfx bench OUT_DIR/model.pt2 [--against MODEL_DIR]
+grainfx compress MODEL_DIR --data FILE.csv --sparsity 0.9 --out OUT_DIR
+grainfx compress MODEL_DIR --task causal-lm --data FILE.txt --out OUT_DIR
+grainfx compress --demo --out OUT_DIR
+grainfx compress ... --resume          # go on after Ctrl-C or a crash
+grainfx compress ... --check           # the preflight alone: data, labels, disk, model
+grainfx predict OUT_DIR --data FILE.csv   # label names and scores (text lines on stdin)
+grainfx inspect OUT_DIR/model.pt2 [--plot kept.png] [--graph]
+grainfx bench OUT_DIR/model.pt2 [--against MODEL_DIR]
 """
 
 from __future__ import annotations
@@ -53,29 +53,35 @@ def _quiet_transformers() -> None:
     """No "Loading weights" bars: noise on every load (only where transformers is used, so
     inspect and bench of a .pt2 alone do not import it)."""
     from transformers.utils import logging as hf_logging
+
     hf_logging.disable_progress_bar()
 
 
 def _check_model_dir(model_dir: Path) -> None:
     _quiet_transformers()
     if not model_dir.is_dir() or not (model_dir / "config.json").is_file():
-        raise CLIError(f"{model_dir} is not a model folder (no config.json): pass a folder "
-                       f"written by save_pretrained, holding the fine-tuned model and tokenizer")
+        raise CLIError(
+            f"{model_dir} is not a model folder (no config.json): pass a folder "
+            f"written by save_pretrained, holding the fine-tuned model and tokenizer"
+        )
 
 
 def _model(model_dir: Path, task: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) of ``model_dir``: a sequence classifier or a causal LM."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
     _check_model_dir(model_dir)
-    auto, what = {"classification": (AutoModelForSequenceClassification,
-                                      "a sequence classifier"),
-                  "causal-lm": (AutoModelForCausalLM, "a causal language model")}[task]
+    auto, what = {
+        "classification": (AutoModelForSequenceClassification, "a sequence classifier"),
+        "causal-lm": (AutoModelForCausalLM, "a causal language model"),
+    }[task]
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = auto.from_pretrained(model_dir).eval()
     except Exception as exc:
-        raise CLIError(f"cannot load {what} and its tokenizer from "
-                       f"{model_dir}: {exc}".splitlines()[0]) from exc
+        raise CLIError(
+            f"cannot load {what} and its tokenizer from {model_dir}: {exc}".splitlines()[0]
+        ) from exc
     return model, tokenizer
 
 
@@ -83,6 +89,7 @@ def _dense_model(model_dir: Path) -> torch.nn.Module:
     """The model of ``model_dir`` as the class its config names (a sequence classifier when
     it names none), without a KV cache: the dense side of ``bench --against``."""
     import transformers
+
     _check_model_dir(model_dir)
     try:
         names = transformers.AutoConfig.from_pretrained(model_dir).architectures or []
@@ -103,6 +110,7 @@ def _digest(data: bytes) -> str:
 def _read(path: Path, args: argparse.Namespace, labels: bool = True) -> list[Row]:
     """The rows of ``path`` (a DataError is a CLIError)."""
     from grainfx.rows import DataError, read_rows
+
     try:
         return read_rows(path, args.text_column, args.label_column, labels=labels)
     except DataError as exc:
@@ -113,22 +121,30 @@ def _fast_tokenizer(tokenizer: PreTrainedTokenizerBase, model_dir: Path | str) -
     """The ``tokenizers`` object of ``tokenizer``: the output folder serves text with it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise CLIError(f"the tokenizer of {model_dir} has no fast (tokenizers) version, which "
-                       f"the output folder needs (tokenizer.json): save the model folder with "
-                       f"a fast tokenizer")
+        raise CLIError(
+            f"the tokenizer of {model_dir} has no fast (tokenizers) version, which "
+            f"the output folder needs (tokenizer.json): save the model folder with "
+            f"a fast tokenizer"
+        )
     return backend
 
 
-def _fit_max_length(args: argparse.Namespace, model: PreTrainedModel,
-                    tokenizer: PreTrainedTokenizerBase) -> None:
+def _fit_max_length(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> None:
     """Cut ``--max-length`` to what the model and tokenizer can take (their positions), so
     that a long text cannot fail a step hours in; the output records the value used."""
-    limits = [getattr(model.config, "max_position_embeddings", None),
-              getattr(tokenizer, "model_max_length", None)]
+    limits = [
+        getattr(model.config, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+    ]
     fit = min([args.max_length] + [n for n in limits if isinstance(n, int) and 0 < n < 10**6])
     if fit < args.max_length:
-        log.info("--max-length %d is more than the model takes: texts are cut at %d tokens",
-                 args.max_length, fit)
+        log.info(
+            "--max-length %d is more than the model takes: texts are cut at %d tokens",
+            args.max_length,
+            fit,
+        )
         args.max_length = fit
 
 
@@ -177,37 +193,58 @@ def _classification(args: argparse.Namespace) -> Run:
         label2id = getattr(model.config, "label2id", None)
     classes = model.config.num_labels
     if classes is None:
-        raise CLIError("the model's config names no classes (num_labels): pass a sequence "
-                       "classifier")
+        raise CLIError(
+            "the model's config names no classes (num_labels): pass a sequence classifier"
+        )
     try:
         ids, names = label_ids(raw, classes, label2id)
     except DataError as exc:
         raise CLIError(str(exc)) from None
     if not args.demo:
         labelled = list(zip(texts, ids, strict=True))
-        train, held_out = ((labelled[:len(rows)], labelled[len(rows):])
-                           if args.eval_data is not None
-                           else stratified_split(labelled, args.eval_split, args.seed))
+        train, held_out = (
+            (labelled[: len(rows)], labelled[len(rows) :])
+            if args.eval_data is not None
+            else stratified_split(labelled, args.eval_split, args.seed)
+        )
     backend = _fast_tokenizer(tokenizer, args.model_dir if not args.demo else "the demo")
     _fit_max_length(args, model, tokenizer)
     if tokenizer.pad_token is None:
-        raise CLIError("the tokenizer has no pad token to batch texts with: set one "
-                       "(tokenizer.pad_token = ...) and save the model folder again")
+        raise CLIError(
+            "the tokenizer has no pad token to batch texts with: set one "
+            "(tokenizer.pad_token = ...) and save the model folder again"
+        )
     log.info("compressing on %d examples, %d held out", len(train), len(held_out))
-    batches = text_batches(train, tokenizer, args.batch_size, shuffle=True, seed=args.seed,
-                           max_length=args.max_length, group_by_length=True)
+    batches = text_batches(
+        train,
+        tokenizer,
+        args.batch_size,
+        shuffle=True,
+        seed=args.seed,
+        max_length=args.max_length,
+        group_by_length=True,
+    )
 
     def evaluate(student: Callable[..., Any]) -> dict[str, float]:
         if not held_out:
             return {}
-        evaluation = text_batches(held_out, tokenizer, 64, shuffle=False,
-                                  max_length=args.max_length)
-        return {"teacher_accuracy": accuracy(model, evaluation),
-                "student_accuracy": accuracy(student, evaluation)}
+        evaluation = text_batches(
+            held_out, tokenizer, 64, shuffle=False, max_length=args.max_length
+        )
+        return {
+            "teacher_accuracy": accuracy(model, evaluation),
+            "student_accuracy": accuracy(student, evaluation),
+        }
 
-    serving = Serving("classification", tuple(names), args.max_length,
-                      tokenizer.pad_token_id, tokenizer.pad_token, tokenizer.padding_side,
-                      tokenizer.truncation_side)
+    serving = Serving(
+        "classification",
+        tuple(names),
+        args.max_length,
+        tokenizer.pad_token_id,
+        tokenizer.pad_token,
+        tokenizer.padding_side,
+        tokenizer.truncation_side,
+    )
     identity["tokenizer"] = _digest(backend.to_str().encode())
     return Run(model, tokenizer, batches, evaluate, serving, identity)
 
@@ -220,8 +257,9 @@ def _causal_lm(args: argparse.Namespace) -> Run:
     if args.demo:
         raise CLIError("--demo is the sequence-classification demo: drop --task causal-lm")
     if args.model_dir is None or args.data is None:
-        raise CLIError("give MODEL_DIR and --data FILE (plain text, one document a line, or "
-                       ".jsonl)")
+        raise CLIError(
+            "give MODEL_DIR and --data FILE (plain text, one document a line, or .jsonl)"
+        )
     try:
         texts = read_texts(args.data, args.text_column)
         identity = {"--data file": _digest(args.data.read_bytes())}
@@ -233,8 +271,14 @@ def _causal_lm(args: argparse.Namespace) -> Run:
         model, tokenizer = _model(args.model_dir, args.task)
         backend = _fast_tokenizer(tokenizer, args.model_dir)
         _fit_max_length(args, model, tokenizer)
-        batches = lm_batches(train, tokenizer, args.batch_size, shuffle=True, seed=args.seed,
-                             max_length=args.max_length)
+        batches = lm_batches(
+            train,
+            tokenizer,
+            args.batch_size,
+            shuffle=True,
+            seed=args.seed,
+            max_length=args.max_length,
+        )
     except DataError as exc:
         raise CLIError(str(exc)) from exc
     log.info("compressing on %d documents, %d held out", len(train), len(held_out))
@@ -242,24 +286,35 @@ def _causal_lm(args: argparse.Namespace) -> Run:
     def evaluate(student: Callable[..., Any]) -> dict[str, float]:
         if not held_out:
             return {}
-        evaluation = lm_batches(held_out, tokenizer, args.batch_size, shuffle=False,
-                                max_length=args.max_length)
+        evaluation = lm_batches(
+            held_out, tokenizer, args.batch_size, shuffle=False, max_length=args.max_length
+        )
         try:
-            return {"teacher_perplexity": perplexity(model, evaluation),
-                    "student_perplexity": perplexity(student, evaluation)}
+            return {
+                "teacher_perplexity": perplexity(model, evaluation),
+                "student_perplexity": perplexity(student, evaluation),
+            }
         except ValueError as exc:
             raise CLIError(f"held-out documents: {exc}") from exc
 
-    serving = Serving("causal-lm", (), args.max_length, tokenizer.pad_token_id,
-                      tokenizer.pad_token, "right", tokenizer.truncation_side)
+    serving = Serving(
+        "causal-lm",
+        (),
+        args.max_length,
+        tokenizer.pad_token_id,
+        tokenizer.pad_token,
+        "right",
+        tokenizer.truncation_side,
+    )
     identity["tokenizer"] = _digest(backend.to_str().encode())
     return Run(model, tokenizer, batches, evaluate, serving, identity)
 
 
 def _score(key: str, value: float) -> str:
     """``teacher accuracy: 80.87%`` / ``student perplexity: 41.20``."""
-    return f"{key.replace('_', ' ')}: " + (f"{value:.2%}" if key.endswith("accuracy")
-                                           else f"{value:.2f}")
+    return f"{key.replace('_', ' ')}: " + (
+        f"{value:.2%}" if key.endswith("accuracy") else f"{value:.2f}"
+    )
 
 
 def _check_settings(args: argparse.Namespace) -> None:
@@ -267,15 +322,20 @@ def _check_settings(args: argparse.Namespace) -> None:
     if args.task not in TASKS:
         raise CLIError(f"unknown --task {args.task!r}: use one of {', '.join(TASKS)}")
     if not 0 <= args.sparsity < 1:
-        raise CLIError(f"--sparsity must be in [0, 1) (0.9 keeps 10% of the encoder), got "
-                       f"{args.sparsity}")
-    for option, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length),
-                          ("--threads", args.threads)):
+        raise CLIError(
+            f"--sparsity must be in [0, 1) (0.9 keeps 10% of the encoder), got {args.sparsity}"
+        )
+    for option, value in (
+        ("--batch-size", args.batch_size),
+        ("--max-length", args.max_length),
+        ("--threads", args.threads),
+    ):
         if value < 1:
             raise CLIError(f"{option} must be an integer >= 1, got {value}")
     if not 0 <= args.eval_split < 1:
-        raise CLIError(f"--eval-split must be in [0, 1) (the held-out share of --data), got "
-                       f"{args.eval_split}")
+        raise CLIError(
+            f"--eval-split must be in [0, 1) (the held-out share of --data), got {args.eval_split}"
+        )
     if args.out.exists() and not args.overwrite:
         raise CLIError(f"{args.out} exists: choose another --out or pass --overwrite")
     if args.out.exists() and not args.out.is_dir():
@@ -297,45 +357,74 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     _check_settings(args)
     checkpoint_path = _checkpoint_path(args)
-    preflight.writable_folder(args.out.parent, f"the output --out {args.out}",
-                              "choose another --out")
-    preflight.writable_folder(checkpoint_path.parent, f"the checkpoint {checkpoint_path}",
-                              "choose another --checkpoint")
+    preflight.writable_folder(
+        args.out.parent, f"the output --out {args.out}", "choose another --out"
+    )
+    preflight.writable_folder(
+        checkpoint_path.parent, f"the checkpoint {checkpoint_path}", "choose another --checkpoint"
+    )
     config = grainfx.GrainConfig(
-        **{k: v for k, v in {"epochs": args.epochs, "steps": args.steps,
-                             "learning_rate": args.learning_rate, "seed": args.seed,
-                             "temperature": args.temperature,
-                             "structure_alpha": args.structure_alpha,
-                             "granularity": args.granularity,
-                             "ema_beta": args.ema_beta}.items() if v is not None})
-    checkpoint = grainfx.CheckpointConfig(checkpoint_path, every=args.checkpoint_every,
-                                          resume=args.resume)
+        **{
+            k: v
+            for k, v in {
+                "epochs": args.epochs,
+                "steps": args.steps,
+                "learning_rate": args.learning_rate,
+                "seed": args.seed,
+                "temperature": args.temperature,
+                "structure_alpha": args.structure_alpha,
+                "granularity": args.granularity,
+                "ema_beta": args.ema_beta,
+            }.items()
+            if v is not None
+        }
+    )
+    checkpoint = grainfx.CheckpointConfig(
+        checkpoint_path, every=args.checkpoint_every, resume=args.resume
+    )
     torch.set_num_threads(args.threads)
     run = (_causal_lm if args.task == "causal-lm" else _classification)(args)
     # the output: at most the dense model's size (with the tokenizer and plot), written
     # beside a previous output until it replaces it
     model_size = preflight.model_bytes(run.model)
-    preflight.free_space([(args.out.parent, 2 * model_size, "the output"),
-                          (checkpoint_path.parent, preflight.checkpoint_bytes(run.model),
-                           "a checkpoint")], "choose another --out / --checkpoint")
+    preflight.free_space(
+        [
+            (args.out.parent, 2 * model_size, "the output"),
+            (checkpoint_path.parent, preflight.checkpoint_bytes(run.model), "a checkpoint"),
+        ],
+        "choose another --out / --checkpoint",
+    )
     checkpoint = dataclasses.replace(checkpoint, identity=run.identity)
     if args.check:
         if args.resume:
             checkpoints.check(checkpoint.path, checkpoint.identity)
         structure = check(run.model, run.batches, args.sparsity, config=config)
-        print(f"preflight passed: data, labels, {args.out} and {checkpoint_path} writable, "
-              f"free space; the model captured with {len(structure.attention)} attention and "
-              f"{len(structure.ffn)} FFN blocks; run again without --check to compress")
+        print(
+            f"preflight passed: data, labels, {args.out} and {checkpoint_path} writable, "
+            f"free space; the model captured with {len(structure.attention)} attention and "
+            f"{len(structure.ffn)} FFN blocks; run again without --check to compress"
+        )
         return 0
     try:
-        result = grainfx.compress(run.model, run.batches, args.sparsity, config=config,
-                                  progress=not args.quiet, checkpoint=checkpoint)
+        result = grainfx.compress(
+            run.model,
+            run.batches,
+            args.sparsity,
+            config=config,
+            progress=not args.quiet,
+            checkpoint=checkpoint,
+        )
     except KeyboardInterrupt:
         saved = checkpoint.path.is_file()
-        print("grainfx compress: interrupted; "
-              + (f"state saved in {checkpoint.path}: run the same command with --resume to go "
-                 f"on" if saved else "nothing saved yet (no step was finished)"),
-              file=sys.stderr)
+        print(
+            "grainfx compress: interrupted; "
+            + (
+                f"state saved in {checkpoint.path}: run the same command with --resume to go on"
+                if saved
+                else "nothing saved yet (no step was finished)"
+            ),
+            file=sys.stderr,
+        )
         return 130
     scores = run.evaluate(result.module)
     report = {**result.report, "task": args.task, **scores}
@@ -347,27 +436,35 @@ def cmd_compress(args: argparse.Namespace) -> int:
         (folder / SERVING_FILE).write_text(run.serving.to_json())
         (folder / "report.json").write_text(json.dumps(report, indent=1))
         summary = "\n".join(f"- {_score(k, v)}" for k, v in scores.items())
-        (folder / "report.md").write_text(f"# grainfx compress\n\n{summary}\n\n"
-                                          f"{format_report(report)}\n")
+        (folder / "report.md").write_text(
+            f"# grainfx compress\n\n{summary}\n\n{format_report(report)}\n"
+        )
         inspection.plot(folder / "structure.png")
 
     try:
         write_folder(args.out, write)
     except (OSError, PassError) as exc:
         cause = exc if isinstance(exc, OSError) else exc.__cause__
-        reason = (cause.strerror if isinstance(cause, OSError) and cause.strerror
-                  else str(exc).splitlines()[0])
-        print(f"grainfx compress: error: cannot write the output {args.out} ({reason}): free "
-              f"disk space or choose another --out, then run the same command with --resume "
-              f"(the trained state is in {checkpoint.path}); any previous output is untouched",
-              file=sys.stderr)
+        reason = (
+            cause.strerror
+            if isinstance(cause, OSError) and cause.strerror
+            else str(exc).splitlines()[0]
+        )
+        print(
+            f"grainfx compress: error: cannot write the output {args.out} ({reason}): free "
+            f"disk space or choose another --out, then run the same command with --resume "
+            f"(the trained state is in {checkpoint.path}); any previous output is untouched",
+            file=sys.stderr,
+        )
         return 2
     checkpoint.path.unlink(missing_ok=True)
     print(format_report(report))
     for key, value in scores.items():
         print(_score(key, value))
-    print(f"wrote {args.out}/: model.pt2, tokenizer, {SERVING_FILE} (labels, max length), "
-          f"model.json, report.json, report.md, structure.png")
+    print(
+        f"wrote {args.out}/: model.pt2, tokenizer, {SERVING_FILE} (labels, max length), "
+        f"model.json, report.json, report.md, structure.png"
+    )
     return 0
 
 
@@ -386,20 +483,28 @@ def _class_ids(rows: Sequence[Row], names: tuple[str, ...], path: Path) -> list[
         elif text.lstrip("+-").isdigit() and 0 <= int(text) < len(names):
             ids.append(int(text))
         else:
-            raise CLIError(f"{path} line {row.line}: label {text!r} is not one of the model's "
-                           f"labels {list(names)} nor an id 0..{len(names) - 1}")
+            raise CLIError(
+                f"{path} line {row.line}: label {text!r} is not one of the model's "
+                f"labels {list(names)} nor an id 0..{len(names) - 1}"
+            )
     return ids
 
 
-def _write_predictions(path: Path, rows: Sequence[Row], predictions: Sequence[Prediction]
-                       ) -> None:
+def _write_predictions(path: Path, rows: Sequence[Row], predictions: Sequence[Prediction]) -> None:
     import csv
+
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".jsonl"):
         raise CLIError(f"--out {path}: write predictions to a .csv or a .jsonl file")
-    records = [{"text": r.text, "label": p.label, "score": round(p.score, 6),
-                "scores": {k: round(v, 6) for k, v in p.scores.items()}}
-               for r, p in zip(rows, predictions, strict=True)]
+    records = [
+        {
+            "text": r.text,
+            "label": p.label,
+            "score": round(p.score, 6),
+            "scores": {k: round(v, 6) for k, v in p.scores.items()},
+        }
+        for r, p in zip(rows, predictions, strict=True)
+    ]
     try:
         with open(path, "w", newline="", encoding="utf-8") as f:
             if suffix == ".jsonl":
@@ -424,18 +529,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if value < 1:
             raise CLIError(f"{option} must be an integer >= 1, got {value}")
     if not args.folder.is_dir():
-        raise CLIError(f"{args.folder} is not a folder: pass the --out folder of grainfx "
-                       f"compress")
+        raise CLIError(f"{args.folder} is not a folder: pass the --out folder of grainfx compress")
     torch.set_num_threads(args.threads)
     predictor = load_folder(args.folder)  # what grainfx.load gives for a folder
     if predictor.serving.task != "classification":
-        raise CLIError(f"{args.folder} holds a {predictor.serving.task} model: predict gives "
-                       f"the labels of a classifier (grainfx.load(folder) on texts gives logits)")
+        raise CLIError(
+            f"{args.folder} holds a {predictor.serving.task} model: predict gives "
+            f"the labels of a classifier (grainfx.load(folder) on texts gives logits)"
+        )
     if args.data is not None:
         rows, source = _read(args.data, args, labels=False), args.data
     else:
-        rows = [Row(line.rstrip("\r\n"), None, number)
-                for number, line in enumerate(sys.stdin, 1) if line.strip()]
+        rows = [
+            Row(line.rstrip("\r\n"), None, number)
+            for number, line in enumerate(sys.stdin, 1)
+            if line.strip()
+        ]
         source = Path("<stdin>")
         if not rows:
             raise CLIError("no text on stdin: pipe text lines in, or give --data FILE")
@@ -452,16 +561,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         except BrokenPipeError:  # the reader stopped early (``| head``): not an error
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     if truth is not None:
-        correct = sum(predictor.labels[t] == p.label
-                      for t, p in zip(truth, predictions, strict=True))
-        print(f"accuracy: {correct / len(rows):.2%} ({correct} of {len(rows)} rows)",
-              file=sys.stderr)
+        correct = sum(
+            predictor.labels[t] == p.label for t, p in zip(truth, predictions, strict=True)
+        )
+        print(
+            f"accuracy: {correct / len(rows):.2%} ({correct} of {len(rows)} rows)", file=sys.stderr
+        )
     return 0
 
 
 def _load_pt2(path: Path) -> torch.nn.Module:
     """The module saved in ``path``; a missing or foreign file is a CLIError."""
     import passes
+
     if not path.is_file():
         raise CLIError(f"{path} does not exist: pass a .pt2 written by grainfx compress / save")
     try:
@@ -483,8 +595,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"wrote {inspection.plot(args.plot)}")
     if args.graph:
         graph_module = getattr(module, "graph_module", None)
-        print(graph_module.print_readable(print_output=False)
-              if graph_module is not None else module.code)
+        print(
+            graph_module.print_readable(print_output=False)
+            if graph_module is not None
+            else module.code
+        )
     return 0
 
 
@@ -510,13 +625,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for mode in modes:
         fns = {name: (torch.compile(m) if mode == "compiled" else m) for name, m in models.items()}
         calls: dict[str, Callable[[], object]] = {
-            n: functools.partial(f, **inputs) for n, f in fns.items()}
+            n: functools.partial(f, **inputs) for n, f in fns.items()
+        }
         times = interleaved_medians(calls, args.reps)
         for name, seconds in times.items():
             ratio = times["dense"] / seconds if "dense" in times else None
             rows.append({"mode": mode, "model": name, "ms": seconds * 1e3, "speedup": ratio})
-    print(f"batch {args.batch}, sequence {args.seq}, {args.threads} thread(s), median of "
-          f"{args.reps} interleaved runs")
+    print(
+        f"batch {args.batch}, sequence {args.seq}, {args.threads} thread(s), median of "
+        f"{args.reps} interleaved runs"
+    )
     for r in rows:
         extra = f"  {r['speedup']:.2f}x vs dense" if r["speedup"] is not None else ""
         print(f"{r['mode']:>9} {r['model']:>8}: {r['ms']:9.2f} ms{extra}")
@@ -534,8 +652,10 @@ def _ema_beta(text: str) -> float | str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.run(args)
     except (CLIError, PassError) as exc:
@@ -548,14 +668,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compress", help="prune a fine-tuned classifier (CSV / JSONL rows) or "
-                                        "a causal language model (text)")
+    c = sub.add_parser(
+        "compress",
+        help="prune a fine-tuned classifier (CSV / JSONL rows) or a causal language model (text)",
+    )
     c.add_argument("model_dir", type=Path, nargs="?", help="a save_pretrained folder")
-    c.add_argument("--task", default="classification",
-                   help=f"one of {', '.join(TASKS)} (default classification)")
-    c.add_argument("--data", type=Path,
-                   help="training rows: .csv or .jsonl; for causal-lm plain text (one "
-                        "document a line) or .jsonl")
+    c.add_argument(
+        "--task",
+        default="classification",
+        help=f"one of {', '.join(TASKS)} (default classification)",
+    )
+    c.add_argument(
+        "--data",
+        type=Path,
+        help="training rows: .csv or .jsonl; for causal-lm plain text (one "
+        "document a line) or .jsonl",
+    )
     c.add_argument("--eval-data", type=Path, help="held-out rows (default: a split of --data)")
     c.add_argument("--eval-split", type=float, default=0.1, help="held-out share of --data")
     c.add_argument("--text-column", default="text")
@@ -563,46 +691,83 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sparsity", type=float, default=0.9, help="share of encoder removed")
     c.add_argument("--out", type=Path, required=True, help="output folder")
     c.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    c.add_argument("--demo", action="store_true",
-                   help="MiniLM fine-tuned on the offline Rotten Tomatoes data")
+    c.add_argument(
+        "--demo", action="store_true", help="MiniLM fine-tuned on the offline Rotten Tomatoes data"
+    )
     c.add_argument("--epochs", type=float, help="passes over --data (default 20; --demo 2)")
     c.add_argument("--steps", type=int, help="exact number of steps (overrides --epochs)")
-    c.add_argument("--learning-rate", type=float,
-                   help="AdamW learning rate (default 3e-5; --demo 1e-4)")
+    c.add_argument(
+        "--learning-rate", type=float, help="AdamW learning rate (default 3e-5; --demo 1e-4)"
+    )
     c.add_argument("--temperature", type=float, help="distillation temperature (default 8)")
-    c.add_argument("--structure-alpha", type=float,
-                   help="structure regularization strength (default 0.3)")
-    c.add_argument("--ema-beta", type=_ema_beta,
-                   help="EMA factor of the importance scores, or 'auto' (a few horizons per "
-                        "pruning window; default 0.998, the paper's)")
-    c.add_argument("--granularity", choices=["intra", "head"],
-                   help="intra: query/value units and FFN neurons (default); head: whole heads")
-    c.add_argument("--batch-size", type=int, default=32,
-                   help="texts per batch (batched by similar length, to pad little)")
-    c.add_argument("--max-length", type=int, default=128,
-                   help="tokens per text, at most (and at most the model's positions)")
+    c.add_argument(
+        "--structure-alpha", type=float, help="structure regularization strength (default 0.3)"
+    )
+    c.add_argument(
+        "--ema-beta",
+        type=_ema_beta,
+        help="EMA factor of the importance scores, or 'auto' (a few horizons per "
+        "pruning window; default 0.998, the paper's)",
+    )
+    c.add_argument(
+        "--granularity",
+        choices=["intra", "head"],
+        help="intra: query/value units and FFN neurons (default); head: whole heads",
+    )
+    c.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="texts per batch (batched by similar length, to pad little)",
+    )
+    c.add_argument(
+        "--max-length",
+        type=int,
+        default=128,
+        help="tokens per text, at most (and at most the model's positions)",
+    )
     c.add_argument("--seed", type=int, default=0, help="seed of the split, order and dropout")
     c.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
-    c.add_argument("--checkpoint", type=Path,
-                   help="checkpoint file (default: OUT.checkpoint.pt beside --out)")
-    c.add_argument("--checkpoint-every", type=int, default=100,
-                   help="save a checkpoint every N steps (and on Ctrl-C)")
-    c.add_argument("--resume", action="store_true",
-                   help="go on from the checkpoint of an interrupted run (same settings)")
-    c.add_argument("--check", action="store_true",
-                   help="run the preflight alone (settings, locations, free space, every data "
-                        "row and label, the model captured on one batch) and exit")
+    c.add_argument(
+        "--checkpoint", type=Path, help="checkpoint file (default: OUT.checkpoint.pt beside --out)"
+    )
+    c.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=100,
+        help="save a checkpoint every N steps (and on Ctrl-C)",
+    )
+    c.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the checkpoint of an interrupted run (same settings)",
+    )
+    c.add_argument(
+        "--check",
+        action="store_true",
+        help="run the preflight alone (settings, locations, free space, every data "
+        "row and label, the model captured on one batch) and exit",
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(run=cmd_compress)
 
-    p = sub.add_parser("predict", help="label names and scores of texts, with an output folder "
-                                       "of compress (torch and tokenizers only)")
+    p = sub.add_parser(
+        "predict",
+        help="label names and scores of texts, with an output folder "
+        "of compress (torch and tokenizers only)",
+    )
     p.add_argument("folder", type=Path, help="an --out folder of grainfx compress")
-    p.add_argument("--data", type=Path,
-                   help=".csv / .jsonl rows (accuracy too when they have labels); default: "
-                        "text lines on stdin")
-    p.add_argument("--out", type=Path, help="write the predictions to this .csv / .jsonl "
-                                            "(default: print them, tab-separated)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help=".csv / .jsonl rows (accuracy too when they have labels); default: "
+        "text lines on stdin",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="write the predictions to this .csv / .jsonl (default: print them, tab-separated)",
+    )
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--batch-size", type=int, default=32)

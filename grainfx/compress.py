@@ -18,9 +18,9 @@ from grainfx import checkpoint as checkpoints
 from grainfx import preflight
 from grainfx.checkpoint import CheckpointConfig
 from grainfx.config import ConfigError, GrainConfig
+from grainfx.distill import KD_POSITIONS
 from grainfx.output import open_permissions
 from grainfx.report import build_report, format_report
-from grainfx.distill import KD_POSITIONS
 from grainfx.trainer import Student, Trainer
 from passes.capture import OUTPUT_NAMES_ATTR
 from passes.errors import CaptureError, PassError
@@ -82,25 +82,31 @@ class CompressionResult:
         return format_report(self.report)
 
 
-def _model_inputs(batch: object, names: list[str] | None = None, positions: bool = False
-                  ) -> dict[str, torch.Tensor]:
+def _model_inputs(
+    batch: object, names: list[str] | None = None, positions: bool = False
+) -> dict[str, torch.Tensor]:
     """The model's keyword inputs from one dataloader batch (labels dropped); with
     ``positions``, per-token labels give the positions to distil (:data:`KD_POSITIONS`)."""
     if not isinstance(batch, Mapping):
         raise BatchError(
             f"batches must be dicts of tensors keyed by the model's argument names (as a "
             f"tokenizer returns them), got {type(batch).__name__}; wrap your collate_fn to "
-            f"return e.g. {{'input_ids': ..., 'attention_mask': ...}}")
+            f"return e.g. {{'input_ids': ..., 'attention_mask': ...}}"
+        )
     inputs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
     bad = [k for k, v in inputs.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise BatchError(f"batch entry {bad[0]!r} is not a tensor; return tensors from the "
-                         f"collate_fn (return_tensors='pt')")
+        raise BatchError(
+            f"batch entry {bad[0]!r} is not a tensor; return tensors from the "
+            f"collate_fn (return_tensors='pt')"
+        )
     if names is not None:
         missing = [n for n in names if n not in inputs]
         if missing:
-            raise BatchError(f"a batch lacks {missing}, which the first batch had; every "
-                             f"batch must hold the same keys")
+            raise BatchError(
+                f"a batch lacks {missing}, which the first batch had; every "
+                f"batch must hold the same keys"
+            )
         inputs = {n: inputs[n] for n in names}
     labels = batch.get("labels")
     if positions and isinstance(labels, torch.Tensor) and labels.dim() == 2:
@@ -121,21 +127,27 @@ def cycle(dataloader: Iterable, total: int) -> Iterator:
         if count == before:
             raise EmptyDataLoaderError(
                 "the dataloader yielded no batch when iterated again: compress needs a "
-                "re-iterable dataloader (a torch DataLoader or a list), not a one-shot iterator")
+                "re-iterable dataloader (a torch DataLoader or a list), not a one-shot iterator"
+            )
 
 
 def _first_batch(dataloader: Iterable) -> dict[str, torch.Tensor]:
     for batch in dataloader:
         return _model_inputs(batch)
-    raise EmptyDataLoaderError("the dataloader yielded no batch: give compress a dataloader "
-                               "over at least one example")
+    raise EmptyDataLoaderError(
+        "the dataloader yielded no batch: give compress a dataloader over at least one example"
+    )
 
 
 Captured = TypeVar("Captured")
 
 
-def _capture(capturing: Callable[[torch.nn.Module, dict[str, torch.Tensor]], Captured],
-             model: torch.nn.Module, batch: dict[str, torch.Tensor], what: str) -> Captured:
+def _capture(
+    capturing: Callable[[torch.nn.Module, dict[str, torch.Tensor]], Captured],
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    what: str,
+) -> Captured:
     """``capturing(model, batch)`` (capture or capture_pair), with a batch the model cannot
     take reported as a BatchError."""
     try:
@@ -146,23 +158,28 @@ def _capture(capturing: Callable[[torch.nn.Module, dict[str, torch.Tensor]], Cap
                 model(**batch)
         except Exception as exc:
             shapes = {k: tuple(v.shape) for k, v in batch.items()}
-            raise BatchError(f"the {what} cannot take the first batch {shapes}: {exc}; check "
-                             f"that the batch keys are the model's argument names") from exc
+            raise BatchError(
+                f"the {what} cannot take the first batch {shapes}: {exc}; check "
+                f"that the batch keys are the model's argument names"
+            ) from exc
         raise
 
 
 def _pick_output(names: list[str], config: GrainConfig) -> str:
     if config.output_name is not None:
         if config.output_name not in names:
-            raise ConfigError(f"output_name {config.output_name!r} is not an output of the "
-                              f"model; it returns {names}")
+            raise ConfigError(
+                f"output_name {config.output_name!r} is not an output of the "
+                f"model; it returns {names}"
+            )
         return config.output_name
     if "logits" in names:
         return "logits"
     if len(names) == 1:
         return names[0]
-    raise ConfigError(f"the model returns {names}: set GrainConfig(output_name=...) to the one "
-                      f"to distil")
+    raise ConfigError(
+        f"the model returns {names}: set GrainConfig(output_name=...) to the one to distil"
+    )
 
 
 def _with_hidden(gm: fx.GraphModule, structure: passes.Structure, every: int) -> tuple:
@@ -186,8 +203,15 @@ def _total_steps(dataloader: Iterable, config: GrainConfig) -> int:
         raise ConfigError("the dataloader has no len(): set GrainConfig(steps=...)") from None
 
 
-def prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparsity: float, *,
-            teacher: torch.nn.Module | None, config: GrainConfig, total_steps: int) -> Trainer:
+def prepare(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    sparsity: float,
+    *,
+    teacher: torch.nn.Module | None,
+    config: GrainConfig,
+    total_steps: int,
+) -> Trainer:
     """Capture, discover and instrument student and teacher; return the ready Trainer.
 
     ``batch`` is one batch of model inputs (it fixes the input names of every later batch).
@@ -197,16 +221,21 @@ def prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparsity: fl
         train_gm = factorize_embedding(train_gm, config.embedding_rank)
         eval_gm = factorize_embedding(eval_gm, config.embedding_rank, share_with=train_gm)
     structure = passes.discover(eval_gm)
-    log.info("captured %d graph nodes; found %d attention and %d FFN blocks, %s prunable "
-             "parameters", len(eval_gm.graph.nodes), len(structure.attention),
-             len(structure.ffn), f"{structure.unit_params:,}")
+    log.info(
+        "captured %d graph nodes; found %d attention and %d FFN blocks, %s prunable parameters",
+        len(eval_gm.graph.nodes),
+        len(structure.attention),
+        len(structure.ffn),
+        f"{structure.unit_params:,}",
+    )
     train_structure = passes.discover(train_gm)
     if train_structure.mask_shapes() != structure.mask_shapes():
         raise PassError("the train-mode graph has another structure than the eval-mode one")
     output = _pick_output(getattr(eval_gm, OUTPUT_NAMES_ATTR), config)
 
-    teacher_eval = _capture(passes.capture, teacher if teacher is not None else model, batch,
-                            "teacher")
+    teacher_eval = _capture(
+        passes.capture, teacher if teacher is not None else model, batch, "teacher"
+    )
     for p in teacher_eval.parameters():
         p.requires_grad_(False)
     student_train, hidden_keys = _with_hidden(train_gm, train_structure, config.hidden_every)
@@ -217,54 +246,82 @@ def prepare(model: torch.nn.Module, batch: dict[str, torch.Tensor], sparsity: fl
             raise TeacherMismatchError(
                 f"the teacher has {len(teacher_structure.layer_outputs) - 1} layers and the "
                 f"student {len(train_structure.layer_outputs) - 1}: the hidden-state loss pairs "
-                f"layers one to one; use GrainConfig(hidden_loss=False)")
+                f"layers one to one; use GrainConfig(hidden_loss=False)"
+            )
         teacher_eval, _ = _with_hidden(teacher_eval, teacher_structure, config.hidden_every)
-        hidden_dims = (_width(train_gm, train_structure.layer_outputs[0]),
-                       _width(teacher_eval, teacher_structure.layer_outputs[0]))
+        hidden_dims = (
+            _width(train_gm, train_structure.layer_outputs[0]),
+            _width(teacher_eval, teacher_structure.layer_outputs[0]),
+        )
     with torch.no_grad():
         t_out, s_out = teacher_eval(**batch), eval_gm(**batch)
     if output not in t_out or t_out[output].shape != s_out[output].shape:
         got = tuple(t_out[output].shape) if output in t_out else f"no {output!r}"
-        raise TeacherMismatchError(f"the teacher's {output!r} is {got} but the student's is "
-                                   f"{tuple(s_out[output].shape)}: distillation needs the same "
-                                   f"output shape (same task head and labels)")
+        raise TeacherMismatchError(
+            f"the teacher's {output!r} is {got} but the student's is "
+            f"{tuple(s_out[output].shape)}: distillation needs the same "
+            f"output shape (same task head and labels)"
+        )
 
     masked_train = passes.instrument(student_train, train_structure)
     masked_eval = passes.instrument(eval_gm, structure, masks=mask_buffers(masked_train))
-    student = Student(masked_train, masked_eval, train_structure, structure, hidden_keys,
-                      list(batch))
-    return Trainer(student, teacher_eval, config, 1.0 - float(sparsity), output, total_steps,
-                   hidden_dims)
+    student = Student(
+        masked_train, masked_eval, train_structure, structure, hidden_keys, list(batch)
+    )
+    return Trainer(
+        student, teacher_eval, config, 1.0 - float(sparsity), output, total_steps, hidden_dims
+    )
 
 
 def _check_sparsity(sparsity: object) -> None:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (
-            0 <= sparsity < 1):
-        raise ConfigError(f"sparsity must be in [0, 1) (0.9 keeps 10% of the encoder), got "
-                          f"{sparsity!r}")
+    if (
+        isinstance(sparsity, bool)
+        or not isinstance(sparsity, (int, float))
+        or not (0 <= sparsity < 1)
+    ):
+        raise ConfigError(
+            f"sparsity must be in [0, 1) (0.9 keeps 10% of the encoder), got {sparsity!r}"
+        )
 
 
-def check(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
-          teacher: torch.nn.Module | None = None, config: GrainConfig | None = None
-          ) -> passes.Structure:
+def check(
+    model: torch.nn.Module,
+    dataloader: Iterable,
+    sparsity: float,
+    *,
+    teacher: torch.nn.Module | None = None,
+    config: GrainConfig | None = None,
+) -> passes.Structure:
     """What :func:`compress` does before its first step, alone: the model and the teacher
     captured, discovered and instrumented on the first batch, the teacher's output checked
     against the student's, and every later batch checked to hold the same inputs. Returns
     what discover found; raises what compress would raise before training."""
     _check_sparsity(sparsity)
     config = config or GrainConfig()
-    trainer = prepare(model, _first_batch(dataloader), sparsity, teacher=teacher,
-                      config=config, total_steps=_total_steps(dataloader, config))
+    trainer = prepare(
+        model,
+        _first_batch(dataloader),
+        sparsity,
+        teacher=teacher,
+        config=config,
+        total_steps=_total_steps(dataloader, config),
+    )
     for batch in dataloader:
         _model_inputs(batch, trainer.student.input_names)
     return trainer.student.eval_structure
 
 
-def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
-             teacher: torch.nn.Module | None = None, config: GrainConfig | None = None,
-             progress: bool = True,
-             callback: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
-             checkpoint: CheckpointConfig | None = None) -> CompressionResult:
+def compress(
+    model: torch.nn.Module,
+    dataloader: Iterable,
+    sparsity: float,
+    *,
+    teacher: torch.nn.Module | None = None,
+    config: GrainConfig | None = None,
+    progress: bool = True,
+    callback: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+    checkpoint: CheckpointConfig | None = None,
+) -> CompressionResult:
     """Prune ``model`` with GRAIN to ``1 - sparsity`` of its encoder parameters.
 
     Args:
@@ -291,23 +348,29 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
     config = config or GrainConfig()
     if checkpoint is not None:
         folder = checkpoint.path.parent
-        preflight.writable_folder(folder, f"the checkpoint {checkpoint.path}",
-                                  "choose another checkpoint path (--checkpoint)")
-        preflight.free_space([(folder, preflight.checkpoint_bytes(model), "a checkpoint")],
-                             "choose another checkpoint path (--checkpoint)")
+        preflight.writable_folder(
+            folder,
+            f"the checkpoint {checkpoint.path}",
+            "choose another checkpoint path (--checkpoint)",
+        )
+        preflight.free_space(
+            [(folder, preflight.checkpoint_bytes(model), "a checkpoint")],
+            "choose another checkpoint path (--checkpoint)",
+        )
         if checkpoint.resume:
             checkpoints.check(checkpoint.path, checkpoint.identity)
     torch.manual_seed(config.seed)
     batch = _first_batch(dataloader)
     total = _total_steps(dataloader, config)
-    trainer = prepare(model, batch, sparsity, teacher=teacher, config=config,
-                      total_steps=total)
+    trainer = prepare(model, batch, sparsity, teacher=teacher, config=config, total_steps=total)
     names = trainer.student.input_names
     raw = cycle(dataloader, total)
     start, save = 0, None
     if checkpoint is not None:
+
         def save(steps_done: int) -> None:
             checkpoints.save(trainer, steps_done, checkpoint.path, checkpoint.identity)
+
         if checkpoint.resume:
             start = checkpoints.load(trainer, checkpoint.path, checkpoint.identity)
             log.info("resuming from %s after step %d of %d", checkpoint.path, start, total)
@@ -316,19 +379,30 @@ def compress(model: torch.nn.Module, dataloader: Iterable, sparsity: float, *,
                 pass
             torch.set_rng_state(rng)
     batches = (_model_inputs(b, names, config.kd_positions == "labeled") for b in raw)
-    history = trainer.run(batches, progress=progress, start=start, callback=callback,
-                          save=save, save_every=checkpoint.every if checkpoint else None)
+    history = trainer.run(
+        batches,
+        progress=progress,
+        start=start,
+        callback=callback,
+        save=save,
+        save_every=checkpoint.every if checkpoint else None,
+    )
     if save is not None and total > start:
         save(total)  # a run whose result cannot be written resumes without training again
     masked_eval, structure = trainer.student.eval, trainer.student.eval_structure
     masked_eval.eval()
     compact = passes.rewrite(masked_eval, structure)
-    log.info("rewrote the masked graph into a compact one of %d nodes",
-             len(compact.graph.nodes))
+    log.info("rewrote the masked graph into a compact one of %d nodes", len(compact.graph.nodes))
     original = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    report = build_report(getattr(compact, KEPT_ATTR), structure, history, 1.0 - float(sparsity),
-                          config, original)
-    return CompressionResult(module=compact, density=report["density"], report=report,
-                             structure=structure, masked=masked_eval,
-                             masks=passes.get_masks(masked_eval),
-                             scores={k: v.clone() for k, v in trainer.importance.scores.items()})
+    report = build_report(
+        getattr(compact, KEPT_ATTR), structure, history, 1.0 - float(sparsity), config, original
+    )
+    return CompressionResult(
+        module=compact,
+        density=report["density"],
+        report=report,
+        structure=structure,
+        masked=masked_eval,
+        masks=passes.get_masks(masked_eval),
+        scores={k: v.clone() for k, v in trainer.importance.scores.items()},
+    )

@@ -91,35 +91,48 @@ class GrainConfig:
         _integer(self, "hidden_every", low=1)
         _real(self, "hidden_loss_weight", low=0)
         if isinstance(self.ema_beta, str) and self.ema_beta != "auto":
-            raise ConfigError(f"GrainConfig: ema_beta must be a number in [0, 1) or 'auto', "
-                              f"got {self.ema_beta!r}")
+            raise ConfigError(
+                f"GrainConfig: ema_beta must be a number in [0, 1) or 'auto', got {self.ema_beta!r}"
+            )
         if self.ema_beta != "auto":
             _real(self, "ema_beta", low=0, high=1, high_open=True)
         _real(self, "prune_start", low=0, high=1)
         _real(self, "prune_end", low=0, high=1)
         if self.prune_start > self.prune_end:
-            raise ConfigError(f"GrainConfig: prune_start ({self.prune_start}) must not be after "
-                              f"prune_end ({self.prune_end})")
+            raise ConfigError(
+                f"GrainConfig: prune_start ({self.prune_start}) must not be after "
+                f"prune_end ({self.prune_end})"
+            )
         _integer(self, "prune_every", low=1)
         _real(self, "structure_alpha", low=0, low_open=True)
         _integer(self, "embedding_rank", low=1, optional=True)
         _integer(self, "max_bad_steps", low=1)
         _integer(self, "seed", low=0)
         _integer(self, "version", low=1)
-        for name in ("hidden_loss", "structure_regularization", "gradient_separation",
-                     "random_scores", "query_heads"):
+        for name in (
+            "hidden_loss",
+            "structure_regularization",
+            "gradient_separation",
+            "random_scores",
+            "query_heads",
+        ):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"GrainConfig: {name} must be True or False, got "
-                                  f"{getattr(self, name)!r}")
+                raise ConfigError(
+                    f"GrainConfig: {name} must be True or False, got {getattr(self, name)!r}"
+                )
         if self.granularity not in GRANULARITIES:
-            raise ConfigError(f"GrainConfig: granularity must be one of {GRANULARITIES}, got "
-                              f"{self.granularity!r}")
+            raise ConfigError(
+                f"GrainConfig: granularity must be one of {GRANULARITIES}, got {self.granularity!r}"
+            )
         if self.kd_positions not in KD_POSITIONS:
-            raise ConfigError(f"GrainConfig: kd_positions must be one of {KD_POSITIONS}, got "
-                              f"{self.kd_positions!r}")
+            raise ConfigError(
+                f"GrainConfig: kd_positions must be one of {KD_POSITIONS}, got "
+                f"{self.kd_positions!r}"
+            )
         if self.output_name is not None and not isinstance(self.output_name, str):
-            raise ConfigError(f"GrainConfig: output_name must be a string or None, got "
-                              f"{self.output_name!r}")
+            raise ConfigError(
+                f"GrainConfig: output_name must be a string or None, got {self.output_name!r}"
+            )
 
     def beta(self, total_steps: int) -> float:
         """The EMA factor of a run of ``total_steps``: ``ema_beta``, or for ``"auto"`` the one
@@ -140,8 +153,7 @@ class GrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"GrainConfig has no field {unknown[0]!r}; fields: "
-                              f"{sorted(known)}")
+            raise ConfigError(f"GrainConfig has no field {unknown[0]!r}; fields: {sorted(known)}")
         return cls(**data)
 
 
@@ -151,30 +163,46 @@ def _range_text(low: float | None, high: float | None, low_open: bool, high_open
     return " and ".join(part for part in (left, right) if part)
 
 
-def _check_range(name: str, value: float, low: float | None, high: float | None,
-                 low_open: bool, high_open: bool, kind: str) -> None:
+def _check_range(
+    name: str,
+    value: float,
+    low: float | None,
+    high: float | None,
+    low_open: bool,
+    high_open: bool,
+    kind: str,
+) -> None:
     bad = (low is not None and (value < low or (low_open and value == low))) or (
-        high is not None and (value > high or (high_open and value == high)))
+        high is not None and (value > high or (high_open and value == high))
+    )
     if bad:
-        raise ConfigError(f"GrainConfig: {name} must be {kind} "
-                          f"{_range_text(low, high, low_open, high_open)}, got {value!r}")
+        raise ConfigError(
+            f"GrainConfig: {name} must be {kind} "
+            f"{_range_text(low, high, low_open, high_open)}, got {value!r}"
+        )
 
 
-def _real(config: object, name: str, *, low: float | None = None, high: float | None = None,
-          low_open: bool = False, high_open: bool = False) -> None:
+def _real(
+    config: object,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
     value = getattr(config, name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
-            value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConfigError(f"GrainConfig: {name} must be a finite number, got {value!r}")
     _check_range(name, value, low, high, low_open, high_open, "a number")
 
 
-def _integer(config: object, name: str, *, low: int | None = None,
-             optional: bool = False) -> None:
+def _integer(config: object, name: str, *, low: int | None = None, optional: bool = False) -> None:
     value = getattr(config, name)
     if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"GrainConfig: {name} must be an int{' or None' if optional else ''}, "
-                          f"got {value!r}")
+        raise ConfigError(
+            f"GrainConfig: {name} must be an int{' or None' if optional else ''}, got {value!r}"
+        )
     _check_range(name, value, low, None, False, False, "an int")

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar,
-                    cast)
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+    TypeVar,
+    cast,
+)
 
 import torch
 
@@ -34,29 +43,47 @@ def stratified_split(rows: Rows, held_out: float, seed: int) -> tuple[list, list
     return [train[i] for i in shuffle], test
 
 
-def text_batches(rows: Rows, tokenizer: PreTrainedTokenizerBase, batch_size: int,
-                 shuffle: bool, seed: int = 0,
-                 max_length: int = 128, group_by_length: bool = False
-                 ) -> torch.utils.data.DataLoader:
+def text_batches(
+    rows: Rows,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    max_length: int = 128,
+    group_by_length: bool = False,
+) -> torch.utils.data.DataLoader:
     """Dynamic-padding batches of tokenized text, with ``labels``.
 
     ``group_by_length`` (with ``shuffle``): each epoch, shuffle, then sort windows of 50
     batches by length and shuffle the batches, so a batch holds sentences of similar length
     and pads little (about half the tokens of random batches on Rotten Tomatoes).
     """
+
     def collate(batch: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
-        enc = tokenizer([t for t, _ in batch], padding=True, truncation=True,
-                        max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            [t for t, _ in batch],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         return {**enc, "labels": torch.tensor([y for _, y in batch])}
+
     rows = list(rows)
     generator = torch.Generator().manual_seed(seed)
     if group_by_length and shuffle:
         lengths = [len(ids) for ids in tokenizer([t for t, _ in rows])["input_ids"]]
         sampler = LengthGroupedBatches(lengths, batch_size, generator)
-        return torch.utils.data.DataLoader(as_dataset(rows), batch_sampler=sampler,
-                                           collate_fn=collate)
-    return torch.utils.data.DataLoader(as_dataset(rows), batch_size=batch_size, shuffle=shuffle,
-                                       collate_fn=collate, generator=generator)
+        return torch.utils.data.DataLoader(
+            as_dataset(rows), batch_sampler=sampler, collate_fn=collate
+        )
+    return torch.utils.data.DataLoader(
+        as_dataset(rows),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=collate,
+        generator=generator,
+    )
 
 
 class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
@@ -75,9 +102,10 @@ class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
         window = self.batch_size * self.WINDOW
         batches = []
         for start in range(0, len(order), window):
-            chunk = sorted(order[start:start + window], key=self.lengths.__getitem__)
-            batches += [chunk[i:i + self.batch_size]
-                        for i in range(0, len(chunk), self.batch_size)]
+            chunk = sorted(order[start : start + window], key=self.lengths.__getitem__)
+            batches += [
+                chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
+            ]
         for i in torch.randperm(len(batches), generator=self.generator).tolist():
             yield batches[i]
 
@@ -96,8 +124,14 @@ def accuracy(model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Ten
     return correct / max(total, 1)
 
 
-def finetune(model: torch.nn.Module, batches: torch.utils.data.DataLoader, epochs: float,
-             learning_rate: float, seed: int, progress: bool = True) -> torch.nn.Module:
+def finetune(
+    model: torch.nn.Module,
+    batches: torch.utils.data.DataLoader,
+    epochs: float,
+    learning_rate: float,
+    seed: int,
+    progress: bool = True,
+) -> torch.nn.Module:
     """Plain fine-tuning with the model's own loss (labels in the batches); returns it in eval
     mode. AdamW, 10% warm-up then linear decay, gradient clip 1."""
     from tqdm.auto import tqdm
@@ -107,7 +141,8 @@ def finetune(model: torch.nn.Module, batches: torch.utils.data.DataLoader, epoch
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     warm = max(1, int(0.1 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / steps))
+        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / steps)
+    )
     model.train()
     done = 0
     with tqdm(total=steps, desc="fine-tune teacher", unit="step", disable=not progress) as bar:

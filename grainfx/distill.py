@@ -8,8 +8,12 @@ import torch
 from torch import nn
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+def kd_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Soft cross-entropy between temperature-scaled distributions (no tau^2 factor).
 
     ``student`` and ``teacher`` are logits with classes last; for per-token logits
@@ -47,8 +51,12 @@ class HiddenMaps(nn.Module):
                 m.weight.copy_(torch.eye(teacher_dim, student_dim))
         self.maps = nn.ModuleList(maps)
 
-    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor],
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        student: list[torch.Tensor],
+        teacher: list[torch.Tensor],
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Sum over layers of the MSE between mapped student and teacher states.
 
         Padding positions (``mask`` == 0, shape (batch, seq)) are left out.

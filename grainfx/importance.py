@@ -28,25 +28,35 @@ class Importance:
         """``total_steps``: the run's length, which ``ema_beta="auto"`` needs."""
         self.structure, self.config = structure, config
         if config.ema_beta == "auto" and total_steps < 1:
-            raise ConfigError("GrainConfig: ema_beta='auto' needs the run's length; pass "
-                              "total_steps to Importance")
+            raise ConfigError(
+                "GrainConfig: ema_beta='auto' needs the run's length; pass "
+                "total_steps to Importance"
+            )
         self.beta = config.beta(total_steps)
         if config.granularity == "intra":
-            self.groups = [ScoreGroup(g.mask, g.kind, g.shape, g.unit_params)
-                           for g in structure.units()
-                           if config.query_heads or g.kind != "qhead"]
+            self.groups = [
+                ScoreGroup(g.mask, g.kind, g.shape, g.unit_params)
+                for g in structure.units()
+                if config.query_heads or g.kind != "qhead"
+            ]
         else:
             # whole heads; under GQA whole key/value groups with their query heads
-            self.groups = [ScoreGroup(f"{b.name}.head", "head", torch.Size([b.kv_heads]),
-                                      b.params // b.kv_heads)
-                           for b in structure.attention]
-            self.groups += [ScoreGroup(b.name, "ffn", torch.Size([b.width]), b.unit_params)
-                            for b in structure.ffn]
+            self.groups = [
+                ScoreGroup(
+                    f"{b.name}.head", "head", torch.Size([b.kv_heads]), b.params // b.kv_heads
+                )
+                for b in structure.attention
+            ]
+            self.groups += [
+                ScoreGroup(b.name, "ffn", torch.Size([b.width]), b.unit_params)
+                for b in structure.ffn
+            ]
         self.scores = {g.name: torch.zeros(g.shape) for g in self.groups}
         self._random = torch.Generator().manual_seed(config.seed)
 
-    def raw(self, grads: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
-            ) -> dict[str, torch.Tensor]:
+    def raw(
+        self, grads: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """This step's importance of each group (before smoothing)."""
         if self.config.random_scores:
             return {g.name: torch.rand(g.shape, generator=self._random) for g in self.groups}
@@ -63,8 +73,7 @@ class Importance:
             scores[group.name] = score
         return scores
 
-    def update(self, grads: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
-               ) -> None:
+    def update(self, grads: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> None:
         """Fold one step's gradients into the EMA: S = beta S + (1 - beta) |dL/dm|."""
         beta = self.beta
         for name, score in self.raw(grads, masks).items():
@@ -73,7 +82,8 @@ class Importance:
     def is_flat(self, tolerance: float = 1e-9) -> bool:
         """True when every score is ~0 (no gradient signal: the ranking would be arbitrary)."""
         return not self.config.random_scores and all(
-            float(s.abs().max()) <= tolerance for s in self.scores.values())
+            float(s.abs().max()) <= tolerance for s in self.scores.values()
+        )
 
     def _alive(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         alive = {}
@@ -85,8 +95,9 @@ class Importance:
                 alive[group.name] = masks[group.name].detach().bool()
         return alive
 
-    def _masks(self, alive: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]
-               ) -> dict[str, torch.Tensor]:
+    def _masks(
+        self, alive: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         masks = {}
         for group in self.groups:
             if group.kind == "head":
@@ -137,8 +148,10 @@ class Importance:
         return masks_after(low)
 
     def state_dict(self) -> dict:
-        return {"scores": {k: v.clone() for k, v in self.scores.items()},
-                "random": self._random.get_state()}
+        return {
+            "scores": {k: v.clone() for k, v in self.scores.items()},
+            "random": self._random.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.scores = {k: v.clone() for k, v in state["scores"].items()}
@@ -148,5 +161,3 @@ class Importance:
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """True when every tensor (None skipped) holds finite values only."""
     return all(t is None or bool(torch.isfinite(t).all()) for t in tensors)
-
-

@@ -60,49 +60,68 @@ class Inspection:
 
     def rows(self) -> list[dict]:
         """The per-layer table as plain data."""
-        return [{"layer": x.layer, "heads": f"{x.heads}/{x.heads_dense}",
-                 "query units": " ".join(map(str, x.query_units)) or "-",
-                 "value units": " ".join(map(str, x.value_units)) or "-",
-                 "ffn": f"{x.ffn}/{x.ffn_dense}", "GFLOPs": f"{x.flops / 1e9:.3f}"}
-                for x in self.layers]
+        return [
+            {
+                "layer": x.layer,
+                "heads": f"{x.heads}/{x.heads_dense}",
+                "query units": " ".join(map(str, x.query_units)) or "-",
+                "value units": " ".join(map(str, x.value_units)) or "-",
+                "ffn": f"{x.ffn}/{x.ffn_dense}",
+                "GFLOPs": f"{x.flops / 1e9:.3f}",
+            }
+            for x in self.layers
+        ]
 
     def __str__(self) -> str:
         rows = self.rows()
         cols = list(rows[0]) if rows else []
         widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-        lines = [f"density {self.density:.2%} of the encoder; parameters {self.parameters:,} "
-                 f"(dense {self.parameters_dense:,}); {self.flops / 1e9:.3f} GFLOPs per "
-                 f"sequence of {self.seq} (dense {self.flops_dense / 1e9:.3f}, "
-                 f"{self.flops_dense / max(self.flops, 1):.1f}x fewer)",
-                 f"coverage: {self.prunable_share:.0%} of the dense parameters were in "
-                 f"prunable units" + (f"; not covered inside the layers (kept whole): "
-                                      f"{', '.join(self.uncovered)}" if self.uncovered else ""),
-                 "  ".join(c.ljust(widths[c]) for c in cols)]
+        lines = [
+            f"density {self.density:.2%} of the encoder; parameters {self.parameters:,} "
+            f"(dense {self.parameters_dense:,}); {self.flops / 1e9:.3f} GFLOPs per "
+            f"sequence of {self.seq} (dense {self.flops_dense / 1e9:.3f}, "
+            f"{self.flops_dense / max(self.flops, 1):.1f}x fewer)",
+            f"coverage: {self.prunable_share:.0%} of the dense parameters were in "
+            f"prunable units"
+            + (
+                f"; not covered inside the layers (kept whole): {', '.join(self.uncovered)}"
+                if self.uncovered
+                else ""
+            ),
+            "  ".join(c.ljust(widths[c]) for c in cols),
+        ]
         lines += ["  ".join(str(r[c]).ljust(widths[c]) for c in cols) for r in rows]
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         rows = self.rows()
         head = "".join(f"<th>{c}</th>" for c in rows[0]) if rows else ""
-        body = "".join("<tr>" + "".join(f"<td>{v}</td>" for v in r.values()) + "</tr>"
-                       for r in rows)
-        return (f"<p>{str(self).splitlines()[0]}</p><table><tr>{head}</tr>{body}</table>")
+        body = "".join(
+            "<tr>" + "".join(f"<td>{v}</td>" for v in r.values()) + "</tr>" for r in rows
+        )
+        return f"<p>{str(self).splitlines()[0]}</p><table><tr>{head}</tr>{body}</table>"
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Draw the kept structure: query and value units per layer and head, FFN widths."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         heads = max(x.heads_dense for x in self.layers)
-        grids = {"query": torch.zeros(len(self.layers), heads),
-                 "value": torch.zeros(len(self.layers), heads)}
+        grids = {
+            "query": torch.zeros(len(self.layers), heads),
+            "value": torch.zeros(len(self.layers), heads),
+        }
         for i, layer in enumerate(self.layers):
-            for h, q, v in zip(layer.head_index, layer.query_units, layer.value_units,
-                                 strict=True):
+            for h, q, v in zip(layer.head_index, layer.query_units, layer.value_units, strict=True):
                 grids["query"][i, h], grids["value"][i, h] = q, v
-        fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(self.layers) + 2.2),
-                                 gridspec_kw={"width_ratios": [heads, heads, 6]})
+        fig, axes = plt.subplots(
+            1,
+            3,
+            figsize=(13, 0.5 * len(self.layers) + 2.2),
+            gridspec_kw={"width_ratios": [heads, heads, 6]},
+        )
         vmax = max(x.head_dim for x in self.layers)
         for ax, (name, grid) in zip(axes, grids.items(), strict=False):
             image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
@@ -120,8 +139,9 @@ class Inspection:
         ffn.set_title("FFN width")
         ffn.set_yticks(list(ys))
         ffn.legend(loc="lower right")
-        fig.suptitle(f"kept structure: {self.density:.1%} of the encoder, "
-                     f"{self.parameters:,} parameters")
+        fig.suptitle(
+            f"kept structure: {self.density:.1%} of the encoder, {self.parameters:,} parameters"
+        )
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=100)
@@ -134,8 +154,10 @@ def inspect(model: torch.nn.Module | str | os.PathLike, seq: int = 128) -> Inspe
     module = passes.load(model) if isinstance(model, (str, os.PathLike)) else model
     kept = getattr(module, KEPT_ATTR, None)
     if not kept or "layers" not in kept:
-        raise passes.LoadError("this module carries no kept structure: inspect modules made by "
-                               "grainfx.compress or passes.rewrite, or their .pt2 files")
+        raise passes.LoadError(
+            "this module carries no kept structure: inspect modules made by "
+            "grainfx.compress or passes.rewrite, or their .pt2 files"
+        )
     hidden = kept["hidden"]
     layers = []
     for layer in kept["layers"]:
@@ -144,13 +166,28 @@ def inspect(model: torch.nn.Module | str | os.PathLike, seq: int = 128) -> Inspe
         v = tuple(h["value"] for h in heads)
         d, dense_heads = layer.get("head_dim", 0), layer.get("heads_dense", 0)
         ffn, ffn_dense = layer.get("ffn", 0), layer.get("ffn_dense", 0)
-        layers.append(LayerInfo(
-            layer=layer["layer"], heads=len(heads), heads_dense=dense_heads, query_units=q,
-            value_units=v, head_index=tuple(h["head"] for h in heads), head_dim=d, ffn=ffn,
-            ffn_dense=ffn_dense, flops=_flops(hidden, seq, sum(q), sum(v), ffn),
-            flops_dense=_flops(hidden, seq, dense_heads * d, dense_heads * d, ffn_dense)))
-    return Inspection(layers=tuple(layers), hidden=hidden, seq=seq,
-                      parameters=kept["parameters"], parameters_dense=kept["parameters_dense"],
-                      density=kept["density"],
-                      prunable_share=kept["unit_parameters_dense"] / kept["parameters_dense"],
-                      uncovered=tuple(kept.get("uncovered", ())))
+        layers.append(
+            LayerInfo(
+                layer=layer["layer"],
+                heads=len(heads),
+                heads_dense=dense_heads,
+                query_units=q,
+                value_units=v,
+                head_index=tuple(h["head"] for h in heads),
+                head_dim=d,
+                ffn=ffn,
+                ffn_dense=ffn_dense,
+                flops=_flops(hidden, seq, sum(q), sum(v), ffn),
+                flops_dense=_flops(hidden, seq, dense_heads * d, dense_heads * d, ffn_dense),
+            )
+        )
+    return Inspection(
+        layers=tuple(layers),
+        hidden=hidden,
+        seq=seq,
+        parameters=kept["parameters"],
+        parameters_dense=kept["parameters_dense"],
+        density=kept["density"],
+        prunable_share=kept["unit_parameters_dense"] / kept["parameters_dense"],
+        uncovered=tuple(kept.get("uncovered", ())),
+    )

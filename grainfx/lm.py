@@ -48,10 +48,15 @@ def read_texts(path: str | Path, text_column: str = "text") -> list[str]:
         raise DataError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        raise DataError(f"{path}: for a language model give plain text (one document a line) "
-                        f"or JSON Lines (.jsonl), not CSV")
-    lines = [(number, line.strip()) for number, line in
-             enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+        raise DataError(
+            f"{path}: for a language model give plain text (one document a line) "
+            f"or JSON Lines (.jsonl), not CSV"
+        )
+    lines = [
+        (number, line.strip())
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if line.strip()
+    ]
     if suffix not in (".jsonl", ".json"):
         texts = [line for _, line in lines]
     else:
@@ -66,19 +71,27 @@ def _json_text(path: Path, number: int, line: str, column: str) -> str:
     try:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path} line {number} is not JSON ({exc.msg}): a .jsonl file holds "
-                        f"one JSON object a line") from exc
+        raise DataError(
+            f"{path} line {number} is not JSON ({exc.msg}): a .jsonl file holds "
+            f"one JSON object a line"
+        ) from exc
     if not isinstance(row, dict):
-        raise DataError(f"{path} line {number} is a JSON {type(row).__name__}, not an object "
-                        f"with a {column!r} field")
+        raise DataError(
+            f"{path} line {number} is a JSON {type(row).__name__}, not an object "
+            f"with a {column!r} field"
+        )
     if column not in row:
-        raise DataError(f"{path} line {number} has no field {column!r} (its fields: "
-                        f"{sorted(row)}); name the field that holds the text with "
-                        f"--text-column (text_column)")
+        raise DataError(
+            f"{path} line {number} has no field {column!r} (its fields: "
+            f"{sorted(row)}); name the field that holds the text with "
+            f"--text-column (text_column)"
+        )
     text = row[column]
     if not isinstance(text, str):
-        raise DataError(f"{path} line {number}: field {column!r} is "
-                        f"{'null' if text is None else type(text).__name__}, not a string")
+        raise DataError(
+            f"{path} line {number}: field {column!r} is "
+            f"{'null' if text is None else type(text).__name__}, not a string"
+        )
     return text.strip()
 
 
@@ -89,9 +102,14 @@ def split_texts(texts: Sequence[str], held_out: float, seed: int) -> tuple[list,
     return [texts[i] for i in order[cut:]], [texts[i] for i in order[:cut]]
 
 
-def lm_batches(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, batch_size: int,
-               shuffle: bool, seed: int = 0, max_length: int = 128
-               ) -> torch.utils.data.DataLoader:
+def lm_batches(
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    max_length: int = 128,
+) -> torch.utils.data.DataLoader:
     """Right-padded batches of tokenized documents, with ``labels``.
 
     Each batch is what ``tokenizer`` returns (input_ids, attention_mask, ...) plus ``labels``:
@@ -106,29 +124,40 @@ def lm_batches(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, batch_s
     """
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise DataError("the tokenizer has neither a pad token nor an eos token to pad "
-                            "with: set tokenizer.pad_token")
+            raise DataError(
+                "the tokenizer has neither a pad token nor an eos token to pad "
+                "with: set tokenizer.pad_token"
+            )
         tokenizer.pad_token = tokenizer.eos_token
 
     def collate(batch: list[str]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(list(batch), padding=True, padding_side="right", truncation=True,
-                        max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            list(batch),
+            padding=True,
+            padding_side="right",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, IGNORE)
         return {**enc, "labels": labels}
 
     texts = list(texts)
     if shuffle:
-        lengths = [len(ids) for ids in tokenizer(texts, truncation=True,
-                                                  max_length=max_length)["input_ids"]]
+        lengths = [
+            len(ids)
+            for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        ]
         sampler = LengthGroupedBatches(lengths, batch_size, torch.Generator().manual_seed(seed))
-        return torch.utils.data.DataLoader(as_dataset(texts), batch_sampler=sampler,
-                                           collate_fn=collate)
-    return torch.utils.data.DataLoader(as_dataset(texts), batch_size=batch_size, shuffle=False,
-                                       collate_fn=collate)
+        return torch.utils.data.DataLoader(
+            as_dataset(texts), batch_sampler=sampler, collate_fn=collate
+        )
+    return torch.utils.data.DataLoader(
+        as_dataset(texts), batch_size=batch_size, shuffle=False, collate_fn=collate
+    )
 
 
-def perplexity(model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]]
-               ) -> float:
+def perplexity(model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
     """Perplexity of next-token prediction: exp of the mean negative log-likelihood over
     every predicted token of ``batches``.
 
@@ -154,10 +183,16 @@ def perplexity(model: Callable[..., Any], batches: Iterable[Mapping[str, torch.T
             out = model(**batch)
             logits = out["logits"] if isinstance(out, Mapping) else out.logits
             targets = labels[:, 1:]
-            nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                   ignore_index=IGNORE, reduction="sum").double()
+            nll += F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                targets.flatten(),
+                ignore_index=IGNORE,
+                reduction="sum",
+            ).double()
             count += int((targets != IGNORE).sum())
     if count == 0:
-        raise ValueError("perplexity: the batches hold no token to predict (each document "
-                         "needs at least two tokens)")
+        raise ValueError(
+            "perplexity: the batches hold no token to predict (each document "
+            "needs at least two tokens)"
+        )
     return math.exp(nll.item() / count)

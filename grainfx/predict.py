@@ -35,8 +35,11 @@ SERVING_FILE = "grainfx.json"
 FORMAT = "grainfx-output"
 VERSION = 1
 #: Tokenizer encoding fields of each model input the folder can serve.
-ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask",
-                   "token_type_ids": "type_ids"}
+ENCODING_FIELDS = {
+    "input_ids": "ids",
+    "attention_mask": "attention_mask",
+    "token_type_ids": "type_ids",
+}
 TASKS = ("classification", "causal-lm")
 
 
@@ -68,20 +71,33 @@ class Serving:
         object.__setattr__(self, "labels", tuple(str(name) for name in self.labels))
         if self.task == "classification" and not self.labels:
             raise ValueError("a classifier needs its label names")
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) \
-                or self.max_length < 1:
+        if (
+            isinstance(self.max_length, bool)
+            or not isinstance(self.max_length, int)
+            or self.max_length < 1
+        ):
             raise ValueError(f"max_length must be an integer >= 1, got {self.max_length!r}")
         for side in (self.padding_side, self.truncation_side):
             if side not in ("right", "left"):
-                raise ValueError(f"padding and truncation sides are 'right' or 'left', got "
-                                 f"{side!r}")
+                raise ValueError(
+                    f"padding and truncation sides are 'right' or 'left', got {side!r}"
+                )
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT, "version": VERSION, "task": self.task,
-                           "labels": list(self.labels), "max_length": self.max_length,
-                           "pad_id": self.pad_id, "pad_token": self.pad_token,
-                           "padding_side": self.padding_side,
-                           "truncation_side": self.truncation_side}, indent=1)
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "task": self.task,
+                "labels": list(self.labels),
+                "max_length": self.max_length,
+                "pad_id": self.pad_id,
+                "pad_token": self.pad_token,
+                "padding_side": self.padding_side,
+                "truncation_side": self.truncation_side,
+            },
+            indent=1,
+        )
 
     @classmethod
     def read(cls, path: Path) -> Serving:
@@ -91,8 +107,10 @@ class Serving:
                 raise ValueError(f"not a version {VERSION} {FORMAT} record")
             return cls(**record)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise FolderError(f"{path} is not a readable grainfx serving record ({exc}): "
-                              f"write the folder again with grainfx compress") from None
+            raise FolderError(
+                f"{path} is not a readable grainfx serving record ({exc}): "
+                f"write the folder again with grainfx compress"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -114,15 +132,20 @@ class Predictor:
 
     def __init__(self, module: torch.nn.Module, tokenizer: Tokenizer, serving: Serving):
         self.module, self.tokenizer, self.serving = module, tokenizer, serving
-        self.input_names = list(getattr(module, "grainfx_kept", {}).get("inputs", {})) \
-            or ["input_ids", "attention_mask"]
+        self.input_names = list(getattr(module, "grainfx_kept", {}).get("inputs", {})) or [
+            "input_ids",
+            "attention_mask",
+        ]
         unknown = [n for n in self.input_names if n not in ENCODING_FIELDS]
         if unknown:
-            raise FolderError(f"the model takes {unknown}, which a tokenizer does not give: "
-                              f"call the module on tensors (grainfx.load of model.pt2)")
+            raise FolderError(
+                f"the model takes {unknown}, which a tokenizer does not give: "
+                f"call the module on tensors (grainfx.load of model.pt2)"
+            )
         tokenizer.enable_truncation(serving.max_length, direction=serving.truncation_side)
-        tokenizer.enable_padding(direction=serving.padding_side, pad_id=serving.pad_id,
-                                 pad_token=serving.pad_token)
+        tokenizer.enable_padding(
+            direction=serving.padding_side, pad_id=serving.pad_id, pad_token=serving.pad_token
+        )
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -131,30 +154,40 @@ class Predictor:
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The model's inputs for ``texts``: tokenized, cut to ``max_length``, padded."""
         encodings = self.tokenizer.encode_batch(list(texts))
-        return {name: torch.tensor([getattr(e, ENCODING_FIELDS[name]) for e in encodings],
-                                   dtype=torch.long) for name in self.input_names}
+        return {
+            name: torch.tensor(
+                [getattr(e, ENCODING_FIELDS[name]) for e in encodings], dtype=torch.long
+            )
+            for name in self.input_names
+        }
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[Prediction]:
         """One :class:`Prediction` per text, in order (batches of ``batch_size``)."""
         if self.serving.task != "classification":
-            raise ValueError("predictions with label names are for classifiers; call a "
-                             "causal LM on texts for its logits")
+            raise ValueError(
+                "predictions with label names are for classifiers; call a "
+                "causal LM on texts for its logits"
+            )
         texts, out = list(texts), []
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                logits = self.module(**self.encode(texts[start:start + batch_size]))["logits"]
+                logits = self.module(**self.encode(texts[start : start + batch_size]))["logits"]
                 if logits.shape[-1] != len(self.labels):
-                    raise FolderError(f"the model gives {logits.shape[-1]} classes but "
-                                      f"{SERVING_FILE} names {len(self.labels)}: write the "
-                                      f"folder again with grainfx compress")
+                    raise FolderError(
+                        f"the model gives {logits.shape[-1]} classes but "
+                        f"{SERVING_FILE} names {len(self.labels)}: write the "
+                        f"folder again with grainfx compress"
+                    )
                 for row in logits.float().softmax(-1).tolist():
                     best = max(range(len(row)), key=row.__getitem__)
-                    out.append(Prediction(self.labels[best], row[best],
-                                          dict(zip(self.labels, row, strict=False))))
+                    out.append(
+                        Prediction(
+                            self.labels[best], row[best], dict(zip(self.labels, row, strict=False))
+                        )
+                    )
         return out
 
-    def __call__(self, texts: str | Sequence[str] | None = None, /,
-                 **inputs: torch.Tensor) -> Any:
+    def __call__(self, texts: str | Sequence[str] | None = None, /, **inputs: torch.Tensor) -> Any:
         if inputs:
             if texts is not None:
                 raise TypeError("give texts or tensors, not both")
@@ -162,8 +195,10 @@ class Predictor:
         single = isinstance(texts, str)
         texts = [texts] if isinstance(texts, str) else texts
         if texts is None or not texts or not all(isinstance(t, str) for t in texts):
-            raise TypeError("call with a text, a non-empty list of texts, or the model's "
-                            "tensors (input_ids=..., attention_mask=...)")
+            raise TypeError(
+                "call with a text, a non-empty list of texts, or the model's "
+                "tensors (input_ids=..., attention_mask=...)"
+            )
         if self.serving.task == "classification":
             predictions = self.predict(texts)
             return predictions[0] if single else predictions
@@ -171,8 +206,10 @@ class Predictor:
             return self.module(**self.encode(texts))
 
     def __repr__(self) -> str:
-        return (f"Predictor({self.serving.task}, labels={list(self.labels)}, "
-                f"max_length={self.serving.max_length})")
+        return (
+            f"Predictor({self.serving.task}, labels={list(self.labels)}, "
+            f"max_length={self.serving.max_length})"
+        )
 
 
 def load_folder(folder: str | os.PathLike) -> Predictor:
@@ -182,14 +219,17 @@ def load_folder(folder: str | os.PathLike) -> Predictor:
     folder = Path(folder)
     for name in ("model.pt2", "tokenizer.json", SERVING_FILE):
         if not (folder / name).is_file():
-            raise FolderError(f"{folder} has no {name}: pass a folder written by grainfx "
-                              f"compress (or a .pt2 file to load the module alone)")
+            raise FolderError(
+                f"{folder} has no {name}: pass a folder written by grainfx "
+                f"compress (or a .pt2 file to load the module alone)"
+            )
     serving = Serving.read(folder / SERVING_FILE)
     try:
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as exc:  # noqa: BLE001 (tokenizers raises plain Exception)
-        raise FolderError(f"{folder / 'tokenizer.json'} is not a readable tokenizer "
-                          f"({exc})".splitlines()[0]) from None
+        raise FolderError(
+            f"{folder / 'tokenizer.json'} is not a readable tokenizer ({exc})".splitlines()[0]
+        ) from None
     return Predictor(passes.load(folder / "model.pt2"), tokenizer, serving)
 
 

@@ -51,8 +51,10 @@ def writable_folder(folder: str | os.PathLike, what: str, fix: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise PreflightError(f"cannot write {what}: {existing} is not writable "
-                            f"({exc.strerror}); {fix} or make the folder writable") from None
+        raise PreflightError(
+            f"cannot write {what}: {existing} is not writable "
+            f"({exc.strerror}); {fix} or make the folder writable"
+        ) from None
     return existing
 
 
@@ -92,4 +94,5 @@ def free_space(needs: Iterable[tuple[str | os.PathLike, int, str]], fix: str) ->
         if free < need:
             raise PreflightError(
                 f"not enough free disk space in {existing}: {_size(free)} free, about "
-                f"{_size(need)} needed for {' and '.join(whats)}; free some space or {fix}")
+                f"{_size(need)} needed for {' and '.join(whats)}; free some space or {fix}"
+            )

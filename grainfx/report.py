@@ -9,8 +9,14 @@ from grainfx.config import GrainConfig
 from grainfx.trainer import History
 
 
-def build_report(kept: Mapping, structure: passes.Structure, history: History,
-                 target_density: float, config: GrainConfig, original_params: int) -> dict:
+def build_report(
+    kept: Mapping,
+    structure: passes.Structure,
+    history: History,
+    target_density: float,
+    config: GrainConfig,
+    original_params: int,
+) -> dict:
     """JSON-ready report from the compact module's kept structure and the training history.
 
     ``original_params``: parameters of the model given to compress (before any embedding
@@ -21,16 +27,18 @@ def build_report(kept: Mapping, structure: passes.Structure, history: History,
     layers = []
     for layer in kept["layers"]:
         heads = layer.get("heads", [])
-        layers.append({
-            "layer": layer["layer"],
-            "heads": len(heads),
-            "query_units": [h["query"] for h in heads],
-            "value_units": [h["value"] for h in heads],
-            "ffn": layer.get("ffn"),
-            "heads_dense": layer.get("heads_dense"),
-            "head_dim": layer.get("head_dim"),
-            "ffn_dense": layer.get("ffn_dense"),
-        })
+        layers.append(
+            {
+                "layer": layer["layer"],
+                "heads": len(heads),
+                "query_units": [h["query"] for h in heads],
+                "value_units": [h["value"] for h in heads],
+                "ffn": layer.get("ffn"),
+                "heads_dense": layer.get("heads_dense"),
+                "head_dim": layer.get("head_dim"),
+                "ffn_dense": layer.get("ffn_dense"),
+            }
+        )
     return {
         "target_density": target_density,
         "density": encoder_after / structure.unit_params,
@@ -41,8 +49,10 @@ def build_report(kept: Mapping, structure: passes.Structure, history: History,
             "total_before": original_params,
             "total_after": kept["parameters"],
         },
-        "coverage": {"prunable_share": structure.unit_params / structure.total_params,
-                     "uncovered": list(structure.uncovered)},
+        "coverage": {
+            "prunable_share": structure.unit_params / structure.total_params,
+            "uncovered": list(structure.uncovered),
+        },
         "layers": layers,
         "steps": history.steps,
         "skipped_steps": history.skipped,
@@ -74,9 +84,11 @@ def format_report(report: Mapping) -> str:
         "|---:|---:|---|---|---:|",
     ]
     for layer in report["layers"]:
-        lines.append(f"| {layer['layer']} | {layer['heads']} | "
-                     f"{' '.join(map(str, layer['query_units'])) or '-'} | "
-                     f"{' '.join(map(str, layer['value_units'])) or '-'} | {layer['ffn']} |")
+        lines.append(
+            f"| {layer['layer']} | {layer['heads']} | "
+            f"{' '.join(map(str, layer['query_units'])) or '-'} | "
+            f"{' '.join(map(str, layer['value_units'])) or '-'} | {layer['ffn']} |"
+        )
     return "\n".join(lines)
 
 

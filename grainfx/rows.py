@@ -54,18 +54,22 @@ def _decode(path: Path, data: bytes) -> str:
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not {encoding.replace('-sig', '')} text (byte "
-                        f"0x{data[exc.start]:02x} at offset {exc.start}): save it as UTF-8"
-                        ) from None
+        raise DataError(
+            f"{path} is not {encoding.replace('-sig', '')} text (byte "
+            f"0x{data[exc.start]:02x} at offset {exc.start}): save it as UTF-8"
+        ) from None
     if "\x00" in text:
-        raise DataError(f"{path} holds a NUL character (offset {text.index(chr(0))}): it is "
-                        f"binary or in an encoding other than UTF-8 / UTF-16 with a BOM; save "
-                        f"it as UTF-8 text")
+        raise DataError(
+            f"{path} holds a NUL character (offset {text.index(chr(0))}): it is "
+            f"binary or in an encoding other than UTF-8 / UTF-16 with a BOM; save "
+            f"it as UTF-8 text"
+        )
     return text
 
 
-def read_rows(path: str | Path, text_column: str = "text", label_column: str = "label",
-              labels: bool = True) -> list[Row]:
+def read_rows(
+    path: str | Path, text_column: str = "text", label_column: str = "label", labels: bool = True
+) -> list[Row]:
     """The rows of a ``.csv`` / ``.jsonl`` / ``.json`` file, in file order.
 
     ``labels``: every row must have a label; with ``labels=False`` the label column is
@@ -91,9 +95,11 @@ def read_rows(path: str | Path, text_column: str = "text", label_column: str = "
     reader = _csv_rows if kind == "csv" else _json_rows
     rows = reader(path, text, text_column, label_column, labels)
     if not rows:
-        raise DataError(f"{path} holds no rows: give a file with a header and at least one "
-                        f"row of text" if kind == "csv" else
-                        f"{path} holds no rows: give one JSON object a line")
+        raise DataError(
+            f"{path} holds no rows: give a file with a header and at least one row of text"
+            if kind == "csv"
+            else f"{path} holds no rows: give one JSON object a line"
+        )
     return rows
 
 
@@ -101,44 +107,54 @@ def _row(path: Path, line: int, text: object, label: object, label_column: str |
     """A checked row: a non-empty string text and, when the file has labels, a label."""
     if not isinstance(text, str):
         what = "null" if text is None else f"{json.dumps(text)[:20]} ({type(text).__name__})"
-        raise DataError(f"{path} line {line}: the text is {what}, not a string: write texts "
-                        f"as JSON strings (in quotes)")
+        raise DataError(
+            f"{path} line {line}: the text is {what}, not a string: write texts "
+            f"as JSON strings (in quotes)"
+        )
     if not text.strip():
-        raise DataError(f"{path} line {line}: the text is empty; remove the row or give it a "
-                        f"text")
+        raise DataError(f"{path} line {line}: the text is empty; remove the row or give it a text")
     if label_column is None:
         return Row(text, None, line)
     if isinstance(label, str):
         label = label.strip()
     if label is None or label == "":
-        raise DataError(f"{path} line {line}: label is missing; every row needs a text and a "
-                        f"label (a name or an integer id) in column {label_column!r}")
+        raise DataError(
+            f"{path} line {line}: label is missing; every row needs a text and a "
+            f"label (a name or an integer id) in column {label_column!r}"
+        )
     if isinstance(label, bool) or not isinstance(label, (str, int)):
-        raise DataError(f"{path} line {line}: the label {label!r:.20} is a "
-                        f"{type(label).__name__}; give a name (string) or an integer id")
+        raise DataError(
+            f"{path} line {line}: the label {label!r:.20} is a "
+            f"{type(label).__name__}; give a name (string) or an integer id"
+        )
     return Row(text, label, line)
 
 
-def _columns(path: Path, found: Sequence[str], text_column: str, label_column: str,
-             labels: bool) -> str | None:
+def _columns(
+    path: Path, found: Sequence[str], text_column: str, label_column: str, labels: bool
+) -> str | None:
     """The label column to read (``None`` when optional and absent); refuses missing or
     repeated text / label columns."""
     for column in (text_column, label_column):
         if list(found).count(column) > 1:
-            raise DataError(f"{path}: the header names column {column!r} "
-                            f"{list(found).count(column)} times: rename the extra ones")
+            raise DataError(
+                f"{path}: the header names column {column!r} "
+                f"{list(found).count(column)} times: rename the extra ones"
+            )
     needed = [(text_column, "--text-column")]
     if labels:
         needed.append((label_column, "--label-column"))
     for column, option in needed:
         if column not in found:
-            raise DataError(f"{path} has no column {column!r} (columns: {list(found)}); name "
-                            f"it with {option}")
+            raise DataError(
+                f"{path} has no column {column!r} (columns: {list(found)}); name it with {option}"
+            )
     return label_column if label_column in found else None
 
 
-def _csv_rows(path: Path, text: str, text_column: str, label_column: str,
-              labels: bool) -> list[Row]:
+def _csv_rows(
+    path: Path, text: str, text_column: str, label_column: str, labels: bool
+) -> list[Row]:
     limit = csv.field_size_limit()
     csv.field_size_limit(sys.maxsize)  # a long text is a text (tokenization truncates it)
     try:
@@ -158,14 +174,18 @@ def _csv_rows(path: Path, text: str, text_column: str, label_column: str,
                 if len(fields) != len(header):
                     raise DataError(
                         f"{path} line {line} has {len(fields)} fields but the header has "
-                        f"{len(header)}: quote texts that hold commas (\"like, this\") and "
-                        f"give every row the header's columns")
-                rows.append(_row(path, line, fields[t], fields[y] if y is not None else None,
-                                 label_at))
+                        f'{len(header)}: quote texts that hold commas ("like, this") and '
+                        f"give every row the header's columns"
+                    )
+                rows.append(
+                    _row(path, line, fields[t], fields[y] if y is not None else None, label_at)
+                )
             return rows
         except csv.Error as exc:
-            raise DataError(f"{path} line {reader.line_num} is not valid CSV ({exc}): quote "
-                            f"fields that hold quotes, commas or line breaks") from None
+            raise DataError(
+                f"{path} line {reader.line_num} is not valid CSV ({exc}): quote "
+                f"fields that hold quotes, commas or line breaks"
+            ) from None
     finally:
         csv.field_size_limit(limit)
 
@@ -178,36 +198,52 @@ def _object(path: Path, line: int, pairs: list[tuple[str, object]]) -> dict:
     return dict(pairs)
 
 
-def _json_rows(path: Path, text: str, text_column: str, label_column: str,
-               labels: bool) -> list[Row]:
-    lines = [(number, line) for number, line in enumerate(text.split("\n"), 1)
-             if line.strip()]  # not splitlines: JSON strings may hold U+2028
+def _json_rows(
+    path: Path, text: str, text_column: str, label_column: str, labels: bool
+) -> list[Row]:
+    lines = [
+        (number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()
+    ]  # not splitlines: JSON strings may hold U+2028
     if path.suffix.lower() == ".json" and lines and lines[0][1].lstrip().startswith("["):
         objects = _json_array(path, text)
     else:
         objects = []
         for number, line in lines:
             try:
-                value = json.loads(line, object_pairs_hook=functools.partial(_object, path,
-                                                                             number))
+                value = json.loads(line, object_pairs_hook=functools.partial(_object, path, number))
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number} is not JSON ({exc.msg}): a .jsonl file "
-                                f"holds one JSON object a line") from None
+                raise DataError(
+                    f"{path} line {number} is not JSON ({exc.msg}): a .jsonl file "
+                    f"holds one JSON object a line"
+                ) from None
             objects.append((number, value))
     rows = []
-    label_at = label_column if labels or (objects and isinstance(objects[0][1], dict)
-                                          and label_column in objects[0][1]) else None
+    label_at = (
+        label_column
+        if labels or (objects and isinstance(objects[0][1], dict) and label_column in objects[0][1])
+        else None
+    )
     for number, value in objects:
         if not isinstance(value, dict):
-            raise DataError(f"{path} line {number} is a JSON {type(value).__name__}, not an "
-                            f"object with a {text_column!r} field")
-        for column, option in ((text_column, "--text-column"),
-                               (label_at, "--label-column")):
+            raise DataError(
+                f"{path} line {number} is a JSON {type(value).__name__}, not an "
+                f"object with a {text_column!r} field"
+            )
+        for column, option in ((text_column, "--text-column"), (label_at, "--label-column")):
             if column is not None and column not in value:
-                raise DataError(f"{path} line {number} has no field {column!r} (its fields: "
-                                f"{sorted(value)}); name the field with {option}")
-        rows.append(_row(path, number, value[text_column],
-                         value.get(label_at) if label_at else None, label_at))
+                raise DataError(
+                    f"{path} line {number} has no field {column!r} (its fields: "
+                    f"{sorted(value)}); name the field with {option}"
+                )
+        rows.append(
+            _row(
+                path,
+                number,
+                value[text_column],
+                value.get(label_at) if label_at else None,
+                label_at,
+            )
+        )
     return rows
 
 
@@ -215,11 +251,15 @@ def _json_array(path: Path, text: str) -> list[tuple[int, object]]:
     try:
         value = json.loads(text, object_pairs_hook=lambda p: _object(path, 1, p))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path} line {exc.lineno} is not JSON ({exc.msg}): give a JSON array "
-                        f"of objects or one object a line (.jsonl)") from None
+        raise DataError(
+            f"{path} line {exc.lineno} is not JSON ({exc.msg}): give a JSON array "
+            f"of objects or one object a line (.jsonl)"
+        ) from None
     if not isinstance(value, list):
-        raise DataError(f"{path} is a JSON {type(value).__name__}: give an array of objects "
-                        f"or one object a line (.jsonl)")
+        raise DataError(
+            f"{path} is a JSON {type(value).__name__}: give an array of objects "
+            f"or one object a line (.jsonl)"
+        )
     return [(i + 1, item) for i, item in enumerate(value)]
 
 
@@ -227,8 +267,9 @@ def _default_names(label2id: Mapping[str, int] | None, classes: int) -> bool:
     return not label2id or dict(label2id) == {f"LABEL_{i}": i for i in range(classes)}
 
 
-def label_ids(labels: Sequence[Label], classes: int,
-              label2id: Mapping[str, int] | None = None) -> tuple[list[int], list[str]]:
+def label_ids(
+    labels: Sequence[Label], classes: int, label2id: Mapping[str, int] | None = None
+) -> tuple[list[int], list[str]]:
     """(class id of each label, the name of each class id) for a model of ``classes``
     classes.
 
@@ -254,19 +295,26 @@ def label_ids(labels: Sequence[Label], classes: int,
         ids = [int(t) for t in texts]
         outside = sorted({i for i in ids if not 0 <= i < classes})
         if outside:
-            raise DataError(f"labels {outside} are outside the model's {classes} classes "
-                            f"(0..{classes - 1}): give ids in that range or label names")
+            raise DataError(
+                f"labels {outside} are outside the model's {classes} classes "
+                f"(0..{classes - 1}): give ids in that range or label names"
+            )
         return ids, names if named else [str(i) for i in range(classes)]
     if named:
         unknown = sorted({t for t in texts if t not in label2id})
-        raise DataError(f"labels {unknown[:5]} are not among the model's label names "
-                        f"{list(label2id)} (config.label2id): use those names or ids "
-                        f"0..{classes - 1}")
+        raise DataError(
+            f"labels {unknown[:5]} are not among the model's label names "
+            f"{list(label2id)} (config.label2id): use those names or ids "
+            f"0..{classes - 1}"
+        )
     distinct = sorted(set(texts))
     if len(distinct) > classes:
-        raise DataError(f"{len(distinct)} label names {distinct[:6]} but the model has "
-                        f"{classes} classes: give a model with {len(distinct)} labels "
-                        f"(num_labels) or fewer names")
+        raise DataError(
+            f"{len(distinct)} label names {distinct[:6]} but the model has "
+            f"{classes} classes: give a model with {len(distinct)} labels "
+            f"(num_labels) or fewer names"
+        )
     index = {name: i for i, name in enumerate(distinct)}
-    return [index[t] for t in texts], distinct + [f"LABEL_{i}"
-                                                  for i in range(len(distinct), classes)]
+    return [index[t] for t in texts], distinct + [
+        f"LABEL_{i}" for i in range(len(distinct), classes)
+    ]

@@ -11,7 +11,7 @@ def density_at(progress: float, target: float, start: float, end: float) -> floa
     if progress >= end or end <= start:
         return target
     remaining = 1.0 - (progress - start) / (end - start)
-    return target + (1.0 - target) * remaining ** 3
+    return target + (1.0 - target) * remaining**3
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:

@@ -1,9 +1,9 @@
 """The graph after each pass, to print and compare: captured, instrumented, compact.
 
-    stages = grainfx.stages(model, batch, masks=result.masks)
-    print(stages)                         # one row per pass: nodes, key ops, parameters
-    print(stages.code("instrumented"))    # the graph as Python code
-    print(stages.diff("captured", "instrumented"))
+stages = grainfx.stages(model, batch, masks=result.masks)
+print(stages)                         # one row per pass: nodes, key ops, parameters
+print(stages.code("instrumented"))    # the graph as Python code
+print(stages.diff("captured", "instrumented"))
 """
 
 from __future__ import annotations
@@ -19,8 +19,15 @@ from torch import fx
 import passes
 
 #: Operators counted in the summary: where the passes change the graph.
-KEY_OPS = {"linear": "linear", "matmul": "matmul", "scaled_dot_product_attention": "sdpa",
-           "softmax": "softmax", "mul": "mul", "index_select": "gather", "cat": "cat"}
+KEY_OPS = {
+    "linear": "linear",
+    "matmul": "matmul",
+    "scaled_dot_product_attention": "sdpa",
+    "softmax": "softmax",
+    "mul": "mul",
+    "index_select": "gather",
+    "cat": "cat",
+}
 
 
 @dataclass
@@ -37,8 +44,9 @@ class Stages:
     def diff(self, before: str, after: str, context: int = 1) -> str:
         """A unified diff of the code of two stages: what a pass changed."""
         a, b = self._graph(before).code, self._graph(after).code
-        return "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True),
-                                            before, after, n=context))
+        return "".join(
+            difflib.unified_diff(a.splitlines(True), b.splitlines(True), before, after, n=context)
+        )
 
     def summary(self) -> list[dict]:
         """Per stage: graph nodes, counts of the key operators, parameters."""
@@ -50,8 +58,14 @@ class Stages:
                     base = getattr(node.target, "__name__", str(node.target)).split(".")[0]
                     if base in KEY_OPS:
                         ops[KEY_OPS[base]] += 1
-            rows.append({"stage": name, "nodes": len(gm.graph.nodes), "ops": dict(ops),
-                         "parameters": sum(p.numel() for p in gm.parameters())})
+            rows.append(
+                {
+                    "stage": name,
+                    "nodes": len(gm.graph.nodes),
+                    "ops": dict(ops),
+                    "parameters": sum(p.numel() for p in gm.parameters()),
+                }
+            )
         return rows
 
     def _graph(self, stage: str) -> fx.GraphModule:
@@ -67,8 +81,11 @@ class Stages:
         return "\n".join(lines)
 
 
-def stages(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
-           masks: Mapping[str, torch.Tensor] | None = None) -> Stages:
+def stages(
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> Stages:
     """Run the passes on ``model`` and keep the graph after each one.
 
     ``inputs``: one batch of model inputs (labels ignored). ``masks``: binary masks to
@@ -82,5 +99,6 @@ def stages(model: torch.nn.Module, inputs: Mapping[str, torch.Tensor],
     if masks is not None:
         passes.set_masks(instrumented, masks)
     compact = passes.rewrite(instrumented, structure)
-    return Stages({"captured": captured, "instrumented": instrumented, "compact": compact},
-                  structure)
+    return Stages(
+        {"captured": captured, "instrumented": instrumented, "compact": compact}, structure
+    )

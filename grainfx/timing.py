@@ -44,8 +44,9 @@ def example_inputs(kept: dict, batch: int, seq: int) -> dict[str, torch.Tensor]:
         elif "mask" in name:
             inputs[name] = torch.ones(shape, dtype=dtype)
         else:
-            inputs[name] = torch.randint(0, spec.get("max", 0) + 1, shape, dtype=dtype,
-                                         generator=gen)
+            inputs[name] = torch.randint(
+                0, spec.get("max", 0) + 1, shape, dtype=dtype, generator=gen
+            )
     if not inputs:
         raise ValueError("the file records no inputs: save it again with this grainfx version")
     return inputs

@@ -77,10 +77,15 @@ def label_list(sentences: Iterable[Sentence]) -> list[str]:
     return ["O"] + sorted(found - {"O"})
 
 
-def token_batches(sentences: Sequence[Sentence], tokenizer: PreTrainedTokenizerBase,
-                  label_ids: dict[str, int],
-                  batch_size: int, shuffle: bool, seed: int = SEED, max_length: int = 128
-                  ) -> torch.utils.data.DataLoader:
+def token_batches(
+    sentences: Sequence[Sentence],
+    tokenizer: PreTrainedTokenizerBase,
+    label_ids: dict[str, int],
+    batch_size: int,
+    shuffle: bool,
+    seed: int = SEED,
+    max_length: int = 128,
+) -> torch.utils.data.DataLoader:
     """Dynamic-padding batches of word-split sentences with per-token ``labels``.
 
     Each batch is ``tokenizer(words, is_split_into_words=True, truncation=True, padding=True)``
@@ -91,17 +96,24 @@ def token_batches(sentences: Sequence[Sentence], tokenizer: PreTrainedTokenizerB
     tokenizer must be a fast one (it needs ``word_ids``).
     """
     if not getattr(tokenizer, "is_fast", False):
-        raise TypeError("token_batches needs a fast tokenizer (one with word_ids()); load it "
-                        "with AutoTokenizer.from_pretrained(..., use_fast=True)")
+        raise TypeError(
+            "token_batches needs a fast tokenizer (one with word_ids()); load it "
+            "with AutoTokenizer.from_pretrained(..., use_fast=True)"
+        )
     sentences = list(sentences)
     unknown = sorted({t for _, tags in sentences for t in tags} - set(label_ids))
     if unknown:
         raise ValueError(f"tags {unknown[:5]} are not in label_ids {list(label_ids)[:5]}...")
 
     def collate(batch: list[Sentence]) -> dict[str, torch.Tensor]:
-        enc = tokenizer([words for words, _ in batch], is_split_into_words=True,
-                        truncation=True, max_length=max_length, padding=True,
-                        return_tensors="pt")
+        enc = tokenizer(
+            [words for words, _ in batch],
+            is_split_into_words=True,
+            truncation=True,
+            max_length=max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         labels = torch.full_like(enc["input_ids"], IGNORE)
         for row, (_, tags) in enumerate(batch):
             previous = None
@@ -113,15 +125,22 @@ def token_batches(sentences: Sequence[Sentence], tokenizer: PreTrainedTokenizerB
 
     generator = torch.Generator().manual_seed(seed)
     if shuffle:
-        lengths = [len(ids) for ids in tokenizer([w for w, _ in sentences],
-                                                 is_split_into_words=True, truncation=True,
-                                                 max_length=max_length)["input_ids"]]
+        lengths = [
+            len(ids)
+            for ids in tokenizer(
+                [w for w, _ in sentences],
+                is_split_into_words=True,
+                truncation=True,
+                max_length=max_length,
+            )["input_ids"]
+        ]
         sampler = LengthGroupedBatches(lengths, batch_size, generator)
-        return torch.utils.data.DataLoader(as_dataset(sentences), batch_sampler=sampler,
-                                           collate_fn=collate)
-    return torch.utils.data.DataLoader(as_dataset(sentences), batch_size=batch_size,
-                                       shuffle=False,
-                                       collate_fn=collate)
+        return torch.utils.data.DataLoader(
+            as_dataset(sentences), batch_sampler=sampler, collate_fn=collate
+        )
+    return torch.utils.data.DataLoader(
+        as_dataset(sentences), batch_size=batch_size, shuffle=False, collate_fn=collate
+    )
 
 
 def spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -146,8 +165,9 @@ def spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     return found
 
 
-def f1_from_tags(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]
-                 ) -> dict[str, float]:
+def f1_from_tags(
+    gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]
+) -> dict[str, float]:
     """Entity-level micro precision, recall and F1 of ``predicted`` against ``gold`` tag
     sequences: a predicted span counts when its type, start and end all match a gold span."""
     if len(gold) != len(predicted):
@@ -165,8 +185,9 @@ def f1_from_tags(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def entity_f1(model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]],
-              labels: Sequence[str]) -> dict[str, float]:
+def entity_f1(
+    model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]], labels: Sequence[str]
+) -> dict[str, float]:
     """Entity-level micro precision, recall and F1 of ``model`` on ``batches`` (from
     :func:`token_batches`): the prediction of a word is the argmax at its first sub-token.
 
@@ -187,8 +208,9 @@ def entity_f1(model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Te
     return f1_from_tags(gold, predicted)
 
 
-def ner_teacher(train: Sequence[Sentence], labels: Sequence[str], epochs: float,
-                progress: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def ner_teacher(
+    train: Sequence[Sentence], labels: Sequence[str], epochs: float, progress: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer): all-MiniLM-L6-v2 fine-tuned for token classification on ``train``
     (AdamW at ``TEACHER_LEARNING_RATE``, batches of ``TEACHER_BATCH``), cached under
     ``grainfx.demo.cache_dir()`` after the first run."""
@@ -205,10 +227,16 @@ def ner_teacher(train: Sequence[Sentence], labels: Sequence[str], epochs: float,
             return model, AutoTokenizer.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     model = AutoModelForTokenClassification.from_pretrained(
-        minilm_path(), num_labels=len(labels), label2id=label_ids,
-        id2label=dict(enumerate(labels)))
-    finetune(model, token_batches(train, tokenizer, label_ids, TEACHER_BATCH, shuffle=True),
-             epochs, TEACHER_LEARNING_RATE, SEED, progress)
+        minilm_path(), num_labels=len(labels), label2id=label_ids, id2label=dict(enumerate(labels))
+    )
+    finetune(
+        model,
+        token_batches(train, tokenizer, label_ids, TEACHER_BATCH, shuffle=True),
+        epochs,
+        TEACHER_LEARNING_RATE,
+        SEED,
+        progress,
+    )
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

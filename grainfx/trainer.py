@@ -16,11 +16,11 @@ import torch
 from torch import fx
 
 import passes
-from passes.instrument import mask_buffers
 from grainfx.config import GrainConfig
 from grainfx.distill import KD_POSITIONS, HiddenMaps, kd_loss, logits_mask
 from grainfx.importance import Importance, all_finite
 from grainfx.schedule import density_at, lr_factor
+from passes.instrument import mask_buffers
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -60,16 +60,26 @@ class Student:
 class Trainer:
     """Runs GRAIN on ``student`` distilled from ``teacher`` (a callable returning a dict)."""
 
-    def __init__(self, student: Student, teacher: Callable[..., Mapping[str, torch.Tensor]],
-                 config: GrainConfig, target_density: float, output: str, total_steps: int,
-                 hidden_dims: tuple[int, int] | None):
+    def __init__(
+        self,
+        student: Student,
+        teacher: Callable[..., Mapping[str, torch.Tensor]],
+        config: GrainConfig,
+        target_density: float,
+        output: str,
+        total_steps: int,
+        hidden_dims: tuple[int, int] | None,
+    ):
         self.student, self.teacher, self.config = student, teacher, config
         self.target, self.output, self.total = target_density, output, total_steps
         self.importance = Importance(student.structure, config, total_steps)
         self.masks = mask_buffers(student.train)
         use_hidden = config.hidden_loss and student.hidden_keys
-        self.maps = (HiddenMaps(len(student.hidden_keys), *hidden_dims)
-                     if use_hidden and hidden_dims is not None else None)
+        self.maps = (
+            HiddenMaps(len(student.hidden_keys), *hidden_dims)
+            if use_hidden and hidden_dims is not None
+            else None
+        )
         params = [p for p in student.train.parameters() if p.requires_grad]
         if self.maps is not None:
             params += list(self.maps.parameters())
@@ -77,17 +87,21 @@ class Trainer:
         no_decay = [p for p in params if p.dim() < 2]
         self.params = params
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": config.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=config.learning_rate, eps=config.adam_eps)
+            [
+                {"params": decay, "weight_decay": config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=config.learning_rate,
+            eps=config.adam_eps,
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: lr_factor(step, total_steps, config.warmup))
+            self.optimizer, lambda step: lr_factor(step, total_steps, config.warmup)
+        )
         self.history = History()
         self.bad_in_a_row = 0
         self.warned_flat = False
 
-    def losses(self, batch: Mapping[str, torch.Tensor]
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def losses(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logit KD loss and the (weighted) hidden-state loss, or None, of one batch."""
         inputs = {k: v for k, v in batch.items() if k != KD_POSITIONS}
         with torch.no_grad():
@@ -95,8 +109,12 @@ class Trainer:
         out = self.student.train(**inputs)
         mask = batch.get("attention_mask")
         positions = batch.get(KD_POSITIONS)
-        kd = kd_loss(out[self.output], teacher_out[self.output], self.config.temperature,
-                     positions if positions is not None else logits_mask(batch))
+        kd = kd_loss(
+            out[self.output],
+            teacher_out[self.output],
+            self.config.temperature,
+            positions if positions is not None else logits_mask(batch),
+        )
         hidden = None
         if self.maps is not None:
             keys = self.student.hidden_keys
@@ -129,12 +147,16 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.history.skipped += 1
             self.bad_in_a_row += 1
-            warnings.warn(f"step {index}: non-finite loss or gradients, step skipped",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"step {index}: non-finite loss or gradients, step skipped",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             if self.bad_in_a_row >= self.config.max_bad_steps:
                 raise TrainingDivergedError(
                     f"{self.bad_in_a_row} steps in a row had non-finite losses or gradients; "
-                    f"lower GrainConfig.learning_rate or check the inputs for inf/nan")
+                    f"lower GrainConfig.learning_rate or check the inputs for inf/nan"
+                )
             self.scheduler.step()
             return
         self.bad_in_a_row = 0
@@ -146,25 +168,32 @@ class Trainer:
         self.importance.update(grads, current)
         progress = (index + 1) / self.total
         if progress > self.config.prune_start and (index + 1) % self.config.prune_every == 0:
-            goal = density_at(progress, self.target, self.config.prune_start,
-                              self.config.prune_end)
+            goal = density_at(progress, self.target, self.config.prune_start, self.config.prune_end)
             if goal < 1.0 and not self.warned_flat and self.importance.is_flat():
                 self.warned_flat = True
                 warnings.warn(
                     "importance scores are all ~0 as pruning starts: the student matches the "
                     "teacher exactly (a model without dropout distilled from itself has no "
                     "gradient), so the ranking is arbitrary; keep the model's dropout on or "
-                    "give a different teacher", RuntimeWarning, stacklevel=2)
+                    "give a different teacher",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             passes.set_masks(self.student.train, self.importance.prune(current, goal))
         self.history.kd_loss.append(kd.item())
         self.history.hidden_loss.append(hidden.item() if hidden is not None else 0.0)
         self.history.density.append(self.student.structure.density(self.masks))
         self.history.steps += 1
 
-    def run(self, batches: Iterable[Mapping[str, torch.Tensor]], progress: bool = True,
-            start: int = 0, callback: Callable[[int, dict], None] | None = None,
-            save: Callable[[int], object] | None = None, save_every: int | None = None
-            ) -> History:
+    def run(
+        self,
+        batches: Iterable[Mapping[str, torch.Tensor]],
+        progress: bool = True,
+        start: int = 0,
+        callback: Callable[[int, dict], None] | None = None,
+        save: Callable[[int], object] | None = None,
+        save_every: int | None = None,
+    ) -> History:
         """Train over ``batches`` (the steps from ``start`` to ``total_steps``), with a
         progress bar; ``callback`` gets the step index and the current masks after every step.
 
@@ -177,8 +206,14 @@ class Trainer:
 
         began = time.perf_counter()
         self.student.train.train()
-        bar = tqdm(total=self.total, initial=start, disable=not progress, desc="grain",
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total,
+            initial=start,
+            disable=not progress,
+            desc="grain",
+            unit="step",
+            dynamic_ncols=True,
+        )
         done = start
         try:
             with _deferred_interrupt() as interrupted:
@@ -190,8 +225,12 @@ class Trainer:
                     self._show(bar)
                     if interrupted():
                         raise KeyboardInterrupt
-                    if save is not None and save_every and done % save_every == 0 \
-                            and done < self.total:
+                    if (
+                        save is not None
+                        and save_every
+                        and done % save_every == 0
+                        and done < self.total
+                    ):
                         save(done)
         except KeyboardInterrupt:
             if save is not None and done > start:
@@ -201,15 +240,23 @@ class Trainer:
         finally:
             bar.close()
             self.history.seconds += time.perf_counter() - began
-        log.info("trained %d steps (%d skipped) in %.1f s", self.history.steps,
-                 self.history.skipped, self.history.seconds)
+        log.info(
+            "trained %d steps (%d skipped) in %.1f s",
+            self.history.steps,
+            self.history.skipped,
+            self.history.seconds,
+        )
         return self.history
 
     def _show(self, bar: tqdm) -> None:
         h = self.history
         if h.kd_loss:
-            bar.set_postfix(density=f"{h.density[-1]:.3f}", kd=f"{h.kd_loss[-1]:.4f}",
-                            hidden=f"{h.hidden_loss[-1]:.4f}", refresh=False)
+            bar.set_postfix(
+                density=f"{h.density[-1]:.3f}",
+                kd=f"{h.kd_loss[-1]:.4f}",
+                hidden=f"{h.hidden_loss[-1]:.4f}",
+                refresh=False,
+            )
         bar.update(1)
 
 

@@ -11,25 +11,61 @@ Each pass is a function from one artifact to the next; none of them trains or re
 """
 
 from passes.capture import capture, capture_pair
-from passes.factorize import factorize_embedding
-from passes.expose import expose
 from passes.discover import discover
-from passes.errors import (CaptureError, CorruptModelFileError, DiscoverError, InvalidInputsError,
-                           LoadError, MaskError, ModelFileNotFoundError, NoAttentionFoundError,
-                           NotInstrumentedError, PassError, SaveError, TrainingGraphError,
-                           UncoveredLayersWarning, UnsupportedArchitectureError)
+from passes.errors import (
+    CaptureError,
+    CorruptModelFileError,
+    DiscoverError,
+    InvalidInputsError,
+    LoadError,
+    MaskError,
+    ModelFileNotFoundError,
+    NoAttentionFoundError,
+    NotInstrumentedError,
+    PassError,
+    SaveError,
+    TrainingGraphError,
+    UncoveredLayersWarning,
+    UnsupportedArchitectureError,
+)
+from passes.expose import expose
+from passes.factorize import factorize_embedding
 from passes.instrument import get_masks, instrument, record_mask_grads, set_masks
 from passes.rewrite import DEFAULT_BUCKET, RewriteOptions, rewrite
 from passes.serialize import load, save
 from passes.structure import AttentionBlock, FFNBlock, Structure, UnitGroup
 
 __all__ = [
-    "capture", "capture_pair", "expose", "factorize_embedding", "discover", "instrument",
-    "set_masks", "get_masks",
-    "record_mask_grads", "rewrite", "RewriteOptions", "DEFAULT_BUCKET", "save", "load",
-    "Structure", "AttentionBlock", "FFNBlock", "UnitGroup",
-    "PassError", "CaptureError", "InvalidInputsError", "DiscoverError", "NoAttentionFoundError",
-    "UnsupportedArchitectureError", "MaskError", "NotInstrumentedError", "TrainingGraphError",
-    "SaveError", "LoadError", "ModelFileNotFoundError", "CorruptModelFileError",
+    "capture",
+    "capture_pair",
+    "expose",
+    "factorize_embedding",
+    "discover",
+    "instrument",
+    "set_masks",
+    "get_masks",
+    "record_mask_grads",
+    "rewrite",
+    "RewriteOptions",
+    "DEFAULT_BUCKET",
+    "save",
+    "load",
+    "Structure",
+    "AttentionBlock",
+    "FFNBlock",
+    "UnitGroup",
+    "PassError",
+    "CaptureError",
+    "InvalidInputsError",
+    "DiscoverError",
+    "NoAttentionFoundError",
+    "UnsupportedArchitectureError",
+    "MaskError",
+    "NotInstrumentedError",
+    "TrainingGraphError",
+    "SaveError",
+    "LoadError",
+    "ModelFileNotFoundError",
+    "CorruptModelFileError",
     "UncoveredLayersWarning",
 ]

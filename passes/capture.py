@@ -34,12 +34,14 @@ def check_inputs(example_inputs: object) -> dict[str, torch.Tensor]:
         raise InvalidInputsError(
             f"example_inputs must be a non-empty dict of tensors keyed by the model's argument "
             f"names, got {type(example_inputs).__name__}; pass e.g. "
-            f"dict(tokenizer(texts, return_tensors='pt'))")
+            f"dict(tokenizer(texts, return_tensors='pt'))"
+        )
     bad = [k for k, v in example_inputs.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise InvalidInputsError(
             f"example_inputs[{bad[0]!r}] is not a tensor; drop non-tensor entries or set them "
-            f"on the model's config instead")
+            f"on the model's config instead"
+        )
     return dict(example_inputs)
 
 
@@ -82,8 +84,9 @@ def output_names(outputs: object) -> list[str]:
     return names
 
 
-def _plain_graph_module(exported: fx.GraphModule, inputs: dict[str, torch.Tensor],
-                        names: list[str]) -> fx.GraphModule:
+def _plain_graph_module(
+    exported: fx.GraphModule, inputs: dict[str, torch.Tensor], names: list[str]
+) -> fx.GraphModule:
     """Rebuild export's module as a plain GraphModule: kwargs in, dict of tensors out."""
     src = exported.graph
     graph = fx.Graph()
@@ -103,7 +106,8 @@ def _plain_graph_module(exported: fx.GraphModule, inputs: dict[str, torch.Tensor
             if len(flat) != len(names):
                 raise CaptureError(
                     f"the exported graph has {len(flat)} outputs but the model returned "
-                    f"{len(names)} tensors; return only tensors from forward")
+                    f"{len(names)} tensors; return only tensors from forward"
+                )
             graph.output({name: env[n] for name, n in zip(names, flat, strict=True)})
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
@@ -116,14 +120,16 @@ def _plain_graph_module(exported: fx.GraphModule, inputs: dict[str, torch.Tensor
 
 def _export(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> fx.GraphModule:
     try:
-        ep = torch.export.export(model, (), inputs, strict=False,
-                                 dynamic_shapes=dynamic_shapes_for(inputs))
+        ep = torch.export.export(
+            model, (), inputs, strict=False, dynamic_shapes=dynamic_shapes_for(inputs)
+        )
     except Exception as exc:  # torch.export raises many unrelated types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
             f"torch.export could not trace {type(model).__name__}: {first}. The model's forward "
             f"must be traceable by torch.export (no data-dependent Python control flow, tensor "
-            f"inputs only); see the cause below, or simplify forward and retry") from exc
+            f"inputs only); see the cause below, or simplify forward and retry"
+        ) from exc
     return ep.module()
 
 
@@ -138,8 +144,9 @@ def _prepared_copy(model: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
-def _capture_copy(clone: torch.nn.Module, inputs: dict[str, torch.Tensor],
-                  train: bool) -> fx.GraphModule:
+def _capture_copy(
+    clone: torch.nn.Module, inputs: dict[str, torch.Tensor], train: bool
+) -> fx.GraphModule:
     clone.train(train)
     export_inputs = _widen(inputs)
     try:
@@ -147,14 +154,16 @@ def _capture_copy(clone: torch.nn.Module, inputs: dict[str, torch.Tensor],
             names = output_names(clone.eval()(**export_inputs))
     except Exception as exc:
         shapes = {k: tuple(v.shape) for k, v in inputs.items()}
-        raise CaptureError(f"{type(clone).__name__} failed on the example inputs {shapes}: "
-                           f"{exc}".splitlines()[0]) from exc
+        raise CaptureError(
+            f"{type(clone).__name__} failed on the example inputs {shapes}: {exc}".splitlines()[0]
+        ) from exc
     clone.train(train)
     return _plain_graph_module(_export(clone, export_inputs), inputs, names)
 
 
-def capture(model: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor], *,
-            train: bool = False) -> fx.GraphModule:
+def capture(
+    model: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor], *, train: bool = False
+) -> fx.GraphModule:
     """Capture ``model`` into a plain GraphModule with dynamic batch and sequence.
 
     Args:
@@ -174,8 +183,9 @@ def capture(model: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor], 
     return _capture_copy(_prepared_copy(model), inputs, train)
 
 
-def capture_pair(model: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor]
-                 ) -> tuple[fx.GraphModule, fx.GraphModule]:
+def capture_pair(
+    model: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor]
+) -> tuple[fx.GraphModule, fx.GraphModule]:
     """Capture an eval-mode and a train-mode graph that share one set of parameters.
 
     Training the train-mode graph updates the eval-mode one; ``model`` is left untouched.
@@ -188,8 +198,9 @@ def capture_pair(model: torch.nn.Module, example_inputs: Mapping[str, torch.Tens
     return eval_gm, train_gm
 
 
-def derive(gm: fx.GraphModule, graph: fx.Graph,
-           root: torch.nn.Module | None = None) -> fx.GraphModule:
+def derive(
+    gm: fx.GraphModule, graph: fx.Graph, root: torch.nn.Module | None = None
+) -> fx.GraphModule:
     """A new GraphModule on ``graph`` with the attributes of ``root`` (default ``gm``) and
     ``gm``'s grainfx metadata (example inputs, output names)."""
     new = fx.GraphModule(gm if root is None else root, graph, class_name="GraphModule")

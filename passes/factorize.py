@@ -50,8 +50,9 @@ def _fake_values(gm: fx.GraphModule, lookup: fx.Node, *nodes: fx.Node) -> None:
                 node.meta["val"] = op(*args)
 
 
-def factorize_embedding(gm: fx.GraphModule, rank: int,
-                        share_with: fx.GraphModule | None = None) -> fx.GraphModule:
+def factorize_embedding(
+    gm: fx.GraphModule, rank: int, share_with: fx.GraphModule | None = None
+) -> fx.GraphModule:
     """A copy of ``gm`` whose word embedding is factorized to ``rank`` (see module doc).
 
     ``share_with``: a graph factorized before (e.g. the train-mode graph of the same model)
@@ -66,9 +67,11 @@ def factorize_embedding(gm: fx.GraphModule, rank: int,
     lookup = next(n for n in new.graph.nodes if n.name == word_embedding(gm).name)
     weight_node = lookup.args[0]
     if len(weight_node.users) > 1:
-        raise DiscoverError(f"the word embedding {weight_node.target} is also used by "
-                            f"{[u.name for u in weight_node.users if u is not lookup]} (tied "
-                            f"weights): factorizing it would not make the model smaller")
+        raise DiscoverError(
+            f"the word embedding {weight_node.target} is also used by "
+            f"{[u.name for u in weight_node.users if u is not lookup]} (tied "
+            f"weights): factorizing it would not make the model smaller"
+        )
     weight = attr_tensor(new, weight_node).detach()
     if not 1 <= rank <= min(weight.shape):
         raise ValueError(f"rank must be in [1, {min(weight.shape)}], got {rank}")
@@ -79,8 +82,7 @@ def factorize_embedding(gm: fx.GraphModule, rank: int,
     else:
         u, s, vh = torch.linalg.svd(weight.float(), full_matrices=False)
         set_attr(new, TABLE, torch.nn.Parameter((u[:, :rank] * s[:rank]).to(weight.dtype)))
-        set_attr(new, PROJECTION,
-                 torch.nn.Parameter(vh[:rank].t().contiguous().to(weight.dtype)))
+        set_attr(new, PROJECTION, torch.nn.Parameter(vh[:rank].t().contiguous().to(weight.dtype)))
     with new.graph.inserting_before(lookup):
         table = new.graph.get_attr(TABLE)
         small = new.graph.call_function(aten.embedding.default, (table, *lookup.args[1:]))

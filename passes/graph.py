@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import operator
 from dataclasses import dataclass
@@ -180,11 +179,29 @@ class Projection:
         full = self.output_rows()
         picked = [full[r] for r in rows]
         if picked == list(range(picked[0], picked[0] + len(picked))):
-            return Projection(node, self.input, self.input_user, self.weight, self.bias,
-                              self.transposed, picked[0], picked[0] + len(picked),
-                              self.in_features)
-        return Projection(node, self.input, self.input_user, self.weight, self.bias,
-                          self.transposed, 0, 0, self.in_features, tuple(picked))
+            return Projection(
+                node,
+                self.input,
+                self.input_user,
+                self.weight,
+                self.bias,
+                self.transposed,
+                picked[0],
+                picked[0] + len(picked),
+                self.in_features,
+            )
+        return Projection(
+            node,
+            self.input,
+            self.input_user,
+            self.weight,
+            self.bias,
+            self.transposed,
+            0,
+            0,
+            self.in_features,
+            tuple(picked),
+        )
 
 
 def _get_attr(node: fx.node.Argument) -> str | None:
@@ -206,8 +223,17 @@ def match_projection(node: fx.Node) -> Projection | None:
         if weight is None or (len(node.args) > 2 and node.args[2] is not None and bias is None):
             return None
         out = arg_node(node, 1).meta["val"].shape
-        return Projection(node.name, arg_node(node, 0).name, node.name, weight, bias, False,
-                          0, int(out[0]), int(out[1]))
+        return Projection(
+            node.name,
+            arg_node(node, 0).name,
+            node.name,
+            weight,
+            bias,
+            False,
+            0,
+            int(out[0]),
+            int(out[1]),
+        )
     if is_op(node, [aten.add.Tensor]) and is_op(arg_node(node, 0), [aten.matmul.default]):
         matmul = arg_node(node, 0)
         inner = match_projection(matmul)  # x @ W.T + b (FalconLinear with a bias)
@@ -223,11 +249,22 @@ def match_projection(node: fx.Node) -> Projection | None:
         if weight is None:
             return None
         out = arg_node(weight_t, 0).meta["val"].shape
-        if len(out) != 2 or (is_op(weight_t, [aten.permute.default])
-                             and list(cast(Sequence[int], weight_t.args[1])) != [1, 0]):
+        if len(out) != 2 or (
+            is_op(weight_t, [aten.permute.default])
+            and list(cast(Sequence[int], weight_t.args[1])) != [1, 0]
+        ):
             return None
-        return Projection(node.name, arg_node(node, 0).name, node.name, weight, None, False,
-                          0, int(out[0]), int(out[1]))
+        return Projection(
+            node.name,
+            arg_node(node, 0).name,
+            node.name,
+            weight,
+            None,
+            False,
+            0,
+            int(out[0]),
+            int(out[1]),
+        )
     if is_op(node, [aten.view.default, aten.reshape.default]):
         mm = arg_node(node, 0)
         if is_op(mm, [aten.addmm.default, aten.mm.default]):
@@ -240,8 +277,17 @@ def match_projection(node: fx.Node) -> Projection | None:
             if weight is None or not is_op(flat, [aten.view.default, aten.reshape.default]):
                 return None
             w = arg_node(mm, -1).meta["val"].shape
-            return Projection(node.name, arg_node(flat, 0).name, flat.name, weight, bias, True,
-                              0, int(w[1]), int(w[0]))
+            return Projection(
+                node.name,
+                arg_node(flat, 0).name,
+                flat.name,
+                weight,
+                bias,
+                True,
+                0,
+                int(w[1]),
+                int(w[0]),
+            )
     return None
 
 
@@ -275,10 +321,21 @@ def is_layout(node: fx.Node) -> bool:
         return isinstance(node.args[0], fx.Node) and is_op(node.args[0], SPLIT_OPS)
     if node.target is aten.index.Tensor:
         return _constant_index(node)
-    return node.target in LAYOUT_OPS or node.target in SPLIT_OPS or node.target in (
-        aten.slice.Tensor, aten.alias.default, aten.select.int, aten.squeeze.dim,
-        aten.unsqueeze.default, aten.flatten.using_ints, aten.expand.default,
-        aten.broadcast_to.default)
+    return (
+        node.target in LAYOUT_OPS
+        or node.target in SPLIT_OPS
+        or node.target
+        in (
+            aten.slice.Tensor,
+            aten.alias.default,
+            aten.select.int,
+            aten.squeeze.dim,
+            aten.unsqueeze.default,
+            aten.flatten.using_ints,
+            aten.expand.default,
+            aten.broadcast_to.default,
+        )
+    )
 
 
 def _constant(node: fx.Node) -> torch.Tensor | None:
@@ -325,6 +382,7 @@ def feature_rows(source: fx.Node, chain: list[fx.Node]) -> list[int] | None:
             constant = _constant(a)
             return 1 if constant is None else constant
         return a
+
     try:
         for node in chain:
             rest = fx.node.map_aggregate(node.args[1:], arg)
@@ -348,13 +406,17 @@ def is_impure(node: fx.Node) -> bool:
         schema = getattr(node.target, "_schema", None)
         if schema is None or not schema.is_mutable:
             return False
-        written = [a for a, spec in zip(node.args, schema.arguments, strict=False)
-                   if spec.alias_info is not None and spec.alias_info.is_write]
+        written = [
+            a
+            for a, spec in zip(node.args, schema.arguments, strict=False)
+            if spec.alias_info is not None and spec.alias_info.is_write
+        ]
         # an in-place op on an intermediate that nothing else reads (``scores += bias`` of a
         # dead attention block) may go with it
         return not written or not all(
             isinstance(a, fx.Node) and a.op == "call_function" and set(a.users) == {node}
-            for a in written)
+            for a in written
+        )
     return False
 
 

@@ -39,9 +39,14 @@ def _mask_name(buffer: str) -> str:
 Expand = Callable[[fx.Graph, fx.Node], fx.Node]
 
 
-def _insert_mask(graph: fx.Graph, at: fx.Node, mask: str, expand: Expand | None,
-                 user: fx.Node | None,
-                 shape_: list[int] | None = None) -> None:
+def _insert_mask(
+    graph: fx.Graph,
+    at: fx.Node,
+    mask: str,
+    expand: Expand | None,
+    user: fx.Node | None,
+    shape_: list[int] | None = None,
+) -> None:
     """Multiply ``at`` by the mask ``mask``: for all users of ``at``, or for ``user``.
 
     ``expand`` (or None) adds the graph ops that turn the stored mask into per-head layout;
@@ -68,7 +73,8 @@ def _node(nodes: dict[str, fx.Node], name: str | None, width: int) -> fx.Node:
         raise StructureMismatchError(
             f"node {name!r} of the structure is not in this graph with {width} features: a "
             f"Structure only fits the graph it was discovered on; run passes.discover on this "
-            f"graph (for capture_pair, discover the train graph and the eval graph each)")
+            f"graph (for capture_pair, discover the train graph and the eval graph each)"
+        )
     return node
 
 
@@ -79,7 +85,8 @@ def _reader(nodes: dict[str, fx.Node], name: str | None, value: fx.Node) -> fx.N
         raise StructureMismatchError(
             f"node {name!r} of the structure does not read {value.name!r} in this graph: a "
             f"Structure only fits the graph it was discovered on; run passes.discover on this "
-            f"graph")
+            f"graph"
+        )
     return reader
 
 
@@ -97,10 +104,13 @@ def _expand_qk(block: AttentionBlock) -> Expand | None:
             if block.rope.layout == "half":
                 parts = [rotary, rotary, passing]
             else:
-                parts = [graph.call_function(aten.repeat_interleave.self_int, (rotary, 2, 1)),
-                         passing]
+                parts = [
+                    graph.call_function(aten.repeat_interleave.self_int, (rotary, 2, 1)),
+                    passing,
+                ]
             node = graph.call_function(aten.cat.default, (parts, 1))
         return _repeat_heads(graph, node, block.group_size)
+
     return expand
 
 
@@ -120,11 +130,13 @@ def _expand_vo(block: AttentionBlock) -> Expand | None:
         heads = graph.get_attr(f"{MASK_MODULE}.{_buffer_name(block.mask_names()['heads'])}")
         heads = graph.call_function(aten.unsqueeze.default, (heads, 1))
         return graph.call_function(aten.mul.Tensor, (node, heads))
+
     return expand
 
 
-def instrument(gm: fx.GraphModule, structure: Structure,
-               masks: Mapping[str, torch.Tensor] | None = None) -> fx.GraphModule:
+def instrument(
+    gm: fx.GraphModule, structure: Structure, masks: Mapping[str, torch.Tensor] | None = None
+) -> fx.GraphModule:
     """Return a copy of ``gm`` with a mask multiplied into every attention and FFN block.
 
     Args:
@@ -140,8 +152,10 @@ def instrument(gm: fx.GraphModule, structure: Structure,
         StructureMismatchError: ``structure`` was discovered on another graph.
     """
     if hasattr(gm, MASK_MODULE):
-        raise MaskError("this graph is instrumented already: instrument the captured graph, "
-                        "or change the masks of this one with passes.set_masks")
+        raise MaskError(
+            "this graph is instrumented already: instrument the captured graph, "
+            "or change the masks of this one with passes.set_masks"
+        )
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     nodes = {n.name: n for n in graph.nodes}
@@ -159,12 +173,18 @@ def instrument(gm: fx.GraphModule, structure: Structure,
         names = block.mask_names()
         if "qk" in names:
             q = _node(nodes, block.q_operand, block.head_dim)
-            _insert_mask(graph, q, names["qk"], _expand_qk(block),
-                         _reader(nodes, block.q_reader, q),
-                         [block.num_heads, 1, block.head_dim])
+            _insert_mask(
+                graph,
+                q,
+                names["qk"],
+                _expand_qk(block),
+                _reader(nodes, block.q_reader, q),
+                [block.num_heads, 1, block.head_dim],
+            )
         ctx = _node(nodes, block.o.input, block.num_heads * block.head_dim)
-        _insert_mask(graph, ctx, names["vo"], _expand_vo(block),
-                     _reader(nodes, block.o.input_user, ctx))
+        _insert_mask(
+            graph, ctx, names["vo"], _expand_vo(block), _reader(nodes, block.o.input_user, ctx)
+        )
     for ffn in structure.ffn:
         act = _node(nodes, ffn.down.input, ffn.width)
         _insert_mask(graph, act, ffn.name, None, _reader(nodes, ffn.down.input_user, act))
@@ -195,7 +215,8 @@ def mask_buffers(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     if holder is None:
         raise NotInstrumentedError(
             "this graph has no masks: run passes.instrument(gm, structure) first and pass the "
-            "module it returns")
+            "module it returns"
+        )
     return {_mask_name(name): buf for name, buf in holder.named_buffers()}
 
 
@@ -212,8 +233,10 @@ def set_masks(gm: fx.GraphModule, masks: Mapping[str, torch.Tensor]) -> None:
             raise MaskError(f"unknown mask {name!r}; this graph has {sorted(live)}")
         value = torch.as_tensor(value)
         if value.shape != live[name].shape:
-            raise MaskError(f"mask {name!r} has shape {tuple(value.shape)}, expected "
-                            f"{tuple(live[name].shape)} (structure.mask_shapes() lists them)")
+            raise MaskError(
+                f"mask {name!r} has shape {tuple(value.shape)}, expected "
+                f"{tuple(live[name].shape)} (structure.mask_shapes() lists them)"
+            )
     with torch.no_grad():
         for name, value in masks.items():
             live[name].copy_(torch.as_tensor(value))
@@ -251,6 +274,7 @@ def record_mask_grads(gm: fx.GraphModule) -> Iterator[MaskGradients]:
         def hook(grad: torch.Tensor, name: str = name) -> torch.Tensor:
             recorded[name] = recorded[name] + grad if name in recorded else grad.detach().clone()
             return grad
+
         handles.append(buf.register_hook(hook))
     try:
         yield recorded

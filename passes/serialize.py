@@ -34,8 +34,9 @@ def _umask() -> int:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file renamed into place, with the
     permissions the umask gives: a failed write (a full disk) leaves the old file as it was."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix,
-                               dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -43,9 +44,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise SaveError(f"could not write {path}: {exc.strerror or exc}; free some space or "
-                        f"choose another folder (the previous file, if any, is unchanged)"
-                        ) from exc
+        raise SaveError(
+            f"could not write {path}: {exc.strerror or exc}; free some space or "
+            f"choose another folder (the previous file, if any, is unchanged)"
+        ) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -54,8 +56,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def _input_spec(t: torch.Tensor) -> dict:
     """Shape and dtype of an example input (and the largest value of integer ones, so that
     benchmarks can draw valid token ids)."""
-    spec: dict[str, object] = {"shape": list(t.shape),
-                               "dtype": str(t.dtype).replace("torch.", "")}
+    spec: dict[str, object] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
     if not t.dtype.is_floating_point and t.numel():
         spec["max"] = int(t.max())
     return spec
@@ -71,11 +72,14 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
         raise SaveError(f"{path} must end in .pt2 (torch.export's archive format)")
     inputs = getattr(gm, EXAMPLE_INPUTS_ATTR, None)
     if inputs is None:
-        raise SaveError("this module carries no example inputs: save modules returned by "
-                        "passes.capture / instrument / rewrite (or grainfx.compress)")
+        raise SaveError(
+            "this module carries no example inputs: save modules returned by "
+            "passes.capture / instrument / rewrite (or grainfx.compress)"
+        )
     try:
-        ep = torch.export.export(gm, (), dict(inputs), strict=False,
-                                 dynamic_shapes=dynamic_shapes_for(inputs))
+        ep = torch.export.export(
+            gm, (), dict(inputs), strict=False, dynamic_shapes=dynamic_shapes_for(inputs)
+        )
     except Exception as exc:
         raise SaveError(f"re-export of the module failed: {exc}".splitlines()[0]) from exc
     record = dict(getattr(gm, KEPT_ATTR, {}))
@@ -100,8 +104,9 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
     """
     path = Path(path)
     if not path.is_file():
-        raise ModelFileNotFoundError(f"no model file at {path}: check the path (grainfx.save "
-                                     f"writes a .pt2 file)")
+        raise ModelFileNotFoundError(
+            f"no model file at {path}: check the path (grainfx.save writes a .pt2 file)"
+        )
     extra = {STRUCTURE_FILE: ""}
     try:
         ep = torch.export.load(path, extra_files=extra)
@@ -109,7 +114,8 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
     except Exception as exc:
         raise CorruptModelFileError(
             f"{path} is not a readable .pt2 model ({type(exc).__name__}); it may be truncated "
-            f"or written by something else: save it again with grainfx.save") from exc
+            f"or written by something else: save it again with grainfx.save"
+        ) from exc
     try:
         kept = json.loads(extra[STRUCTURE_FILE]) if extra[STRUCTURE_FILE] else {}
     except json.JSONDecodeError as exc:

@@ -180,8 +180,9 @@ class AttentionBlock:
             names["heads"] = f"{self.name}.heads"
         return names
 
-    def per_head(self, masks: Mapping[str, torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def per_head(
+        self, masks: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Boolean (query dims, value dims) of shape heads x head_dim and the live heads.
 
         A query head is live when it has value dims and its head unit is kept; dims of heads
@@ -205,11 +206,13 @@ class AttentionBlock:
         norms = sum(n.params for n in (self.q_norm, self.k_norm) if n is not None)
         group_qk = qk.view(self.kv_heads, g, -1).any(dim=1)
         group_vo = vo.view(self.kv_heads, g, -1).any(dim=1)
-        return (int(qk.sum()) * self.q.params_per_output()
-                + int(group_qk.sum()) * self.k.params_per_output()
-                + int(group_vo.sum()) * self.v.params_per_output()
-                + int(vo.sum()) * self.o.out_features
-                + (norms if bool(live.any()) else 0))
+        return (
+            int(qk.sum()) * self.q.params_per_output()
+            + int(group_qk.sum()) * self.k.params_per_output()
+            + int(group_vo.sum()) * self.v.params_per_output()
+            + int(vo.sum()) * self.o.out_features
+            + (norms if bool(live.any()) else 0)
+        )
 
     def expand_qk(self, mask: torch.Tensor) -> torch.Tensor:
         """A qk mask (kv heads x units) as a per-query-head mask (heads x head_dim)."""
@@ -220,8 +223,7 @@ class AttentionBlock:
         return mask.repeat_interleave(self.group_size, dim=0)
 
     def ones(self) -> dict[str, torch.Tensor]:
-        shapes = {"qk": self.qk_shape, "vo": self.vo_shape,
-                  "heads": torch.Size([self.num_heads])}
+        shapes = {"qk": self.qk_shape, "vo": self.vo_shape, "heads": torch.Size([self.num_heads])}
         return {name: torch.ones(shapes[kind]) for kind, name in self.mask_names().items()}
 
     @property
@@ -295,16 +297,28 @@ class Structure:
         for block in self.attention:
             names = block.mask_names()
             if "qk" in names:
-                groups.append(UnitGroup(names["qk"], "query", block.name, block.qk_shape,
-                                        block.query_unit_params))
-            groups.append(UnitGroup(names["vo"], "value", block.name, block.vo_shape,
-                                    block.value_unit_params))
+                groups.append(
+                    UnitGroup(
+                        names["qk"], "query", block.name, block.qk_shape, block.query_unit_params
+                    )
+                )
+            groups.append(
+                UnitGroup(names["vo"], "value", block.name, block.vo_shape, block.value_unit_params)
+            )
             if "heads" in names:
-                groups.append(UnitGroup(names["heads"], "qhead", block.name,
-                                        torch.Size([block.num_heads]), block.head_unit_params))
+                groups.append(
+                    UnitGroup(
+                        names["heads"],
+                        "qhead",
+                        block.name,
+                        torch.Size([block.num_heads]),
+                        block.head_unit_params,
+                    )
+                )
         for ffn in self.ffn:
-            groups.append(UnitGroup(ffn.name, "ffn", ffn.name, torch.Size([ffn.width]),
-                                    ffn.unit_params))
+            groups.append(
+                UnitGroup(ffn.name, "ffn", ffn.name, torch.Size([ffn.width]), ffn.unit_params)
+            )
         return groups
 
     def mask_shapes(self) -> dict[str, torch.Size]:
@@ -319,8 +333,9 @@ class Structure:
     def unit_params(self) -> int:
         """Parameters held by all prunable units (Q, K, V, O rows and columns, FFN rows and
         columns; biases included)."""
-        return (sum(block.params for block in self.attention)
-                + sum(block.width * block.unit_params for block in self.ffn))
+        return sum(block.params for block in self.attention) + sum(
+            block.width * block.unit_params for block in self.ffn
+        )
 
     def kept_unit_params(self, masks: Mapping[str, torch.Tensor]) -> int:
         """Unit parameters that the compact model keeps for these (binary) masks.
@@ -348,17 +363,23 @@ class Structure:
         blocks: list[tuple[str, tuple[Projection | None, ...]]]
         blocks = [(b.name, (b.q, b.k, b.v, b.o)) for b in self.attention]
         blocks += [(b.name, (b.up, b.gate, b.down)) for b in self.ffn]
-        return {name: tuple(dict.fromkeys(p.weight for p in projections if p is not None))
-                for name, projections in blocks}
+        return {
+            name: tuple(dict.fromkeys(p.weight for p in projections if p is not None))
+            for name, projections in blocks
+        }
 
     def coverage(self) -> str:
         """One line: the prunable share of the parameters and what inside the layers is not
         covered."""
-        line = (f"coverage: {self.unit_params / self.total_params:.0%} of the parameters are "
-                f"in prunable units (the rest: embeddings, norms, heads)")
+        line = (
+            f"coverage: {self.unit_params / self.total_params:.0%} of the parameters are "
+            f"in prunable units (the rest: embeddings, norms, heads)"
+        )
         if self.uncovered:
-            line += (f"; {len(self.uncovered)} linear layers inside the transformer layers are "
-                     f"not covered and stay whole: {', '.join(self.uncovered)}")
+            line += (
+                f"; {len(self.uncovered)} linear layers inside the transformer layers are "
+                f"not covered and stay whole: {', '.join(self.uncovered)}"
+            )
         return line
 
     def notes(self) -> list[str]:
@@ -367,32 +388,47 @@ class Structure:
         for block in self.attention:
             parts = []
             if block.group_size > 1:
-                parts.append(f"{block.num_heads} query heads share {block.kv_heads} key/value "
-                             f"heads (groups of {block.group_size}): query and value units span "
-                             f"a group, query heads are units too")
+                parts.append(
+                    f"{block.num_heads} query heads share {block.kv_heads} key/value "
+                    f"heads (groups of {block.group_size}): query and value units span "
+                    f"a group, query heads are units too"
+                )
             if block.rope is not None and block.has_query_units:
                 rope = block.rope
-                partial = (f", {block.head_dim - rope.rotary_dims} pass-through dims"
-                           if rope.rotary_dims < block.head_dim else "")
-                parts.append(f"RoPE ({rope.layout}): query units are {rope.rotary_dims // 2} "
-                             f"rotary pairs{partial}")
+                partial = (
+                    f", {block.head_dim - rope.rotary_dims} pass-through dims"
+                    if rope.rotary_dims < block.head_dim
+                    else ""
+                )
+                parts.append(
+                    f"RoPE ({rope.layout}): query units are {rope.rotary_dims // 2} "
+                    f"rotary pairs{partial}"
+                )
             if not block.has_query_units:
                 norm = block.q_norm or block.k_norm
                 assert norm is not None  # has_query_units is False only with a head norm
-                parts.append(f"query units not offered: a norm over the query/key head dims "
-                             f"(at {norm.output}) makes removing one inexact")
+                parts.append(
+                    f"query units not offered: a norm over the query/key head dims "
+                    f"(at {norm.output}) makes removing one inexact"
+                )
             if block.score_ops:
-                parts.append(f"scores pass through {len(block.score_ops)} ops the compact model "
-                             f"replays per bucket of heads (no sdpa)")
+                parts.append(
+                    f"scores pass through {len(block.score_ops)} ops the compact model "
+                    f"replays per bucket of heads (no sdpa)"
+                )
             if parts:
                 lines.append(f"{block.name}: " + "; ".join(parts))
         return lines
 
     def __str__(self) -> str:
-        lines = [f"Structure: {len(self.attention)} attention blocks, {len(self.ffn)} FFN blocks, "
-                 f"{self.unit_params:,} unit parameters of {self.total_params:,}"]
-        header = (f"{'block':<10}{'heads x size':>14}{'ffn width':>11}{'query':>8}{'value':>8}"
-                  f"{'ffn':>8}{'unit params':>14}")
+        lines = [
+            f"Structure: {len(self.attention)} attention blocks, {len(self.ffn)} FFN blocks, "
+            f"{self.unit_params:,} unit parameters of {self.total_params:,}"
+        ]
+        header = (
+            f"{'block':<10}{'heads x size':>14}{'ffn width':>11}{'query':>8}{'value':>8}"
+            f"{'ffn':>8}{'unit params':>14}"
+        )
         lines.append(header)
         ffn_by_index = dict(enumerate(self.ffn))
         rows = max(len(self.attention), len(self.ffn))
@@ -409,6 +445,7 @@ class Structure:
             nf = ffn.width if ffn else 0
             params = attn.params if attn else 0
             params += nf * ffn.unit_params if ffn else 0
-            lines.append(f"{'layer ' + str(i):<10}{heads:>14}{width:>11}{nq:>8}{nv:>8}{nf:>8}"
-                         f"{params:>14,}")
+            lines.append(
+                f"{'layer ' + str(i):<10}{heads:>14}{width:>11}{nq:>8}{nv:>8}{nf:>8}{params:>14,}"
+            )
         return "\n".join(lines + self.notes())

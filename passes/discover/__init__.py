@@ -21,10 +21,23 @@ from torch import fx
 from passes.discover.attention import SDPA, SOFTMAX, eager_block, sdpa_block
 from passes.discover.ffn import ffn_block, residual_of, stream_of
 from passes.discover.scores import score_source
-from passes.errors import (NoAttentionFoundError, UncoveredLayersWarning,
-                           UnsupportedArchitectureError)
-from passes.graph import (NORM_OPS, aten, attr_tensor, is_impure, is_op, live_attrs,
-                          live_users, match_projection, module_label, shape)
+from passes.errors import (
+    NoAttentionFoundError,
+    UncoveredLayersWarning,
+    UnsupportedArchitectureError,
+)
+from passes.graph import (
+    NORM_OPS,
+    aten,
+    attr_tensor,
+    is_impure,
+    is_op,
+    live_attrs,
+    live_users,
+    match_projection,
+    module_label,
+    shape,
+)
 from passes.structure import AttentionBlock, FFNBlock, Structure
 
 __all__ = ["discover"]
@@ -37,8 +50,12 @@ def _layer_output(add: fx.Node) -> fx.Node:
     return add
 
 
-def _uncovered(gm: fx.GraphModule, attention: list[AttentionBlock], ffn: list[FFNBlock],
-               layer_outputs: list[str]) -> tuple[str, ...]:
+def _uncovered(
+    gm: fx.GraphModule,
+    attention: list[AttentionBlock],
+    ffn: list[FFNBlock],
+    layer_outputs: list[str],
+) -> tuple[str, ...]:
     """Weights of linear layers that no block covers between the first attention projection
     and the end of the last layer (its last add of two computed tensors of the residual
     stream's shape)."""
@@ -47,17 +64,23 @@ def _uncovered(gm: fx.GraphModule, attention: list[AttentionBlock], ffn: list[FF
     covered |= {p.weight for b in ffn for p in (b.up, b.gate, b.down) if p is not None}
     start = min(order[p.node] for b in attention for p in (b.q, b.k, b.v))
     stream = shape(next(n for n in gm.graph.nodes if n.name == attention[0].q.input))
-    adds = [order[n.name] for n in gm.graph.nodes if is_op(n, [aten.add.Tensor])
-            and all(isinstance(a, fx.Node) and a.op == "call_function" for a in n.args[:2])
-            and shape(n) == stream]
+    adds = [
+        order[n.name]
+        for n in gm.graph.nodes
+        if is_op(n, [aten.add.Tensor])
+        and all(isinstance(a, fx.Node) and a.op == "call_function" for a in n.args[:2])
+        and shape(n) == stream
+    ]
     end = max([order[b.o.node] for b in attention] + [order[n] for n in layer_outputs] + adds)
     found = (match_projection(n) for n in gm.graph.nodes if start <= order[n.name] <= end)
-    return tuple(dict.fromkeys(p.weight for p in found
-                               if p is not None and p.weight not in covered))
+    return tuple(
+        dict.fromkeys(p.weight for p in found if p is not None and p.weight not in covered)
+    )
 
 
-def _score_inputs(block: AttentionBlock, nodes: dict[str, fx.Node]
-                  ) -> list[tuple[fx.Node, fx.Node]]:
+def _score_inputs(
+    block: AttentionBlock, nodes: dict[str, fx.Node]
+) -> list[tuple[fx.Node, fx.Node]]:
     """(consumer, input) edges into the scores of ``block``: sdpa's mask, eager biases, and
     what the ops of a replayed chain read besides the chain."""
     if block.kind == "sdpa":
@@ -68,12 +91,12 @@ def _score_inputs(block: AttentionBlock, nodes: dict[str, fx.Node]
     assert block.q_reader is not None  # eager blocks name the node that reads the scores
     q_reader = nodes[block.q_reader]
     chain = {nodes[name] for name in block.score_ops} | {q_reader}
-    return [(op, a) for op in chain - {q_reader} for a in op.all_input_nodes
-            if a not in chain]
+    return [(op, a) for op in chain - {q_reader} for a in op.all_input_nodes if a not in chain]
 
 
-def _score_params(gm: fx.GraphModule, attention: list[AttentionBlock]
-                  ) -> tuple[tuple[int, tuple[str, ...]], ...]:
+def _score_params(
+    gm: fx.GraphModule, attention: list[AttentionBlock]
+) -> tuple[tuple[int, tuple[str, ...]], ...]:
     """Parameters read only through the scores of attention blocks, with those blocks."""
     nodes = {n.name: n for n in gm.graph.nodes}
     cut: set[tuple[fx.Node, fx.Node]] = set()
@@ -94,8 +117,11 @@ def _score_params(gm: fx.GraphModule, attention: list[AttentionBlock]
                 seen.add(arg)
                 stack.append(arg)
     params = dict(gm.named_parameters(remove_duplicate=False))
-    return tuple((params[a.target].numel(), tuple(sorted(blocks)))
-                 for a, blocks in readers.items() if a not in seen and a.target in params)
+    return tuple(
+        (params[a.target].numel(), tuple(sorted(blocks)))
+        for a, blocks in readers.items()
+        if a not in seen and a.target in params
+    )
 
 
 def _attr_ancestors(node: fx.Node) -> set[fx.Node]:
@@ -108,21 +134,26 @@ def _attr_ancestors(node: fx.Node) -> set[fx.Node]:
     return {n for n in seen if n.op == "get_attr"}
 
 
-def _refuse_shared_weights(gm: fx.GraphModule, attention: list[AttentionBlock],
-                           ffn: list[FFNBlock]) -> None:
+def _refuse_shared_weights(
+    gm: fx.GraphModule, attention: list[AttentionBlock], ffn: list[FFNBlock]
+) -> None:
     """Blocks that share a projection weight (ALBERT shares one layer's weights across all)
     cannot keep different units each."""
     owner: dict[int, str] = {}
     for block in attention + ffn:
-        projections = ((block.q, block.k, block.v, block.o) if isinstance(block, AttentionBlock)
-                       else (block.up, block.gate, block.down))
+        projections = (
+            (block.q, block.k, block.v, block.o)
+            if isinstance(block, AttentionBlock)
+            else (block.up, block.gate, block.down)
+        )
         for weight in {p.weight for p in projections if p is not None}:
             key = id(attr_tensor(gm, weight))
             if owner.setdefault(key, block.name) != block.name:
                 raise UnsupportedArchitectureError(
                     f"{block.name} and {owner[key]} share the weight {weight} (layers with "
                     f"shared weights, as in ALBERT): grainfx prunes each layer on its own, so "
-                    f"layers must not share weights")
+                    f"layers must not share weights"
+                )
 
 
 def discover(gm: fx.GraphModule) -> Structure:
@@ -152,11 +183,13 @@ def discover(gm: fx.GraphModule) -> Structure:
                 f"the first, at {module_label(softmaxes[0])}, reads {source.target} "
                 f"({source.name}) where the matmul (aten.matmul / bmm, then elementwise ops "
                 f"only) was expected; scores in a (batch * heads) layout are not followed yet "
-                f"(print(gm.graph) shows what was captured)")
+                f"(print(gm.graph) shows what was captured)"
+            )
         raise NoAttentionFoundError(
             f"no attention found in the graph of {len(nodes)} nodes: grainfx looks for "
             f"scaled_dot_product_attention or matmul-softmax-matmul between projections; pass "
-            f"a transformer model (print(gm.graph) shows what was captured)")
+            f"a transformer model (print(gm.graph) shows what was captured)"
+        )
     taken = {p.node for b in attention for p in (b.q, b.k, b.v, b.o)}
     ffn: list[FFNBlock] = []
     ffn_adds: list[fx.Node] = []
@@ -174,14 +207,24 @@ def discover(gm: fx.GraphModule) -> Structure:
     layer_outputs = [embedding.name] + [_layer_output(add).name for add in ffn_adds]
     uncovered = _uncovered(gm, attention, ffn, layer_outputs)
     if uncovered:
-        warnings.warn(f"grainfx found no unit for the linear layers {', '.join(uncovered)} "
-                      f"inside the transformer layers: they stay whole. print(structure) "
-                      f"shows what is covered; report the architecture if they should be "
-                      f"pruned", UncoveredLayersWarning, stacklevel=2)
+        warnings.warn(
+            f"grainfx found no unit for the linear layers {', '.join(uncovered)} "
+            f"inside the transformer layers: they stay whole. print(structure) "
+            f"shows what is covered; report the architecture if they should be "
+            f"pruned",
+            UncoveredLayersWarning,
+            stacklevel=2,
+        )
     score_params = _score_params(gm, attention)
     used = live_attrs(gm)  # a parameter the graph never reads (DINOv2's mask token) goes
-    params = {id(p): p.numel() for name, p in gm.named_parameters(remove_duplicate=False)
-              if name in used}
-    return Structure(attention=tuple(attention), ffn=tuple(ffn),
-                     layer_outputs=tuple(layer_outputs), total_params=sum(params.values()),
-                     uncovered=uncovered, score_params=score_params)
+    params = {
+        id(p): p.numel() for name, p in gm.named_parameters(remove_duplicate=False) if name in used
+    }
+    return Structure(
+        attention=tuple(attention),
+        ffn=tuple(ffn),
+        layer_outputs=tuple(layer_outputs),
+        total_params=sum(params.values()),
+        uncovered=uncovered,
+        score_params=score_params,
+    )

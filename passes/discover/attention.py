@@ -11,8 +11,19 @@ from torch import fx
 from passes.discover.operand import Operand, trace_operand
 from passes.discover.scores import score_chain
 from passes.errors import DiscoverError, UnsupportedArchitectureError
-from passes.graph import (LAYOUT_OPS, Projection, arg_node, as_node, aten, is_op, live_users,
-                          match_projection_from_input, module_label, shape, static)
+from passes.graph import (
+    LAYOUT_OPS,
+    Projection,
+    arg_node,
+    as_node,
+    aten,
+    is_op,
+    live_users,
+    match_projection_from_input,
+    module_label,
+    shape,
+    static,
+)
 from passes.structure import AttentionBlock
 
 SOFTMAX = {aten.softmax.int, aten._softmax.default}
@@ -24,7 +35,8 @@ def _head_layout(q: fx.Node, where: fx.Node) -> tuple[int, int]:
     if dims is None or len(dims) != 4 or static(dims[1]) is None or static(dims[3]) is None:
         raise DiscoverError(
             f"attention at {module_label(where)} does not read queries of shape "
-            f"(batch, heads, seq, head size) with static heads and head size")
+            f"(batch, heads, seq, head size) with static heads and head size"
+        )
     return int(dims[1]), int(dims[3])
 
 
@@ -40,43 +52,76 @@ def _context_projection(ctx: fx.Node, heads: int, head_dim: int) -> Projection:
             raise DiscoverError(
                 f"cannot follow the attention output {module_label(ctx)} through "
                 f"{module_label(cur)} to an output projection; supported are head merges by "
-                f"transpose/reshape into one linear or Conv1D")
+                f"transpose/reshape into one linear or Conv1D"
+            )
         cur = users[0]
 
 
-def _operands(q: fx.Node, k: fx.Node, v: fx.Node, where: fx.Node
-              ) -> tuple[int, int, Operand, Operand, Operand]:
+def _operands(
+    q: fx.Node, k: fx.Node, v: fx.Node, where: fx.Node
+) -> tuple[int, int, Operand, Operand, Operand]:
     heads, head_dim = _head_layout(q, where)
     qo = trace_operand(q, "query", heads, head_dim)
     k_dims = shape(k)
     kv_heads = static(k_dims[1]) if k_dims is not None else None
     if kv_heads is None or heads % kv_heads:
-        raise DiscoverError(f"the keys of attention at {module_label(where)} do not have a "
-                            f"static number of heads that divides the {heads} query heads")
+        raise DiscoverError(
+            f"the keys of attention at {module_label(where)} do not have a "
+            f"static number of heads that divides the {heads} query heads"
+        )
     ko = trace_operand(k, "key", kv_heads, head_dim)
     vo = trace_operand(v, "value", kv_heads, head_dim)
     if ko.heads != vo.heads:
         raise UnsupportedArchitectureError(
             f"attention at {module_label(where)} has {ko.heads} key heads but {vo.heads} value "
-            f"heads; grainfx needs keys and values grouped alike")
-    if (qo.rope is None) != (ko.rope is None) or (qo.rope and ko.rope and (
-            qo.rope.layout, qo.rope.rotary_dims) != (ko.rope.layout, ko.rope.rotary_dims)):
+            f"heads; grainfx needs keys and values grouped alike"
+        )
+    if (qo.rope is None) != (ko.rope is None) or (
+        qo.rope
+        and ko.rope
+        and (qo.rope.layout, qo.rope.rotary_dims) != (ko.rope.layout, ko.rope.rotary_dims)
+    ):
         raise UnsupportedArchitectureError(
             f"attention at {module_label(where)} rotates queries and keys differently "
-            f"({qo.rope} vs {ko.rope}); grainfx needs the same rotary layout on both")
+            f"({qo.rope} vs {ko.rope}); grainfx needs the same rotary layout on both"
+        )
     return heads, head_dim, qo, ko, vo
 
 
-def _block(name: str, kind: str, op: fx.Node, q_reader: fx.Node, q: fx.Node, ctx: fx.Node,
-           heads: int, head_dim: int, ops: tuple[Operand, Operand, Operand], scale: float,
-           **scores: Any) -> AttentionBlock:
+def _block(
+    name: str,
+    kind: str,
+    op: fx.Node,
+    q_reader: fx.Node,
+    q: fx.Node,
+    ctx: fx.Node,
+    heads: int,
+    head_dim: int,
+    ops: tuple[Operand, Operand, Operand],
+    scale: float,
+    **scores: Any,
+) -> AttentionBlock:
     qo, ko, vo = ops
     return AttentionBlock(
-        name=name, kind=kind, op=op.name, q=qo.projection, k=ko.projection, v=vo.projection,
-        o=_context_projection(ctx, heads, head_dim), num_heads=heads, head_dim=head_dim,
-        scale=scale * qo.scale * ko.scale, num_kv_heads=ko.heads, rope=qo.rope,
-        rope_k=ko.rope, q_norm=qo.norm, k_norm=ko.norm, q_operand=q.name,
-        q_reader=q_reader.name, **scores)
+        name=name,
+        kind=kind,
+        op=op.name,
+        q=qo.projection,
+        k=ko.projection,
+        v=vo.projection,
+        o=_context_projection(ctx, heads, head_dim),
+        num_heads=heads,
+        head_dim=head_dim,
+        scale=scale * qo.scale * ko.scale,
+        num_kv_heads=ko.heads,
+        rope=qo.rope,
+        rope_k=ko.rope,
+        q_norm=qo.norm,
+        k_norm=ko.norm,
+        q_operand=q.name,
+        q_reader=q_reader.name,
+        **scores,
+    )
 
 
 def sdpa_block(node: fx.Node, name: str) -> AttentionBlock:
@@ -88,9 +133,20 @@ def sdpa_block(node: fx.Node, name: str) -> AttentionBlock:
     heads, head_dim, qo, ko, vo = _operands(q, k, v, node)
     given: Any = node.kwargs.get("scale")
     scale = (1.0 / math.sqrt(head_dim)) if given is None else float(given)
-    return _block(name, "sdpa", node, node, q, node, heads, head_dim, (qo, ko, vo), scale,
-                  attn_mask=attn_mask.name if isinstance(attn_mask, fx.Node) else None,
-                  is_causal=is_causal)
+    return _block(
+        name,
+        "sdpa",
+        node,
+        node,
+        q,
+        node,
+        heads,
+        head_dim,
+        (qo, ko, vo),
+        scale,
+        attn_mask=attn_mask.name if isinstance(attn_mask, fx.Node) else None,
+        is_causal=is_causal,
+    )
 
 
 def eager_block(softmax: fx.Node, name: str) -> AttentionBlock | None:
@@ -100,11 +156,27 @@ def eager_block(softmax: fx.Node, name: str) -> AttentionBlock | None:
         return None
     q, k_t = (as_node(a) for a in chain.matmul.args)
     if not is_op(k_t, [aten.transpose.int, aten.permute.default]):
-        raise DiscoverError(f"the keys of attention at {module_label(chain.matmul)} are not "
-                            f"transposed for q @ k^T")
-    heads, head_dim, qo, ko, vo = _operands(q, arg_node(k_t, 0), arg_node(chain.context, 1),
-                                            softmax)
-    scores = (dict(score_biases=chain.biases) if chain.canonical
-              else dict(score_ops=tuple(n.name for n in chain.ops)))
-    return _block(name, "eager", softmax, chain.matmul, q, chain.context, heads, head_dim,
-                  (qo, ko, vo), chain.scale, **scores)
+        raise DiscoverError(
+            f"the keys of attention at {module_label(chain.matmul)} are not transposed for q @ k^T"
+        )
+    heads, head_dim, qo, ko, vo = _operands(
+        q, arg_node(k_t, 0), arg_node(chain.context, 1), softmax
+    )
+    scores = (
+        dict(score_biases=chain.biases)
+        if chain.canonical
+        else dict(score_ops=tuple(n.name for n in chain.ops))
+    )
+    return _block(
+        name,
+        "eager",
+        softmax,
+        chain.matmul,
+        q,
+        chain.context,
+        heads,
+        head_dim,
+        (qo, ko, vo),
+        chain.scale,
+        **scores,
+    )

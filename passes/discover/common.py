@@ -9,7 +9,7 @@ from torch import fx
 from passes.graph import CAST_OPS, arg_node, aten, is_op, shape, static
 
 #: ``slice(x, dim, 0, end)`` with this end (or larger) reaches the end of ``dim``.
-_END = 2 ** 62
+_END = 2**62
 
 
 def scalar(value: fx.node.Argument) -> float | None:

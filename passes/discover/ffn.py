@@ -14,20 +14,49 @@ from torch import fx
 
 from passes.discover.common import scalar, strip
 from passes.discover.head_norm import norm_region
-from passes.graph import (SPLIT_OPS, Projection, arg_node, aten, feature_rows, is_op,
-                          live_users, match_projection, shape, through_passthrough)
+from passes.graph import (
+    SPLIT_OPS,
+    Projection,
+    arg_node,
+    aten,
+    feature_rows,
+    is_op,
+    live_users,
+    match_projection,
+    shape,
+    through_passthrough,
+)
 from passes.structure import FFNBlock
 
 #: Residual adds (Falcon adds the FFN output to the attention output in place).
 _ADDS = [aten.add.Tensor, aten.add_.Tensor]
 #: Pointwise ops allowed between an FFN's up and down projections.
 _POINTWISE = {
-    aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default,
-    aten.sigmoid.default, aten.erf.default, aten.neg.default, aten.exp.default,
-    aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor,
-    aten.div.Tensor, aten.pow.Tensor_Scalar, aten.hardtanh.default, aten.leaky_relu.default,
-    aten.elu.default, aten.clamp.default, aten.dropout.default, aten.to.dtype,
-    aten._to_copy.default, aten.view.default, aten.reshape.default, aten.relu_.default,
+    aten.gelu.default,
+    aten.relu.default,
+    aten.silu.default,
+    aten.tanh.default,
+    aten.sigmoid.default,
+    aten.erf.default,
+    aten.neg.default,
+    aten.exp.default,
+    aten.mul.Tensor,
+    aten.mul.Scalar,
+    aten.add.Tensor,
+    aten.add.Scalar,
+    aten.sub.Tensor,
+    aten.div.Tensor,
+    aten.pow.Tensor_Scalar,
+    aten.hardtanh.default,
+    aten.leaky_relu.default,
+    aten.elu.default,
+    aten.clamp.default,
+    aten.dropout.default,
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.view.default,
+    aten.reshape.default,
+    aten.relu_.default,
 }
 
 
@@ -50,8 +79,9 @@ def _piece(node: fx.Node) -> Projection | None:
     return fused.with_rows(node.name, rows)
 
 
-def _region(down: Projection, nodes: dict[str, fx.Node]
-            ) -> tuple[list[fx.Node], list[fx.Node], list[Projection]] | None:
+def _region(
+    down: Projection, nodes: dict[str, fx.Node]
+) -> tuple[list[fx.Node], list[fx.Node], list[Projection]] | None:
     """Walk back from the down projection's input: (region nodes, leaves, leaf projections)."""
     region, leaves, projs, stack, seen = [], [], [], [nodes[down.input]], set()
     while stack:
@@ -95,7 +125,8 @@ def _layer_scale(node: fx.Node) -> bool:
     constant (Granite's residual multiplier)."""
     return is_op(node, [aten.mul.Tensor, aten.mul.Scalar]) and any(
         (isinstance(a, fx.Node) and a.op == "get_attr") or scalar(a) is not None
-        for a in node.args[:2])
+        for a in node.args[:2]
+    )
 
 
 def residual(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
@@ -127,7 +158,8 @@ def residual_of(out: fx.Node, x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
         return found
     other = found[1]
     if is_op(other, _ADDS) and any(
-            isinstance(a, fx.Node) and reads_residual(x, a) for a in other.args[:2]):
+        isinstance(a, fx.Node) and reads_residual(x, a) for a in other.args[:2]
+    ):
         return found[0], other  # Cohere: (stream + attention) + FFN
     outer = residual(found[0])
     if outer is not None and reads_residual(x, outer[1]):
@@ -149,8 +181,9 @@ def reads_residual(x: fx.Node, stream: fx.Node) -> bool:
     return found is not None and strip(found[0]) is strip(stream)
 
 
-def ffn_block(down_node: fx.Node, taken: set[str], nodes: dict[str, fx.Node],
-              name: str) -> tuple[FFNBlock, fx.Node] | None:
+def ffn_block(
+    down_node: fx.Node, taken: set[str], nodes: dict[str, fx.Node], name: str
+) -> tuple[FFNBlock, fx.Node] | None:
     """The FFN block whose down projection is ``down_node`` and its residual add, or None."""
     down = match_projection(down_node)
     if down is None or down.node in taken:
@@ -173,12 +206,14 @@ def ffn_block(down_node: fx.Node, taken: set[str], nodes: dict[str, fx.Node],
     if found is None:
         return None
     if len(projs) == 2:
-        direct = [p for p, leaf in zip(projs, leaves, strict=False)
-                  if any(is_op(u, [aten.mul.Tensor]) for u in live_users(leaf))]
+        direct = [
+            p
+            for p, leaf in zip(projs, leaves, strict=False)
+            if any(is_op(u, [aten.mul.Tensor]) for u in live_users(leaf))
+        ]
         up = direct[0] if len(direct) == 1 else projs[0]
         gate = projs[1] if up is projs[0] else projs[0]
     else:
         up, gate = projs[0], None
-    block = FFNBlock(name=name, up=up, down=down, gate=gate,
-                     region=tuple(n.name for n in region))
+    block = FFNBlock(name=name, up=up, down=down, gate=gate, region=tuple(n.name for n in region))
     return block, found[0]

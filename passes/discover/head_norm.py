@@ -17,9 +17,18 @@ from passes.graph import CAST_OPS, NORM_OPS, arg_node, aten, attr_tensor, is_op
 from passes.structure import HeadNorm
 
 _REDUCE = {aten.mean.dim, aten.var.correction, aten.var.dim} | NORM_OPS
-_ELEMENTWISE = {aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.sqrt.default,
-                aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar,
-                aten.sub.Tensor, aten.add.Tensor, aten.add.Scalar}
+_ELEMENTWISE = {
+    aten.pow.Tensor_Scalar,
+    aten.rsqrt.default,
+    aten.sqrt.default,
+    aten.mul.Tensor,
+    aten.mul.Scalar,
+    aten.div.Tensor,
+    aten.div.Scalar,
+    aten.sub.Tensor,
+    aten.add.Tensor,
+    aten.add.Scalar,
+}
 
 
 def _is_param(node: fx.node.Argument) -> bool:
@@ -36,14 +45,19 @@ def _inside(node: fx.Node) -> bool:
         if node.target in NORM_OPS:
             return True
         dims = node.args[1] if len(node.args) > 1 else None
-        return isinstance(dims, (list, tuple)) and len(dims) == 1 and last_dim(arg_node(node, 0),
-                                                                                dims[0])
-    return node.op == "call_function" and node.target is operator.getitem and is_op(
-        arg_node(node, 0), NORM_OPS)
+        return (
+            isinstance(dims, (list, tuple))
+            and len(dims) == 1
+            and last_dim(arg_node(node, 0), dims[0])
+        )
+    return (
+        node.op == "call_function"
+        and node.target is operator.getitem
+        and is_op(arg_node(node, 0), NORM_OPS)
+    )
 
 
-def norm_region(node: fx.Node, stop: fx.Node | None = None
-                ) -> tuple[fx.Node, list[fx.Node]] | None:
+def norm_region(node: fx.Node, stop: fx.Node | None = None) -> tuple[fx.Node, list[fx.Node]] | None:
     """``(source, region)`` of the norm whose output is ``node``; None when ``node`` is no norm
     over the last dim. ``stop`` ends the walk early (a known source)."""
     region, sources, stack, seen = [], set(), [node], set()

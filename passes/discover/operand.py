@@ -18,8 +18,18 @@ from passes.discover.head_norm import match_head_norm
 from passes.discover.kv_repeat import match_kv_repeat
 from passes.discover.rope import match_rope
 from passes.errors import DiscoverError, UnsupportedArchitectureError
-from passes.graph import (CAST_OPS, Projection, arg_node, aten, feature_rows, is_layout,
-                          is_op, match_projection, module_label, shape)
+from passes.graph import (
+    CAST_OPS,
+    Projection,
+    arg_node,
+    aten,
+    feature_rows,
+    is_layout,
+    is_op,
+    match_projection,
+    module_label,
+    shape,
+)
 from passes.structure import HeadNorm, Rope
 
 
@@ -65,7 +75,8 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
             if heads % kv:
                 raise UnsupportedArchitectureError(
                     f"the {role} heads at {module_label(cur)} are repeated from {kv} to "
-                    f"{heads}, which is not a whole number of query heads per key/value head")
+                    f"{heads}, which is not a whole number of query heads per key/value head"
+                )
             continue
         found_rope = match_rope(cur) if rope is None and role != "value" else None
         if found_rope is not None:
@@ -88,24 +99,29 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
                     f"the {role} of attention at {module_label(cur)} is normed over the whole "
                     f"projection ({dims[-1] if dims else '?'} features, OLMo 2 "
                     f"style), not per head: removing any query/key dim or head would change "
-                    f"the norm of the others; grainfx prunes norms over the head dims only")
+                    f"the norm of the others; grainfx prunes norms over the head dims only"
+                )
             norm, cur = found_norm
             continue
         raise DiscoverError(
             f"cannot trace the {role} of attention through {module_label(cur)} ({cur.target}) "
             f"back to a projection; recognized between projection and attention are head "
             f"splits, fused QKV splits, casts, a constant scale, a norm over the head dims, "
-            f"rotary embeddings (rotate-half, interleaved, partial) and key/value head repeats")
+            f"rotary embeddings (rotate-half, interleaved, partial) and key/value head repeats"
+        )
     rows = feature_rows(cur, chain[::-1])
     if rows is not None and role != "query" and kv == heads:
         rows, kv = _repeated_heads(rows, heads, head_dim)
     if rows is None or len(rows) != kv * head_dim or len(set(rows)) != len(rows):
         raise DiscoverError(
             f"the {role} of attention is not a head split of projection {module_label(cur)}: "
-            f"expected {kv} heads x {head_dim} of its {projection.out_features} outputs")
+            f"expected {kv} heads x {head_dim} of its {projection.out_features} outputs"
+        )
     if role == "value" and scale != 1.0:
-        raise DiscoverError(f"the values of attention from {module_label(cur)} are scaled; "
-                            f"only query/key scaling is supported")
+        raise DiscoverError(
+            f"the values of attention from {module_label(cur)} are scaled; "
+            f"only query/key scaling is supported"
+        )
     return Operand(projection.with_rows(projection.node, rows), kv, scale, rope, norm)
 
 
@@ -113,7 +129,7 @@ def _repeated_heads(rows: list[int], heads: int, head_dim: int) -> tuple[list[in
     """Key/value heads repeated by the layout ops themselves (Falcon's ``broadcast_to`` of
     (batch, seq, kv, 1, d) to g query heads per group): the rows of the distinct heads and
     their count; ``rows`` and ``heads`` unchanged where no head repeats."""
-    per_head = [tuple(rows[h * head_dim:(h + 1) * head_dim]) for h in range(heads)]
+    per_head = [tuple(rows[h * head_dim : (h + 1) * head_dim]) for h in range(heads)]
     distinct = list(dict.fromkeys(per_head))
     if len(per_head) * head_dim != len(rows) or len(distinct) == heads or heads % len(distinct):
         return rows, heads

@@ -46,8 +46,11 @@ class ScoreChain:
 def _elementwise(node: fx.Node) -> bool:
     return node.op == "call_function" and (
         node.target in _ELEMENTWISE
-        or (isinstance(node.target, torch._ops.OpOverload)
-            and torch.Tag.pointwise in node.target.tags))
+        or (
+            isinstance(node.target, torch._ops.OpOverload)
+            and torch.Tag.pointwise in node.target.tags
+        )
+    )
 
 
 def _leads_to_matmul(node: fx.Node, steps: int = _LOOKBACK) -> bool:
@@ -69,7 +72,8 @@ def _refuse_non_elementwise(node: fx.Node) -> None:
             raise UnsupportedArchitectureError(
                 f"attention scores at {module_label(node)} pass through {node.target}, which is "
                 f"not elementwise, between the q.k matmul and the softmax; grainfx replays "
-                f"elementwise ops there (scales, masks, casts, soft-capping)")
+                f"elementwise ops there (scales, masks, casts, soft-capping)"
+            )
 
 
 def _before_softmax(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
@@ -85,7 +89,8 @@ def _before_softmax(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
         if len(leading) > 1:
             raise UnsupportedArchitectureError(
                 f"attention scores at {module_label(cur)} are combined with themselves "
-                f"({cur.target}); grainfx replays chains where each op reads the scores once")
+                f"({cur.target}); grainfx replays chains where each op reads the scores once"
+            )
         ops.append(cur)
         cur = leading[0]
     return cur, ops[::-1]
@@ -144,8 +149,9 @@ def score_chain(softmax: fx.Node) -> ScoreChain | None:
         return None
     (matmul, pre), (context, post) = before, after
     ops = pre + post
-    canonical = (_canonical(matmul, pre[:-1]) if all(is_op(n, PASSTHROUGH_OPS) for n in post)
-                 else None)
+    canonical = (
+        _canonical(matmul, pre[:-1]) if all(is_op(n, PASSTHROUGH_OPS) for n in post) else None
+    )
     scale, biases = canonical if canonical is not None else (1.0, ())
     return ScoreChain(matmul, context, tuple(ops), canonical is not None, scale, biases)
 

@@ -63,8 +63,10 @@ class RewriteOptions:
 def _check_masks(structure: Structure, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     expected = structure.mask_shapes()
     if set(masks) != set(expected):
-        raise MaskError(f"the graph's masks {sorted(masks)} do not match the structure's "
-                        f"{sorted(expected)}: pass the Structure that instrumented this graph")
+        raise MaskError(
+            f"the graph's masks {sorted(masks)} do not match the structure's "
+            f"{sorted(expected)}: pass the Structure that instrumented this graph"
+        )
     checked = {}
     for name, size in expected.items():
         mask = masks[name].detach()
@@ -72,8 +74,10 @@ def _check_masks(structure: Structure, masks: dict[str, torch.Tensor]) -> dict[s
             raise MaskError(f"mask {name!r} has shape {tuple(mask.shape)}, expected {tuple(size)}")
         if not torch.all((mask == 0) | (mask == 1)):
             bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
-            raise MaskError(f"mask {name!r} holds {bad:g}: rewrite needs binary masks (0 or 1); "
-                            f"threshold them first, e.g. (mask > 0.5).float()")
+            raise MaskError(
+                f"mask {name!r} holds {bad:g}: rewrite needs binary masks (0 or 1); "
+                f"threshold them first, e.g. (mask > 0.5).float()"
+            )
         checked[name] = mask.bool()
     return checked
 
@@ -84,8 +88,11 @@ def _is_mask_value(node: fx.node.Argument) -> bool:
         node = node.args[0]
         if isinstance(node, (list, tuple)):
             node = node[0]
-    return isinstance(node, fx.Node) and node.op == "get_attr" and str(node.target).startswith(
-        MASK_MODULE + ".")
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "get_attr"
+        and str(node.target).startswith(MASK_MODULE + ".")
+    )
 
 
 def _remove_mask_multiplies(graph: fx.Graph) -> None:
@@ -95,8 +102,13 @@ def _remove_mask_multiplies(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def rewrite(masked_gm: fx.GraphModule, structure: Structure, *, bucket: int | None = None,
-            merge_projections: bool = True) -> fx.GraphModule:
+def rewrite(
+    masked_gm: fx.GraphModule,
+    structure: Structure,
+    *,
+    bucket: int | None = None,
+    merge_projections: bool = True,
+) -> fx.GraphModule:
     """Fold the binary masks of ``masked_gm`` into a compact, standalone GraphModule.
 
     Args:
@@ -121,7 +133,8 @@ def rewrite(masked_gm: fx.GraphModule, structure: Structure, *, bucket: int | No
         if is_op(node, [aten.dropout.default]) and len(node.args) > 2 and node.args[2]:
             raise TrainingGraphError(
                 f"{node.name} is a live dropout: rewrite makes an inference model from the "
-                f"eval-mode graph; capture with train=False (capture_pair's first graph)")
+                f"eval-mode graph; capture with train=False (capture_pair's first graph)"
+            )
     gm = copy.deepcopy(masked_gm)
     copy_metadata(masked_gm, gm)
     _remove_mask_multiplies(gm.graph)
@@ -136,27 +149,31 @@ def rewrite(masked_gm: fx.GraphModule, structure: Structure, *, bucket: int | No
     for i, ffn in enumerate(structure.ffn):
         layers[i]["ffn_dense"] = ffn.width
     for i, block in enumerate(structure.attention):
-        layers[i].update(rewrite_attention(gm, nodes, block, masks, options.bucket,
-                                           options.merge_projections))
+        layers[i].update(
+            rewrite_attention(gm, nodes, block, masks, options.bucket, options.merge_projections)
+        )
     for i, ffn in enumerate(structure.ffn):
-        layers[i].update(rewrite_ffn(gm, nodes, ffn, masks[ffn.name],
-                                     options.merge_projections))
+        layers[i].update(rewrite_ffn(gm, nodes, ffn, masks[ffn.name], options.merge_projections))
     gm.graph.lint()
     remove_dead_code(gm)
     if hasattr(gm, MASK_MODULE):
         delattr(gm, MASK_MODULE)
     gm.recompile()
     params = sum(p.numel() for p in gm.parameters())
-    setattr(gm, KEPT_ATTR, {
-        "layers": layers,
-        "hidden": structure.attention[0].q.in_features,
-        "parameters": params,
-        "unit_parameters": structure.kept_unit_params(masks),
-        "unit_parameters_dense": structure.unit_params,
-        "parameters_dense": structure.total_params,
-        "uncovered": list(structure.uncovered),
-        "density": structure.density(masks),
-        "bucket": options.bucket,
-        "merge_projections": options.merge_projections,
-    })
+    setattr(
+        gm,
+        KEPT_ATTR,
+        {
+            "layers": layers,
+            "hidden": structure.attention[0].q.in_features,
+            "parameters": params,
+            "unit_parameters": structure.kept_unit_params(masks),
+            "unit_parameters_dense": structure.unit_params,
+            "parameters_dense": structure.total_params,
+            "uncovered": list(structure.uncovered),
+            "density": structure.density(masks),
+            "bucket": options.bucket,
+            "merge_projections": options.merge_projections,
+        },
+    )
     return gm

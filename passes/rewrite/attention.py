@@ -46,39 +46,53 @@ class _HeadLayout:
         if rope is None or not wp:
             rotary = []
         elif rope.layout == "half":
-            rotary = ([rope.pair_dims(p)[0] for p in self.pairs] + pad_pairs
-                      + [rope.pair_dims(p)[1] for p in self.pairs] + pad_pairs)
+            rotary = (
+                [rope.pair_dims(p)[0] for p in self.pairs]
+                + pad_pairs
+                + [rope.pair_dims(p)[1] for p in self.pairs]
+                + pad_pairs
+            )
         else:
             rotary = [d for p in self.pairs for d in rope.pair_dims(p)] + pad_pairs * 2
         return rotary + list(self.dims) + [PAD] * (ws - len(self.dims))
 
     def table(self, block: AttentionBlock, wp: int) -> list[int]:
         """Entries of the cos/sin tables for the rotary part of :meth:`query` (0 at PAD)."""
-        return [0 if d == PAD else d for d in self.query(block, wp, 0)[:2 * wp]]
+        return [0 if d == PAD else d for d in self.query(block, wp, 0)[: 2 * wp]]
 
 
 def _layout(block: AttentionBlock, qdims: torch.Tensor) -> _HeadLayout:
     pairs = block.rotary_dims // 2
-    kept = [u for u in range(block.query_units_per_head)
-            if bool(qdims[block.unit_dims(u)[0]])]
-    return _HeadLayout(tuple(u for u in kept if u < pairs),
-                       tuple(block.unit_dims(u)[0] for u in kept if u >= pairs))
+    kept = [u for u in range(block.query_units_per_head) if bool(qdims[block.unit_dims(u)[0]])]
+    return _HeadLayout(
+        tuple(u for u in kept if u < pairs),
+        tuple(block.unit_dims(u)[0] for u in kept if u >= pairs),
+    )
 
 
 def _offset(dims: list[int], base: int) -> list[int]:
     return [PAD if d == PAD else base + d for d in dims]
 
 
-def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: AttentionBlock,
-                      masks: dict[str, torch.Tensor], bucket: int, merge: bool) -> dict:
+def rewrite_attention(
+    gm: fx.GraphModule,
+    nodes: dict[str, fx.Node],
+    block: AttentionBlock,
+    masks: dict[str, torch.Tensor],
+    bucket: int,
+    merge: bool,
+) -> dict:
     """Replace ``block`` by its compact form; returns the kept heads for the record."""
     qdims, vdims, live = block.per_head(masks)
     out_node = nodes[block.o.node]
     emit = Emitter(gm, block.name, out_node)
     x_q, x_kv = nodes[block.q.input], nodes[block.k.input]
     o_bias = block.o.linear_bias(gm)
-    heads_kept = [{"head": h, "query": int(qdims[h].sum()), "value": int(vdims[h].sum())}
-                  for h in range(block.num_heads) if live[h]]
+    heads_kept = [
+        {"head": h, "query": int(qdims[h].sum()), "value": int(vdims[h].sum())}
+        for h in range(block.num_heads)
+        if live[h]
+    ]
     if not live.any():
         out_node.replace_all_uses_with(emit.constant_output(x_q, o_bias, block.o.out_features))
         return {"heads": heads_kept}
@@ -100,12 +114,15 @@ def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: Atte
     for (wp, ws, wv), heads in buckets.items():
         groups = sorted({h // g for h in heads})
         groups_of.append(groups)
-        index["q"].append([i for h in heads
-                           for i in _offset(layouts[h].query(block, wp, ws), h * d)])
-        index["k"].append([i for grp in groups
-                           for i in _offset(layouts[rep[grp]].query(block, wp, ws), grp * d)])
-        index["v"].append([i for grp in groups
-                           for i in _offset(_dims(vdims[rep[grp]], wv), grp * d)])
+        index["q"].append(
+            [i for h in heads for i in _offset(layouts[h].query(block, wp, ws), h * d)]
+        )
+        index["k"].append(
+            [i for grp in groups for i in _offset(layouts[rep[grp]].query(block, wp, ws), grp * d)]
+        )
+        index["v"].append(
+            [i for grp in groups for i in _offset(_dims(vdims[rep[grp]], wv), grp * d)]
+        )
     pieces = _project(emit, block, index, x_q, x_kv, merge)
     biases = _score_biases(nodes, block)
     contexts, o_index = [], []
@@ -132,11 +149,19 @@ def rewrite_attention(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: Atte
         if block.score_ops:
             ctx = _replay_scores(emit, nodes, block, q, k, v, heads, b)
         else:
-            ctx = emit.call(aten.scaled_dot_product_attention.default, q, k, v,
-                            _bucket_mask(emit, biases, block, heads, b), 0.0, block.is_causal,
-                            scale=block.scale)
-        contexts.append(emit.call(aten.flatten.using_ints,
-                                  emit.call(aten.transpose.int, ctx, 1, 2), -2, -1))
+            ctx = emit.call(
+                aten.scaled_dot_product_attention.default,
+                q,
+                k,
+                v,
+                _bucket_mask(emit, biases, block, heads, b),
+                0.0,
+                block.is_causal,
+                scale=block.scale,
+            )
+        contexts.append(
+            emit.call(aten.flatten.using_ints, emit.call(aten.transpose.int, ctx, 1, 2), -2, -1)
+        )
         o_index += [i for h in heads for i in _offset(_dims(vdims[h], wv), h * d)]
     ctx = contexts[0] if len(contexts) == 1 else emit.call(aten.cat.default, contexts, -1)
     w_t, _ = emit.padded("o", block.o.linear_weight(gm).t(), None, o_index)
@@ -153,12 +178,14 @@ def _dims(mask_row: torch.Tensor, width: int) -> list[int]:
 
 def _heads(emit: Emitter, piece: fx.Node, heads: int, width: int) -> fx.Node:
     """(batch, seq, heads * width) -> (batch, heads, seq, width)."""
-    return emit.call(aten.transpose.int, emit.call(aten.unflatten.int, piece, -1,
-                                                   [heads, width]), 1, 2)
+    return emit.call(
+        aten.transpose.int, emit.call(aten.unflatten.int, piece, -1, [heads, width]), 1, 2
+    )
 
 
-def _replay(emit: Emitter, nodes: dict[str, fx.Node], source: str, region: tuple[str, ...],
-            x: fx.Node) -> fx.Node:
+def _replay(
+    emit: Emitter, nodes: dict[str, fx.Node], source: str, region: tuple[str, ...], x: fx.Node
+) -> fx.Node:
     """The model's own nodes ``region`` (a norm over the last dim) applied to ``x``."""
     env = {nodes[source]: x}
     out = x
@@ -169,9 +196,16 @@ def _replay(emit: Emitter, nodes: dict[str, fx.Node], source: str, region: tuple
     return out
 
 
-def _replay_scores(emit: Emitter, nodes: dict[str, fx.Node], block: AttentionBlock,
-                   q: fx.Node, k: fx.Node, v: fx.Node, heads: list[int], bucket: int
-                   ) -> fx.Node:
+def _replay_scores(
+    emit: Emitter,
+    nodes: dict[str, fx.Node],
+    block: AttentionBlock,
+    q: fx.Node,
+    k: fx.Node,
+    v: fx.Node,
+    heads: list[int],
+    bucket: int,
+) -> fx.Node:
     """Attention of one bucket through the model's own score chain (``block.score_ops``):
     inputs of the chain with one entry per head are sliced to ``heads``."""
     scores = emit.call(aten.matmul.default, q, emit.call(aten.transpose.int, k, -2, -1))
@@ -186,14 +220,22 @@ def _replay_scores(emit: Emitter, nodes: dict[str, fx.Node], block: AttentionBlo
             assert sliced is not None  # a node in, a node out
             env[node] = sliced
         return env[node]
+
     with emit.graph.inserting_before(emit.anchor):
         for name in block.score_ops:
             env[nodes[name]] = emit.graph.node_copy(nodes[name], arg)
     return emit.call(aten.matmul.default, env[nodes[block.score_ops[-1]]], v)
 
 
-def _rotate(emit: Emitter, nodes: dict[str, fx.Node], rope: Rope, x: fx.Node,
-            table_index: list[int], wp: int, width: int) -> fx.Node:
+def _rotate(
+    emit: Emitter,
+    nodes: dict[str, fx.Node],
+    rope: Rope,
+    x: fx.Node,
+    table_index: list[int],
+    wp: int,
+    width: int,
+) -> fx.Node:
     """Rotary embedding of the first ``2 wp`` dims of ``x`` (batch, heads, seq, width) with
     the model's cos/sin tables gathered at ``table_index`` (heads x 2 wp entries)."""
     heads = len(table_index) // (2 * wp)
@@ -204,32 +246,56 @@ def _rotate(emit: Emitter, nodes: dict[str, fx.Node], rope: Rope, x: fx.Node,
         t = emit.call(aten.index_select.default, t, -1, index)
         t = emit.call(aten.unflatten.int, t, -1, [heads, 2 * wp])
         return emit.call(aten.transpose.int, t, 1, 2)
+
     rot = emit.call(aten.slice.Tensor, x, -1, 0, 2 * wp) if width != 2 * wp else x
     if rope.layout == "half":
-        turned = emit.call(aten.cat.default, [
-            emit.call(aten.neg.default, emit.call(aten.slice.Tensor, rot, -1, wp, 2 * wp)),
-            emit.call(aten.slice.Tensor, rot, -1, 0, wp)], -1)
+        turned = emit.call(
+            aten.cat.default,
+            [
+                emit.call(aten.neg.default, emit.call(aten.slice.Tensor, rot, -1, wp, 2 * wp)),
+                emit.call(aten.slice.Tensor, rot, -1, 0, wp),
+            ],
+            -1,
+        )
     else:
-        stacked = emit.call(aten.stack.default, [
-            emit.call(aten.neg.default, emit.call(aten.slice.Tensor, rot, -1, 1, 2 * wp, 2)),
-            emit.call(aten.slice.Tensor, rot, -1, 0, 2 * wp, 2)], -1)
+        stacked = emit.call(
+            aten.stack.default,
+            [
+                emit.call(aten.neg.default, emit.call(aten.slice.Tensor, rot, -1, 1, 2 * wp, 2)),
+                emit.call(aten.slice.Tensor, rot, -1, 0, 2 * wp, 2),
+            ],
+            -1,
+        )
         turned = emit.call(aten.flatten.using_ints, stacked, -2, -1)
-    out = emit.call(aten.add.Tensor, emit.call(aten.mul.Tensor, rot, table(rope.cos)),
-                    emit.call(aten.mul.Tensor, turned, table(rope.sin)))
+    out = emit.call(
+        aten.add.Tensor,
+        emit.call(aten.mul.Tensor, rot, table(rope.cos)),
+        emit.call(aten.mul.Tensor, turned, table(rope.sin)),
+    )
     if width == 2 * wp:
         return out
     rest = emit.call(aten.slice.Tensor, x, -1, 2 * wp, width)
     return emit.call(aten.cat.default, [out, rest], -1)
 
 
-def _project(emit: Emitter, block: AttentionBlock, index: dict[str, list[list[int]]],
-             x_q: fx.Node, x_kv: fx.Node, merge: bool) -> dict[str, list[fx.Node]]:
+def _project(
+    emit: Emitter,
+    block: AttentionBlock,
+    index: dict[str, list[list[int]]],
+    x_q: fx.Node,
+    x_kv: fx.Node,
+    merge: bool,
+) -> dict[str, list[fx.Node]]:
     """Emit the Q, K and V projections; return their per-bucket pieces."""
     projections = {"q": (block.q, x_q), "k": (block.k, x_kv), "v": (block.v, x_kv)}
     groups: list[list[str]] = []
     for role, (proj, x) in projections.items():
-        same = [grp for grp in groups if projections[grp[0]][1] is x
-                and (projections[grp[0]][0].bias is None) == (proj.bias is None)]
+        same = [
+            grp
+            for grp in groups
+            if projections[grp[0]][1] is x
+            and (projections[grp[0]][0].bias is None) == (proj.bias is None)
+        ]
         if merge and same:
             same[0].append(role)
         else:
@@ -268,8 +334,9 @@ def _score_biases(nodes: dict[str, fx.Node], block: AttentionBlock) -> list[fx.N
     return [nodes[name] for name in block.score_biases]
 
 
-def _bucket_mask(emit: Emitter, biases: list[fx.Node], block: AttentionBlock,
-                 heads: list[int], bucket: int) -> fx.Node | None:
+def _bucket_mask(
+    emit: Emitter, biases: list[fx.Node], block: AttentionBlock, heads: list[int], bucket: int
+) -> fx.Node | None:
     """The sum of ``biases``, each sliced to ``heads`` where it has one entry per head."""
     mask = None
     for bias in biases:
@@ -279,8 +346,14 @@ def _bucket_mask(emit: Emitter, biases: list[fx.Node], block: AttentionBlock,
     return mask
 
 
-def _heads_of(emit: Emitter, mask: fx.Node | None, block: AttentionBlock, heads: list[int],
-              bucket: int, tag: str = "") -> fx.Node | None:
+def _heads_of(
+    emit: Emitter,
+    mask: fx.Node | None,
+    block: AttentionBlock,
+    heads: list[int],
+    bucket: int,
+    tag: str = "",
+) -> fx.Node | None:
     """The mask's slice for ``heads`` when it has one entry per head, else the mask itself."""
     if mask is None:
         return None

@@ -18,16 +18,20 @@ from passes.rewrite.emit import Emitter
 from passes.structure import FFNBlock
 
 
-def rewrite_ffn(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock,
-                mask: torch.Tensor, merge: bool) -> dict:
+def rewrite_ffn(
+    gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock, mask: torch.Tensor, merge: bool
+) -> dict:
     """Slice ``block`` to the neurons ``mask`` keeps; returns the kept width for the record.
     ``merge``: separate up and gate projections become one matmul."""
     kept = torch.nonzero(mask).flatten().tolist()
     if not kept:
         down = nodes[block.down.node]
         emit = Emitter(gm, block.name, down)
-        down.replace_all_uses_with(emit.constant_output(
-            nodes[block.up.input], block.down.linear_bias(gm), block.down.out_features))
+        down.replace_all_uses_with(
+            emit.constant_output(
+                nodes[block.up.input], block.down.linear_bias(gm), block.down.out_features
+            )
+        )
         return {"ffn": 0}
     pieces = [p for p in (block.up, block.gate) if p is not None]
     by_weight: dict[str, list[Projection]] = {}
@@ -40,9 +44,13 @@ def rewrite_ffn(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock,
             for proj in projs:
                 _resize_split(nodes[proj.node], block.width, len(kept))
     _slice_inputs(gm, block.down, kept)
-    if merge and block.gate is not None and len(by_weight) == 2 and all(
-            p.rows is None and not p.start for p in pieces) and (
-            (block.up.bias is None) == (block.gate.bias is None)):
+    if (
+        merge
+        and block.gate is not None
+        and len(by_weight) == 2
+        and all(p.rows is None and not p.start for p in pieces)
+        and ((block.up.bias is None) == (block.gate.bias is None))
+    ):
         _merge(gm, nodes, block, block.gate)
     width, new = block.width, len(kept)
     for name in (block.up.node, block.down.input_user, *block.region):
@@ -55,8 +63,9 @@ def rewrite_ffn(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock,
     return {"ffn": new}
 
 
-def _merge(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock,
-           gate: Projection) -> None:
+def _merge(
+    gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock, gate: Projection
+) -> None:
     """Compute the (sliced) gate and up projections as one matmul, split in two."""
     pieces = (gate, block.up)
     first = next(n for n in gm.graph.nodes if n.name in (gate.node, block.up.node))
@@ -65,14 +74,24 @@ def _merge(gm: fx.GraphModule, nodes: dict[str, fx.Node], block: FFNBlock,
     def weight(p: Projection) -> torch.Tensor:
         w = attr_tensor(gm, p.weight).detach()
         return w.t() if p.transposed else w
+
     ws = [weight(p) for p in pieces]
     w = emit.tensor("gate_up", torch.cat(ws), True)
-    b = (None if block.up.bias is None else emit.tensor(
-        "gate_up_bias", torch.cat([attr_tensor(gm, p.bias).detach() for p in pieces
-                                   if p.bias is not None]), True))
-    split = emit.call(aten.split_with_sizes.default,
-                      emit.call(aten.linear.default, nodes[block.up.input], w, b),
-                      [len(x) for x in ws], -1)
+    b = (
+        None
+        if block.up.bias is None
+        else emit.tensor(
+            "gate_up_bias",
+            torch.cat([attr_tensor(gm, p.bias).detach() for p in pieces if p.bias is not None]),
+            True,
+        )
+    )
+    split = emit.call(
+        aten.split_with_sizes.default,
+        emit.call(aten.linear.default, nodes[block.up.input], w, b),
+        [len(x) for x in ws],
+        -1,
+    )
     for i, p in enumerate(pieces):
         nodes[p.node].replace_all_uses_with(emit.call(operator.getitem, split, i))
 
@@ -97,8 +116,13 @@ def _resize_split(piece: fx.Node, width: int, new: int) -> None:
 
 def _slice_outputs(gm: fx.GraphModule, proj: Projection, rows: list[int]) -> None:
     w = attr_tensor(gm, proj.weight).detach()
-    set_attr(gm, proj.weight, torch.nn.Parameter(
-        (w[:, rows] if proj.transposed else w[rows]).clone(), requires_grad=False))
+    set_attr(
+        gm,
+        proj.weight,
+        torch.nn.Parameter(
+            (w[:, rows] if proj.transposed else w[rows]).clone(), requires_grad=False
+        ),
+    )
     if proj.bias is not None:
         b = attr_tensor(gm, proj.bias).detach()
         set_attr(gm, proj.bias, torch.nn.Parameter(b[rows].clone(), requires_grad=False))
@@ -106,5 +130,10 @@ def _slice_outputs(gm: fx.GraphModule, proj: Projection, rows: list[int]) -> Non
 
 def _slice_inputs(gm: fx.GraphModule, proj: Projection, kept: list[int]) -> None:
     w = attr_tensor(gm, proj.weight).detach()
-    set_attr(gm, proj.weight, torch.nn.Parameter(
-        (w[kept] if proj.transposed else w[:, kept]).clone(), requires_grad=False))
+    set_attr(
+        gm,
+        proj.weight,
+        torch.nn.Parameter(
+            (w[kept] if proj.transposed else w[:, kept]).clone(), requires_grad=False
+        ),
+    )

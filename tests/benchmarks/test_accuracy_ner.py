@@ -30,5 +30,5 @@ def test_accuracy_ner_quick_run_writes_every_record_and_model(tmp_path):
         assert record["total_parameters"][1] < record["total_parameters"][0]
         assert record["heads_left"] == sum(layer["heads"] for layer in record["layers"])
         assert (models / f"ner-{name}.pt2").exists()
-    accuracy_ner.main(args)                      # resumes: nothing is redone
+    accuracy_ner.main(args)  # resumes: nothing is redone
     assert json.loads(out.read_text())["records"] == records

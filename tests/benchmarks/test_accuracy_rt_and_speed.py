@@ -13,8 +13,18 @@ from benchmarks import accuracy_rt, evidence, speed
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    argv = ["--quick", "--threads", "1", "--only", "grain-5", "head-5",
-            "--out", str(root / "accuracy_rt.json"), "--models", str(root / "models")]
+    argv = [
+        "--quick",
+        "--threads",
+        "1",
+        "--only",
+        "grain-5",
+        "head-5",
+        "--out",
+        str(root / "accuracy_rt.json"),
+        "--models",
+        str(root / "models"),
+    ]
     assert accuracy_rt.main(argv) == 0
     return root, argv
 
@@ -30,8 +40,9 @@ def test_accuracy_sweep_records_each_run(sweep):
             continue
         # whole heads are coarse: one is ~3% of this tiny encoder
         assert 0.05 - (0.035 if name == "head-5" else 0.01) < record["density"] <= 0.05
-        assert record["retention"] == pytest.approx(record["accuracy"]
-                                                    / records["teacher"]["accuracy"])
+        assert record["retention"] == pytest.approx(
+            record["accuracy"] / records["teacher"]["accuracy"]
+        )
         assert record["encoder_parameters"][1] < record["encoder_parameters"][0]
         assert record["heads_left"] == sum(layer["heads"] for layer in record["layers"])
         assert (root / "models" / f"rt-{name}.pt2").exists()
@@ -48,9 +59,25 @@ def test_accuracy_sweep_records_each_run(sweep):
 def test_speed_sweep_times_every_model_and_the_bert_base_rows(sweep, tmp_path):
     root, _ = sweep
     out = tmp_path / "speed.json"
-    assert speed.main(["--quick", "--threads", "1", "--reps", "1", "--no-compile",
-                       "--models", str(root / "models"), "--accuracy",
-                       str(root / "accuracy_rt.json"), "--out", str(out)]) == 0
+    assert (
+        speed.main(
+            [
+                "--quick",
+                "--threads",
+                "1",
+                "--reps",
+                "1",
+                "--no-compile",
+                "--models",
+                str(root / "models"),
+                "--accuracy",
+                str(root / "accuracy_rt.json"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     records = data["records"]
     models = {"rt-grain-5", "rt-head-5", "bert-base-grain-5"}

@@ -11,8 +11,17 @@ from benchmarks import peer_torch_pruning
 
 def test_quick_run_prunes_to_the_target_and_records_it(tmp_path):
     out = tmp_path / "peer.json"
-    argv = ["--quick", "--threads", "1", "--reps", "1", "--out", str(out),
-            "--models", str(tmp_path / "models")]
+    argv = [
+        "--quick",
+        "--threads",
+        "1",
+        "--reps",
+        "1",
+        "--out",
+        str(out),
+        "--models",
+        str(tmp_path / "models"),
+    ]
     assert peer_torch_pruning.main(argv) == 0
     records = json.loads(out.read_text())["records"]
     assert set(records) == {"teacher", "capabilities", "tp-10", "tp-5"}
@@ -45,11 +54,20 @@ def test_encoder_count_is_grainfx_s():
     import passes
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=2)).eval()
-    batch = {"input_ids": torch.randint(0, 100, (2, 7)),
-             "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=2,
+        )
+    ).eval()
+    batch = {
+        "input_ids": torch.randint(0, 100, (2, 7)),
+        "attention_mask": torch.ones(2, 7, dtype=torch.long),
+    }
     structure = passes.discover(passes.capture(model, batch))
     assert peer_torch_pruning.encoder_parameters(model) == structure.unit_params
 
@@ -57,9 +75,16 @@ def test_encoder_count_is_grainfx_s():
 def test_plan_keeps_a_head_per_layer_and_spends_the_rest_on_ffn():
     from transformers import BertConfig, BertForSequenceClassification
 
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, num_labels=2))
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            num_labels=2,
+        )
+    )
     dense = peer_torch_pruning.encoder_parameters(model)
     plan = peer_torch_pruning.plan(model, round(0.25 * dense))
     assert plan["heads_per_layer"] == 1 and plan["heads"] == 2

@@ -11,9 +11,28 @@ from benchmarks import accuracy_lm, evidence, readme_tables, rewrite_speed, step
 
 def test_rewrite_speed_quick_run_writes_results_and_a_readme_section(tmp_path):
     out = tmp_path / "rewrite_speed.json"
-    rewrite_speed.main(["--quick", "--only", "bert", "--kept", "0.2", "--patterns", "spread",
-                        "unequal", "--buckets", "1", "4", "--threads", "1", "--compile-threads",
-                        "--reps", "1", "--out", str(out)])
+    rewrite_speed.main(
+        [
+            "--quick",
+            "--only",
+            "bert",
+            "--kept",
+            "0.2",
+            "--patterns",
+            "spread",
+            "unequal",
+            "--buckets",
+            "1",
+            "4",
+            "--threads",
+            "1",
+            "--compile-threads",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     data = json.loads(out.read_text())
     records = data["records"]
     assert set(records) == {"threads=1/eager/kept=0.2/spread", "threads=1/eager/kept=0.2/unequal"}
@@ -25,24 +44,78 @@ def test_rewrite_speed_quick_run_writes_results_and_a_readme_section(tmp_path):
     assert "| 20% | spread |" in section and "bucket=4" in section
     readme_tables.rewrite_speed_plot(data, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
-    rewrite_speed.main(["--quick", "--only", "bert", "--kept", "0.2", "--patterns", "spread",
-                        "--buckets", "1", "--threads", "1", "--compile-threads", "--reps", "1",
-                        "--out", str(out)])  # resumes: nothing new to measure
+    rewrite_speed.main(
+        [
+            "--quick",
+            "--only",
+            "bert",
+            "--kept",
+            "0.2",
+            "--patterns",
+            "spread",
+            "--buckets",
+            "1",
+            "--threads",
+            "1",
+            "--compile-threads",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )  # resumes: nothing new to measure
     assert json.loads(out.read_text())["records"] == records
 
 
 def test_rewrite_speed_quick_llama_rows_join_the_store_and_the_section(tmp_path):
     out = tmp_path / "rewrite_speed.json"
-    rewrite_speed.main(["--quick", "--only", "bert", "--kept", "0.2", "--patterns", "spread",
-                        "--buckets", "4", "--threads", "1", "--compile-threads", "--reps", "1",
-                        "--out", str(out)])
-    rewrite_speed.main(["--quick", "--only", "llama", "--kept", "0.2", "--patterns",
-                        "concentrated", "spread", "--buckets", "4", "--threads", "1",
-                        "--compile-threads", "--reps", "1", "--out", str(out)])
+    rewrite_speed.main(
+        [
+            "--quick",
+            "--only",
+            "bert",
+            "--kept",
+            "0.2",
+            "--patterns",
+            "spread",
+            "--buckets",
+            "4",
+            "--threads",
+            "1",
+            "--compile-threads",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    rewrite_speed.main(
+        [
+            "--quick",
+            "--only",
+            "llama",
+            "--kept",
+            "0.2",
+            "--patterns",
+            "concentrated",
+            "spread",
+            "--buckets",
+            "4",
+            "--threads",
+            "1",
+            "--compile-threads",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     data = json.loads(out.read_text())
     llama = {k: r for k, r in data["records"].items() if k.startswith("llama/")}
-    assert set(llama) == {"llama/batch=2/seq=16/threads=1/eager/kept=0.2/concentrated",
-                          "llama/batch=2/seq=16/threads=1/eager/kept=0.2/spread"}
+    assert set(llama) == {
+        "llama/batch=2/seq=16/threads=1/eager/kept=0.2/concentrated",
+        "llama/batch=2/seq=16/threads=1/eager/kept=0.2/spread",
+    }
     assert "threads=1/eager/kept=0.2/spread" in data["records"]  # the BERT row is kept
     for record in llama.values():
         assert {"dense", "bucket=4", "uniform"} <= set(record["speedup"])
@@ -50,9 +123,14 @@ def test_rewrite_speed_quick_llama_rows_join_the_store_and_the_section(tmp_path)
     section = readme_tables.rewrite_speed_section(data)
     assert "Llama-shaped" in section and "| 20% | concentrated |" in section
     assert section.count("| 20% | spread |") == 2  # one BERT row, one Llama row
-    compiled = {k.replace("/eager/", "/compiled/"): {
-        **r, "mode": "compiled", "compile_seconds": {n: 12.0 for n in r["speedup"]}}
-        for k, r in llama.items()}
+    compiled = {
+        k.replace("/eager/", "/compiled/"): {
+            **r,
+            "mode": "compiled",
+            "compile_seconds": {n: 12.0 for n in r["speedup"]},
+        }
+        for k, r in llama.items()
+    }
     lines = "\n".join(readme_tables.llama_speed_lines(compiled))
     assert "1 thread, torch.compile" in lines and "| 12 s, 12 s |" in lines
 
@@ -66,8 +144,7 @@ def test_step_cost_quick_run(tmp_path):
 
 def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
     out, models = tmp_path / "accuracy_lm.json", tmp_path / "models"
-    args = ["--smoke", "--only", "grain-20", "head-20", "--out", str(out), "--models",
-            str(models)]
+    args = ["--smoke", "--only", "grain-20", "head-20", "--out", str(out), "--models", str(models)]
     assert accuracy_lm.main(args) == 0
     data = json.loads(out.read_text())
     records, meta = data["records"], data["meta"]
@@ -82,8 +159,7 @@ def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
         assert abs(record["ratio"] - record["perplexity"] / teacher["perplexity"]) < 1e-9
         before, after = record["encoder_parameters"]
         assert after < 0.25 * before
-        assert record["speed"]["speedup"] > 0 and set(record["speed"]["ms"]) == {"dense",
-                                                                                "compact"}
+        assert record["speed"]["speedup"] > 0 and set(record["speed"]["ms"]) == {"dense", "compact"}
         assert (models / f"lm-smoke-{name}.pt2").exists()
     assert records["head-20"]["overrides"] == {"granularity": "head"}
     intervals = records["intervals"]
@@ -92,7 +168,7 @@ def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
         a, b = pair.split(" vs ")
         assert abs(r["difference"] - (records[a]["perplexity"] - records[b]["perplexity"])) < 1e-3
         assert r["low"] <= r["difference"] <= r["high"] and r["resamples"] == 200
-    assert accuracy_lm.main(args) == 0           # resumes: teacher cached, nothing redone
+    assert accuracy_lm.main(args) == 0  # resumes: teacher cached, nothing redone
     assert json.loads(out.read_text())["records"] == records
     section = evidence.lm_section(json.loads(out.read_text()))
     assert "| GRAIN | " in section and "| whole heads + FFN | " in section
@@ -111,18 +187,34 @@ def test_accuracy_lm_bootstrap_is_paired():
 def test_readme_sections_are_replaced_between_markers():
     text = "a\n<!-- x:start -->\nold\n<!-- x:end -->\nb"
     assert readme_tables.replace_section(text, "x", "new") == (
-        "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb")
+        "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb"
+    )
 
 
 def test_step_cost_and_example_sections_render():
-    cost = {"records": {"minilm/threads=1": {"model": "m", "threads": 1, "steps": 3,
-                                             "ratio": 1.5,
-                                             "seconds": {"plain": 2.0, "grain": 3.0}}}}
+    cost = {
+        "records": {
+            "minilm/threads=1": {
+                "model": "m",
+                "threads": 1,
+                "steps": 3,
+                "ratio": 1.5,
+                "seconds": {"plain": 2.0, "grain": 3.0},
+            }
+        }
+    }
     assert "3.00 s against 2.00 s" in readme_tables.step_cost_section(cost)
-    example = {"threads": 2, "minutes": 16.7, "teacher_accuracy": 0.8,
-               "student_accuracy": 0.78, "retention": 0.975, "density": 0.1,
-               "encoder_parameters": [100, 10], "total_parameters": [200, 110],
-               "speedup_batch32": 4.7}
+    example = {
+        "threads": 2,
+        "minutes": 16.7,
+        "teacher_accuracy": 0.8,
+        "student_accuracy": 0.78,
+        "retention": 0.975,
+        "density": 0.1,
+        "encoder_parameters": [100, 10],
+        "total_parameters": [200, 110],
+        "speedup_batch32": 4.7,
+    }
     section = readme_tables.example_section(example)
     assert "78.00% (97.5% retained)" in section and "4.7x" in section
 

@@ -24,15 +24,22 @@ def data() -> list[dict]:
 
 
 def compress(checkpoint=None, callback=None, **config):
-    return grainfx.compress(build(ARCH), data(), 0.6,
-                            config=GrainConfig(steps=STEPS, **config), progress=False,
-                            callback=callback, checkpoint=checkpoint)
+    return grainfx.compress(
+        build(ARCH),
+        data(),
+        0.6,
+        config=GrainConfig(steps=STEPS, **config),
+        progress=False,
+        callback=callback,
+        checkpoint=checkpoint,
+    )
 
 
 def stop_at(step: int):
     def callback(index, masks):
         if index == step:
             raise KeyboardInterrupt
+
     return callback
 
 
@@ -64,9 +71,12 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, stop):
 def test_checkpoint_every_n_steps(tmp_path):
     path = tmp_path / "run.ckpt"
     seen = []
-    compress(CheckpointConfig(path, every=6),
-             callback=lambda i, m: seen.append(torch.load(path, weights_only=True)["steps_done"]
-                                               if path.exists() else 0))
+    compress(
+        CheckpointConfig(path, every=6),
+        callback=lambda i, m: seen.append(
+            torch.load(path, weights_only=True)["steps_done"] if path.exists() else 0
+        ),
+    )
     # the callback of step i runs before the save after step i
     assert seen[5] == 0 and seen[6] == 6 and seen[12] == 12 and seen[18] == 18
     # and once at the end, so that a run whose result cannot be written resumes from there
@@ -80,13 +90,23 @@ def test_a_finished_checkpoint_resumes_on_the_same_inputs_only(tmp_path):
     path = tmp_path / "run.ckpt"
     identity = {"--data file": "sha256:aaaa", "tokenizer": "t"}
     first = compress(CheckpointConfig(path, identity=identity))
-    with pytest.raises(CheckpointError, match=r"other inputs \(--data file changed: --data file: "
-                                              r"sha256:aaaa there, sha256:bbbb now\)"):
-        grainfx.compress(build(ARCH), [], 0.6, checkpoint=CheckpointConfig(
-            path, resume=True, identity={**identity, "--data file": "sha256:bbbb"}))
+    with pytest.raises(
+        CheckpointError,
+        match=r"other inputs \(--data file changed: --data file: "
+        r"sha256:aaaa there, sha256:bbbb now\)",
+    ):
+        grainfx.compress(
+            build(ARCH),
+            [],
+            0.6,
+            checkpoint=CheckpointConfig(
+                path, resume=True, identity={**identity, "--data file": "sha256:bbbb"}
+            ),
+        )
     seen = []
-    again = compress(CheckpointConfig(path, resume=True, identity=identity),
-                     callback=lambda i, m: seen.append(i))
+    again = compress(
+        CheckpointConfig(path, resume=True, identity=identity), callback=lambda i, m: seen.append(i)
+    )
     assert seen == [] and again.report["steps"] == STEPS
     assert_same_result(first, again)
 
@@ -121,16 +141,21 @@ def test_bad_checkpoint_interval(tmp_path, every):
         CheckpointConfig(tmp_path / "x", every=every)
 
 
-def test_a_checkpoint_location_that_cannot_be_written_fails_before_any_step(tmp_path,
-                                                                            monkeypatch):
+def test_a_checkpoint_location_that_cannot_be_written_fails_before_any_step(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
-    with pytest.raises(PreflightError, match=r"cannot write the checkpoint .*file/run.ckpt: "
-                                             r".*file is a file, not a folder"):
+    with pytest.raises(
+        PreflightError,
+        match=r"cannot write the checkpoint .*file/run.ckpt: "
+        r".*file is a file, not a folder",
+    ):
         compress(CheckpointConfig(tmp_path / "file" / "run.ckpt"))
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
-    with pytest.raises(PreflightError, match=r"1000 bytes free, about \d+\.\d KB needed for a "
-                                             r"checkpoint"):
+    with pytest.raises(
+        PreflightError,
+        match=r"1000 bytes free, about \d+\.\d KB needed for a "
+        r"checkpoint",
+    ):
         compress(CheckpointConfig(tmp_path / "run.ckpt"))
 
 
@@ -143,10 +168,13 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path):
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))  # as a full disk
     try:
-        with pytest.raises(CheckpointError, match=r"cannot write the checkpoint .*run.ckpt \(File "
-                                                  r"too large\): free disk space or choose "
-                                                  r"another checkpoint path \(--checkpoint\); the "
-                                                  r"previous checkpoint is intact"):
+        with pytest.raises(
+            CheckpointError,
+            match=r"cannot write the checkpoint .*run.ckpt \(File "
+            r"too large\): free disk space or choose "
+            r"another checkpoint path \(--checkpoint\); the "
+            r"previous checkpoint is intact",
+        ):
             compress(CheckpointConfig(path, every=2, resume=True))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

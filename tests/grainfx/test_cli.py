@@ -33,13 +33,22 @@ VOCAB = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 #: What an output folder of compress holds: model, tokenizer, serving record, reports.
-OUTPUT_FILES = ["grainfx.json", "model.json", "model.pt2", "report.json", "report.md",
-                "structure.png", "tokenizer.json", "tokenizer_config.json"]
+OUTPUT_FILES = [
+    "grainfx.json",
+    "model.json",
+    "model.pt2",
+    "report.json",
+    "report.md",
+    "structure.png",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(GRAINFX), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=ENV)
+    return subprocess.run(
+        [str(GRAINFX), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=ENV
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +74,22 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def compressed(workdir) -> Path:
-    result = run("compress", "model", "--data", "data.csv", "--sparsity", "0.8", "--out", "out",
-                 "--steps", "6", "--threads", "1", "--quiet", cwd=workdir)
+    result = run(
+        "compress",
+        "model",
+        "--data",
+        "data.csv",
+        "--sparsity",
+        "0.8",
+        "--out",
+        "out",
+        "--steps",
+        "6",
+        "--threads",
+        "1",
+        "--quiet",
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "student accuracy" in result.stdout
     return workdir / "out"
@@ -82,8 +105,9 @@ def test_compress_writes_model_structure_report_and_plot(compressed):
 
 
 def test_inspect_prints_the_table_plot_and_graph(compressed, workdir):
-    result = run("inspect", "out/model.pt2", "--seq", "64", "--plot", "kept.png", "--graph",
-                 cwd=workdir)
+    result = run(
+        "inspect", "out/model.pt2", "--seq", "64", "--plot", "kept.png", "--graph", cwd=workdir
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "query units" in result.stdout and "GFLOPs per sequence of 64" in result.stdout
     assert "scaled_dot_product_attention" in result.stdout
@@ -93,16 +117,28 @@ def test_inspect_prints_the_table_plot_and_graph(compressed, workdir):
 
 
 def test_bench_against_the_dense_model(compressed, workdir):
-    result = run("bench", "out/model.pt2", "--against", "model", "--batch", "2", "--seq", "8",
-                 "--reps", "2", cwd=workdir)
+    result = run(
+        "bench",
+        "out/model.pt2",
+        "--against",
+        "model",
+        "--batch",
+        "2",
+        "--seq",
+        "8",
+        "--reps",
+        "2",
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "compact" in result.stdout and "x vs dense" in result.stdout
 
 
 def test_existing_output_folder_is_not_overwritten(compressed, workdir):
     before = (compressed / "model.pt2").stat().st_mtime_ns
-    result = run("compress", "model", "--data", "data.csv", "--out", "out", "--steps", "2",
-                 cwd=workdir)
+    result = run(
+        "compress", "model", "--data", "data.csv", "--out", "out", "--steps", "2", cwd=workdir
+    )
     assert result.returncode == 2
     assert "exists" in result.stderr and "--overwrite" in result.stderr
     assert (compressed / "model.pt2").stat().st_mtime_ns == before
@@ -140,67 +176,124 @@ def run_here(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str,
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("case,args,message", [
-    ("missing file", ["model", "--data", "absent.csv"], "absent.csv does not exist"),
-    ("wrong columns", ["model", "--data", "data.csv", "--text-column", "review"],
-     "no column 'review'"),
-    ("labels missing", ["model", "--data", "nolabel.csv"], "line 3: label is missing"),
-    ("sparsity", ["model", "--data", "data.csv", "--sparsity", "1.2"], "--sparsity must be in"),
-    ("not a model", ["data_dir", "--data", "data.csv"], "not a model folder"),
-    ("nothing to resume", ["model", "--data", "data.csv", "--resume"],
-     "nothing-to-resume.checkpoint.pt to resume from: run without resume"),
-    ("bad learning rate", ["model", "--data", "data.csv", "--learning-rate", "-1"],
-     "learning_rate must be a number > 0"),
-    ("no model or data", ["--data", "data.csv"], "give MODEL_DIR and --data FILE (or --demo)"),
-    ("missing eval file", ["model", "--data", "data.csv", "--eval-data", "gone.jsonl"],
-     "gone.jsonl does not exist"),
-    ("text file", ["model", "--data", "data.txt"], "use a .csv or a .jsonl"),
-    ("more names than classes", ["model", "--data", "three.csv"],
-     "3 label names ['a', 'b', 'c'] but the model has 2 classes"),
-    ("id outside the classes", ["model", "--data", "outside.csv"],
-     "labels [5] are outside the model's 2 classes (0..1)"),
-    ("empty text", ["model", "--data", "emptytext.csv"], "line 3: the text is empty"),
-    ("unquoted comma", ["model", "--data", "comma.csv"],
-     "line 3 has 3 fields but the header has 2: quote texts that hold commas"),
-    ("duplicate header", ["model", "--data", "twotext.csv"],
-     "the header names column 'text' 2 times: rename the extra ones"),
-    ("latin-1", ["model", "--data", "latin1.csv"], "is not utf-8 text (byte 0xe9"),
-    ("utf-16 without bom", ["model", "--data", "nul.csv"], "holds a NUL character"),
-    ("empty csv", ["model", "--data", "empty.csv"], "holds no rows"),
-    ("header only", ["model", "--data", "header.csv"], "header.csv holds no rows"),
-    ("bad quoting", ["model", "--data", "quote.csv"], "line 2 is not valid CSV"),
-    ("number as text", ["model", "--data", "number.jsonl"],
-     "line 2: the text is 42 (int), not a string: write texts as JSON strings"),
-    ("broken json", ["model", "--data", "broken.jsonl"], "line 2 is not JSON"),
-    ("missing field", ["model", "--data", "field.jsonl"],
-     "line 1 has no field 'text' (its fields: ['label', 'review'])"),
-    ("repeated key", ["model", "--data", "twice.jsonl"], "names field 'label' twice"),
-    ("fractional label", ["model", "--data", "float.jsonl"],
-     "the label 0.5 is a float; give a name (string) or an integer id"),
-    ("json list row", ["model", "--data", "list.jsonl"], "is a JSON list, not an object"),
-    ("out under a file", ["model", "--data", "data.csv", "--out", "data.csv/out"],
-     "data.csv is a file, not a folder; choose another --out"),
-    ("checkpoint under a file", ["model", "--data", "data.csv", "--checkpoint",
-                                 "data.csv/run.pt"],
-     "cannot write the checkpoint data.csv/run.pt"),
-    ("batch size", ["model", "--data", "data.csv", "--batch-size", "0"],
-     "--batch-size must be an integer >= 1, got 0"),
-    ("eval split", ["model", "--data", "data.csv", "--eval-split", "1.5"],
-     "--eval-split must be in [0, 1)"),
-    ("unknown task", ["model", "--data", "data.csv", "--task", "ner"], "unknown --task 'ner'"),
-    ("ema beta", ["model", "--data", "data.csv", "--ema-beta", "fast"],
-     "ema_beta must be a number in [0, 1) or 'auto', got 'fast'"),
-    ("data is a folder", ["model", "--data", "data_dir"],
-     "data_dir is a folder: give a .csv or a .jsonl file"),
-])
+@pytest.mark.parametrize(
+    "case,args,message",
+    [
+        ("missing file", ["model", "--data", "absent.csv"], "absent.csv does not exist"),
+        (
+            "wrong columns",
+            ["model", "--data", "data.csv", "--text-column", "review"],
+            "no column 'review'",
+        ),
+        ("labels missing", ["model", "--data", "nolabel.csv"], "line 3: label is missing"),
+        ("sparsity", ["model", "--data", "data.csv", "--sparsity", "1.2"], "--sparsity must be in"),
+        ("not a model", ["data_dir", "--data", "data.csv"], "not a model folder"),
+        (
+            "nothing to resume",
+            ["model", "--data", "data.csv", "--resume"],
+            "nothing-to-resume.checkpoint.pt to resume from: run without resume",
+        ),
+        (
+            "bad learning rate",
+            ["model", "--data", "data.csv", "--learning-rate", "-1"],
+            "learning_rate must be a number > 0",
+        ),
+        ("no model or data", ["--data", "data.csv"], "give MODEL_DIR and --data FILE (or --demo)"),
+        (
+            "missing eval file",
+            ["model", "--data", "data.csv", "--eval-data", "gone.jsonl"],
+            "gone.jsonl does not exist",
+        ),
+        ("text file", ["model", "--data", "data.txt"], "use a .csv or a .jsonl"),
+        (
+            "more names than classes",
+            ["model", "--data", "three.csv"],
+            "3 label names ['a', 'b', 'c'] but the model has 2 classes",
+        ),
+        (
+            "id outside the classes",
+            ["model", "--data", "outside.csv"],
+            "labels [5] are outside the model's 2 classes (0..1)",
+        ),
+        ("empty text", ["model", "--data", "emptytext.csv"], "line 3: the text is empty"),
+        (
+            "unquoted comma",
+            ["model", "--data", "comma.csv"],
+            "line 3 has 3 fields but the header has 2: quote texts that hold commas",
+        ),
+        (
+            "duplicate header",
+            ["model", "--data", "twotext.csv"],
+            "the header names column 'text' 2 times: rename the extra ones",
+        ),
+        ("latin-1", ["model", "--data", "latin1.csv"], "is not utf-8 text (byte 0xe9"),
+        ("utf-16 without bom", ["model", "--data", "nul.csv"], "holds a NUL character"),
+        ("empty csv", ["model", "--data", "empty.csv"], "holds no rows"),
+        ("header only", ["model", "--data", "header.csv"], "header.csv holds no rows"),
+        ("bad quoting", ["model", "--data", "quote.csv"], "line 2 is not valid CSV"),
+        (
+            "number as text",
+            ["model", "--data", "number.jsonl"],
+            "line 2: the text is 42 (int), not a string: write texts as JSON strings",
+        ),
+        ("broken json", ["model", "--data", "broken.jsonl"], "line 2 is not JSON"),
+        (
+            "missing field",
+            ["model", "--data", "field.jsonl"],
+            "line 1 has no field 'text' (its fields: ['label', 'review'])",
+        ),
+        ("repeated key", ["model", "--data", "twice.jsonl"], "names field 'label' twice"),
+        (
+            "fractional label",
+            ["model", "--data", "float.jsonl"],
+            "the label 0.5 is a float; give a name (string) or an integer id",
+        ),
+        ("json list row", ["model", "--data", "list.jsonl"], "is a JSON list, not an object"),
+        (
+            "out under a file",
+            ["model", "--data", "data.csv", "--out", "data.csv/out"],
+            "data.csv is a file, not a folder; choose another --out",
+        ),
+        (
+            "checkpoint under a file",
+            ["model", "--data", "data.csv", "--checkpoint", "data.csv/run.pt"],
+            "cannot write the checkpoint data.csv/run.pt",
+        ),
+        (
+            "batch size",
+            ["model", "--data", "data.csv", "--batch-size", "0"],
+            "--batch-size must be an integer >= 1, got 0",
+        ),
+        (
+            "eval split",
+            ["model", "--data", "data.csv", "--eval-split", "1.5"],
+            "--eval-split must be in [0, 1)",
+        ),
+        ("unknown task", ["model", "--data", "data.csv", "--task", "ner"], "unknown --task 'ner'"),
+        (
+            "ema beta",
+            ["model", "--data", "data.csv", "--ema-beta", "fast"],
+            "ema_beta must be a number in [0, 1) or 'auto', got 'fast'",
+        ),
+        (
+            "data is a folder",
+            ["model", "--data", "data_dir"],
+            "data_dir is a folder: give a .csv or a .jsonl file",
+        ),
+    ],
+)
 def test_bad_inputs_get_one_clear_line(workdir, case, args, message, monkeypatch, capsys):
     (workdir / "data_dir").mkdir(exist_ok=True)
     for name, content in BAD_FILES.items():
         (workdir / name).write_bytes(content)
     out = f"bad-{case.replace(' ', '-')}"
     before = set(os.listdir(workdir))
-    code, _, stderr = run_here(["compress", "--out", out, "--steps", "1", "--threads", "1",
-                                "--quiet", *args], workdir, monkeypatch, capsys)
+    code, _, stderr = run_here(
+        ["compress", "--out", out, "--steps", "1", "--threads", "1", "--quiet", *args],
+        workdir,
+        monkeypatch,
+        capsys,
+    )
     assert code == 2, stderr
     assert message in stderr
     assert stderr.startswith("grainfx compress: error: ") and stderr.count("\n") == 1, stderr
@@ -216,13 +309,32 @@ def test_inspect_of_a_foreign_file(workdir):
 def test_resume_after_ctrl_c_gives_the_uninterrupted_result(workdir):
     import passes
 
-    common = ["compress", "model", "--data", "data.csv", "--sparsity", "0.8", "--steps", "300",
-              "--threads", "1", "--quiet", "--checkpoint-every", "5"]
+    common = [
+        "compress",
+        "model",
+        "--data",
+        "data.csv",
+        "--sparsity",
+        "0.8",
+        "--steps",
+        "300",
+        "--threads",
+        "1",
+        "--quiet",
+        "--checkpoint-every",
+        "5",
+    ]
     whole = run(*common, "--out", "whole", cwd=workdir)
     assert whole.returncode == 0, whole.stderr[-2000:]
     checkpoint = workdir / "part.checkpoint.pt"
-    child = subprocess.Popen([str(GRAINFX), *common, "--out", "part"], cwd=workdir, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [str(GRAINFX), *common, "--out", "part"],
+        cwd=workdir,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -237,8 +349,9 @@ def test_resume_after_ctrl_c_gives_the_uninterrupted_result(workdir):
     a = passes.load(workdir / "whole" / "model.pt2").state_dict()
     b = passes.load(workdir / "part" / "model.pt2").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    reports = [json.loads((workdir / name / "report.json").read_text())
-               for name in ("whole", "part")]
+    reports = [
+        json.loads((workdir / name / "report.json").read_text()) for name in ("whole", "part")
+    ]
     assert reports[0]["layers"] == reports[1]["layers"]
     assert reports[0]["kd_loss"] == reports[1]["kd_loss"]
 
@@ -262,9 +375,13 @@ def lm_workdir(tmp_path_factory, request) -> Path:
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + LM_WORDS)}
     inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     inner.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>", eos_token="<eos>",
-                            pad_token="<pad>", model_input_names=["input_ids", "attention_mask"]
-                            ).save_pretrained(root / "model")
+    PreTrainedTokenizerFast(
+        tokenizer_object=inner,
+        unk_token="<unk>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        model_input_names=["input_ids", "attention_mask"],
+    ).save_pretrained(root / "model")
     build(request.param).save_pretrained(root / "model")
     rng = random.Random(0)
 
@@ -272,17 +389,38 @@ def lm_workdir(tmp_path_factory, request) -> Path:
         return " ".join(rng.choice(LM_WORDS) for _ in range(rng.randint(3, 12)))
 
     (root / "train.txt").write_text("\n".join(document() for _ in range(40)) + "\n\n")
-    (root / "eval.jsonl").write_text("".join(json.dumps({"body": document(), "id": i}) + "\n"
-                                             for i in range(12)))
+    (root / "eval.jsonl").write_text(
+        "".join(json.dumps({"body": document(), "id": i}) + "\n" for i in range(12))
+    )
     return root
 
 
 @pytest.fixture(scope="module")
 def lm_compressed(lm_workdir) -> tuple[Path, subprocess.CompletedProcess]:
-    result = run("compress", "model", "--task", "causal-lm", "--data", "train.txt",
-                 "--eval-data", "eval.jsonl", "--text-column", "body", "--sparsity", "0.5",
-                 "--batch-size", "8", "--steps", "6", "--out", "out", "--threads", "1",
-                 "--quiet", cwd=lm_workdir)
+    result = run(
+        "compress",
+        "model",
+        "--task",
+        "causal-lm",
+        "--data",
+        "train.txt",
+        "--eval-data",
+        "eval.jsonl",
+        "--text-column",
+        "body",
+        "--sparsity",
+        "0.5",
+        "--batch-size",
+        "8",
+        "--steps",
+        "6",
+        "--out",
+        "out",
+        "--threads",
+        "1",
+        "--quiet",
+        cwd=lm_workdir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return lm_workdir / "out", result
 
@@ -311,20 +449,44 @@ def test_inspect_and_bench_of_a_causal_lm(lm_compressed, lm_workdir):
     inspected = run("inspect", "out/model.pt2", "--seq", "32", cwd=lm_workdir)
     assert inspected.returncode == 0, inspected.stderr[-2000:]
     assert "query units" in inspected.stdout and "GFLOPs per sequence of 32" in inspected.stdout
-    bench = run("bench", "out/model.pt2", "--against", "model", "--batch", "2", "--seq", "8",
-                "--reps", "2", cwd=lm_workdir)
+    bench = run(
+        "bench",
+        "out/model.pt2",
+        "--against",
+        "model",
+        "--batch",
+        "2",
+        "--seq",
+        "8",
+        "--reps",
+        "2",
+        cwd=lm_workdir,
+    )
     assert bench.returncode == 0, bench.stderr[-2000:]
     assert "compact" in bench.stdout and "x vs dense" in bench.stdout
 
 
-@pytest.mark.parametrize("case,args,message", [
-    ("missing file", ["--task", "causal-lm", "--data", "absent.txt"], "absent.txt does not exist"),
-    ("empty file", ["--task", "causal-lm", "--data", "empty.txt"], "empty.txt holds no text"),
-    ("no text column", ["--task", "causal-lm", "--data", "eval.jsonl"],
-     "line 1 has no field 'text' (its fields: ['body', 'id'])"),
-    ("unknown task", ["--task", "translation", "--data", "train.txt"],
-     "unknown --task 'translation': use one of classification, causal-lm"),
-])
+@pytest.mark.parametrize(
+    "case,args,message",
+    [
+        (
+            "missing file",
+            ["--task", "causal-lm", "--data", "absent.txt"],
+            "absent.txt does not exist",
+        ),
+        ("empty file", ["--task", "causal-lm", "--data", "empty.txt"], "empty.txt holds no text"),
+        (
+            "no text column",
+            ["--task", "causal-lm", "--data", "eval.jsonl"],
+            "line 1 has no field 'text' (its fields: ['body', 'id'])",
+        ),
+        (
+            "unknown task",
+            ["--task", "translation", "--data", "train.txt"],
+            "unknown --task 'translation': use one of classification, causal-lm",
+        ),
+    ],
+)
 def test_causal_lm_bad_inputs_get_one_clear_line(lm_workdir, case, args, message):
     (lm_workdir / "empty.txt").write_text("\n\n")
     out = f"bad-{case.replace(' ', '-')}"
@@ -353,10 +515,10 @@ def test_output_folder_records_labels_and_maximum_length(compressed):
     assert serving["task"] == "classification" and serving["pad_token"] == "[PAD]"
 
 
-def test_predict_prints_label_names_scores_and_accuracy(compressed, workdir, monkeypatch,
-                                                        capsys):
-    code, out, err = run_here(["predict", "out", "--data", "data.csv"], workdir, monkeypatch,
-                              capsys)
+def test_predict_prints_label_names_scores_and_accuracy(compressed, workdir, monkeypatch, capsys):
+    code, out, err = run_here(
+        ["predict", "out", "--data", "data.csv"], workdir, monkeypatch, capsys
+    )
     assert code == 0, err
     with open(workdir / "data.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -365,8 +527,9 @@ def test_predict_prints_label_names_scores_and_accuracy(compressed, workdir, mon
     assert all(label in ("0", "1") and 0.5 <= float(score) <= 1 for label, score, _ in lines)
     correct = sum(label == r["label"] for (label, _, _), r in zip(lines, rows, strict=True))
     assert err == f"accuracy: {correct / len(rows):.2%} ({correct} of {len(rows)} rows)\n"
-    code, _, err = run_here(["predict", "out", "--data", "data.csv", "--out", "p.jsonl"],
-                            workdir, monkeypatch, capsys)
+    code, _, err = run_here(
+        ["predict", "out", "--data", "data.csv", "--out", "p.jsonl"], workdir, monkeypatch, capsys
+    )
     records = [json.loads(line) for line in (workdir / "p.jsonl").read_text().splitlines()]
     assert [(r["label"], f"{r['score']:.4f}") for r in records] == [(a, b) for a, b, _ in lines]
     assert all(abs(sum(r["scores"].values()) - 1) < 1e-5 for r in records)
@@ -379,15 +542,24 @@ def test_predict_reads_text_lines_on_stdin(compressed, workdir, monkeypatch, cap
     assert [line.split("\t")[2] for line in out.splitlines()] == ["good film", "the plot awful"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["nowhere"], "nowhere is not a folder: pass the --out folder of grainfx compress"),
-    (["model"], "model has no model.pt2: pass a folder written by grainfx compress"),
-    (["out", "--data", "three.csv"],
-     "line 2: label 'a' is not one of the model's labels ['0', '1'] nor an id 0..1"),
-    (["out", "--data", "data.csv", "--out", "p.txt"], "write predictions to a .csv or a .jsonl"),
-])
-def test_predict_bad_inputs_get_one_clear_line(compressed, workdir, args, message, monkeypatch,
-                                               capsys):
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["nowhere"], "nowhere is not a folder: pass the --out folder of grainfx compress"),
+        (["model"], "model has no model.pt2: pass a folder written by grainfx compress"),
+        (
+            ["out", "--data", "three.csv"],
+            "line 2: label 'a' is not one of the model's labels ['0', '1'] nor an id 0..1",
+        ),
+        (
+            ["out", "--data", "data.csv", "--out", "p.txt"],
+            "write predictions to a .csv or a .jsonl",
+        ),
+    ],
+)
+def test_predict_bad_inputs_get_one_clear_line(
+    compressed, workdir, args, message, monkeypatch, capsys
+):
     (workdir / "three.csv").write_bytes(BAD_FILES["three.csv"])
     code, _, err = run_here(["predict", *args], workdir, monkeypatch, capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
@@ -396,18 +568,39 @@ def test_predict_bad_inputs_get_one_clear_line(compressed, workdir, args, messag
 def test_too_little_disk_space_is_refused_before_anything_runs(workdir, monkeypatch, capsys):
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=50_000))
-    code, _, err = run_here(["compress", "model", "--data", "data.csv", "--out", "full",
-                             "--threads", "1"], workdir, monkeypatch, capsys)
+    code, _, err = run_here(
+        ["compress", "model", "--data", "data.csv", "--out", "full", "--threads", "1"],
+        workdir,
+        monkeypatch,
+        capsys,
+    )
     assert code == 2, err
-    assert re.search(r"not enough free disk space in \S+: 48.8 KB free, about \d+\.\d KB needed "
-                     r"for the output and a checkpoint; free some space or choose another "
-                     r"--out / --checkpoint", err), err
+    assert re.search(
+        r"not enough free disk space in \S+: 48.8 KB free, about \d+\.\d KB needed "
+        r"for the output and a checkpoint; free some space or choose another "
+        r"--out / --checkpoint",
+        err,
+    ), err
     assert not (workdir / "full").exists()
 
 
 def test_check_runs_the_preflight_alone(workdir, monkeypatch, capsys):
-    code, out, err = run_here(["compress", "model", "--data", "data.csv", "--out", "checked",
-                               "--check", "--threads", "1"], workdir, monkeypatch, capsys)
+    code, out, err = run_here(
+        [
+            "compress",
+            "model",
+            "--data",
+            "data.csv",
+            "--out",
+            "checked",
+            "--check",
+            "--threads",
+            "1",
+        ],
+        workdir,
+        monkeypatch,
+        capsys,
+    )
     assert code == 0, err
     assert "preflight passed" in out and "2 attention and 2 FFN blocks" in out
     assert not (workdir / "checked").exists()
@@ -417,16 +610,29 @@ def test_check_runs_the_preflight_alone(workdir, monkeypatch, capsys):
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
 @example(("data.csv", b"text,label\ngood film,pos\nbad plot,neg\n", ["good film", "bad plot"]))
 @given(spec=random_file())
-def test_a_random_data_file_gives_a_preflight_pass_or_one_line(workdir, monkeypatch, capsys,
-                                                               spec):
+def test_a_random_data_file_gives_a_preflight_pass_or_one_line(workdir, monkeypatch, capsys, spec):
     name, data, _ = spec
     folder = workdir / "random"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir()
     (folder / name).write_bytes(data)
-    code, out, err = run_here(["compress", "../model", "--data", name, "--out", "out",
-                               "--check", "--threads", "1", "--quiet"], folder, monkeypatch,
-                              capsys)
+    code, out, err = run_here(
+        [
+            "compress",
+            "../model",
+            "--data",
+            name,
+            "--out",
+            "out",
+            "--check",
+            "--threads",
+            "1",
+            "--quiet",
+        ],
+        folder,
+        monkeypatch,
+        capsys,
+    )
     assert code in (0, 2)
     if code == 2:
         assert err.startswith("grainfx compress: error: ") and err.count("\n") == 1, err
@@ -447,8 +653,14 @@ def _whole_checkpoint(path: Path) -> int:
 
 def _kill_when(command: list[str], cwd: Path, ready, delay: float = 0.0) -> None:
     """Start ``grainfx COMMAND``, wait for ``ready()``, wait ``delay`` s more, then kill -9."""
-    child = subprocess.Popen([str(GRAINFX), *command], cwd=cwd, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [str(GRAINFX), *command],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not ready() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -462,14 +674,17 @@ def _kill_when(command: list[str], cwd: Path, ready, delay: float = 0.0) -> None
 def _limit_file_size(limit: int):
     """For a child process: files larger than ``limit`` bytes cannot be written (EFBIG),
     as on a full disk."""
+
     def limit_it():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return limit_it
 
 
-def test_kill_9_full_disk_and_other_inputs_never_break_the_output(workdir, compressed,
-                                                                    monkeypatch, capsys):
+def test_kill_9_full_disk_and_other_inputs_never_break_the_output(
+    workdir, compressed, monkeypatch, capsys
+):
     """Over a previous output (--overwrite): kill -9 mid-training, then mid-save; resume on
     other data or another tokenizer (refused, naming what changed); resume on a disk too
     full for model.pt2 (a clear error); resume for good. The previous output stays whole
@@ -480,18 +695,38 @@ def test_kill_9_full_disk_and_other_inputs_never_break_the_output(workdir, compr
     shutil.copytree(compressed, out)
     previous = {p.name: p.read_bytes() for p in out.iterdir()}
     with open(workdir / "named.csv", "w", newline="") as f:  # labels as names this time
-        csv.writer(f).writerows([("label", "text")] + [
-            ("pos" if r["label"] == "1" else "neg", r["text"])
-            for r in csv.DictReader(io.StringIO((workdir / "data.csv").read_text()))])
-    common = ["compress", "model", "--data", "named.csv", "--sparsity", "0.8", "--steps", "60",
-              "--threads", "1", "--quiet", "--checkpoint-every", "4", "--out", "kill",
-              "--overwrite"]
+        csv.writer(f).writerows(
+            [("label", "text")]
+            + [
+                ("pos" if r["label"] == "1" else "neg", r["text"])
+                for r in csv.DictReader(io.StringIO((workdir / "data.csv").read_text()))
+            ]
+        )
+    common = [
+        "compress",
+        "model",
+        "--data",
+        "named.csv",
+        "--sparsity",
+        "0.8",
+        "--steps",
+        "60",
+        "--threads",
+        "1",
+        "--quiet",
+        "--checkpoint-every",
+        "4",
+        "--out",
+        "kill",
+        "--overwrite",
+    ]
 
     def unchanged() -> bool:
         return {p.name: p.read_bytes() for p in out.iterdir()} == previous
 
     _kill_when(common, workdir, checkpoint.exists, delay=rng.uniform(0.0, 0.6))
     assert 4 <= _whole_checkpoint(checkpoint) < 60 and unchanged()
+
     def writing() -> bool:  # the output's temporary folder is there
         return any(p.is_dir() for p in workdir.glob(".kill.*"))
 
@@ -505,18 +740,27 @@ def test_kill_9_full_disk_and_other_inputs_never_break_the_output(workdir, compr
         assert code == 2 and "written by a run on other inputs (--data file changed:" in err, err
     shutil.copytree(workdir / "model", workdir / "model2", dirs_exist_ok=True)
     from transformers import BertTokenizerFast
+
     BertTokenizerFast(vocab={**VOCAB, "extra": len(VOCAB)}).save_pretrained(workdir / "model2")
-    code, _, err = run_here(["compress", "model2", *common[2:], "--resume"], workdir,
-                            monkeypatch, capsys)
+    code, _, err = run_here(
+        ["compress", "model2", *common[2:], "--resume"], workdir, monkeypatch, capsys
+    )
     assert code == 2 and "other inputs (tokenizer changed: tokenizer: sha256:" in err, err
 
-    full = subprocess.run([str(GRAINFX), *common, "--resume"], cwd=workdir, env=ENV,
-                          capture_output=True, text=True, timeout=300,
-                          preexec_fn=_limit_file_size(100_000))
+    full = subprocess.run(
+        [str(GRAINFX), *common, "--resume"],
+        cwd=workdir,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size(100_000),
+    )
     assert full.returncode == 2, full.stderr[-2000:]
     assert full.stderr.startswith(
         "grainfx compress: error: cannot write the output kill (File too large): free disk "
-        "space or choose another --out, then run the same command with --resume"), full.stderr
+        "space or choose another --out, then run the same command with --resume"
+    ), full.stderr
     assert full.stderr.count("\n") == 1 and unchanged() and _whole_checkpoint(checkpoint) == 60
 
     code, _, err = run_here(common + ["--resume"], workdir, monkeypatch, capsys)
@@ -532,8 +776,7 @@ def test_kill_9_full_disk_and_other_inputs_never_break_the_output(workdir, compr
 TEXTS = ["good film", "the plot awful", " ".join(WORDS * 30), "unknown words only", "great"]
 
 
-def test_load_of_the_folder_tokenizes_like_the_model_tokenizer_and_predicts(compressed,
-                                                                           workdir):
+def test_load_of_the_folder_tokenizes_like_the_model_tokenizer_and_predicts(compressed, workdir):
     from transformers import AutoTokenizer
 
     import grainfx
@@ -541,8 +784,7 @@ def test_load_of_the_folder_tokenizes_like_the_model_tokenizer_and_predicts(comp
 
     predictor = grainfx.load(compressed)
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    expected = tokenizer(TEXTS, padding=True, truncation=True, max_length=64,
-                         return_tensors="pt")
+    expected = tokenizer(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
     encoded = predictor.encode(TEXTS)
     assert encoded["input_ids"].shape == (5, 64)  # the long text is cut at the model's 64
     for name, value in encoded.items():
@@ -581,18 +823,24 @@ def test_the_folder_serves_where_transformers_cannot_be_imported(compressed):
         print(json.dumps({{"predictions": [(p.label, p.score) for p in model({TEXTS!r})],
                           "shape": list(logits.shape), "labels": list(model.labels)}}))
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[2], env=ENV, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        env=ENV,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     served = json.loads(result.stdout.splitlines()[-1])
     assert served["labels"] == ["0", "1"] and served["shape"] == [1, 2]
     assert [label for label, _ in served["predictions"]] == [label for label, _ in expected]
-    assert all(abs(a[1] - b[1]) < 1e-6
-               for a, b in zip(served["predictions"], expected, strict=True))
+    assert all(
+        abs(a[1] - b[1]) < 1e-6 for a, b in zip(served["predictions"], expected, strict=True)
+    )
 
 
-def test_a_causal_lm_folder_gives_logits_on_text(lm_compressed, lm_workdir, monkeypatch,
-                                                 capsys):
+def test_a_causal_lm_folder_gives_logits_on_text(lm_compressed, lm_workdir, monkeypatch, capsys):
     from transformers import AutoTokenizer
 
     import grainfx
@@ -602,8 +850,7 @@ def test_a_causal_lm_folder_gives_logits_on_text(lm_compressed, lm_workdir, monk
     model = grainfx.load(out)
     texts = ["the cat sat on a mat", "a dog ran"]
     tokenizer = AutoTokenizer.from_pretrained(lm_workdir / "model")
-    expected = tokenizer(texts, padding=True, truncation=True, max_length=64,
-                         return_tensors="pt")
+    expected = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
     with torch.no_grad():
         logits = passes.load(out / "model.pt2")(**expected)["logits"]
     assert torch.equal(model(texts)["logits"], logits)

@@ -15,8 +15,7 @@ import torch
 
 import grainfx
 import passes
-from grainfx import (BatchError, ConfigError, EmptyDataLoaderError, GrainConfig,
-                     TeacherMismatchError)
+from grainfx import BatchError, ConfigError, EmptyDataLoaderError, GrainConfig, TeacherMismatchError
 from tests.models import build, build_bert, example_inputs
 
 ARCH = "bert-sdpa"
@@ -34,8 +33,7 @@ def assert_close(expected: torch.Tensor, actual: torch.Tensor, tol: float = 1e-4
 
 def heads_kept(masks: dict[str, torch.Tensor]) -> int:
     """Heads with at least one value unit kept."""
-    return sum(int(m.bool().any(dim=1).sum()) for name, m in masks.items()
-               if name.endswith(".vo"))
+    return sum(int(m.bool().any(dim=1).sum()) for name, m in masks.items() if name.endswith(".vo"))
 
 
 @functools.cache
@@ -45,13 +43,19 @@ def run(sparsity: float, steps: int = 20, **config):
     model = build(ARCH)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     per_step: list[dict[str, torch.Tensor]] = []
-    result = grainfx.compress(model, data(), sparsity,
-                              config=GrainConfig(steps=steps, **config), progress=False,
-                              callback=lambda step, masks: per_step.append(masks))
+    result = grainfx.compress(
+        model,
+        data(),
+        sparsity,
+        config=GrainConfig(steps=steps, **config),
+        progress=False,
+        callback=lambda step, masks: per_step.append(masks),
+    )
     return result, per_step, result.masked, model, before
 
 
 # -- density and the compact module -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("sparsity", [0.8, 0.5])
 def test_density_hits_target_measured_on_compact_module(sparsity):
@@ -108,12 +112,15 @@ def test_report_layers_match_masks():
     assert result.report["steps"] == 20
     assert len(result.report["kd_loss"]) == 20
     coverage = result.report["coverage"]
-    assert coverage == {"prunable_share": structure.unit_params / structure.total_params,
-                        "uncovered": []}
+    assert coverage == {
+        "prunable_share": structure.unit_params / structure.total_params,
+        "uncovered": [],
+    }
     assert "coverage: " in str(result)
 
 
 # -- masks over the run ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("sparsity", [0.8, 0.5])
 def test_masks_only_go_from_kept_to_pruned(sparsity):
@@ -144,8 +151,9 @@ def test_callback_sees_copies():
             m.fill_(1.0)
 
     reference, _, _, _, _ = run(0.5)
-    result = grainfx.compress(build(ARCH), data(), 0.5, config=GrainConfig(steps=20),
-                              progress=False, callback=vandal)
+    result = grainfx.compress(
+        build(ARCH), data(), 0.5, config=GrainConfig(steps=20), progress=False, callback=vandal
+    )
     assert seen == list(range(20))
     for name, mask in reference.masks.items():
         assert torch.equal(mask, result.masks[name])
@@ -153,13 +161,20 @@ def test_callback_sees_copies():
 
 # -- gradient separation ------------------------------------------------------------------------
 
+
 @functools.cache
 def one_step(**config):
     """Scores and compact module after one step of a dropout-free student distilled from another
     model: no random numbers are drawn in the step, and the logit loss has a gradient at once."""
     student, teacher = build_bert(dropout=0.0), build_bert(dropout=0.0, seed=1)
-    return grainfx.compress(student, data(1), 0.5, teacher=teacher,
-                            config=GrainConfig(steps=1, **config), progress=False)
+    return grainfx.compress(
+        student,
+        data(1),
+        0.5,
+        teacher=teacher,
+        config=GrainConfig(steps=1, **config),
+        progress=False,
+    )
 
 
 def test_gradient_separation_scores_ignore_hidden_loss():
@@ -181,8 +196,9 @@ def test_gradient_separation_scores_equal_logit_loss_only():
     separated = one_step(gradient_separation=True, hidden_loss_weight=1.0)
     no_hidden = one_step(hidden_loss=False)
     for name in separated.scores:
-        assert torch.allclose(separated.scores[name], no_hidden.scores[name], rtol=1e-5,
-                              atol=0), name
+        assert torch.allclose(separated.scores[name], no_hidden.scores[name], rtol=1e-5, atol=0), (
+            name
+        )
 
 
 def test_without_gradient_separation_scores_see_hidden_loss():
@@ -192,12 +208,14 @@ def test_without_gradient_separation_scores_see_hidden_loss():
     for name in one.scores:
         change = (one.scores[name] - ten.scores[name]).abs().max() / one.scores[name].abs().max()
         assert change > 1e-3, f"{name}: the hidden-loss weight did not change the scores"
-        change = ((one.scores[name] - separated.scores[name]).abs().max()
-                  / one.scores[name].abs().max())
+        change = (one.scores[name] - separated.scores[name]).abs().max() / one.scores[
+            name
+        ].abs().max()
         assert change > 1e-3, f"{name}: the hidden loss did not change the scores"
 
 
 # -- structure regularization -------------------------------------------------------------------
+
 
 def test_structure_regularization_leaves_fewer_heads():
     """8 heads of 8 per layer, 90% sparsity: with the regularization, small heads empty first.
@@ -209,25 +227,33 @@ def test_structure_regularization_leaves_fewer_heads():
     batches = data(4, seed=0)
     results = {}
     for regularize in (True, False):
-        config = GrainConfig(steps=40, hidden_loss=False, prune_start=0.0, prune_end=0.8,
-                             ema_beta=0.5, structure_regularization=regularize)
-        results[regularize] = grainfx.compress(model, batches, 0.9, config=config,
-                                               progress=False)
+        config = GrainConfig(
+            steps=40,
+            hidden_loss=False,
+            prune_start=0.0,
+            prune_end=0.8,
+            ema_beta=0.5,
+            structure_regularization=regularize,
+        )
+        results[regularize] = grainfx.compress(model, batches, 0.9, config=config, progress=False)
     with_reg, without = results[True], results[False]
     for r in (with_reg, without):
         assert 0.09 <= r.density <= 0.1
     assert heads_kept(with_reg.masks) < heads_kept(without.masks), (
-        heads_kept(with_reg.masks), heads_kept(without.masks))
-    assert sum(layer["heads"] for layer in with_reg.report["layers"]) == heads_kept(
-        with_reg.masks)
+        heads_kept(with_reg.masks),
+        heads_kept(without.masks),
+    )
+    assert sum(layer["heads"] for layer in with_reg.report["layers"]) == heads_kept(with_reg.masks)
 
 
 # -- determinism --------------------------------------------------------------------------------
 
+
 def test_same_seed_same_masks():
     first, first_steps, _, _, _ = run(0.5)
-    second = grainfx.compress(build(ARCH), data(), 0.5, config=GrainConfig(steps=20),
-                              progress=False)
+    second = grainfx.compress(
+        build(ARCH), data(), 0.5, config=GrainConfig(steps=20), progress=False
+    )
     for name in first.masks:
         assert torch.equal(first.masks[name], second.masks[name]), name
         assert torch.equal(first.scores[name], second.scores[name]), name
@@ -237,6 +263,7 @@ def test_same_seed_same_masks():
 
 
 # -- a task with real signal --------------------------------------------------------------------
+
 
 def token_task(n: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     """Label 1 when token 5 occurs in the sequence (exactly once), 0 when it does not."""
@@ -270,19 +297,22 @@ def test_compressed_student_keeps_a_learned_task():
     assert accuracy(model, held_out) > 0.95  # the teacher learned it
 
     batches = [token_task(32, 8, seed=5000 + i) for i in range(8)]  # labels are ignored
-    result = grainfx.compress(model, batches, 0.5,
-                              config=GrainConfig(steps=30, learning_rate=1e-3), progress=False)
+    result = grainfx.compress(
+        model, batches, 0.5, config=GrainConfig(steps=30, learning_rate=1e-3), progress=False
+    )
     assert abs(result.density - 0.5) <= 0.005
     assert accuracy(result.module, held_out) > 0.8
 
 
 # -- bad input ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, "x", None, True])
 def test_bad_sparsity(sparsity):
     with pytest.raises(ConfigError, match="sparsity"):
-        grainfx.compress(build(ARCH), data(1), sparsity, config=GrainConfig(steps=1),
-                         progress=False)
+        grainfx.compress(
+            build(ARCH), data(1), sparsity, config=GrainConfig(steps=1), progress=False
+        )
 
 
 def test_empty_dataloader():
@@ -294,22 +324,31 @@ def test_batch_with_wrong_key_names():
     x = example_inputs(ARCH, 2, 8)
     batch = {"ids": x["input_ids"], "mask": x["attention_mask"]}
     with pytest.raises(BatchError, match="argument names") as info:
-        grainfx.compress(build(ARCH), [batch], 0.5, config=GrainConfig(steps=1),
-                         progress=False)
+        grainfx.compress(build(ARCH), [batch], 0.5, config=GrainConfig(steps=1), progress=False)
     assert "'ids'" in str(info.value)
 
 
 def test_batch_that_is_not_a_dict():
     x = example_inputs(ARCH, 2, 8)
     with pytest.raises(BatchError, match="dicts of tensors"):
-        grainfx.compress(build(ARCH), [(x["input_ids"], x["attention_mask"])], 0.5,
-                         config=GrainConfig(steps=1), progress=False)
+        grainfx.compress(
+            build(ARCH),
+            [(x["input_ids"], x["attention_mask"])],
+            0.5,
+            config=GrainConfig(steps=1),
+            progress=False,
+        )
 
 
 def test_batch_entry_not_a_tensor():
     with pytest.raises(BatchError, match="'input_ids' is not a tensor"):
-        grainfx.compress(build(ARCH), [{"input_ids": [[3, 4, 5]]}], 0.5,
-                         config=GrainConfig(steps=1), progress=False)
+        grainfx.compress(
+            build(ARCH),
+            [{"input_ids": [[3, 4, 5]]}],
+            0.5,
+            config=GrainConfig(steps=1),
+            progress=False,
+        )
 
 
 class MLP(torch.nn.Module):
@@ -334,8 +373,14 @@ def test_model_without_attention():
 def test_teacher_with_other_labels(hidden_loss):
     teacher = build_bert(num_labels=3)
     with pytest.raises(TeacherMismatchError, match=r"\(2, 3\).*\(2, 2\)"):
-        grainfx.compress(build(ARCH), [example_inputs(ARCH, 2, 8)], 0.5, teacher=teacher,
-                         config=GrainConfig(steps=1, hidden_loss=hidden_loss), progress=False)
+        grainfx.compress(
+            build(ARCH),
+            [example_inputs(ARCH, 2, 8)],
+            0.5,
+            teacher=teacher,
+            config=GrainConfig(steps=1, hidden_loss=hidden_loss),
+            progress=False,
+        )
 
 
 def test_user_model_not_modified():
@@ -367,9 +412,15 @@ def test_model_and_teacher_not_modified_by_a_checkpointed_run(tmp_path):
     model.train()
     before = _tensors(model, teacher)
     assert any(".position_ids" in k or "token_type_ids" in k for k in before)  # non-persistent
-    grainfx.compress(model, data(), 0.6, teacher=teacher, progress=False,
-                     config=GrainConfig(steps=8, embedding_rank=8),
-                     checkpoint=grainfx.CheckpointConfig(tmp_path / "c.pt", every=3))
+    grainfx.compress(
+        model,
+        data(),
+        0.6,
+        teacher=teacher,
+        progress=False,
+        config=GrainConfig(steps=8, embedding_rank=8),
+        checkpoint=grainfx.CheckpointConfig(tmp_path / "c.pt", every=3),
+    )
     after = _tensors(model, teacher)
     assert after.keys() == before.keys()
     for name, value in before.items():
@@ -381,6 +432,7 @@ def test_model_and_teacher_not_modified_by_a_checkpointed_run(tmp_path):
 def test_one_shot_iterator_does_not_hang():
     """A generator can be iterated once: compress must train on it or say why it cannot,
     not loop forever looking for the next batch."""
+
     def timeout(signum, frame):
         raise TimeoutError("compress did not return within 20 s on a one-shot iterator")
 
@@ -388,8 +440,9 @@ def test_one_shot_iterator_does_not_hang():
     signal.alarm(20)
     try:
         try:
-            result = grainfx.compress(build(ARCH), iter(data(2)), 0.5,
-                                      config=GrainConfig(steps=4), progress=False)
+            result = grainfx.compress(
+                build(ARCH), iter(data(2)), 0.5, config=GrainConfig(steps=4), progress=False
+            )
         except passes.PassError as exc:  # an explained refusal is fine too
             assert "iter" in str(exc) or "dataloader" in str(exc)
         else:
@@ -426,8 +479,13 @@ def test_embedding_factorization_is_trained_and_counted():
 def test_warns_when_scores_are_flat_because_the_student_equals_the_teacher():
     data_ = [example_inputs(ARCH, 4, 10, seed=i) for i in range(4)]
     with pytest.warns(RuntimeWarning, match="importance scores are all ~0"):
-        grainfx.compress(build_bert(dropout=0.0), data_, 0.5,
-                         config=GrainConfig(steps=6, hidden_loss=False), progress=False)
+        grainfx.compress(
+            build_bert(dropout=0.0),
+            data_,
+            0.5,
+            config=GrainConfig(steps=6, hidden_loss=False),
+            progress=False,
+        )
 
 
 class LogitsOnly(torch.nn.Module):
@@ -442,8 +500,9 @@ class LogitsOnly(torch.nn.Module):
 
 
 def test_a_model_returning_a_tensor_is_distilled_on_it():
-    result = grainfx.compress(LogitsOnly(), data(), 0.5, config=GrainConfig(steps=4),
-                              progress=False)
+    result = grainfx.compress(
+        LogitsOnly(), data(), 0.5, config=GrainConfig(steps=4), progress=False
+    )
     x = example_inputs(ARCH, 2, 8, seed=3)
     with torch.no_grad():
         assert list(result.module(**x)) == ["output"]
@@ -453,15 +512,20 @@ def test_a_model_returning_a_tensor_is_distilled_on_it():
 def test_output_name_picks_the_output_to_distil():
     from transformers import BertModel
 
-    encoder = BertModel(build(ARCH).config).eval()       # last_hidden_state, pooler_output
+    encoder = BertModel(build(ARCH).config).eval()  # last_hidden_state, pooler_output
     with pytest.raises(ConfigError, match="output_name"):
         grainfx.compress(encoder, data(), 0.5, config=GrainConfig(steps=2), progress=False)
     with pytest.raises(ConfigError, match="not an output"):
-        grainfx.compress(encoder, data(), 0.5,
-                         config=GrainConfig(steps=2, output_name="logits"), progress=False)
-    result = grainfx.compress(encoder, data(), 0.5,
-                              config=GrainConfig(steps=2, output_name="pooler_output"),
-                              progress=False)
+        grainfx.compress(
+            encoder, data(), 0.5, config=GrainConfig(steps=2, output_name="logits"), progress=False
+        )
+    result = grainfx.compress(
+        encoder,
+        data(),
+        0.5,
+        config=GrainConfig(steps=2, output_name="pooler_output"),
+        progress=False,
+    )
     assert abs(result.density - 0.5) < 0.01
 
 
@@ -481,7 +545,10 @@ def test_result_save_writes_files_with_the_users_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "compact.json", "compact.pt2", "compact.report.json"]
+        "compact.json",
+        "compact.pt2",
+        "compact.report.json",
+    ]
     for file in tmp_path.iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~mask, file.name
     kept = grainfx.load(path).grainfx_kept
@@ -493,8 +560,9 @@ def test_compress_t5_distils_the_decoders_logits():
     bias shared across layers) compressed end to end: density reached, compact = masked."""
     arch = "flan_t5-sdpa"
     batches = [example_inputs(arch, 4, 10, seed=i) for i in range(4)]
-    result = grainfx.compress(build(arch), batches, 0.5,
-                              config=GrainConfig(steps=8), progress=False)
+    result = grainfx.compress(
+        build(arch), batches, 0.5, config=GrainConfig(steps=8), progress=False
+    )
     assert abs(result.density - 0.5) <= 0.01
     assert len(result.report["layers"]) == 6  # encoder self, decoder self and cross
     x = example_inputs(arch, 3, 13, seed=9)
@@ -524,10 +592,17 @@ def _token_batches(labeled: int) -> list[dict]:
 def _token_model():
     import transformers as T
 
-    config = T.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                          num_attention_heads=4, intermediate_size=64,
-                          max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0,
-                          attention_probs_dropout_prob=0.0)  # the train graph is deterministic
+    config = T.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )  # the train graph is deterministic
     config.initializer_range = 0.3
     torch.manual_seed(0)
     return T.BertForTokenClassification(config).eval()

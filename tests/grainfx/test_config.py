@@ -13,23 +13,40 @@ from grainfx import ConfigError, GrainConfig
 
 #: (field, bad value) pairs: out of range.
 OUT_OF_RANGE = [
-    ("steps", 0), ("steps", -3), ("steps", 2.5),
-    ("epochs", 0), ("epochs", -1.0), ("epochs", math.inf), ("epochs", math.nan),
-    ("learning_rate", 0.0), ("learning_rate", -1e-5), ("learning_rate", math.nan),
+    ("steps", 0),
+    ("steps", -3),
+    ("steps", 2.5),
+    ("epochs", 0),
+    ("epochs", -1.0),
+    ("epochs", math.inf),
+    ("epochs", math.nan),
+    ("learning_rate", 0.0),
+    ("learning_rate", -1e-5),
+    ("learning_rate", math.nan),
     ("learning_rate", math.inf),
     ("weight_decay", -0.01),
     ("adam_eps", 0.0),
-    ("warmup", -0.1), ("warmup", 1.0),
+    ("warmup", -0.1),
+    ("warmup", 1.0),
     ("max_grad_norm", 0.0),
-    ("temperature", 0.0), ("temperature", math.nan),
+    ("temperature", 0.0),
+    ("temperature", math.nan),
     ("hidden_every", 0),
-    ("hidden_loss_weight", -1.0), ("hidden_loss_weight", math.nan),
-    ("ema_beta", 1.0), ("ema_beta", -0.1), ("ema_beta", math.nan),
-    ("prune_start", -0.1), ("prune_start", 0.5), ("prune_end", 1.5), ("prune_end", 0.1),
+    ("hidden_loss_weight", -1.0),
+    ("hidden_loss_weight", math.nan),
+    ("ema_beta", 1.0),
+    ("ema_beta", -0.1),
+    ("ema_beta", math.nan),
+    ("prune_start", -0.1),
+    ("prune_start", 0.5),
+    ("prune_end", 1.5),
+    ("prune_end", 0.1),
     ("prune_every", 0),
     ("structure_alpha", 0.0),
-    ("granularity", "heads"), ("granularity", None),
-    ("embedding_rank", 0), ("embedding_rank", 1.5),
+    ("granularity", "heads"),
+    ("granularity", None),
+    ("embedding_rank", 0),
+    ("embedding_rank", 1.5),
     ("max_bad_steps", 0),
 ]
 
@@ -73,11 +90,22 @@ def test_defaults_are_the_paper_settings():
     assert c.granularity == "intra" and not c.random_scores
 
 
-@pytest.mark.parametrize("config", [
-    GrainConfig(),
-    GrainConfig(steps=7, learning_rate=1e-4, granularity="head", random_scores=True,
-                output_name="logits", seed=3, hidden_loss=False, embedding_rank=4),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        GrainConfig(),
+        GrainConfig(
+            steps=7,
+            learning_rate=1e-4,
+            granularity="head",
+            random_scores=True,
+            output_name="logits",
+            seed=3,
+            hidden_loss=False,
+            embedding_rank=4,
+        ),
+    ],
+)
 def test_dict_round_trip(config):
     data = config.to_dict()
     assert set(data) == {f.name for f in dataclasses.fields(GrainConfig)}

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from grainfx.distill import HiddenMaps, kd_loss
 
 
-def manual_soft_ce(student: torch.Tensor, teacher: torch.Tensor, temperature: float
-                   ) -> torch.Tensor:
+def manual_soft_ce(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Per-position -sum_c p_t(c) log p_s(c), written out."""
     t = (teacher / temperature).double()
     s = (student / temperature).double()
@@ -69,7 +70,8 @@ def test_kd_loss_ignores_mask_for_pooled_logits():
     student, teacher = torch.randn(3, 2, generator=gen), torch.randn(3, 2, generator=gen)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
     assert kd_loss(student, teacher, 8.0, mask).item() == pytest.approx(
-        manual_soft_ce(student, teacher, 8.0).mean().item(), rel=1e-5)
+        manual_soft_ce(student, teacher, 8.0).mean().item(), rel=1e-5
+    )
 
 
 def test_kd_loss_in_half_precision_computes_in_float():
@@ -82,6 +84,7 @@ def test_kd_loss_in_half_precision_computes_in_float():
 
 
 # -- hidden maps ---------------------------------------------------------------------------------
+
 
 def test_hidden_maps_start_as_identity():
     maps = HiddenMaps(3, 8, 8)
@@ -142,5 +145,9 @@ def test_logits_mask_is_the_decoders_in_an_encoder_decoder_batch():
     enc, dec = torch.ones(2, 5), torch.ones(2, 3)
     assert logits_mask({"input_ids": enc, "attention_mask": enc}) is enc
     assert logits_mask({"attention_mask": enc, "decoder_input_ids": dec}) is None
-    assert logits_mask({"attention_mask": enc, "decoder_input_ids": dec,
-                        "decoder_attention_mask": dec}) is dec
+    assert (
+        logits_mask(
+            {"attention_mask": enc, "decoder_input_ids": dec, "decoder_attention_mask": dec}
+        )
+        is dec
+    )

@@ -20,12 +20,12 @@ def structure():
 
 
 @pytest.mark.parametrize("arch", ["llama-sdpa", "qwen3-eager"])
-@pytest.mark.parametrize("granularity,query_heads", [("intra", True), ("intra", False),
-                                                     ("head", True)])
+@pytest.mark.parametrize(
+    "granularity,query_heads", [("intra", True), ("intra", False), ("head", True)]
+)
 def test_prune_reaches_density_under_gqa_rope_and_head_norms(arch, granularity, query_heads):
     struct = captured_structure(arch)
-    importance = Importance(struct, GrainConfig(granularity=granularity,
-                                                query_heads=query_heads))
+    importance = Importance(struct, GrainConfig(granularity=granularity, query_heads=query_heads))
     masks = struct.ones()
     for step, target in enumerate([0.8, 0.5, 0.2]):
         random_scores(importance, seed=step)
@@ -40,14 +40,17 @@ def test_prune_reaches_density_under_gqa_rope_and_head_norms(arch, granularity, 
 
 def random_scores(importance: Importance, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
-    importance.scores = {name: torch.rand(s.shape, generator=gen)
-                         for name, s in importance.scores.items()}
+    importance.scores = {
+        name: torch.rand(s.shape, generator=gen) for name, s in importance.scores.items()
+    }
 
 
 def random_grads(structure, seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {name: scale * torch.randn(shape, generator=gen)
-            for name, shape in structure.mask_shapes().items()}
+    return {
+        name: scale * torch.randn(shape, generator=gen)
+        for name, shape in structure.mask_shapes().items()
+    }
 
 
 def max_overshoot(structure) -> float:
@@ -59,6 +62,7 @@ def max_overshoot(structure) -> float:
 
 
 # -- prune ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("granularity", ["intra", "head"])
 def test_prune_is_monotone_and_hits_density(structure, granularity):
@@ -74,10 +78,18 @@ def test_prune_is_monotone_and_hits_density(structure, granularity):
             assert bool((mask <= masks[name]).all()), f"{name}: a pruned unit came back"
         density = structure.density(new)
         assert density <= target + 1e-12
-        slack = max_overshoot(structure) if granularity == "intra" else max(
-            [(b.qk_shape[1] * b.query_unit_params + b.vo_shape[1] * b.value_unit_params)
-             / structure.unit_params for b in structure.attention]
-            + [b.unit_params / structure.unit_params for b in structure.ffn])
+        slack = (
+            max_overshoot(structure)
+            if granularity == "intra"
+            else max(
+                [
+                    (b.qk_shape[1] * b.query_unit_params + b.vo_shape[1] * b.value_unit_params)
+                    / structure.unit_params
+                    for b in structure.attention
+                ]
+                + [b.unit_params / structure.unit_params for b in structure.ffn]
+            )
+        )
         assert target - density <= slack, (target, density)
         masks = new
 
@@ -151,6 +163,7 @@ def test_head_score_is_value_gradient_summed_over_head(structure):
 
 # -- scores --------------------------------------------------------------------------------------
 
+
 def test_raw_scores_are_absolute_mask_gradients(structure):
     importance = Importance(structure, GrainConfig(structure_regularization=False))
     grads = random_grads(structure, 1)
@@ -204,8 +217,7 @@ def test_random_scores_ignore_gradients_and_follow_seed(structure):
         importance = Importance(structure, GrainConfig(random_scores=True, seed=seed))
         masks = structure.ones()
         for step in range(3):
-            importance.update(random_grads(structure, grad_seed + step, scale=10.0 ** step),
-                              masks)
+            importance.update(random_grads(structure, grad_seed + step, scale=10.0**step), masks)
         return importance.scores, importance.prune(masks, 0.5)
 
     scores_a, masks_a = ranking(0, grad_seed=0)

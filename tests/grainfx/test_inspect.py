@@ -14,8 +14,8 @@ def compact():
     struct = structure("bert-sdpa")
     graph = passes.instrument(captured("bert-sdpa"), struct)
     masks = struct.ones()
-    masks["attn0.vo"][1] = 0                     # head 1 of layer 0 dropped
-    masks["attn1.qk"][:, 4:] = 0                 # half the query units of layer 1
+    masks["attn0.vo"][1] = 0  # head 1 of layer 0 dropped
+    masks["attn1.qk"][:, 4:] = 0  # half the query units of layer 1
     masks["ffn0"][:16] = 0
     passes.set_masks(graph, masks)
     return passes.rewrite(graph, struct)

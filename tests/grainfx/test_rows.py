@@ -14,8 +14,12 @@ from hypothesis import strategies as st
 
 from grainfx.rows import DataError, Row, label_ids, read_rows
 
-ENCODINGS = {"utf-8": b"", "utf-8-sig": codecs.BOM_UTF8, "utf-16-le": codecs.BOM_UTF16_LE,
-             "utf-16-be": codecs.BOM_UTF16_BE}
+ENCODINGS = {
+    "utf-8": b"",
+    "utf-8-sig": codecs.BOM_UTF8,
+    "utf-16-le": codecs.BOM_UTF16_LE,
+    "utf-16-be": codecs.BOM_UTF16_BE,
+}
 
 
 def write(path, text: str, encoding: str = "utf-8"):
@@ -24,16 +28,21 @@ def write(path, text: str, encoding: str = "utf-8"):
 
 
 def test_csv_with_quotes_commas_line_breaks_and_a_bom(tmp_path):
-    path = write(tmp_path / "d.csv", 'label,text,extra\n1,"a, ""quoted"" text",x\n'
-                                     '"pos","two\nlines",\n\n0,42,z\n', "utf-8-sig")
-    assert read_rows(path) == [Row('a, "quoted" text', "1", 2), Row("two\nlines", "pos", 3),
-                               Row("42", "0", 6)]
+    path = write(
+        tmp_path / "d.csv",
+        'label,text,extra\n1,"a, ""quoted"" text",x\n"pos","two\nlines",\n\n0,42,z\n',
+        "utf-8-sig",
+    )
+    assert read_rows(path) == [
+        Row('a, "quoted" text', "1", 2),
+        Row("two\nlines", "pos", 3),
+        Row("42", "0", 6),
+    ]
 
 
 def test_jsonl_and_a_json_array_in_utf16(tmp_path):
     lines = [{"text": "good", "label": 1}, {"text": "bad\u2028day", "label": "neg", "id": 3}]
-    jsonl = write(tmp_path / "d.jsonl", "\n".join(map(json.dumps, lines)) + "\n\n",
-                  "utf-16-le")
+    jsonl = write(tmp_path / "d.jsonl", "\n".join(map(json.dumps, lines)) + "\n\n", "utf-16-le")
     array = write(tmp_path / "d.json", json.dumps(lines, ensure_ascii=False, indent=1))
     expected = [("good", 1), ("bad\u2028day", "neg")]
     for path in (jsonl, array):
@@ -47,20 +56,23 @@ def test_labels_are_optional_when_asked(tmp_path):
         read_rows(path)
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("d.csv", "text,label\n\"a\"b\",1\n", "line 2 is not valid CSV"),
-    ("d.csv", "text,label\nbad, film,1\n", "line 2 has 3 fields but the header has 2"),
-    ("d.csv", "text,label,text\na,1,b\n", "names column 'text' 2 times"),
-    ("d.csv", "text,label\n  ,1\n", "line 2: the text is empty"),
-    ("d.csv", "", "holds no rows"),
-    ("d.jsonl", '{"text": 12, "label": 1}\n', "the text is 12 (int), not a string"),
-    ("d.jsonl", '{"text": "a", "label": 1.5}\n', "give a name (string) or an integer id"),
-    ("d.jsonl", '{"text": "a", "label": true}\n', "give a name (string) or an integer id"),
-    ("d.jsonl", '{"text": "a", "label": 1, "label": 2}\n', "names field 'label' twice"),
-    ("d.jsonl", '["a", 1]\n', "is a JSON list, not an object"),
-    ("d.json", '{"text": "a", "label": 1}\n[', "line 2 is not JSON"),
-    ("d.tsv", "text\tlabel\n", "use a .csv or a .jsonl"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("d.csv", 'text,label\n"a"b",1\n', "line 2 is not valid CSV"),
+        ("d.csv", "text,label\nbad, film,1\n", "line 2 has 3 fields but the header has 2"),
+        ("d.csv", "text,label,text\na,1,b\n", "names column 'text' 2 times"),
+        ("d.csv", "text,label\n  ,1\n", "line 2: the text is empty"),
+        ("d.csv", "", "holds no rows"),
+        ("d.jsonl", '{"text": 12, "label": 1}\n', "the text is 12 (int), not a string"),
+        ("d.jsonl", '{"text": "a", "label": 1.5}\n', "give a name (string) or an integer id"),
+        ("d.jsonl", '{"text": "a", "label": true}\n', "give a name (string) or an integer id"),
+        ("d.jsonl", '{"text": "a", "label": 1, "label": 2}\n', "names field 'label' twice"),
+        ("d.jsonl", '["a", 1]\n', "is a JSON list, not an object"),
+        ("d.json", '{"text": "a", "label": 1}\n[', "line 2 is not JSON"),
+        ("d.tsv", "text\tlabel\n", "use a .csv or a .jsonl"),
+    ],
+)
 def test_malformed_files_are_refused_in_one_line(tmp_path, name, content, message):
     with pytest.raises(DataError, match=re.escape(message)) as info:
         read_rows(write(tmp_path / name, content))
@@ -70,8 +82,11 @@ def test_malformed_files_are_refused_in_one_line(tmp_path, name, content, messag
 def test_encodings_other_than_utf_are_refused(tmp_path):
     path = tmp_path / "d.csv"
     path.write_bytes("text,label\ncafé,1\n".encode("latin-1"))
-    with pytest.raises(DataError, match=r"is not utf-8 text \(byte 0xe9 at offset 14\): save "
-                                        r"it as UTF-8"):
+    with pytest.raises(
+        DataError,
+        match=r"is not utf-8 text \(byte 0xe9 at offset 14\): save "
+        r"it as UTF-8",
+    ):
         read_rows(path)
     path.write_bytes("text,label\nab,1\n".encode("utf-16-le"))  # no BOM: NULs everywhere
     with pytest.raises(DataError, match="NUL character"):
@@ -89,12 +104,18 @@ def test_label_ids_names_integers_and_the_models_own_names():
     assert label_ids(["x", "y"], 2, default) == ([0, 1], ["x", "y"])
 
 
-@pytest.mark.parametrize("labels,label2id,message", [
-    ([0, 2], None, r"labels \[2\] are outside the model's 2 classes \(0..1\)"),
-    (["a", "b", "c"], None, r"3 label names \['a', 'b', 'c'\] but the model has 2 classes"),
-    (["pos", "meh"], {"neg": 0, "pos": 1},
-     r"labels \['meh'\] are not among the model's label names \['neg', 'pos'\]"),
-])
+@pytest.mark.parametrize(
+    "labels,label2id,message",
+    [
+        ([0, 2], None, r"labels \[2\] are outside the model's 2 classes \(0..1\)"),
+        (["a", "b", "c"], None, r"3 label names \['a', 'b', 'c'\] but the model has 2 classes"),
+        (
+            ["pos", "meh"],
+            {"neg": 0, "pos": 1},
+            r"labels \['meh'\] are not among the model's label names \['neg', 'pos'\]",
+        ),
+    ],
+)
 def test_label_ids_refuses_what_the_model_cannot_take(labels, label2id, message):
     with pytest.raises(DataError, match=message):
         label_ids(labels, 2, label2id)
@@ -102,16 +123,37 @@ def test_label_ids_refuses_what_the_model_cannot_take(labels, label2id, message)
 
 # -- random files -------------------------------------------------------------------------------
 
-TEXTS = st.one_of(st.text(st.characters(blacklist_categories=["Cs", "Cc"]), min_size=1,
-                          max_size=30),
-                  st.text(max_size=30), st.sampled_from(["", " ", "7", "3.5", "a,b", 'say "hi"',
-                                                         "x" * 70_000, "\ufeffbom", "é\n.",
-                                                         "\u2028", "null"]))
-LABELS = st.one_of(st.sampled_from(["pos", "neg", "0", "1", " 1", 0, 1, 2]),
-                   st.sampled_from(["", "-3", 5, None, 1.5, True]))
+TEXTS = st.one_of(
+    st.text(st.characters(blacklist_categories=["Cs", "Cc"]), min_size=1, max_size=30),
+    st.text(max_size=30),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "7",
+            "3.5",
+            "a,b",
+            'say "hi"',
+            "x" * 70_000,
+            "\ufeffbom",
+            "é\n.",
+            "\u2028",
+            "null",
+        ]
+    ),
+)
+LABELS = st.one_of(
+    st.sampled_from(["pos", "neg", "0", "1", " 1", 0, 1, 2]),
+    st.sampled_from(["", "-3", 5, None, 1.5, True]),
+)
 #: A well-formed choice three times out of four, then the faults.
-HEADERS = [["text", "label"]] * 6 + [["label", "text"], ["text", "label", "id"], ["text"],
-                                     ["text", "text", "label"], ["review", "label"]]
+HEADERS = [["text", "label"]] * 6 + [
+    ["label", "text"],
+    ["text", "label", "id"],
+    ["text"],
+    ["text", "text", "label"],
+    ["review", "label"],
+]
 CELLS = st.sampled_from([0, 0, 0, 0, 0, 0, -1, 1])
 
 
@@ -129,10 +171,14 @@ def random_file(draw):
         writer = csv.writer(buffer, quoting=quoting) if quoting != "raw" else None
         lines = [header]
         for text, label, cells in rows:
-            values = {"text": text, "label": "" if label is None else str(label), "id": "1",
-                      "review": text}
+            values = {
+                "text": text,
+                "label": "" if label is None else str(label),
+                "id": "1",
+                "review": text,
+            }
             line = [values[h] for h in header] + ["extra"] * max(cells, 0)
-            lines.append(line[:len(line) + min(cells, 0)])
+            lines.append(line[: len(line) + min(cells, 0)])
         for line in lines:
             if writer is None:
                 buffer.write(",".join(line) + "\n")
@@ -146,18 +192,25 @@ def random_file(draw):
             record = {h: text if h in ("text", "review") else label for h in header}
             if cells < 0:
                 record.pop("label", None)
-            lines.append(json.dumps(record) if "text" not in header[1:] else
-                         json.dumps(record)[:-1] + ', "text": "again"}')
+            lines.append(
+                json.dumps(record)
+                if "text" not in header[1:]
+                else json.dumps(record)[:-1] + ', "text": "again"}'
+            )
         content = "\n".join(lines)
-    encoding = draw(st.sampled_from(["utf-8"] * 4 + ["utf-8-sig", "utf-16-le", "utf-16-be",
-                                                     "latin-1", "bare-utf-16"]))
+    encoding = draw(
+        st.sampled_from(
+            ["utf-8"] * 4 + ["utf-8-sig", "utf-16-le", "utf-16-be", "latin-1", "bare-utf-16"]
+        )
+    )
     if encoding == "latin-1":
         data = content.encode("latin-1", errors="replace")
     elif encoding == "bare-utf-16":
         data = content.encode("utf-16-le")
     else:
-        data = ENCODINGS[encoding] + content.encode(encoding.replace("-sig", ""),
-                                                   errors="surrogatepass")
+        data = ENCODINGS[encoding] + content.encode(
+            encoding.replace("-sig", ""), errors="surrogatepass"
+        )
     return f"data.{kind}", data, [t for t, _, _ in rows]
 
 
@@ -185,11 +238,20 @@ def test_a_random_file_gives_its_rows_or_one_line_error(tmp_path_factory, spec):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.text(st.characters(blacklist_characters="\x00",
-                                                blacklist_categories=["Cs"]), min_size=1)
-                          .filter(str.strip), st.sampled_from(["pos", "neg", 0, 1])),
-                min_size=1, max_size=5),
-       st.sampled_from(["csv", "jsonl"]), st.sampled_from(list(ENCODINGS)))
+@given(
+    st.lists(
+        st.tuples(
+            st.text(
+                st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), min_size=1
+            ).filter(str.strip),
+            st.sampled_from(["pos", "neg", 0, 1]),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.sampled_from(["csv", "jsonl"]),
+    st.sampled_from(list(ENCODINGS)),
+)
 def test_a_well_formed_file_reads_back_exactly(tmp_path_factory, rows, kind, encoding):
     path = tmp_path_factory.mktemp("exact") / f"data.{kind}"
     if kind == "csv":

@@ -22,7 +22,7 @@ def test_density_is_target_after_prune_end(progress):
 def test_density_is_cubic_in_between():
     # halfway: s_f + (1 - s_f) * (1 - 0.5)^3
     assert density_at(0.3, 0.1, 0.2, 0.4) == pytest.approx(0.1 + 0.9 * 0.125)
-    assert density_at(0.25, 0.2, 0.2, 0.4) == pytest.approx(0.2 + 0.8 * 0.75 ** 3)
+    assert density_at(0.25, 0.2, 0.2, 0.4) == pytest.approx(0.2 + 0.8 * 0.75**3)
     assert density_at(0.2 + 1e-9, 0.1, 0.2, 0.4) == pytest.approx(1.0)
     assert density_at(0.4 - 1e-9, 0.1, 0.2, 0.4) == pytest.approx(0.1)
 

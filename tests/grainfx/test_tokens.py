@@ -24,17 +24,21 @@ def tokenizer():
 
 # -- spans and F1 -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tags, expected", [
-    (["O", "B-per", "I-per", "O"], [("per", 1, 2)]),
-    (["I-per", "I-per", "O"], [("per", 0, 1)]),                        # I- without B-
-    (["O", "I-loc"], [("loc", 1, 1)]),                                 # I- after O, at end
-    (["B-per", "B-loc"], [("per", 0, 0), ("loc", 1, 1)]),              # adjacent types
-    (["B-per", "I-loc", "I-loc"], [("per", 0, 0), ("loc", 1, 2)]),     # I- of another type
-    (["B-per", "B-per", "I-per"], [("per", 0, 0), ("per", 1, 2)]),     # B- splits same type
-    (["O", "O", "B-geo-loc", "I-geo-loc"], [("geo-loc", 2, 3)]),       # span at end, dashes
-    (["O", "O"], []),
-    ([], []),
-])
+
+@pytest.mark.parametrize(
+    "tags, expected",
+    [
+        (["O", "B-per", "I-per", "O"], [("per", 1, 2)]),
+        (["I-per", "I-per", "O"], [("per", 0, 1)]),  # I- without B-
+        (["O", "I-loc"], [("loc", 1, 1)]),  # I- after O, at end
+        (["B-per", "B-loc"], [("per", 0, 0), ("loc", 1, 1)]),  # adjacent types
+        (["B-per", "I-loc", "I-loc"], [("per", 0, 0), ("loc", 1, 2)]),  # I- of another type
+        (["B-per", "B-per", "I-per"], [("per", 0, 0), ("per", 1, 2)]),  # B- splits same type
+        (["O", "O", "B-geo-loc", "I-geo-loc"], [("geo-loc", 2, 3)]),  # span at end, dashes
+        (["O", "O"], []),
+        ([], []),
+    ],
+)
 def test_spans_follow_seqeval_default_mode(tags, expected):
     assert tokens.spans(tags) == expected
 
@@ -46,8 +50,10 @@ def test_spans_reject_tags_that_are_not_bio():
 
 def test_f1_counts_a_span_only_when_type_start_and_end_match():
     gold = [["B-per", "I-per", "O", "B-loc"], ["B-org", "O"]]
-    predicted = [["B-per", "I-per", "O", "B-per"],   # per right, loc typed wrong
-                 ["B-org", "I-org"]]                 # org too long
+    predicted = [
+        ["B-per", "I-per", "O", "B-per"],  # per right, loc typed wrong
+        ["B-org", "I-org"],
+    ]  # org too long
     scores = tokens.f1_from_tags(gold, predicted)
     assert scores["precision"] == pytest.approx(1 / 3)
     assert scores["recall"] == pytest.approx(1 / 3)
@@ -57,8 +63,7 @@ def test_f1_counts_a_span_only_when_type_start_and_end_match():
 
 
 def test_f1_with_no_predicted_or_no_gold_spans_is_zero():
-    assert tokens.f1_from_tags([["B-x"]], [["O"]]) == {"precision": 0.0, "recall": 0.0,
-                                                       "f1": 0.0}
+    assert tokens.f1_from_tags([["B-x"]], [["O"]]) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
     assert tokens.f1_from_tags([["O"]], [["B-x"]])["f1"] == 0.0
 
 
@@ -69,11 +74,11 @@ def test_f1_rejects_sequences_of_unequal_length():
 
 # -- reading and splitting --------------------------------------------------------------------
 
+
 def test_read_conll_skips_blank_lines_and_trailing_whitespace(tmp_path):
     path = tmp_path / "ner.txt"
     path.write_text("\n\nA\tB-per  \nb\tO\n\t\n  \n\nc\tI-loc\r\nd O\n")
-    assert tokens.read_conll(path) == [(["A", "b"], ["B-per", "O"]),
-                                       (["c", "d"], ["I-loc", "O"])]
+    assert tokens.read_conll(path) == [(["A", "b"], ["B-per", "O"]), (["c", "d"], ["I-loc", "O"])]
     path.write_text("lonely\n")
     with pytest.raises(ValueError, match="ner.txt:1"):
         tokens.read_conll(path)
@@ -100,12 +105,18 @@ def test_twitter_ner_split_is_fixed_disjoint_and_complete():
 
 # -- batches ----------------------------------------------------------------------------------
 
+
 def test_labels_sit_on_the_first_sub_token_of_each_word(tokenizer):
     words = ["gigli", "unbelievably", "bad", "NYC"]
     tags = ["B-movie", "O", "O", "B-geo-loc"]
     label_ids = {"O": 0, "B-movie": 1, "B-geo-loc": 2}
-    batch = next(iter(tokens.token_batches([(words, tags), (["ok"], ["O"])], tokenizer,
-                                           label_ids, 2, shuffle=False)))
+    batch = next(
+        iter(
+            tokens.token_batches(
+                [(words, tags), (["ok"], ["O"])], tokenizer, label_ids, 2, shuffle=False
+            )
+        )
+    )
     assert {"input_ids", "attention_mask", "token_type_ids", "labels"} <= set(batch)
     enc = tokenizer(words, is_split_into_words=True)
     expected = []
@@ -117,10 +128,10 @@ def test_labels_sit_on_the_first_sub_token_of_each_word(tokenizer):
             seen.add(word)
             expected.append(label_ids[tags[word]])
     assert batch["labels"][0].tolist() == expected
-    assert len(expected) > len(words) + 2            # some words have several sub-tokens
-    assert expected[0] == expected[-1] == -100       # [CLS] and [SEP]
+    assert len(expected) > len(words) + 2  # some words have several sub-tokens
+    assert expected[0] == expected[-1] == -100  # [CLS] and [SEP]
     assert (batch["labels"][0] != -100).sum() == len(words)
-    short = batch["labels"][1]                       # [CLS] ok [SEP] then padding
+    short = batch["labels"][1]  # [CLS] ok [SEP] then padding
     assert short.tolist() == [-100, 0] + [-100] * (len(short) - 2)
     assert batch["attention_mask"][1].sum() == 3
 
@@ -146,11 +157,18 @@ def test_unknown_tags_are_reported(tokenizer):
 
 # -- entity_f1 and compress on a token-classification model -----------------------------------
 
+
 def tiny_ner_model(tokenizer, num_labels: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = T.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                          num_attention_heads=4, intermediate_size=64, num_labels=num_labels,
-                          initializer_range=0.3)
+    config = T.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=num_labels,
+        initializer_range=0.3,
+    )
     return T.BertForTokenClassification(config).eval()
 
 
@@ -162,7 +180,7 @@ class Oracle(torch.nn.Module):
         self.labels, self.num_labels = labels, num_labels
 
     def forward(self, input_ids, **_):
-        gold = self.labels[:, :input_ids.shape[1]].clamp_min(0)
+        gold = self.labels[:, : input_ids.shape[1]].clamp_min(0)
         return {"logits": torch.nn.functional.one_hot(gold, self.num_labels).float()}
 
 
@@ -171,8 +189,7 @@ def test_entity_f1_is_one_for_the_gold_labels_and_lower_for_a_random_model(token
     label_ids = {label: i for i, label in enumerate(labels)}
     batches = list(tokens.token_batches(test[:40], tokenizer, label_ids, 40, shuffle=False))
     oracle = Oracle(batches[0]["labels"], len(labels))
-    assert tokens.entity_f1(oracle, batches, labels) == {"precision": 1.0, "recall": 1.0,
-                                                         "f1": 1.0}
+    assert tokens.entity_f1(oracle, batches, labels) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
     random = tokens.entity_f1(tiny_ner_model(tokenizer, len(labels)), batches, labels)
     assert random["f1"] < 0.2
 
@@ -182,8 +199,9 @@ def test_compress_prunes_a_token_classification_model(tokenizer):
     label_ids = {label: i for i, label in enumerate(labels)}
     model = tiny_ner_model(tokenizer, len(labels))
     batches = tokens.token_batches(train[:64], tokenizer, label_ids, 16, shuffle=True)
-    result = grainfx.compress(model, batches, sparsity=0.5,
-                              config=grainfx.GrainConfig(steps=8), progress=False)
+    result = grainfx.compress(
+        model, batches, sparsity=0.5, config=grainfx.GrainConfig(steps=8), progress=False
+    )
     assert abs(result.density - 0.5) < 0.05
     held_out = list(tokens.token_batches(test[:16], tokenizer, label_ids, 8, shuffle=False))
     for batch in held_out:

@@ -101,8 +101,9 @@ def test_graph_is_plain_aten(arch):
     assert [n for n in gm.graph.nodes if n.op == "call_module"] == []
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            assert isinstance(node.target, torch._ops.OpOverload) or \
-                node.target is operator.getitem, node.format_node()
+            assert (
+                isinstance(node.target, torch._ops.OpOverload) or node.target is operator.getitem
+            ), node.format_node()
     assert type(gm).__module__.startswith("torch.fx")
     assert "transformers" not in gm.code
 
@@ -198,14 +199,17 @@ def test_untraceable_model_raises_capture_error_with_cause(module):
     assert module.__name__ in str(info.value)
 
 
-@pytest.mark.parametrize("bad", [
-    (torch.ones(2, 8, dtype=torch.long),),
-    torch.ones(2, 8, dtype=torch.long),
-    [("input_ids", torch.ones(2, 8, dtype=torch.long))],
-    {},
-    {"input_ids": [[1, 2, 3]]},
-    None,
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (torch.ones(2, 8, dtype=torch.long),),
+        torch.ones(2, 8, dtype=torch.long),
+        [("input_ids", torch.ones(2, 8, dtype=torch.long))],
+        {},
+        {"input_ids": [[1, 2, 3]]},
+        None,
+    ],
+)
 def test_non_dict_inputs_raise_invalid_inputs(bad):
     with pytest.raises(InvalidInputsError):
         capture(model("bert-sdpa"), bad)

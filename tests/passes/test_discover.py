@@ -12,8 +12,16 @@ from passes.discover import discover
 from passes.errors import NoAttentionFoundError
 from passes.graph import attr_tensor
 from tests.captures import captured, pair, structure
-from tests.models import (ALL_ARCHITECTURES, ARCHITECTURES, FFN_WIDTH, HEAD_DIM, HEADS, HIDDEN,
-                          LAYERS, split)
+from tests.models import (
+    ALL_ARCHITECTURES,
+    ARCHITECTURES,
+    FFN_WIDTH,
+    HEAD_DIM,
+    HEADS,
+    HIDDEN,
+    LAYERS,
+    split,
+)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -28,9 +36,10 @@ def test_blocks_heads_and_ffn_width(arch):
         assert (block.num_heads, block.head_dim) == (HEADS, HEAD_DIM)
         assert block.kind == impl
         assert block.kv_heads == HEADS and not block.rope
-        assert block.scale == pytest.approx(HEAD_DIM ** -0.5)
-        assert block.is_causal or block.attn_mask is not None or block.score_biases or \
-            family == "vit"
+        assert block.scale == pytest.approx(HEAD_DIM**-0.5)
+        assert (
+            block.is_causal or block.attn_mask is not None or block.score_biases or family == "vit"
+        )
     for block in s.ffn:
         assert block.width == FFN_WIDTH[family]
         assert block.gate is None
@@ -53,8 +62,7 @@ def test_mask_shapes_and_unit_sizes(arch):
         sizes[group.kind].add(group.unit_params)
     # W_Q and W_K rows with biases; W_V row with bias and W_O column; up row with bias and
     # down column.
-    assert sizes == {"query": {2 * HIDDEN + 2}, "value": {2 * HIDDEN + 1},
-                     "ffn": {2 * HIDDEN + 1}}
+    assert sizes == {"query": {2 * HIDDEN + 2}, "value": {2 * HIDDEN + 1}, "ffn": {2 * HIDDEN + 1}}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -62,8 +70,11 @@ def test_parameter_totals(arch):
     s = structure(arch)
     gm = captured(arch)
     assert s.total_params == sum(p.numel() for p in gm.parameters())
-    per_layer = (HEADS * HEAD_DIM * (2 * HIDDEN + 2) + HEADS * HEAD_DIM * (2 * HIDDEN + 1)
-                 + FFN_WIDTH[split(arch)[0]] * (2 * HIDDEN + 1))
+    per_layer = (
+        HEADS * HEAD_DIM * (2 * HIDDEN + 2)
+        + HEADS * HEAD_DIM * (2 * HIDDEN + 1)
+        + FFN_WIDTH[split(arch)[0]] * (2 * HIDDEN + 1)
+    )
     assert s.unit_params == LAYERS * per_layer
     ones = s.ones()
     assert s.density(ones) == 1.0
@@ -89,7 +100,8 @@ def test_count_params_is_monotone_in_the_masks(data):
     count = s.count_params(masks)
     assert s.total_params - s.unit_params <= count <= s.total_params
     assert s.density(masks) == pytest.approx(
-        (count - s.total_params + s.unit_params) / s.unit_params)
+        (count - s.total_params + s.unit_params) / s.unit_params
+    )
     name = data.draw(st.sampled_from(sorted(masks)))
     more = dict(masks)
     more[name] = masks[name].clone().flatten()
@@ -140,8 +152,9 @@ def test_str_mentions_blocks_heads_and_widths(arch):
         assert f"layer {i}" in text
 
 
-@pytest.mark.parametrize("arch", ["bert-sdpa", "distilbert-eager", "gpt2-eager", "gpt2-sdpa",
-                                  "vit-sdpa"])
+@pytest.mark.parametrize(
+    "arch", ["bert-sdpa", "distilbert-eager", "gpt2-eager", "gpt2-sdpa", "vit-sdpa"]
+)
 def test_train_graph_has_the_same_structure(arch):
     """Dropout is live in the train graph: discover sees through it."""
     eval_gm, train_gm = pair(arch)
@@ -176,11 +189,18 @@ def test_mlp_only_model_has_no_attention():
         discover(gm)
 
 
-@pytest.mark.parametrize("arch,kv,rope,pairs,query_units", [
-    ("llama-sdpa", 2, "half", 8, True), ("llama_mha-eager", 4, "half", 8, True),
-    ("qwen3-sdpa", 2, "half", 12, False), ("phi3-eager", 2, "half", 8, True),
-    ("gptj-sdpa", 4, "interleaved", 4, True), ("neox-eager", 4, "half", 4, True),
-    ("modernbert-sdpa", 4, "half", 8, True)])
+@pytest.mark.parametrize(
+    "arch,kv,rope,pairs,query_units",
+    [
+        ("llama-sdpa", 2, "half", 8, True),
+        ("llama_mha-eager", 4, "half", 8, True),
+        ("qwen3-sdpa", 2, "half", 12, False),
+        ("phi3-eager", 2, "half", 8, True),
+        ("gptj-sdpa", 4, "interleaved", 4, True),
+        ("neox-eager", 4, "half", 4, True),
+        ("modernbert-sdpa", 4, "half", 8, True),
+    ],
+)
 def test_rope_gqa_and_head_norm_are_recognized(arch, kv, rope, pairs, query_units):
     s = structure(arch)
     for block in s.attention:
@@ -246,8 +266,14 @@ def test_scores_through_a_non_elementwise_op_are_refused_naming_the_node():
 
 
 def _tiny(config_cls, model_cls, **kwargs):
-    config = config_cls(vocab_size=100, hidden_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=96, **kwargs)
+    config = config_cls(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        **kwargs,
+    )
     torch.manual_seed(0)
     return capture(model_cls(config).eval(), {"input_ids": torch.randint(3, 99, (2, 8))})
 
@@ -280,8 +306,9 @@ def test_every_linear_inside_the_layers_is_covered_by_units(arch):
     for block in s.attention:  # fused projections (one weight for Q, K and V) count once
         assert 2 <= len(covered[block.name]) <= 4
     for block in s.ffn:
-        assert len(covered[block.name]) == (2 if block.gate is None or
-                                            block.gate.weight == block.up.weight else 3)
+        assert len(covered[block.name]) == (
+            2 if block.gate is None or block.gate.weight == block.up.weight else 3
+        )
     assert "coverage: " in str(s)
 
 
@@ -292,8 +319,11 @@ class _GatedResidual(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.qkv, self.o = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
-        self.up, self.down, self.gate = (torch.nn.Linear(16, 32), torch.nn.Linear(32, 16),
-                                         torch.nn.Linear(16, 16))
+        self.up, self.down, self.gate = (
+            torch.nn.Linear(16, 32),
+            torch.nn.Linear(32, 16),
+            torch.nn.Linear(16, 16),
+        )
 
     def forward(self, x):
         b, t, _ = x.shape
@@ -324,8 +354,10 @@ class _BatchHeadScores(torch.nn.Module):
 
     def forward(self, x):
         b, t, _ = x.shape
-        q, k, v = (p(x).view(b, t, 2, 8).transpose(1, 2).reshape(b * 2, t, 8)
-                   for p in (self.q, self.k, self.v))
+        q, k, v = (
+            p(x).view(b, t, 2, 8).transpose(1, 2).reshape(b * 2, t, 8)
+            for p in (self.q, self.k, self.v)
+        )
         bias = torch.zeros(b * 2, 1, t)
         probs = torch.baddbmm(bias, q, k.transpose(1, 2)).view(b, 2, t, t).softmax(-1)
         ctx = torch.bmm(probs.view(b * 2, t, t), v).view(b, 2, t, 8)

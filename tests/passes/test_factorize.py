@@ -48,7 +48,8 @@ def test_svd_reconstruction_is_what_the_graph_computes():
 def test_shared_factors_between_train_and_eval_graphs():
     eval_gm, train_gm = passes.capture_pair(
         __import__("tests.captures", fromlist=["model"]).model("bert-sdpa"),
-        example_inputs("bert-sdpa"))
+        example_inputs("bert-sdpa"),
+    )
     train = passes.factorize_embedding(train_gm, 8)
     evaluation = passes.factorize_embedding(eval_gm, 8, share_with=train)
     assert evaluation.grain_embedding.table is train.grain_embedding.table

@@ -13,11 +13,9 @@ from hypothesis import strategies as st
 from passes.capture import capture_pair
 from passes.discover import discover
 from passes.errors import MaskError, NotInstrumentedError, PassError, StructureMismatchError
-from passes.instrument import (get_masks, instrument, mask_buffers, record_mask_grads,
-                               set_masks)
+from passes.instrument import get_masks, instrument, mask_buffers, record_mask_grads, set_masks
 from tests.captures import captured, model, pair, structure
-from tests.models import (ARCHITECTURES, HEAD_DIM, HEADS, HIDDEN, LAYERS, build,
-                          example_inputs)
+from tests.models import ARCHITECTURES, HEAD_DIM, HEADS, HIDDEN, LAYERS, build, example_inputs
 
 
 @functools.cache
@@ -84,8 +82,11 @@ def _prune_bert(m, masks):
             qk = masks[f"attn{i}.qk"].flatten()
             vo = masks[f"attn{i}.vo"].flatten()
             ffn = masks[f"ffn{i}"]
-            for name, keep in [("attention.self.query", qk), ("attention.self.value", vo),
-                               ("intermediate.dense", ffn)]:
+            for name, keep in [
+                ("attention.self.query", qk),
+                ("attention.self.value", vo),
+                ("intermediate.dense", ffn),
+            ]:
                 p[pre + name + ".weight"].mul_(keep[:, None])
                 p[pre + name + ".bias"].mul_(keep)
     return m
@@ -98,8 +99,9 @@ def _prune_gpt2(m, masks):
     with torch.no_grad():
         for i in range(LAYERS):
             pre = f"transformer.h.{i}."
-            qkv = torch.cat([masks[f"attn{i}.qk"].flatten(), torch.ones(HIDDEN),
-                             masks[f"attn{i}.vo"].flatten()])
+            qkv = torch.cat(
+                [masks[f"attn{i}.qk"].flatten(), torch.ones(HIDDEN), masks[f"attn{i}.vo"].flatten()]
+            )
             for name, keep in [("attn.c_attn", qkv), ("mlp.c_fc", masks[f"ffn{i}"])]:
                 p[pre + name + ".weight"].mul_(keep[None, :])
                 p[pre + name + ".bias"].mul_(keep)
@@ -107,8 +109,7 @@ def _prune_gpt2(m, masks):
 
 
 @settings(max_examples=8, deadline=None)
-@given(arch=st.sampled_from(["bert-eager", "bert-sdpa", "gpt2-eager", "gpt2-sdpa"]),
-       data=st.data())
+@given(arch=st.sampled_from(["bert-eager", "bert-sdpa", "gpt2-eager", "gpt2-sdpa"]), data=st.data())
 def test_binary_masks_equal_zeroed_weight_rows(arch, data):
     """A zero in a mask is exactly the removal of its unit: zeroed Q / V / up rows."""
     gm = masked(arch)
@@ -160,9 +161,13 @@ def test_record_mask_grads_sums_backwards_inside_and_separates_losses(fresh):
     out = gm(**inputs)["logits"]
     first, second = out.square().sum(), out.sum()
     buffers = mask_buffers(gm)
-    only_first = dict(zip(buffers, torch.autograd.grad(first, list(buffers.values()),
-                                                       retain_graph=True),
-                           strict=True))
+    only_first = dict(
+        zip(
+            buffers,
+            torch.autograd.grad(first, list(buffers.values()), retain_graph=True),
+            strict=True,
+        )
+    )
     with record_mask_grads(gm) as grads:
         first.backward(retain_graph=True)
     second.backward(retain_graph=True)
@@ -197,8 +202,10 @@ def test_set_masks_checks_names_and_shapes(fresh):
 
 
 @settings(max_examples=20, deadline=None)
-@given(name=st.sampled_from(["attn0.qk", "attn1.vo", "ffn0"]),
-       dims=st.lists(st.integers(0, 9), min_size=0, max_size=3))
+@given(
+    name=st.sampled_from(["attn0.qk", "attn1.vo", "ffn0"]),
+    dims=st.lists(st.integers(0, 9), min_size=0, max_size=3),
+)
 def test_set_masks_rejects_every_wrong_shape(name, dims):
     gm = masked("bert-eager")
     right = structure("bert-eager").mask_shapes()[name]

