@@ -77,6 +77,7 @@ RUNS = (
     Run("grain-10", 0.10, "GRAIN"),
     Run("grain-5", 0.05, "GRAIN"),
     Run("head-5", 0.05, "whole heads + FFN", {"granularity": "head"}),
+    Run("grain-10-groups", 0.10, "GRAIN without query-head units", {"query_heads": False}),
 )
 
 
@@ -555,6 +556,7 @@ PAIRS = (
     ("grain-10", "teacher"),
     ("grain-5", "teacher"),
     ("head-5", "teacher"),
+    ("grain-10", "grain-10-groups"),
 )
 
 
