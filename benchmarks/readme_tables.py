@@ -216,8 +216,8 @@ def example_section(summary: dict) -> str:
     return "\n".join(
         [
             f"Last run of `python examples/rotten_tomatoes.py` on this machine "
-            f"({summary['threads']} threads, {summary['minutes']:.0f} min in all, teacher "
-            f"fine-tuning included):",
+            f"({summary['threads']} threads, {summary['minutes']:.0f} min in all; a first run "
+            f"also fine-tunes the teacher, which is cached after that):",
             "",
             "| | teacher | GRAIN student |",
             "|---|---:|---:|",
