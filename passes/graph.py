@@ -214,6 +214,23 @@ def _get_attr(node: fx.node.Argument) -> str | None:
 _WEIGHT_T = {aten.numpy_T.default, aten.t.default, aten.permute.default}
 
 
+def _plain_projection(
+    node: fx.Node, weight: str, bias: str | None, out: Sequence[int]
+) -> Projection:
+    """``node`` as a whole projection of its first argument by a weight stored (out, in)."""
+    return Projection(
+        node.name,
+        arg_node(node, 0).name,
+        node.name,
+        weight,
+        bias,
+        False,
+        0,
+        int(out[0]),
+        int(out[1]),
+    )
+
+
 def match_projection(node: fx.Node) -> Projection | None:
     """The projection whose output is ``node``: ``aten.linear``, ``x @ W.T`` or Conv1D's
     view-addmm-view."""
@@ -222,18 +239,7 @@ def match_projection(node: fx.Node) -> Projection | None:
         bias = _get_attr(node.args[2]) if len(node.args) > 2 else None
         if weight is None or (len(node.args) > 2 and node.args[2] is not None and bias is None):
             return None
-        out = arg_node(node, 1).meta["val"].shape
-        return Projection(
-            node.name,
-            arg_node(node, 0).name,
-            node.name,
-            weight,
-            bias,
-            False,
-            0,
-            int(out[0]),
-            int(out[1]),
-        )
+        return _plain_projection(node, weight, bias, arg_node(node, 1).meta["val"].shape)
     if is_op(node, [aten.add.Tensor]) and is_op(arg_node(node, 0), [aten.matmul.default]):
         matmul = arg_node(node, 0)
         inner = match_projection(matmul)  # x @ W.T + b (FalconLinear with a bias)
@@ -254,17 +260,7 @@ def match_projection(node: fx.Node) -> Projection | None:
             and list(cast(Sequence[int], weight_t.args[1])) != [1, 0]
         ):
             return None
-        return Projection(
-            node.name,
-            arg_node(node, 0).name,
-            node.name,
-            weight,
-            None,
-            False,
-            0,
-            int(out[0]),
-            int(out[1]),
-        )
+        return _plain_projection(node, weight, None, out)
     if is_op(node, [aten.view.default, aten.reshape.default]):
         mm = arg_node(node, 0)
         if is_op(mm, [aten.addmm.default, aten.mm.default]):
@@ -299,9 +295,8 @@ def match_projection_from_input(node: fx.Node) -> Projection | None:
     user = users[0]
     if is_op(user, [aten.linear.default, aten.matmul.default]) and user.args[0] is node:
         outs = live_users(user)
-        if len(outs) == 1 and match_projection(outs[0]) is not None:
-            return match_projection(outs[0])  # x @ W.T + b
-        return match_projection(user)
+        biased = match_projection(outs[0]) if len(outs) == 1 else None  # x @ W.T + b
+        return biased if biased is not None else match_projection(user)
     if is_op(user, [aten.view.default, aten.reshape.default]):
         mm_users = live_users(user)
         if len(mm_users) == 1 and is_op(mm_users[0], [aten.addmm.default, aten.mm.default]):
@@ -420,17 +415,27 @@ def is_impure(node: fx.Node) -> bool:
     return False
 
 
+def ancestors(
+    starts: Iterable[fx.Node], cut: set[tuple[fx.Node, fx.Node]] | None = None
+) -> set[fx.Node]:
+    """``starts`` and every node they read, directly or not; an edge (reader, input) in
+    ``cut`` is not followed."""
+    stack = list(starts)
+    seen = set(stack)
+    while stack:
+        node = stack.pop()
+        for arg in node.all_input_nodes:
+            if arg not in seen and (cut is None or (node, arg) not in cut):
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
 def live_attrs(gm: fx.GraphModule) -> set[str]:
     """The attributes that the graph's output (or an impure op) reads: what
     :func:`remove_dead_code` keeps."""
-    stack = [n for n in gm.graph.nodes if is_impure(n)]
-    seen = set(stack)
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return {n.target for n in seen if n.op == "get_attr"}
+    live = ancestors(n for n in gm.graph.nodes if is_impure(n))
+    return {str(n.target) for n in live if n.op == "get_attr"}
 
 
 def remove_dead_code(gm: fx.GraphModule) -> None:

@@ -28,6 +28,7 @@ from passes.errors import (
 )
 from passes.graph import (
     NORM_OPS,
+    ancestors,
     aten,
     attr_tensor,
     is_impure,
@@ -55,21 +56,22 @@ def _uncovered(
     attention: list[AttentionBlock],
     ffn: list[FFNBlock],
     layer_outputs: list[str],
+    stream: fx.Node,
 ) -> tuple[str, ...]:
     """Weights of linear layers that no block covers between the first attention projection
     and the end of the last layer (its last add of two computed tensors of the residual
-    stream's shape)."""
+    stream's shape, that of ``stream``, the first block's input)."""
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     covered = {p.weight for b in attention for p in (b.q, b.k, b.v, b.o)}
     covered |= {p.weight for b in ffn for p in (b.up, b.gate, b.down) if p is not None}
     start = min(order[p.node] for b in attention for p in (b.q, b.k, b.v))
-    stream = shape(next(n for n in gm.graph.nodes if n.name == attention[0].q.input))
+    residual = shape(stream)
     adds = [
         order[n.name]
         for n in gm.graph.nodes
         if is_op(n, [aten.add.Tensor])
         and all(isinstance(a, fx.Node) and a.op == "call_function" for a in n.args[:2])
-        and shape(n) == stream
+        and shape(n) == residual
     ]
     end = max([order[b.o.node] for b in attention] + [order[n] for n in layer_outputs] + adds)
     found = (match_projection(n) for n in gm.graph.nodes if start <= order[n.name] <= end)
@@ -95,43 +97,26 @@ def _score_inputs(
 
 
 def _score_params(
-    gm: fx.GraphModule, attention: list[AttentionBlock]
+    gm: fx.GraphModule, attention: list[AttentionBlock], nodes: dict[str, fx.Node]
 ) -> tuple[tuple[int, tuple[str, ...]], ...]:
     """Parameters read only through the scores of attention blocks, with those blocks."""
-    nodes = {n.name: n for n in gm.graph.nodes}
     cut: set[tuple[fx.Node, fx.Node]] = set()
     readers: dict[fx.Node, set[str]] = {}
     for block in attention:
         for edge in _score_inputs(block, nodes):
             cut.add(edge)
-            for attr in _attr_ancestors(edge[1]):
-                readers.setdefault(attr, set()).add(block.name)
+            for attr in ancestors([edge[1]]):
+                if attr.op == "get_attr":
+                    readers.setdefault(attr, set()).add(block.name)
     if not readers:
         return ()
-    stack = [n for n in gm.graph.nodes if is_impure(n)]
-    seen = set(stack)
-    while stack:  # everything live without the score edges
-        node = stack.pop()
-        for arg in node.all_input_nodes:
-            if (node, arg) not in cut and arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
+    seen = ancestors((n for n in gm.graph.nodes if is_impure(n)), cut)  # live without them
     params = dict(gm.named_parameters(remove_duplicate=False))
     return tuple(
         (params[a.target].numel(), tuple(sorted(blocks)))
         for a, blocks in readers.items()
         if a not in seen and a.target in params
     )
-
-
-def _attr_ancestors(node: fx.Node) -> set[fx.Node]:
-    stack, seen = [node], {node}
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return {n for n in seen if n.op == "get_attr"}
 
 
 def _refuse_shared_weights(
@@ -205,7 +190,7 @@ def discover(gm: fx.GraphModule) -> Structure:
     first = residual_of(nodes[attention[0].o.node], block_input)
     embedding = first[1] if first is not None else stream_of(block_input)
     layer_outputs = [embedding.name] + [_layer_output(add).name for add in ffn_adds]
-    uncovered = _uncovered(gm, attention, ffn, layer_outputs)
+    uncovered = _uncovered(gm, attention, ffn, layer_outputs, block_input)
     if uncovered:
         warnings.warn(
             f"grainfx found no unit for the linear layers {', '.join(uncovered)} "
@@ -215,7 +200,7 @@ def discover(gm: fx.GraphModule) -> Structure:
             UncoveredLayersWarning,
             stacklevel=2,
         )
-    score_params = _score_params(gm, attention)
+    score_params = _score_params(gm, attention, nodes)
     used = live_attrs(gm)  # a parameter the graph never reads (DINOv2's mask token) goes
     params = {
         id(p): p.numel() for name, p in gm.named_parameters(remove_duplicate=False) if name in used
