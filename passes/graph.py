@@ -37,6 +37,8 @@ PASSTHROUGH_OPS = {
 }
 SPLIT_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int}
 #: Casts and aliases: identity on float32 graphs (the passthrough ops less dropout).
+#: Adds, in place or not (``scores += bias``, Falcon's ``mlp_output += attention_output``).
+ADD_OPS = {aten.add.Tensor, aten.add_.Tensor}
 CAST_OPS = (PASSTHROUGH_OPS - {aten.dropout.default}) | {aten.alias.default}
 NORM_OPS = {aten.layer_norm.default, aten.native_layer_norm.default, aten.rms_norm.default}
 #: Ops that are kept by dead-code removal even when nothing reads them.

@@ -15,6 +15,7 @@ from torch import fx
 from passes.discover.common import scalar, strip
 from passes.discover.head_norm import norm_region
 from passes.graph import (
+    ADD_OPS,
     SPLIT_OPS,
     Projection,
     arg_node,
@@ -28,8 +29,6 @@ from passes.graph import (
 )
 from passes.structure import FFNBlock
 
-#: Residual adds (Falcon adds the FFN output to the attention output in place).
-_ADDS = [aten.add.Tensor, aten.add_.Tensor]
 #: Pointwise ops allowed between an FFN's up and down projections.
 _POINTWISE = {
     aten.gelu.default,
@@ -135,7 +134,7 @@ def residual(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     found = through_passthrough(node)
     while found is not None and _layer_scale(found[1]):
         found = through_passthrough(found[1])
-    if found is None or not is_op(found[1], _ADDS):
+    if found is None or not is_op(found[1], ADD_OPS):
         found = _post_norm(node if found is None else found[0])
         if found is None:
             return None
@@ -157,7 +156,7 @@ def residual_of(out: fx.Node, x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if reads_residual(x, found[1]):
         return found
     other = found[1]
-    if is_op(other, _ADDS) and any(
+    if is_op(other, ADD_OPS) and any(
         isinstance(a, fx.Node) and reads_residual(x, a) for a in other.args[:2]
     ):
         return found[0], other  # Cohere: (stream + attention) + FFN

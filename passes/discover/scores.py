@@ -17,13 +17,21 @@ from torch import fx
 
 from passes.discover.operand import scaling
 from passes.errors import UnsupportedArchitectureError
-from passes.graph import PASSTHROUGH_OPS, arg_node, as_node, aten, is_op, live_users, module_label
+from passes.graph import (
+    ADD_OPS,
+    PASSTHROUGH_OPS,
+    arg_node,
+    as_node,
+    aten,
+    is_op,
+    live_users,
+    module_label,
+)
 
 MATMUL = {aten.matmul.default, aten.bmm.default}
 #: Elementwise ops that the pointwise tag misses.
 _ELEMENTWISE = PASSTHROUGH_OPS | {aten.masked_fill.Tensor}
 _LOOKBACK = 8
-_ADD = {aten.add.Tensor, aten.add_.Tensor}
 
 
 @dataclass(frozen=True)
@@ -127,7 +135,7 @@ def _canonical(matmul: fx.Node, ops: list[fx.Node]) -> tuple[float, tuple[str, .
             pass
         elif factor is not None and not biases:
             scale *= factor
-        elif is_op(node, _ADD) and isinstance(node.args[1 - at], fx.Node):
+        elif is_op(node, ADD_OPS) and isinstance(node.args[1 - at], fx.Node):
             biases.append(as_node(node.args[1 - at]).name)
         else:
             return None
