@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -50,7 +49,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import grainfx  # noqa: E402
-from benchmarks.common import RESULTS, ResultStore, machine, save_dense  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    ResultStore,
+    Run,
+    machine,
+    paired_interval,
+    save_dense,
+    seed_key,
+    seed_keys,
+)
 from grainfx.demo import cache_dir  # noqa: E402
 from grainfx.lm import perplexity  # noqa: E402
 from grainfx.schedule import lr_factor  # noqa: E402
@@ -58,16 +66,6 @@ from grainfx.timing import interleaved_medians  # noqa: E402
 
 SEED = 0
 EOS = "<|endoftext|>"
-
-
-@dataclass(frozen=True)
-class Run:
-    """One student: its target density and the GrainConfig fields that differ from GRAIN's."""
-
-    name: str
-    density: float
-    label: str
-    overrides: dict = field(default_factory=dict)
 
 
 #: In order of importance: the 1.25x target is at 20%, the whole-head comparison next to it.
@@ -78,6 +76,7 @@ RUNS = (
     Run("grain-5", 0.05, "GRAIN"),
     Run("head-5", 0.05, "whole heads + FFN", {"granularity": "head"}),
     Run("grain-10-groups", 0.10, "GRAIN without query-head units", {"query_heads": False}),
+    Run("grain-10-ema998", 0.10, "GRAIN, EMA beta 0.998", {"ema_beta": 0.998}),
 )
 
 
@@ -362,6 +361,9 @@ def main(argv=None) -> int:
         help="students to do (default: all, in order)",
     )
     parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="seeds of every run (data order, init)"
+    )
+    parser.add_argument(
         "--train-reviews",
         type=int,
         default=None,
@@ -475,25 +477,28 @@ def main(argv=None) -> int:
     dense = grainfx.load(save_dense(model, time_batch, args.models / name))
     start = student_start(folder, args.dropout)
     prefix = "lm-smoke-" if args.smoke else "lm-"
-    runs = [r for r in RUNS if not args.only or r.name in args.only]
-    for i, run in enumerate(runs, 1):
-        if run.name in store:
-            print(f"[{i}/{len(runs)}] {run.name}: done before, skipped")
+    todo = [(r, s) for s in args.seeds for r in RUNS if not args.only or r.name in args.only]
+    for i, (run, seed) in enumerate(todo, 1):
+        key = seed_key(run.name, seed)
+        if key in store:
+            print(f"[{i}/{len(todo)}] {key}: done before, skipped")
             continue
-        print(f"[{i}/{len(runs)}] {run.name}: {run.label} at {run.density:.0%} density", flush=True)
+        print(f"[{i}/{len(todo)}] {key}: {run.label} at {run.density:.0%} density", flush=True)
         began = time.perf_counter()
         config = grainfx.GrainConfig(
-            steps=args.steps,
-            learning_rate=args.learning_rate,
-            temperature=args.temperature,
-            ema_beta=beta,
-            seed=SEED,
-            **run.overrides,
+            **{
+                "steps": args.steps,
+                "learning_rate": args.learning_rate,
+                "temperature": args.temperature,
+                "ema_beta": beta,
+                "seed": SEED + seed,
+                **run.overrides,
+            }
         )
-        ckpt = args.models / f"{prefix}{run.name}.ckpt"
+        ckpt = args.models / f"{prefix}{key}.ckpt"
         result = grainfx.compress(
             start,
-            Batches(train_data, args.batch, shuffle=True, seed=SEED + 1),
+            Batches(train_data, args.batch, shuffle=True, seed=SEED + 1 + seed),
             sparsity=1 - run.density,
             teacher=model,
             config=config,
@@ -501,14 +506,15 @@ def main(argv=None) -> int:
             checkpoint=grainfx.CheckpointConfig(ckpt, every=50, resume=ckpt.exists()),
         )
         ppl = perplexity(result.module, evaluation)
-        result.save(args.models / f"{prefix}{run.name}.pt2")
+        result.save(args.models / f"{prefix}{key}.pt2")
         ckpt.unlink(missing_ok=True)
         timing = speed(result.module, dense, time_batch, args.reps)
         params = result.report["parameters"]
         store.put(
-            run.name,
+            key,
             {
                 "label": run.label,
+                "seed": seed,
                 "target_density": run.density,
                 "density": result.density,
                 "overrides": run.overrides,
@@ -529,19 +535,43 @@ def main(argv=None) -> int:
             f"{timing['speedup']:.2f}x faster (batch {args.time_batch}, 1 thread)",
             flush=True,
         )
-    pairs = [(a, b) for a, b in PAIRS if a in store and b in store]
+    wanted = {f"{a} vs {b}": seeds for a, b, seeds in pairs_with_seeds(store.records)}
     done = store.records.get("intervals", {})
-    if any(f"{a} vs {b}" not in done for a, b in pairs):
+    if any(
+        done.get(pair, {}).get("seeds", [0]) != seeds or pair not in done
+        for pair, seeds in wanted.items()
+    ):
         print("paired bootstrap intervals over held-out blocks", flush=True)
-        models = {"teacher": model}
-        for name in {n for pair in pairs for n in pair} - {"teacher"}:
-            models[name] = grainfx.load(args.models / f"{prefix}{name}.pt2")
-        nll = {name: block_nll(m, evaluation) for name, m in models.items()}
+        keys = {
+            seed_key(n, s)
+            for a, b, seeds in pairs_with_seeds(store.records)
+            for n in (a, b)
+            if n != "teacher"
+            for s in seeds
+        }
+        nll = {"teacher": block_nll(model, evaluation)}
+        for key in keys:
+            nll[key] = block_nll(grainfx.load(args.models / f"{prefix}{key}.pt2"), evaluation)
+
+        def pooled(name: str, seeds: list[int]) -> torch.Tensor:
+            if name == "teacher":
+                return nll["teacher"]
+            return torch.stack([nll[seed_key(name, s)] for s in seeds]).mean(0)
+
+        tokens = shape.seq - 1
         store.put(
             "intervals",
             {
-                f"{a} vs {b}": bootstrap(nll[a], nll[b], shape.seq - 1, args.resamples)
-                for a, b in pairs
+                f"{a} vs {b}": {
+                    **paired_interval(
+                        pooled(a, seeds),
+                        pooled(b, seeds),
+                        lambda x: torch.exp(x.mean(-1) / tokens),
+                        args.resamples,
+                    ),
+                    "seeds": seeds,
+                }
+                for a, b, seeds in pairs_with_seeds(store.records)
             },
         )
     return 0
@@ -557,6 +587,7 @@ PAIRS = (
     ("grain-5", "teacher"),
     ("head-5", "teacher"),
     ("grain-10", "grain-10-groups"),
+    ("grain-10", "grain-10-ema998"),
 )
 
 
@@ -575,18 +606,20 @@ def block_nll(model, batches: Batches) -> torch.Tensor:
     return torch.cat(out)
 
 
-def bootstrap(
-    a: torch.Tensor, b: torch.Tensor, tokens: int, resamples: int, seed: int = SEED
-) -> dict:
-    """Perplexity of A minus that of B on the same held-out blocks of ``tokens`` predicted
-    tokens each, with a 95% interval from ``resamples`` paired bootstrap draws of blocks (a
-    drawn block brings both models' losses)."""
-    gen = torch.Generator().manual_seed(seed)
-    draws = torch.randint(0, len(a), (resamples, len(a)), generator=gen)
-    diff = torch.exp(a[draws].mean(1) / tokens) - torch.exp(b[draws].mean(1) / tokens)
-    low, high = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)).tolist()
-    point = math.exp(a.mean().item() / tokens) - math.exp(b.mean().item() / tokens)
-    return {"difference": point, "low": low, "high": high, "resamples": resamples, "blocks": len(a)}
+def pairs_with_seeds(records: dict) -> list[tuple[str, str, list[int]]]:
+    """Every pair of ``PAIRS`` with runs of both, and the seeds both ran (the teacher has
+    every seed)."""
+    out = []
+    for a, b in PAIRS:
+        have = [
+            {records[k].get("seed", 0) for k in seed_keys(n, records)}
+            for n in (a, b)
+            if n != "teacher"
+        ]
+        seeds = sorted(set.intersection(*have)) if have else [0]
+        if seeds:
+            out.append((a, b, seeds))
+    return out
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,20 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import grainfx  # noqa: E402
-from benchmarks.common import RESULTS, ResultStore, machine, save_dense  # noqa: E402
+from benchmarks.common import RESULTS, ResultStore, Run, machine, save_dense  # noqa: E402
 from grainfx import demo  # noqa: E402
 from grainfx.data import accuracy, finetune, text_batches  # noqa: E402
-
-
-@dataclass(frozen=True)
-class Run:
-    """One student: its target density and the GrainConfig fields that differ from GRAIN's."""
-
-    name: str
-    density: float
-    label: str
-    overrides: dict = field(default_factory=dict)
-
 
 #: In order of importance: an interrupted sweep has the comparison at 5% first.
 RUNS = (

@@ -5,11 +5,24 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One student: its target density and the GrainConfig fields that differ from GRAIN's."""
+
+    name: str
+    density: float
+    label: str
+    overrides: dict = field(default_factory=dict)
 
 
 class ResultStore:
@@ -71,3 +84,57 @@ def save_dense(model: torch.nn.Module, batch: dict, path: Path) -> Path:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
         passes.save(passes.capture(model, inputs), path)
     return path
+
+
+def seed_key(name: str, seed: int) -> str:
+    """The record key of run ``name`` with seed ``seed``: the name itself for seed 0 (the
+    records from before seeds existed), ``name-s<seed>`` otherwise."""
+    return name if seed == 0 else f"{name}-s{seed}"
+
+
+def seed_keys(name: str, records: dict) -> list[str]:
+    """The keys of every seed of run ``name`` present in ``records``, seed 0 first."""
+    return [k for k in records if k == name or re.fullmatch(rf"{re.escape(name)}-s\d+", k)]
+
+
+def paired_interval(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    statistic: Callable[[torch.Tensor], torch.Tensor],
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """A's metric minus B's on the same held-out examples, with a 95% paired bootstrap interval.
+
+    ``a`` and ``b`` hold one row per held-out example (in the same order); ``statistic`` maps
+    a (draws, examples, ...) tensor of rows to one metric value per draw. Every draw resamples
+    examples with replacement and brings both models' rows, so the interval measures the
+    difference on this data, not the spread of either model alone.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired_interval: {len(a)} rows for A but {len(b)} for B")
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.randint(0, len(a), (resamples, len(a)), generator=gen)
+    diff = (statistic(a[draws]) - statistic(b[draws])).double()
+    low, high = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=diff.dtype)).tolist()
+    point = float(statistic(a[None]) - statistic(b[None]))
+    return {
+        "difference": point,
+        "low": low,
+        "high": high,
+        "resamples": resamples,
+        "examples": len(a),
+    }
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation, min and max of one metric over seeds."""
+    t = torch.tensor(values, dtype=torch.float64)
+    std = float(t.std()) if len(values) > 1 else 0.0
+    return {
+        "mean": float(t.mean()),
+        "std": std,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }

@@ -6,7 +6,48 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from benchmarks.common import spread
+
 SHAPES = ((1, 128), (8, 128), (32, 64))
+
+
+def by_run(records: dict) -> dict[str, list[dict]]:
+    """Student records grouped by run, the seeds of one run (``name``, ``name-s1``, ...)
+    together, seed 0 first; the teacher and the other bookkeeping records left out."""
+    runs: dict[str, list[dict]] = {}
+    for key, record in records.items():
+        if key not in ("teacher", "intervals", "capabilities"):
+            runs.setdefault(re.sub(r"-s\d+$", "", key), []).append(record)
+    for seeds in runs.values():
+        seeds.sort(key=lambda r: r.get("seed", 0))
+    return runs
+
+
+def over_seeds(values: list[float], fmt: str) -> str:
+    """One value, or the mean and standard deviation over seeds with their count."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    s = spread(values)
+    return f"{format(s['mean'], fmt)} ± {format(s['std'], fmt)} ({len(values)} seeds)"
+
+
+def interval_lines(intervals: dict, fmt: str, lower_is_better: bool) -> list[str]:
+    """One line per paired interval: A - B, the interval, and what it says."""
+    lines = []
+    for pair, r in intervals.items():
+        a, b = pair.split(" vs ")
+        if r["low"] <= 0 <= r["high"]:
+            verdict = "no difference (the interval holds 0)"
+        else:
+            good = (r["difference"] < 0) == lower_is_better
+            verdict = f"{a} {'better' if good else 'worse'}"
+        seeds = r.get("seeds", [0])
+        lines.append(
+            f"- {a} - {b}: {format(r['difference'], fmt)} [{format(r['low'], fmt)}, "
+            f"{format(r['high'], fmt)}]: {verdict} "
+            f"({len(seeds)} seed{'s' if len(seeds) > 1 else ''} pooled)"
+        )
+    return lines
 
 
 def is_density_run(name: str) -> bool:
@@ -388,7 +429,9 @@ def lm_section(lm: dict) -> str:
         f"{meta['temperature']:g}, attention dropout {meta['dropout']:g} while distilled (the "
         f"teacher has none: a student distilled from an exact copy of itself has zero "
         f"gradient, so GRAIN's scores would stay 0), EMA beta {meta['ema_beta']:g} (3 horizons "
-        f"in the {window}-step pruning window), seed 0, one seed per run. "
+        f"in the {window}-step pruning window), seeds "
+        f"{', '.join(str(x) for x in sorted({r.get('seed', 0) for r in records.values()}))}"
+        f" (a seed sets the student's initial dropout stream and the order of the batches). "
         f"{_machine(meta)}; {student_minutes:.0f} min of wall time for the students "
         f"(`python benchmarks/accuracy_lm.py`).",
         "",
@@ -401,13 +444,14 @@ def lm_section(lm: dict) -> str:
         f" | 1x |",
     ]
     students = sorted(
-        ((k, r) for k, r in records.items() if k not in ("teacher", "intervals")),
+        ((k, rs[0], rs) for k, rs in by_run(records).items()),
         key=lambda kv: (-kv[1]["target_density"], kv[1]["label"] != "GRAIN"),
     )
-    for _, r in students:
+    for _, r, seeds in students:
         lines.append(
-            f"| {r['label']} | {r['density']:.1%} | {r['perplexity']:.2f} | "
-            f"{r['ratio']:.2f}x | {r['encoder_parameters'][1]:,} | "
+            f"| {r['label']} | {r['density']:.1%} | "
+            f"{over_seeds([x['perplexity'] for x in seeds], '.2f')} | "
+            f"{over_seeds([x['ratio'] for x in seeds], '.2f')}x | {r['encoder_parameters'][1]:,} | "
             f"{r['total_parameters'][1]:,} | {r['heads_left']} | "
             f"{' / '.join(str(layer['ffn']) for layer in r['layers'])} | "
             f"{r['speed']['speedup']:.2f}x |"
@@ -419,7 +463,8 @@ def lm_section(lm: dict) -> str:
         f"{2 * shape['vocab'] * shape['hidden']:,} parameters, are outside it and "
         "bound the speedup). Speed: the compact model against the dense teacher "
         "captured by the same pass, interleaved calls, median of "
-        f"{students[0][1]['speed']['reps'] if students else '-'}.",
+        f"{students[0][1]['speed']['reps'] if students else '-'}; parameters, heads, widths "
+        "and speed are seed 0's.",
         "",
     ]
     grain = records.get("grain-20")
@@ -430,21 +475,30 @@ def lm_section(lm: dict) -> str:
             f"teacher's: GRAIN at 20% is at {grain['ratio']:.2f}x, **{verdict}** with "
             f"this budget."
         )
+    runs = by_run(records)
     for percent in (20, 5):
-        ours, head = records.get(f"grain-{percent}"), records.get(f"head-{percent}")
+        ours, head = runs.get(f"grain-{percent}"), runs.get(f"head-{percent}")
         if not (ours and head):
             continue
-        better = "lower" if ours["perplexity"] < head["perplexity"] else "higher"
+        ours_ppl = over_seeds([x["perplexity"] for x in ours], ".2f")
+        head_ppl = over_seeds([x["perplexity"] for x in head], ".2f")
+        better = (
+            "lower"
+            if spread([x["perplexity"] for x in ours])["mean"]
+            < spread([x["perplexity"] for x in head])["mean"]
+            else "higher"
+        )
+        ours, head = ours[0], head[0]
         lines.append(
-            f"At {percent}%, GRAIN's perplexity ({ours['perplexity']:.2f}, "
+            f"At {percent}%, GRAIN's perplexity ({ours_ppl}, "
             f"{ours['heads_left']} heads) is {better} than whole heads + FFN "
-            f"({head['perplexity']:.2f} at {head['density']:.1%}"
+            f"({head_ppl} at {head['density']:.1%}"
             + (
                 f", short of the {percent}% target: whole heads are coarse units"
                 if head["density"] < percent / 100 - 0.005
                 else ""
             )
-            + f", {head['heads_left']} heads); one seed each. With whole heads as units "
+            + f", {head['heads_left']} heads). With whole heads as units "
             f"the global ranking kept "
             f"{sum(layer['ffn'] for layer in head['layers'])} FFN neurons in all "
             f"(GRAIN: {sum(layer['ffn'] for layer in ours['layers'])})."
@@ -452,28 +506,17 @@ def lm_section(lm: dict) -> str:
     intervals = records.get("intervals", {})
     if intervals:
         first = next(iter(intervals.values()))
+        blocks = first.get("examples", first.get("blocks"))
         lines += [
             "",
             f"Differences in held-out perplexity, with a paired bootstrap 95% "
-            f"interval ({first['resamples']:,} draws of the {first['blocks']:,} "
-            f"held-out blocks, each drawn block bringing both models' losses; one "
-            f"training seed, so the interval covers the held-out sample, not "
-            f"training noise):",
+            f"interval ({first['resamples']:,} draws of the {blocks:,} held-out blocks, each "
+            f"drawn block bringing both models' losses; where a run has several seeds, a "
+            f"block's loss is the mean over the seeds both runs have):",
+            "",
+            *interval_lines(intervals, "+.2f", lower_is_better=True),
             "",
         ]
-        for pair, r in intervals.items():
-            a, b = pair.split(" vs ")
-            zero = r["low"] <= 0 <= r["high"]
-            verdict = (
-                "no difference (the interval holds 0)"
-                if zero
-                else f"{a} {'lower' if r['difference'] < 0 else 'higher'}"
-            )
-            lines.append(
-                f"- {a} - {b}: {r['difference']:+.2f} [{r['low']:+.2f}, "
-                f"{r['high']:+.2f}]: {verdict}"
-            )
-        lines.append("")
     missing = [
         name
         for name in ("grain-20", "head-20", "grain-10", "grain-5", "head-5")

@@ -110,18 +110,28 @@ class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
             yield batches[i]
 
 
-def accuracy(model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
-    """Share of correct predictions; ``model`` returns a dict or an object with logits."""
-    correct = total = 0
+def predictions(
+    model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(labels, predicted labels) of every example in ``batches``, in order; ``model`` returns
+    a dict or an object with logits."""
+    gold, guessed = [], []
     with torch.inference_mode():
         for batch in batches:
             batch = dict(batch)
-            labels = batch.pop("labels")
+            gold.append(batch.pop("labels"))
             out = model(**batch)
             logits = out["logits"] if isinstance(out, dict) else out.logits
-            correct += int((logits.argmax(-1) == labels).sum())
-            total += len(labels)
-    return correct / max(total, 1)
+            guessed.append(logits.argmax(-1))
+    if not gold:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(gold), torch.cat(guessed)
+
+
+def accuracy(model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """Share of correct predictions; ``model`` returns a dict or an object with logits."""
+    gold, guessed = predictions(model, batches)
+    return float((gold == guessed).float().mean()) if len(gold) else 0.0
 
 
 def finetune(

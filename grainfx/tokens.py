@@ -165,31 +165,41 @@ def spans(tags: Sequence[str]) -> list[tuple[str, int, int]]:
     return found
 
 
+def sentence_counts(
+    gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]
+) -> list[tuple[int, int, int]]:
+    """Per sentence: (matched, predicted, gold) entity spans of ``predicted`` against ``gold``
+    tag sequences; a predicted span matches when its type, start and end all match a gold span.
+    Summed over sentences they give micro precision, recall and F1 (:func:`f1_from_tags`)."""
+    if len(gold) != len(predicted):
+        raise ValueError(f"{len(gold)} gold sequences but {len(predicted)} predicted")
+    counts = []
+    for i, (g, p) in enumerate(zip(gold, predicted, strict=True)):
+        if len(g) != len(p):
+            raise ValueError(f"sequence {i}: {len(g)} gold tags but {len(p)} predicted")
+        gold_spans, pred_spans = set(spans(g)), set(spans(p))
+        counts.append((len(gold_spans & pred_spans), len(pred_spans), len(gold_spans)))
+    return counts
+
+
 def f1_from_tags(
     gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]
 ) -> dict[str, float]:
     """Entity-level micro precision, recall and F1 of ``predicted`` against ``gold`` tag
     sequences: a predicted span counts when its type, start and end all match a gold span."""
-    if len(gold) != len(predicted):
-        raise ValueError(f"{len(gold)} gold sequences but {len(predicted)} predicted")
-    gold_set, pred_set = set(), set()
-    for i, (g, p) in enumerate(zip(gold, predicted, strict=True)):
-        if len(g) != len(p):
-            raise ValueError(f"sequence {i}: {len(g)} gold tags but {len(p)} predicted")
-        gold_set |= {(i, *s) for s in spans(g)}
-        pred_set |= {(i, *s) for s in spans(p)}
-    hits = len(gold_set & pred_set)
-    precision = hits / len(pred_set) if pred_set else 0.0
-    recall = hits / len(gold_set) if gold_set else 0.0
+    counts = sentence_counts(gold, predicted)
+    hits, n_pred, n_gold = (sum(c[k] for c in counts) for k in range(3))
+    precision = hits / n_pred if n_pred else 0.0
+    recall = hits / n_gold if n_gold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def entity_f1(
+def entity_tags(
     model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]], labels: Sequence[str]
-) -> dict[str, float]:
-    """Entity-level micro precision, recall and F1 of ``model`` on ``batches`` (from
-    :func:`token_batches`): the prediction of a word is the argmax at its first sub-token.
+) -> tuple[list[list[str]], list[list[str]]]:
+    """(gold, predicted) tag sequences of ``model`` on ``batches`` (from :func:`token_batches`),
+    one per sentence: the prediction of a word is the argmax at its first sub-token.
 
     ``model`` returns a dict with ``"logits"`` or an object with ``.logits`` of shape
     (batch, sequence, labels). Words cut off by truncation are not scored.
@@ -205,7 +215,15 @@ def entity_f1(
                 keep = row_tags != IGNORE
                 gold.append([labels[i] for i in row_tags[keep].tolist()])
                 predicted.append([labels[i] for i in row_guesses[keep].tolist()])
-    return f1_from_tags(gold, predicted)
+    return gold, predicted
+
+
+def entity_f1(
+    model: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]], labels: Sequence[str]
+) -> dict[str, float]:
+    """Entity-level micro precision, recall and F1 of ``model`` on ``batches`` (from
+    :func:`token_batches`), words read as :func:`entity_tags` reads them."""
+    return f1_from_tags(*entity_tags(model, batches, labels))
 
 
 def ner_teacher(

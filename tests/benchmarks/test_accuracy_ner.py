@@ -4,31 +4,47 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from benchmarks import accuracy_ner
 
 
-def test_accuracy_ner_quick_run_writes_every_record_and_model(tmp_path):
+def test_accuracy_ner_quick_run_writes_every_record_model_and_interval(tmp_path):
     out, models = tmp_path / "accuracy_ner.json", tmp_path / "models"
     args = ["--quick", "--threads", "1", "--out", str(out), "--models", str(models)]
+    args += ["--only", "grain-5", "head-5", "--seeds", "0", "1", "--resamples", "50"]
     assert accuracy_ner.main(args) == 0
     data = json.loads(out.read_text())
     records = data["records"]
-    assert set(records) == {"teacher", "grain-10", "grain-5"}
+    assert set(records) == {"teacher", "grain-5", "head-5", "grain-5-s1", "head-5-s1", "intervals"}
     assert data["meta"]["train_sentences"] == 64 and data["meta"]["labels"][0] == "O"
     teacher = records["teacher"]
     assert 0 <= teacher["f1"] <= 1 and teacher["total_parameters"] > 0
-    for name, target in accuracy_ner.RUNS.items():
-        record = records[name]
-        assert abs(record["density"] - target) < 0.02
+    assert len(teacher["sentences"]) == data["meta"]["held_out_sentences"]
+    for key in ("grain-5", "grain-5-s1"):
+        assert abs(records[key]["density"] - 0.05) < 0.02
+    for key in ("grain-5", "head-5", "grain-5-s1", "head-5-s1"):
+        record = records[key]
+        assert record["seed"] == (1 if key.endswith("-s1") else 0)
         assert record["steps"] == 4 and record["minutes"] > 0
-        for key in ("f1", "precision", "recall"):
-            assert 0 <= record[key] <= 1
+        for metric in ("f1", "precision", "recall"):
+            assert 0 <= record[metric] <= 1
         if teacher["f1"]:
             assert abs(record["retention"] - record["f1"] / teacher["f1"]) < 1e-9
-        before, after = record["encoder_parameters"]
-        assert after < 0.2 * before
+        counts = torch.tensor(record["sentences"])
+        assert abs(float(accuracy_ner.f1_statistic(counts)) - record["f1"]) < 1e-9
         assert record["total_parameters"][1] < record["total_parameters"][0]
         assert record["heads_left"] == sum(layer["heads"] for layer in record["layers"])
-        assert (models / f"ner-{name}.pt2").exists()
+        assert (models / f"ner-{key}.pt2").exists()
+    interval = records["intervals"]["grain-5 vs head-5"]
+    assert interval["seeds"] == [0, 1] and interval["resamples"] == 50
+    assert interval["low"] <= interval["high"]
     accuracy_ner.main(args)  # resumes: nothing is redone
     assert json.loads(out.read_text())["records"] == records
+
+
+def test_f1_statistic_pools_counts_over_sentences():
+    counts = torch.tensor([[1, 2, 1], [0, 0, 1], [2, 2, 3]])
+    # 3 matched of 4 predicted and 5 gold: 2 * 3 / 9
+    assert abs(float(accuracy_ner.f1_statistic(counts)) - 6 / 9) < 1e-12
+    assert float(accuracy_ner.f1_statistic(torch.zeros(2, 3))) == 0.0

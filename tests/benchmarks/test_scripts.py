@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from benchmarks import accuracy_lm, evidence, readme_tables, rewrite_speed, step_cost
 
 
@@ -149,6 +147,7 @@ def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
     data = json.loads(out.read_text())
     records, meta = data["records"], data["meta"]
     assert set(records) == {"teacher", "grain-20", "head-20", "intervals"}
+    assert records["grain-20"]["seed"] == 0
     assert meta["train_reviews"] == 400 and meta["held_out_reviews"] == 40
     assert meta["teacher_training"]["steps"] == 20 and meta["held_out_tokens"] > 0
     teacher = records["teacher"]
@@ -168,20 +167,19 @@ def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
         a, b = pair.split(" vs ")
         assert abs(r["difference"] - (records[a]["perplexity"] - records[b]["perplexity"])) < 1e-3
         assert r["low"] <= r["difference"] <= r["high"] and r["resamples"] == 200
+        assert r["seeds"] == [0]
     assert accuracy_lm.main(args) == 0  # resumes: teacher cached, nothing redone
     assert json.loads(out.read_text())["records"] == records
+    # a second seed of grain-20 alone: its pairs keep seed 0 only (head-20 has no seed 1)
+    assert accuracy_lm.main([*args[:2], "grain-20", *args[4:], "--seeds", "1"]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert records["grain-20-s1"]["seed"] == 1
+    assert records["intervals"]["grain-20 vs head-20"]["seeds"] == [0]
+    assert records["intervals"]["grain-20 vs teacher"]["seeds"] == [0, 1]
     section = evidence.lm_section(json.loads(out.read_text()))
     assert "| GRAIN | " in section and "| whole heads + FFN | " in section
     assert "Not run yet: grain-10, grain-5, head-5 (" in section and "1.25x" in section
     assert "- grain-20 - head-20: " in section
-
-
-def test_accuracy_lm_bootstrap_is_paired():
-    a = torch.tensor([100.0, 300.0, 200.0, 400.0], dtype=torch.float64)
-    same = accuracy_lm.bootstrap(a, a.clone(), tokens=100, resamples=50)
-    assert same["difference"] == same["low"] == same["high"] == 0
-    shifted = accuracy_lm.bootstrap(a + 10, a, tokens=100, resamples=50)
-    assert 0 < shifted["low"] <= shifted["difference"] <= shifted["high"]
 
 
 def test_readme_sections_are_replaced_between_markers():
