@@ -30,9 +30,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import grainfx  # noqa: E402
-from benchmarks.common import RESULTS, ResultStore, Run, machine, save_dense  # noqa: E402
+from benchmarks.common import RESULTS, ResultStore, Run, machine, save_dense, seed_key  # noqa: E402
 from grainfx import demo  # noqa: E402
-from grainfx.data import accuracy, finetune, text_batches  # noqa: E402
+from grainfx.data import finetune, predictions, text_batches  # noqa: E402
 
 #: In order of importance: an interrupted sweep has the comparison at 5% first.
 RUNS = (
@@ -75,6 +75,14 @@ def rt_setup(quick: bool):
     return model, tokenizer, train, test
 
 
+def scored(model, held_out) -> tuple[float, str]:
+    """(accuracy, one character per held-out sentence: "1" right, "0" wrong): the per-sentence
+    record that paired intervals between runs are drawn from."""
+    gold, guessed = predictions(model, held_out)
+    right = (gold == guessed).tolist()
+    return sum(right) / max(len(right), 1), "".join("1" if r else "0" for r in right)
+
+
 def heads_left(report: dict) -> int:
     return sum(layer["heads"] for layer in report["layers"])
 
@@ -86,6 +94,9 @@ def main(argv=None) -> int:
         nargs="+",
         choices=[r.name for r in RUNS],
         help="runs to do (default: all, in order)",
+    )
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="seeds of every run (data order, init)"
     )
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
@@ -111,46 +122,50 @@ def main(argv=None) -> int:
             "model": "tiny random BERT (smoke test)" if args.quick else "all-MiniLM-L6-v2",
         },
     )
-    if "teacher" not in store:
+    if "teacher" not in store or "correct" not in store.records["teacher"]:
         params = sum(p.numel() for p in model.parameters())
-        store.put("teacher", {"accuracy": accuracy(model, held_out), "total_parameters": params})
+        acc, correct = scored(model, held_out)
+        store.put("teacher", {"accuracy": acc, "correct": correct, "total_parameters": params})
     save_dense(model, next(iter(held_out)), args.models / "rt-dense.pt2")
     teacher_acc = store.records["teacher"]["accuracy"]
     print(f"teacher held-out accuracy {teacher_acc:.2%}")
-    runs = [r for r in RUNS if not args.only or r.name in args.only]
-    for i, run in enumerate(runs, 1):
-        if run.name in store:
-            print(f"[{i}/{len(runs)}] {run.name}: done before, skipped")
+    todo = [(r, s) for s in args.seeds for r in RUNS if not args.only or r.name in args.only]
+    for i, (run, seed) in enumerate(todo, 1):
+        key = seed_key(run.name, seed)
+        if key in store and "correct" in store.records[key]:
+            print(f"[{i}/{len(todo)}] {key}: done before, skipped")
             continue
-        print(f"[{i}/{len(runs)}] {run.name}: {run.label} at {run.density:.0%} density")
+        print(f"[{i}/{len(todo)}] {key}: {run.label} at {run.density:.0%} density")
         began = time.perf_counter()
         config = grainfx.GrainConfig(
             **({"steps": 4} if args.quick else {"epochs": args.epochs}),
             learning_rate=args.learning_rate,
-            seed=demo.SEED,
+            seed=demo.SEED + seed,
             **run.overrides,
         )
-        ckpt = args.models / f"rt-{run.name}.ckpt"
+        ckpt = args.models / f"rt-{key}.ckpt"
         result = grainfx.compress(
             model,
-            text_batches(train, tokenizer, 32, shuffle=True, group_by_length=True),
+            text_batches(train, tokenizer, 32, shuffle=True, group_by_length=True, seed=seed),
             sparsity=1 - run.density,
             config=config,
             checkpoint=grainfx.CheckpointConfig(ckpt, every=50, resume=ckpt.exists()),
         )
-        acc = accuracy(result.module, held_out)
-        result.save(args.models / f"rt-{run.name}.pt2")
+        acc, correct = scored(result.module, held_out)
+        result.save(args.models / f"rt-{key}.pt2")
         ckpt.unlink(missing_ok=True)
         params = result.report["parameters"]
         store.put(
-            run.name,
+            key,
             {
                 "label": run.label,
+                "seed": seed,
                 "target_density": run.density,
                 "density": result.density,
                 "overrides": run.overrides,
                 "accuracy": acc,
                 "retention": acc / teacher_acc,
+                "correct": correct,
                 "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
                 "total_parameters": [params["total_before"], params["total_after"]],
                 "heads_left": heads_left(result.report),

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from benchmarks import accuracy_ner
+from benchmarks import accuracy_ner, evidence
 
 
 def test_accuracy_ner_quick_run_writes_every_record_model_and_interval(tmp_path):
@@ -41,6 +41,11 @@ def test_accuracy_ner_quick_run_writes_every_record_model_and_interval(tmp_path)
     assert interval["low"] <= interval["high"]
     accuracy_ner.main(args)  # resumes: nothing is redone
     assert json.loads(out.read_text())["records"] == records
+    section = evidence.ner_section(data)
+    rows = [line.split(" | ")[0] for line in section.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| teacher", "| GRAIN", "| whole heads + FFN"]  # after the header
+    assert "(2 seeds)" in section and "seeds 0, 1" in section
+    assert "- grain-5 - head-5: " in section and "(2 seeds pooled)" in section
 
 
 def test_f1_statistic_pools_counts_over_sentences():

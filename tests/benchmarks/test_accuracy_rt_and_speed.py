@@ -45,6 +45,10 @@ def test_accuracy_sweep_records_each_run(sweep):
         )
         assert record["encoder_parameters"][1] < record["encoder_parameters"][0]
         assert record["heads_left"] == sum(layer["heads"] for layer in record["layers"])
+        assert record["seed"] == 0 and len(record["correct"]) == data["meta"]["held_out_rows"]
+        assert record["accuracy"] == pytest.approx(
+            record["correct"].count("1") / len(record["correct"])
+        )
         assert (root / "models" / f"rt-{name}.pt2").exists()
         assert not (root / "models" / f"rt-{name}.ckpt").exists()
     assert records["head-5"]["heads_left"] > 0
