@@ -168,14 +168,15 @@ def peer_section(peer: dict) -> str:
     """What torch-pruning did and what it could not do, from its capabilities record."""
     caps = peer["records"].get("capabilities", {})
     lines = []
-    for key, r in sorted(peer["records"].items()):
-        if key.startswith("tp-"):
-            lines.append(
-                f"- {r['library']} at {r['target_density']:.0%}: {r['accuracy']:.2%} "
-                f"({r['retention']:.1%} of the teacher), heads per layer {r['heads']}, "
-                f"FFN widths {r['ffn']}; {r['speedup_batch32']:.2f}x faster than the "
-                f"dense model at batch 32 (eager, 2 threads)."
-            )
+    for _, rs in sorted(by_run(peer["records"]).items()):
+        r = rs[0]
+        lines.append(
+            f"- {r['library']} at {r['target_density']:.0%}: "
+            f"{over_seeds([x['accuracy'] for x in rs], '.2%')} "
+            f"({over_seeds([x['retention'] for x in rs], '.1%')} of the teacher), heads per "
+            f"layer {r['heads']}, FFN widths {r['ffn']}; {r['speedup_batch32']:.2f}x faster "
+            f"than the dense model at batch 32 (eager, 2 threads)."
+        )
     for value in caps.get("saving", {}).values():
         lines.append(
             f"- saving, {value['how']}: {'works' if value['works'] else 'fails'} "

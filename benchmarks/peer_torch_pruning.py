@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from benchmarks.accuracy_rt import rt_setup
-from benchmarks.common import RESULTS, ResultStore, machine
+from benchmarks.accuracy_rt import rt_setup, scored
+from benchmarks.common import RESULTS, ResultStore, machine, seed_key
 from grainfx import demo
 from grainfx.data import accuracy, text_batches
 from grainfx.distill import HiddenMaps, kd_loss
@@ -446,6 +446,9 @@ def capabilities(student, batch: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=[r.name for r in RUNS])
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="seeds of every run (data order, init)"
+    )
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--prune-steps", type=int, default=5, help="iterative pruning steps")
@@ -475,7 +478,6 @@ def main(argv=None) -> int:
     teacher, tokenizer, train, test = rt_setup(args.quick)
     teacher.eval()
     held_out = text_batches(test, tokenizer, 64, shuffle=False)
-    train_batches = text_batches(train, tokenizer, 32, shuffle=True, group_by_length=True)
     timing_batch = next(iter(text_batches(test, tokenizer, 32, shuffle=False)))
     timing_batch.pop("labels")
     store = ResultStore(
@@ -508,24 +510,28 @@ def main(argv=None) -> int:
         )
     teacher_acc = store.records["teacher"]["accuracy"]
     print(f"teacher held-out accuracy {teacher_acc:.2%}, encoder {dense_encoder:,} parameters")
-    runs = [r for r in RUNS if not args.only or r.name in args.only]
-    for i, run in enumerate(runs, 1):
-        if run.name in store:
-            print(f"[{i}/{len(runs)}] {run.name}: done before, skipped")
+    todo = [(r, s) for s in args.seeds for r in RUNS if not args.only or r.name in args.only]
+    for i, (run, seed) in enumerate(todo, 1):
+        key = seed_key(run.name, seed)
+        if key in store and "correct" in store.records[key]:
+            print(f"[{i}/{len(todo)}] {key}: done before, skipped")
             continue
         began = time.perf_counter()
+        train_batches = text_batches(
+            train, tokenizer, 32, shuffle=True, group_by_length=True, seed=seed
+        )
         grain = None if args.quick else grain_target(args.grain, run)
         density = run.quick_density if args.quick else run.density
         target = grain if grain is not None else round(density * dense_encoder)
         plan_ = plan(teacher, target)
         print(
-            f"[{i}/{len(runs)}] {run.name}: target {target:,} encoder parameters "
+            f"[{i}/{len(todo)}] {key}: target {target:,} encoder parameters "
             f"({'GRAIN' if grain is not None else 'density'}): keep {plan_['heads']} heads, "
             f"{plan_['ffn']} FFN neurons ({plan_['encoder_parameters']:,})",
             flush=True,
         )
         student = copy.deepcopy(teacher)
-        torch.manual_seed(demo.SEED)
+        torch.manual_seed(demo.SEED + seed)
         heads = prune(
             student,
             dict(timing_batch),
@@ -548,8 +554,10 @@ def main(argv=None) -> int:
             f"  pruned: accuracy {pruned_acc:.2%} before distillation, logits {shape}", flush=True
         )
         steps = 4 if args.quick else max(1, int(args.epochs * len(train_batches)))
-        losses = distil(student, teacher, train_batches, steps, args.learning_rate, demo.SEED)
-        acc = accuracy(student, held_out)
+        losses = distil(
+            student, teacher, train_batches, steps, args.learning_rate, demo.SEED + seed
+        )
+        acc, correct = scored(student, held_out)
         torch.set_num_threads(2)
         times = interleaved_medians(
             {
@@ -562,13 +570,15 @@ def main(argv=None) -> int:
         if "capabilities" not in store:
             store.put("capabilities", capabilities(student, dict(timing_batch)))
         args.models.mkdir(parents=True, exist_ok=True)
-        torch.save(without_capture_hooks(student), args.models / f"rt-{run.name}.pt")
+        torch.save(without_capture_hooks(student), args.models / f"rt-{key}.pt")
         widths = layer_widths(student)
         encoder = encoder_parameters(student)
         store.put(
-            run.name,
+            key,
             {
                 "library": f"torch-pruning {tp.__version__}",
+                "seed": seed,
+                "correct": correct,
                 "target_density": density,
                 "target_encoder_parameters": target,
                 "target_from": "grain" if grain else "density",

@@ -38,7 +38,8 @@ def test_quick_run_prunes_to_the_target_and_records_it(tmp_path):
         assert run["heads"][0] >= 1 and len(run["heads"]) == len(teacher["layers"])
         assert sum(run["ffn"]) == run["plan"]["ffn"]
         assert 0 <= run["accuracy"] <= 1 and run["logits_shape"] == [32, 2]
-        assert run["speedup_batch32"] > 0 and run["steps"] == 4
+        assert run["speedup_batch32"] > 0 and run["steps"] == 4 and run["seed"] == 0
+        assert run["accuracy"] == run["correct"].count("1") / len(run["correct"])
         assert (tmp_path / "models" / f"rt-{name}.pt").exists()
     caps = records["capabilities"]
     assert caps["unequal_head_sizes"]["possible"] is False
