@@ -375,6 +375,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 "structure_alpha": args.structure_alpha,
                 "granularity": args.granularity,
                 "ema_beta": args.ema_beta,
+                "latency_aware": args.latency_aware or None,
+                "latency_shape": _latency_shape(args.latency_shape),
             }.items()
             if v is not None
         }
@@ -641,6 +643,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latency_shape(text: str | None) -> tuple[int, ...] | None:
+    """'8x128' -> (8, 128); None stays None (GrainConfig's default)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise CLIError(
+            f"--latency-shape must be BATCHxSEQUENCE, e.g. 8x128, got {text!r}"
+        ) from None
+
+
 def _ema_beta(text: str) -> float | str:
     """A number, or the text itself ('auto'; anything else GrainConfig refuses in one line)."""
     try:
@@ -713,6 +727,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--granularity",
         choices=["intra", "head"],
         help="intra: query/value units and FFN neurons (default); head: whole heads",
+    )
+    c.add_argument(
+        "--latency-aware",
+        action="store_true",
+        help="rank query units by importance per unit of latency (priced on this machine): "
+        "fewer, fuller heads, a faster compact model",
+    )
+    c.add_argument(
+        "--latency-shape",
+        help="BATCHxSEQUENCE the compact model will serve, for --latency-aware (default 8x128)",
     )
     c.add_argument(
         "--batch-size",

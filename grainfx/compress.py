@@ -397,6 +397,8 @@ def compress(
     report = build_report(
         getattr(compact, KEPT_ATTR), structure, history, 1.0 - float(sparsity), config, original
     )
+    if trainer.importance.prices:
+        report["latency_prices"] = dict(trainer.importance.prices)
     return CompressionResult(
         module=compact,
         density=report["density"],

@@ -46,6 +46,11 @@ class GrainConfig:
     classification), ``"labeled"`` distils the positions whose label is not -100 (the first
     sub-token of each word), ``"all"`` every non-padding position.
 
+    ``latency_aware``: rank query units by importance per unit of latency: a unit's cost is
+    its own projection plus its share of its head's sequence x sequence work (priced on this
+    machine at ``latency_shape`` = (batch, sequence), see :mod:`grainfx.latency`), so heads
+    with few query units lose them first and the compact model has fewer, fuller heads.
+
     ``embedding_rank``: factorize the word embedding by truncated SVD to this rank (a table of
     width r and a projection to the model width, both trained); None (default) keeps it.
     ``output_name``: the model output to distil when it is neither ``logits`` nor the only one.
@@ -73,6 +78,8 @@ class GrainConfig:
     granularity: str = "intra"
     query_heads: bool = True
     kd_positions: str = "labeled"
+    latency_aware: bool = False
+    latency_shape: tuple[int, int] = (8, 128)
     embedding_rank: int | None = None
     output_name: str | None = None
     max_bad_steps: int = 20
@@ -115,6 +122,7 @@ class GrainConfig:
             "gradient_separation",
             "random_scores",
             "query_heads",
+            "latency_aware",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
@@ -128,6 +136,22 @@ class GrainConfig:
             raise ConfigError(
                 f"GrainConfig: kd_positions must be one of {KD_POSITIONS}, got "
                 f"{self.kd_positions!r}"
+            )
+        shape = self.latency_shape
+        if (
+            not isinstance(shape, (tuple, list))
+            or len(shape) != 2
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape)
+        ):
+            raise ConfigError(
+                f"GrainConfig: latency_shape must be (batch, sequence), two ints >= 1, got "
+                f"{shape!r}"
+            )
+        object.__setattr__(self, "latency_shape", tuple(shape))  # JSON gives a list
+        if self.latency_aware and self.granularity != "intra":
+            raise ConfigError(
+                "GrainConfig: latency_aware prices query units, and granularity="
+                f"{self.granularity!r} has none; use granularity='intra' or latency_aware=False"
             )
         if self.output_name is not None and not isinstance(self.output_name, str):
             raise ConfigError(

@@ -8,6 +8,7 @@ from typing import Iterable, Mapping
 import torch
 
 from grainfx.config import ConfigError, GrainConfig
+from grainfx.latency import head_prices
 from passes.structure import Structure
 
 
@@ -24,8 +25,16 @@ class ScoreGroup:
 class Importance:
     """Smoothed |dL/dm| scores of every unit and the pruning decisions made from them."""
 
-    def __init__(self, structure: Structure, config: GrainConfig, total_steps: int = 0):
-        """``total_steps``: the run's length, which ``ema_beta="auto"`` needs."""
+    def __init__(
+        self,
+        structure: Structure,
+        config: GrainConfig,
+        total_steps: int = 0,
+        prices: Mapping[str, float] | None = None,
+    ):
+        """``total_steps``: the run's length, which ``ema_beta="auto"`` needs. ``prices``:
+        under ``latency_aware``, the fixed cost of a head of each query mask in query-unit
+        projections (:func:`grainfx.latency.head_prices`); measured here when not given."""
         self.structure, self.config = structure, config
         if config.ema_beta == "auto" and total_steps < 1:
             raise ConfigError(
@@ -52,6 +61,9 @@ class Importance:
                 for b in structure.ffn
             ]
         self.scores = {g.name: torch.zeros(g.shape) for g in self.groups}
+        if config.latency_aware and prices is None:
+            prices = head_prices(structure, config.latency_shape)
+        self.prices = dict(prices or {}) if config.latency_aware else {}
         self._random = torch.Generator().manual_seed(config.seed)
 
     def raw(
@@ -126,7 +138,8 @@ class Importance:
             return {name: m.detach().clone() for name, m in masks.items()}
         alive = self._alive(masks)
         names = [g.name for g in self.groups]
-        flat_scores = torch.cat([self.scores[n].flatten() for n in names])
+        ranked = self.ranked_scores(alive)
+        flat_scores = torch.cat([ranked[n].flatten() for n in names])
         flat_alive = torch.cat([alive[n].flatten() for n in names])
         sizes = [self.scores[n].numel() for n in names]
         candidates = torch.nonzero(flat_alive).flatten()
@@ -147,15 +160,27 @@ class Importance:
                 low = mid + 1
         return masks_after(low)
 
+    def ranked_scores(self, alive: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The scores the ranking compares: the EMA scores, and under ``latency_aware`` a
+        query unit's score divided by its cost, 1 (its own projection) plus its share of its
+        key/value group's fixed cost (the price over the group's query units still alive)."""
+        ranked = dict(self.scores)
+        for name, price in self.prices.items():
+            left = alive[name].sum(dim=-1, keepdim=True).clamp(min=1)
+            ranked[name] = self.scores[name] / (1 + price / left)
+        return ranked
+
     def state_dict(self) -> dict:
         return {
             "scores": {k: v.clone() for k, v in self.scores.items()},
             "random": self._random.get_state(),
+            "prices": dict(self.prices),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.scores = {k: v.clone() for k, v in state["scores"].items()}
         self._random.set_state(state["random"])
+        self.prices = dict(state.get("prices", self.prices))
 
 
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:

@@ -276,6 +276,16 @@ def run_here(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str,
             "ema_beta must be a number in [0, 1) or 'auto', got 'fast'",
         ),
         (
+            "latency shape",
+            ["model", "--data", "data.csv", "--latency-aware", "--latency-shape", "8by128"],
+            "--latency-shape must be BATCHxSEQUENCE, e.g. 8x128, got '8by128'",
+        ),
+        (
+            "latency shape size",
+            ["model", "--data", "data.csv", "--latency-aware", "--latency-shape", "8x0"],
+            "latency_shape must be (batch, sequence), two ints >= 1, got (8, 0)",
+        ),
+        (
             "data is a folder",
             ["model", "--data", "data_dir"],
             "data_dir is a folder: give a .csv or a .jsonl file",

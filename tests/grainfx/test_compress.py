@@ -246,6 +246,23 @@ def test_structure_regularization_leaves_fewer_heads():
     assert sum(layer["heads"] for layer in with_reg.report["layers"]) == heads_kept(with_reg.masks)
 
 
+def test_latency_aware_run_records_its_prices_and_keeps_fewer_query_heads():
+    """The same run with and without latency-aware ranking: the prices are measured and
+    reported, the density is the same, and fewer heads keep query units."""
+    plain, *_ = run(0.8)
+    aware, *_ = run(0.8, latency_aware=True, latency_shape=(2, 16))
+    assert plain.report.get("latency_prices") is None
+    prices = aware.report["latency_prices"]
+    assert set(prices) == {b.mask_names()["qk"] for b in aware.structure.attention}
+    assert all(p > 0 for p in prices.values())
+    assert abs(aware.density - plain.density) < 0.02
+
+    def with_queries(result):
+        return sum(int(result.masks[name].any(dim=-1).sum()) for name in prices)
+
+    assert with_queries(aware) <= with_queries(plain)
+
+
 # -- determinism --------------------------------------------------------------------------------
 
 

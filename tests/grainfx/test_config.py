@@ -152,3 +152,16 @@ def test_auto_ema_beta_needs_the_runs_length():
     with pytest.raises(ConfigError, match="total_steps"):
         Importance(structure("bert-sdpa"), GrainConfig(ema_beta="auto"))
     assert Importance(structure("bert-sdpa"), GrainConfig(ema_beta="auto"), 500).beta < 0.998
+
+
+@pytest.mark.parametrize("shape", [(8,), (0, 128), (8, 1.5), "8x128", (True, 4)])
+def test_latency_shape_must_be_two_positive_ints(shape):
+    with pytest.raises(ConfigError, match="latency_shape must be \\(batch, sequence\\)"):
+        GrainConfig(latency_shape=shape)
+
+
+def test_latency_shape_from_json_is_a_tuple_and_head_granularity_refuses_latency():
+    config = GrainConfig.from_dict({**GrainConfig().to_dict(), "latency_shape": [4, 64]})
+    assert config.latency_shape == (4, 64)
+    with pytest.raises(ConfigError, match="granularity='intra' or latency_aware=False"):
+        GrainConfig(latency_aware=True, granularity="head")

@@ -251,3 +251,51 @@ def test_all_finite():
     assert all_finite([torch.ones(2), None, torch.zeros(())])
     assert not all_finite([torch.ones(2), torch.tensor([1.0, float("nan")])])
     assert not all_finite([torch.tensor(float("inf"))])
+
+
+# -- latency-aware ranking ---------------------------------------------------------------------
+
+
+def test_latency_aware_ranking_ends_with_fewer_fuller_heads(structure):
+    """Same scores, same density: pricing each head's sequence x sequence work makes the
+    ranking empty whole heads of query units instead of thinning every head."""
+    config = GrainConfig()
+    plain = Importance(structure, config)
+    prices = {b.mask_names()["qk"]: 20.0 for b in structure.attention}
+    aware = Importance(structure, GrainConfig(latency_aware=True), prices=prices)
+    random_scores(plain, seed=3)
+    aware.scores = {k: v.clone() for k, v in plain.scores.items()}
+    masks_plain = masks_aware = structure.ones()
+    for target in (0.8, 0.6, 0.4, 0.3):
+        masks_plain = plain.prune(masks_plain, target)
+        masks_aware = aware.prune(masks_aware, target)
+        assert structure.density(masks_aware) <= target + 1e-12
+
+    def heads_with_queries(masks):
+        return sum(int(masks[name].any(dim=-1).sum()) for name in prices)
+
+    assert heads_with_queries(masks_aware) < heads_with_queries(masks_plain)
+
+
+def test_latency_aware_divides_query_scores_by_their_cost(structure):
+    name = structure.attention[0].mask_names()["qk"]
+    aware = Importance(structure, GrainConfig(latency_aware=True), prices={name: 6.0})
+    random_scores(aware, seed=0)
+    alive = {n: torch.ones(s.shape, dtype=torch.bool) for n, s in aware.scores.items()}
+    alive[name][0, 2:] = False  # 2 query units left in head 0
+    ranked = aware.ranked_scores(alive)
+    width = alive[name].shape[1]
+    assert torch.allclose(ranked[name][0], aware.scores[name][0] / (1 + 6.0 / 2))
+    assert torch.allclose(ranked[name][1], aware.scores[name][1] / (1 + 6.0 / width))
+    for other in set(ranked) - {name}:  # value units, FFN neurons, other blocks: unchanged
+        assert torch.equal(ranked[other], aware.scores[other])
+
+
+def test_latency_prices_are_measured_positive_and_survive_a_checkpoint(structure):
+    aware = Importance(structure, GrainConfig(latency_aware=True, latency_shape=(2, 16)))
+    assert set(aware.prices) == {b.mask_names()["qk"] for b in structure.attention}
+    assert all(math.isfinite(p) and p > 0 for p in aware.prices.values())
+    again = Importance(structure, GrainConfig(latency_aware=True), prices={"x": 1.0})
+    again.load_state_dict(aware.state_dict())
+    assert again.prices == aware.prices
+    assert Importance(structure, GrainConfig()).prices == {}
