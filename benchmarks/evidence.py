@@ -205,8 +205,12 @@ def ner_section(ner: dict) -> str:
         f"below). **Budget**: every student gets {meta['epochs']:g} epochs of GRAIN (batches "
         f"of {meta['batch_size']}, {budget}) at {meta['learning_rate']:g}, "
         f"distillation temperature {meta['temperature']:g} (at the default 8 the teacher's "
-        f"per-token targets over 21 labels are nearly flat and the students learn little), "
-        + (f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. " if seeds else "")
+        f"per-token targets over 21 labels are nearly flat and the students learn little)"
+        + (
+            f", seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}. "
+            if seeds
+            else ". "
+        )
         + f"Unless the row "
         f"says otherwise, the logits are distilled at the labelled positions only (the first "
         f'sub-token of each word, `kd_positions="labeled"`) and the importance EMA has 3 '
