@@ -57,9 +57,10 @@ MODERN_FAMILIES = (
     "clip_vision",
     "falcon",
     "falcon_gqa",
+    "bloom",
 )
 #: Families that transformers runs with eager attention only.
-EAGER_ONLY = ("gemma2", "mpnet")
+EAGER_ONLY = ("gemma2", "mpnet", "bloom")
 #: Families that read images.
 IMAGE_FAMILIES = ("vit", "dinov2", "clip_vision")
 #: Encoder-decoder families: they also read ``decoder_input_ids``.
@@ -227,6 +228,16 @@ def _modern_config_and_class(family: str):
             bos_token_id=1,
             eos_token_id=2,
         ), T.FalconForCausalLM
+    if family == "bloom":  # ALiBi added by baddbmm in a (batch * heads) layout, fused QKV
+        return T.BloomConfig(
+            vocab_size=VOCAB,
+            hidden_size=MODERN_HIDDEN,
+            n_layer=LAYERS,
+            n_head=HEADS,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ), T.BloomForCausalLM
     if family == "cohere":  # parallel block added as (stream + attention) + FFN
         return T.CohereConfig(num_key_value_heads=2, **common), T.CohereForCausalLM
     if family == "granite":  # residual multiplier between block output and residual add

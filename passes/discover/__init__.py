@@ -167,7 +167,8 @@ def discover(gm: fx.GraphModule) -> Structure:
                 f"no attention found: {len(softmaxes)} softmax nodes read no q @ k^T matmul; "
                 f"the first, at {module_label(softmaxes[0])}, reads {source.target} "
                 f"({source.name}) where the matmul (aten.matmul / bmm, then elementwise ops "
-                f"only) was expected; scores in a (batch * heads) layout are not followed yet "
+                f"only) was expected; products in a (batch * heads) layout are followed where "
+                f"their operands are head merges of (batch, heads, seq, head size) tensors "
                 f"(print(gm.graph) shows what was captured)"
             )
         raise NoAttentionFoundError(
