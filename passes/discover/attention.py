@@ -162,7 +162,7 @@ def eager_block(softmax: fx.Node, name: str) -> AttentionBlock | None:
     heads, head_dim, qo, ko, vo = _operands(
         q, arg_node(k_t, 0), arg_node(chain.context, 1), softmax
     )
-    relative, relative_ops = _relative_terms(chain, q, (qo, ko), heads, head_dim)
+    relative, relative_ops = _relative_terms(chain, q, (qo, ko, vo), heads, head_dim)
     scores: dict[str, Any] = (
         dict(score_biases=chain.biases)
         if chain.canonical and not relative
@@ -221,12 +221,16 @@ def _term_ops(
 
 
 def _relative_terms(
-    chain: ScoreChain, q: fx.Node, operands: tuple[Operand, Operand], heads: int, head_dim: int
+    chain: ScoreChain,
+    q: fx.Node,
+    operands: tuple[Operand, Operand, Operand],
+    heads: int,
+    head_dim: int,
 ) -> tuple[tuple[RelativeTerm, ...], tuple[str, ...]]:
     """Disentangled relative-position terms added to the scores of ``chain`` (DeBERTa):
     matmuls of the block's queries or keys with projected position embeddings, and the ops
     from them to the scores. ``((), ())`` where the scores add none."""
-    qo, ko = operands
+    qo, ko, vo = operands
     inside = set(chain.ops) | {chain.matmul}
     ops: dict[fx.Node, bool] = {}
     terms: list[fx.Node] = []
@@ -238,28 +242,34 @@ def _relative_terms(
     for matmul in terms:
         content, pos_t = (as_node(a) for a in matmul.args)
         role = _content_role(content, q, qo, ko, heads, head_dim)
-        if role is None or not is_op(pos_t, [aten.transpose.int, aten.permute.default]):
+        pos = arg_node(pos_t, 0)
+        dims = shape(pos)
+        if (
+            role is None
+            or not is_op(pos_t, [aten.transpose.int, aten.permute.default])
+            or dims is None
+            or dims[0] != 1
+        ):
             raise UnsupportedArchitectureError(
                 f"attention scores at {module_label(chain.matmul)} add a product "
                 f"{module_label(matmul)} that is not the queries or keys times transposed "
-                f"position embeddings; grainfx prunes relative-position terms of that form "
-                f"(DeBERTa's content-to-position and position-to-content)"
+                f"position embeddings (batch 1); grainfx prunes relative-position terms of "
+                f"that form (DeBERTa's content-to-position and position-to-content)"
             )
-        pos = arg_node(pos_t, 0)
         po = trace_operand(pos, "key" if role == "q" else "query", heads, head_dim)
-        paired = ko if role == "q" else qo
-        shared = po.projection.weight in (qo.projection.weight, ko.projection.weight)
+        owner = {qo.projection.weight: qo, ko.projection.weight: ko}.get(po.projection.weight)
         if (
             po.scale != 1.0
             or po.rope is not None
             or po.norm is not None
-            or (shared and po.projection.output_rows() != paired.projection.output_rows())
+            or po.projection.weight == vo.projection.weight
+            or (owner is not None and po.projection.output_rows() != owner.projection.output_rows())
         ):
             raise UnsupportedArchitectureError(
                 f"the position embeddings of relative term {module_label(matmul)} are scaled, "
-                f"rotated, normed or reuse other rows of W_Q / W_K than the "
-                f"{'keys' if role == 'q' else 'queries'} they stand in for; grainfx prunes "
-                f"relative-position terms whose projection pairs with the same head dims"
+                f"rotated, normed, projected by W_V or by other rows of W_Q / W_K than the "
+                f"content's; grainfx prunes relative-position terms whose position projection "
+                f"has one row per query/key head dim"
             )
         found.append(RelativeTerm(role, matmul.name, pos.name, po.projection))
     order = {n: i for i, n in enumerate(chain.matmul.graph.nodes)}

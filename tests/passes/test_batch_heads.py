@@ -84,3 +84,48 @@ def test_eager_attention_in_the_heads_layout_is_unchanged():
     gm = captured("bert-eager")
     assert aten.bmm.default not in _targets(gm)
     assert sum(1 for n in gm.graph.nodes if n.target is aten.matmul.default) == 4
+
+
+class DisentangledScores(torch.nn.Module):
+    """DeBERTa's layout: q, k and v merged to (batch * heads, seq, head size), the keys
+    scaled by a constant tensor before the product, and a content-to-position term: the keys'
+    projection of position embeddings (batch 1, repeated over the batch) times the queries,
+    gathered along positions."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(16, 16) for _ in range(4))
+        self.positions = torch.nn.Parameter(torch.randn(6, 16))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+
+        def heads(y, n):
+            return y.view(-1, n, 2, 8).permute(0, 2, 1, 3).contiguous().view(-1, n, 8)
+
+        q, k, v = (heads(p(x), t) for p in (self.q, self.k, self.v))
+        pos_k = heads(self.k(self.positions[None]), 6).repeat(b, 1, 1)
+        scores = torch.bmm(q, k.transpose(-1, -2) / torch.tensor(8.0).sqrt())
+        relative = torch.arange(t)[:, None] - torch.arange(t)[None, :]
+        index = (relative.clamp(-3, 2) + 3)[None].expand(b * 2, t, t)
+        scores = scores + torch.gather(torch.bmm(q, pos_k.transpose(-1, -2)), -1, index)
+        probs = scores.view(-1, 2, t, t).softmax(-1)
+        ctx = torch.bmm(probs.view(-1, t, t), v).view(-1, 2, t, 8).permute(0, 2, 1, 3)
+        return {"out": self.o(ctx.reshape(b, t, 16))}
+
+
+def test_disentangled_scores_are_lifted_and_found_with_their_relative_term():
+    module = DisentangledScores().eval()
+    gm = capture(module, {"x": torch.randn(2, 5, 16)})
+    assert aten.bmm.default not in _targets(gm)
+    gather = next(n for n in gm.graph.nodes if n.target is aten.gather.default)
+    assert len(shape(gather.args[2])) == 4
+    for batch in (2, 3):
+        x = torch.randn(batch, 5, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x=x)["out"], module(x=x)["out"])
+    (block,) = discover(gm).attention
+    assert block.scale == pytest.approx(8**-0.5)  # the constant tensor's value
+    (term,) = block.relative
+    assert term.content == "q" and term.projection.weight == block.k.weight

@@ -369,3 +369,43 @@ def test_a_softmax_that_reads_no_score_matmul_is_named_in_the_error():
         NoAttentionFoundError, match=r"the first, at softmax.*reads aten\.view.*head merges"
     ):
         discover(gm)
+
+
+@pytest.mark.parametrize(("arch", "own"), [("deberta_v3-eager", 0), ("deberta_v2-eager", 2)])
+def test_disentangled_attention_has_relative_terms_and_query_units_span_both_uses(arch, own):
+    s = structure(arch)
+    for block in s.attention:
+        assert [t.content for t in block.relative] == ["q", "k"]
+        assert len(block.relative_projections) == own
+        content = block.q.params_per_output() + block.k.params_per_output()
+        assert block.query_unit_params == content * (1 + own // 2)
+        assert block.relative_ops and block.score_ops
+    # the relative position embeddings and their norm, shared by the layers, go with them all
+    assert {blocks for _, blocks in s.score_params} == {("attn0", "attn1")}
+    assert "relative-position terms (content-to-position, position-to-content)" in str(s)
+
+
+class _ProductOfBatchTensors(torch.nn.Module):
+    """Scores plus a product of the queries with another projection of the input (batch B),
+    transposed: not a relative-position term."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o, self.p = (torch.nn.Linear(16, 16) for _ in range(5))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v, p = (
+            lin(x).view(b, t, 2, 8).transpose(1, 2) for lin in (self.q, self.k, self.v, self.p)
+        )
+        scores = q @ k.transpose(-1, -2) * 0.3 + (q @ p.transpose(-1, -2)).transpose(-1, -2)
+        ctx = scores.softmax(-1) @ v
+        return {"out": self.o(ctx.transpose(1, 2).reshape(b, t, 16))}
+
+
+def test_a_product_added_to_the_scores_that_is_no_relative_term_is_refused():
+    from passes.errors import UnsupportedArchitectureError
+
+    gm = capture(_ProductOfBatchTensors().eval(), {"x": torch.randn(2, 5, 16)})
+    with pytest.raises(UnsupportedArchitectureError, match=r"add a product .*position embeddings"):
+        discover(gm)
