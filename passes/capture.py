@@ -6,7 +6,9 @@ dimensions, then rebuilt as a plain :class:`torch.fx.GraphModule` that
 * is called with the same keyword arguments as the model (``gm(**example_inputs)``),
 * returns a dict of tensors keyed by the model's output names (``logits``, ...),
 * holds aten ops and its own parameters only, so it runs, pickles and re-exports without
-  the library that defined the model.
+  the library that defined the model,
+* computes attention in the (batch, heads, seq, head size) layout: products in a
+  (batch * heads) layout are lifted back into it (:mod:`passes.batch_heads`).
 
 Preserves computation: yes (the captured graph equals the model, dropout frozen by mode).
 """
@@ -21,6 +23,7 @@ from torch import fx
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from passes.batch_heads import lift_batch_heads
 from passes.errors import CaptureError, InvalidInputsError
 
 #: Attribute names that every module returned by the passes carries.
@@ -158,7 +161,9 @@ def _capture_copy(
             f"{type(clone).__name__} failed on the example inputs {shapes}: {exc}".splitlines()[0]
         ) from exc
     clone.train(train)
-    return _plain_graph_module(_export(clone, export_inputs), inputs, names)
+    gm = _plain_graph_module(_export(clone, export_inputs), inputs, names)
+    lift_batch_heads(gm)
+    return gm
 
 
 def capture(

@@ -46,8 +46,9 @@ def _insert_mask(
     expand: Expand | None,
     user: fx.Node | None,
     shape_: list[int] | None = None,
-) -> None:
-    """Multiply ``at`` by the mask ``mask``: for all users of ``at``, or for ``user``.
+) -> fx.Node:
+    """Multiply ``at`` by the mask ``mask``: for all users of ``at``, or for ``user``; return
+    the product.
 
     ``expand`` (or None) adds the graph ops that turn the stored mask into per-head layout;
     the result is reshaped to ``shape_`` (default: flat).
@@ -62,6 +63,7 @@ def _insert_mask(
         at.replace_all_uses_with(mul, delete_user_cb=lambda n: n is not mul)
     else:
         user.replace_input_with(at, mul)
+    return mul
 
 
 def _node(nodes: dict[str, fx.Node], name: str | None, width: int) -> fx.Node:
@@ -88,6 +90,21 @@ def _reader(nodes: dict[str, fx.Node], name: str | None, value: fx.Node) -> fx.N
             f"graph"
         )
     return reader
+
+
+def _mask_relative_terms(
+    graph: fx.Graph, nodes: dict[str, fx.Node], block: AttentionBlock, q: fx.Node, masked: fx.Node
+) -> None:
+    """The query mask in every relative-position term too (one query unit spans both uses of
+    W_Q and W_K): content-to-position terms read the masked queries, position-to-content
+    terms multiply their projected positions (W_Q's rows) by the mask."""
+    for term in block.relative:
+        if term.content == "q":
+            _reader(nodes, term.matmul, q).replace_input_with(q, masked)
+        else:
+            pos = _node(nodes, term.operand, block.head_dim)
+            shape_ = [block.num_heads, 1, block.head_dim]
+            _insert_mask(graph, pos, block.mask_names()["qk"], _expand_qk(block), None, shape_)
 
 
 def _expand_qk(block: AttentionBlock) -> Expand | None:
@@ -173,7 +190,7 @@ def instrument(
         names = block.mask_names()
         if "qk" in names:
             q = _node(nodes, block.q_operand, block.head_dim)
-            _insert_mask(
+            masked = _insert_mask(
                 graph,
                 q,
                 names["qk"],
@@ -181,6 +198,7 @@ def instrument(
                 _reader(nodes, block.q_reader, q),
                 [block.num_heads, 1, block.head_dim],
             )
+            _mask_relative_terms(graph, nodes, block, q, masked)
         ctx = _node(nodes, block.o.input, block.num_heads * block.head_dim)
         _insert_mask(
             graph, ctx, names["vo"], _expand_vo(block), _reader(nodes, block.o.input_user, ctx)

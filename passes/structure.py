@@ -65,6 +65,24 @@ class HeadNorm:
 
 
 @dataclass(frozen=True)
+class RelativeTerm:
+    """A disentangled relative-position term of the scores (DeBERTa's content-to-position and
+    position-to-content): per head, the block's queries (``content == "q"``) or keys
+    (``"k"``) times relative position embeddings projected by ``projection`` (W_K's rows for
+    queries, W_Q's for keys, or projections of their own), computed by ``matmul``;
+    ``operand`` is the projected embeddings (1, heads, positions, head size) it reads.
+
+    Query unit (h, j) spans both uses of W_Q and W_K: row j of head h in the content and the
+    position projections alike, so removing it removes dim j from every term exactly.
+    """
+
+    content: str
+    matmul: str
+    operand: str
+    projection: Projection
+
+
+@dataclass(frozen=True)
 class AttentionBlock:
     """One attention block: projections, head layout and what the scores are made of.
 
@@ -78,6 +96,9 @@ class AttentionBlock:
     pass through more than a scale, additive biases and casts (soft-capping, ``where`` masks):
     the nodes from the score matmul to the context matmul, in graph order, replayed by the
     rewrite; ``scale`` then only holds the factors applied to q and k before the matmul.
+    ``relative`` lists disentangled relative-position terms added to the scores, and
+    ``relative_ops`` the nodes from their matmuls to the sum that joins the scores (graph
+    order, the matmuls left out), replayed per bucket of heads.
     """
 
     name: str
@@ -101,6 +122,8 @@ class AttentionBlock:
     k_norm: HeadNorm | None = None
     q_operand: str | None = None
     q_reader: str | None = None
+    relative: tuple[RelativeTerm, ...] = ()
+    relative_ops: tuple[str, ...] = ()
 
     @property
     def kv_heads(self) -> int:
@@ -159,7 +182,24 @@ class AttentionBlock:
         """Parameters of the largest query unit (a rotary pair, or one dim): W_Q rows of every
         query head of the group, the W_K row, their biases."""
         dims = 2 if self.rotary_dims else 1
-        return dims * (self.group_size * self.q.params_per_output() + self.k.params_per_output())
+        return dims * (
+            self.group_size * self.q.params_per_output()
+            + self.k.params_per_output()
+            + self.relative_params_per_dim
+        )
+
+    @property
+    def relative_projections(self) -> tuple[Projection, ...]:
+        """Position projections of the relative terms with weights of their own (not W_Q's
+        or W_K's)."""
+        own = {self.q.weight, self.k.weight}
+        found = {t.projection.weight: t.projection for t in self.relative}
+        return tuple(p for w, p in found.items() if w not in own)
+
+    @property
+    def relative_params_per_dim(self) -> int:
+        """Parameters of the relative position projections of their own per query dim."""
+        return sum(p.params_per_output() for p in self.relative_projections)
 
     @property
     def value_unit_params(self) -> int:
@@ -209,6 +249,7 @@ class AttentionBlock:
         return (
             int(qk.sum()) * self.q.params_per_output()
             + int(group_qk.sum()) * self.k.params_per_output()
+            + int(qk.sum()) * self.relative_params_per_dim
             + int(group_vo.sum()) * self.v.params_per_output()
             + int(vo.sum()) * self.o.out_features
             + (norms if bool(live.any()) else 0)
@@ -361,7 +402,7 @@ class Structure:
     def covered(self) -> dict[str, tuple[str, ...]]:
         """``{block name: weights of the linear layers its units cover}``."""
         blocks: list[tuple[str, tuple[Projection | None, ...]]]
-        blocks = [(b.name, (b.q, b.k, b.v, b.o)) for b in self.attention]
+        blocks = [(b.name, (b.q, b.k, b.v, b.o) + b.relative_projections) for b in self.attention]
         blocks += [(b.name, (b.up, b.gate, b.down)) for b in self.ffn]
         return {
             name: tuple(dict.fromkeys(p.weight for p in projections if p is not None))
@@ -410,6 +451,16 @@ class Structure:
                 parts.append(
                     f"query units not offered: a norm over the query/key head dims "
                     f"(at {norm.output}) makes removing one inexact"
+                )
+            if block.relative:
+                kinds = ", ".join(
+                    "content-to-position" if t.content == "q" else "position-to-content"
+                    for t in block.relative
+                )
+                parts.append(
+                    f"{len(block.relative)} relative-position terms ({kinds}) reuse the "
+                    f"query/key projections on position embeddings: a query unit spans "
+                    f"both uses of its W_Q and W_K rows"
                 )
             if block.score_ops:
                 parts.append(

@@ -57,9 +57,12 @@ MODERN_FAMILIES = (
     "clip_vision",
     "falcon",
     "falcon_gqa",
+    "bloom",
+    "deberta_v2",
+    "deberta_v3",
 )
 #: Families that transformers runs with eager attention only.
-EAGER_ONLY = ("gemma2", "mpnet")
+EAGER_ONLY = ("gemma2", "mpnet", "bloom", "deberta_v2", "deberta_v3")
 #: Families that read images.
 IMAGE_FAMILIES = ("vit", "dinov2", "clip_vision")
 #: Encoder-decoder families: they also read ``decoder_input_ids``.
@@ -227,6 +230,31 @@ def _modern_config_and_class(family: str):
             bos_token_id=1,
             eos_token_id=2,
         ), T.FalconForCausalLM
+    if family == "bloom":  # ALiBi added by baddbmm in a (batch * heads) layout, fused QKV
+        return T.BloomConfig(
+            vocab_size=VOCAB,
+            hidden_size=MODERN_HIDDEN,
+            n_layer=LAYERS,
+            n_head=HEADS,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ), T.BloomForCausalLM
+    if family in ("deberta_v2", "deberta_v3"):
+        # disentangled attention in a (batch * heads) layout: content-to-position and
+        # position-to-content terms on relative embeddings shared across layers; v3 reuses
+        # W_Q and W_K on them (share_att_key), v2 here has position projections of its own
+        shared = family == "deberta_v3"
+        config = T.DebertaV2Config(
+            relative_attention=True,
+            pos_att_type=["c2p", "p2c"],
+            position_buckets=8,
+            norm_rel_ebd="layer_norm",
+            share_att_key=shared,
+            **common,
+        )
+        cls = T.DebertaV2ForSequenceClassification if shared else T.DebertaV2Model
+        return config, cls
     if family == "cohere":  # parallel block added as (stream + attention) + FFN
         return T.CohereConfig(num_key_value_heads=2, **common), T.CohereForCausalLM
     if family == "granite":  # residual multiplier between block output and residual add

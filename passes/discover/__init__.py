@@ -5,9 +5,10 @@ between two matmuls, then traced back to the Q, K and V projections (``aten.line
 view-addmm-view, or pieces of a fused projection) through small recognizers: head splits,
 casts, scales, norms over the head dims, rotary embeddings and key/value head repeats
 (:mod:`passes.discover.operand`), and forward through the head merge to the output
-projection. An FFN is a projection whose output reaches exactly one other projection through
-elementwise ops only, and whose result is added back to the residual stream. Module names are
-used in messages only.
+projection. Products of the queries or keys with projected position embeddings added to the
+scores are disentangled relative-position terms (DeBERTa). An FFN is a projection whose
+output reaches exactly one other projection through elementwise ops only, and whose result
+is added back to the residual stream. Module names are used in messages only.
 
 Preserves computation: it does not change the graph.
 """
@@ -62,7 +63,7 @@ def _uncovered(
     and the end of the last layer (its last add of two computed tensors of the residual
     stream's shape, that of ``stream``, the first block's input)."""
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    covered = {p.weight for b in attention for p in (b.q, b.k, b.v, b.o)}
+    covered = {p.weight for b in attention for p in (b.q, b.k, b.v, b.o) + b.relative_projections}
     covered |= {p.weight for b in ffn for p in (b.up, b.gate, b.down) if p is not None}
     start = min(order[p.node] for b in attention for p in (b.q, b.k, b.v))
     residual = shape(stream)
@@ -112,10 +113,13 @@ def _score_params(
         return ()
     seen = ancestors((n for n in gm.graph.nodes if is_impure(n)), cut)  # live without them
     params = dict(gm.named_parameters(remove_duplicate=False))
+    units = {  # relative-position projections of their own are in units already
+        name for b in attention for p in b.relative_projections for name in (p.weight, p.bias)
+    }
     return tuple(
         (params[a.target].numel(), tuple(sorted(blocks)))
         for a, blocks in readers.items()
-        if a not in seen and a.target in params
+        if a not in seen and a.target in params and a.target not in units
     )
 
 
@@ -167,7 +171,8 @@ def discover(gm: fx.GraphModule) -> Structure:
                 f"no attention found: {len(softmaxes)} softmax nodes read no q @ k^T matmul; "
                 f"the first, at {module_label(softmaxes[0])}, reads {source.target} "
                 f"({source.name}) where the matmul (aten.matmul / bmm, then elementwise ops "
-                f"only) was expected; scores in a (batch * heads) layout are not followed yet "
+                f"only) was expected; products in a (batch * heads) layout are followed where "
+                f"their operands are head merges of (batch, heads, seq, head size) tensors "
                 f"(print(gm.graph) shows what was captured)"
             )
         raise NoAttentionFoundError(

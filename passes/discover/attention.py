@@ -9,7 +9,7 @@ from typing import Any
 from torch import fx
 
 from passes.discover.operand import Operand, trace_operand
-from passes.discover.scores import score_chain
+from passes.discover.scores import MATMUL, ScoreChain, elementwise, score_chain
 from passes.errors import DiscoverError, UnsupportedArchitectureError
 from passes.graph import (
     LAYOUT_OPS,
@@ -24,7 +24,7 @@ from passes.graph import (
     shape,
     static,
 )
-from passes.structure import AttentionBlock
+from passes.structure import AttentionBlock, RelativeTerm
 
 SOFTMAX = {aten.softmax.int, aten._softmax.default}
 SDPA = {aten.scaled_dot_product_attention.default}
@@ -162,11 +162,20 @@ def eager_block(softmax: fx.Node, name: str) -> AttentionBlock | None:
     heads, head_dim, qo, ko, vo = _operands(
         q, arg_node(k_t, 0), arg_node(chain.context, 1), softmax
     )
-    scores = (
+    relative, relative_ops = _relative_terms(chain, q, (qo, ko, vo), heads, head_dim)
+    scores: dict[str, Any] = (
         dict(score_biases=chain.biases)
-        if chain.canonical
+        if chain.canonical and not relative
         else dict(score_ops=tuple(n.name for n in chain.ops))
     )
+    if relative:
+        if ko.heads != heads:
+            raise UnsupportedArchitectureError(
+                f"attention at {module_label(softmax)} adds relative-position terms and "
+                f"shares key/value heads; grainfx prunes relative-position terms with one "
+                f"key/value head per query head"
+            )
+        scores.update(relative=relative, relative_ops=relative_ops)
     return _block(
         name,
         "eager",
@@ -180,3 +189,107 @@ def eager_block(softmax: fx.Node, name: str) -> AttentionBlock | None:
         chain.scale,
         **scores,
     )
+
+
+_RELATIVE_DEPTH = 16
+
+
+def _term_ops(
+    node: fx.Node, heads: int, ops: dict[fx.Node, bool], terms: list[fx.Node], depth: int
+) -> bool:
+    """True when ``node`` (one entry per head) is computed from score matmuls by transposes,
+    gathers along positions and elementwise ops; records those matmuls in ``terms`` and
+    whether each op visited leads to one in ``ops``."""
+    if is_op(node, MATMUL):
+        if node not in terms:
+            terms.append(node)
+        return True
+    if node in ops:
+        return ops[node]
+    dims = shape(node)
+    if depth == 0 or dims is None or len(dims) != 4 or dims[1] != heads:
+        return False
+    if is_op(node, [aten.transpose.int, aten.gather.default]):
+        inputs = [arg_node(node, 0)]
+    elif elementwise(node):
+        inputs = node.all_input_nodes
+    else:
+        inputs = []
+    found = [_term_ops(a, heads, ops, terms, depth - 1) for a in inputs]
+    ops[node] = any(found)
+    return ops[node]
+
+
+def _relative_terms(
+    chain: ScoreChain,
+    q: fx.Node,
+    operands: tuple[Operand, Operand, Operand],
+    heads: int,
+    head_dim: int,
+) -> tuple[tuple[RelativeTerm, ...], tuple[str, ...]]:
+    """Disentangled relative-position terms added to the scores of ``chain`` (DeBERTa):
+    matmuls of the block's queries or keys with projected position embeddings, and the ops
+    from them to the scores. ``((), ())`` where the scores add none."""
+    qo, ko, vo = operands
+    inside = set(chain.ops) | {chain.matmul}
+    ops: dict[fx.Node, bool] = {}
+    terms: list[fx.Node] = []
+    for op in chain.ops:
+        for arg in op.all_input_nodes:
+            if arg not in inside:
+                _term_ops(arg, heads, ops, terms, _RELATIVE_DEPTH)
+    found = []
+    for matmul in terms:
+        content, pos_t = (as_node(a) for a in matmul.args)
+        role = _content_role(content, q, qo, ko, heads, head_dim)
+        pos = arg_node(pos_t, 0)
+        dims = shape(pos)
+        if (
+            role is None
+            or not is_op(pos_t, [aten.transpose.int, aten.permute.default])
+            or dims is None
+            or dims[0] != 1
+        ):
+            raise UnsupportedArchitectureError(
+                f"attention scores at {module_label(chain.matmul)} add a product "
+                f"{module_label(matmul)} that is not the queries or keys times transposed "
+                f"position embeddings (batch 1); grainfx prunes relative-position terms of "
+                f"that form (DeBERTa's content-to-position and position-to-content)"
+            )
+        po = trace_operand(pos, "key" if role == "q" else "query", heads, head_dim)
+        owner = {qo.projection.weight: qo, ko.projection.weight: ko}.get(po.projection.weight)
+        if (
+            po.scale != 1.0
+            or po.rope is not None
+            or po.norm is not None
+            or po.projection.weight == vo.projection.weight
+            or (owner is not None and po.projection.output_rows() != owner.projection.output_rows())
+        ):
+            raise UnsupportedArchitectureError(
+                f"the position embeddings of relative term {module_label(matmul)} are scaled, "
+                f"rotated, normed, projected by W_V or by other rows of W_Q / W_K than the "
+                f"content's; grainfx prunes relative-position terms whose position projection "
+                f"has one row per query/key head dim"
+            )
+        found.append(RelativeTerm(role, matmul.name, pos.name, po.projection))
+    order = {n: i for i, n in enumerate(chain.matmul.graph.nodes)}
+    relative_ops = sorted((n for n, leads in ops.items() if leads), key=order.__getitem__)
+    return tuple(found), tuple(n.name for n in relative_ops)
+
+
+def _content_role(
+    node: fx.Node, q: fx.Node, qo: Operand, ko: Operand, heads: int, head_dim: int
+) -> str | None:
+    """``"q"`` or ``"k"`` when ``node`` is the block's queries or keys straight from their
+    projection (no scale, rotation or norm on the way), else None."""
+    if node is q and qo.scale == 1.0 and qo.rope is None and qo.norm is None:
+        return "q"
+    try:
+        traced = trace_operand(node, "key", heads, head_dim)
+    except DiscoverError:
+        return None
+    if traced.scale != 1.0 or traced.rope is not None or traced.norm is not None:
+        return None
+    if traced.projection == ko.projection:
+        return "k"
+    return "q" if traced.projection == qo.projection else None

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, overload
 
+import torch
 from torch import fx
 
-from passes.graph import CAST_OPS, arg_node, aten, is_op, shape, static
+from passes.graph import CAST_OPS, arg_node, aten, attr_tensor, is_op, shape, static
 
 #: ``slice(x, dim, 0, end)`` with this end (or larger) reaches the end of ``dim``.
 _END = 2**62
@@ -18,7 +19,31 @@ def scalar(value: fx.node.Argument) -> float | None:
         return float(value)
     if isinstance(value, fx.Node) and is_op(value, [aten.full.default]) and value.args[0] == []:
         return float(value.args[1])  # type: ignore[arg-type]  # full's fill value: a number
-    return None
+    constant = _constant_scalar(value, _DEPTH) if isinstance(value, fx.Node) else None
+    return None if constant is None else float(constant)
+
+
+_DEPTH = 8
+
+
+def _constant_scalar(node: fx.Node, depth: int) -> torch.Tensor | None:
+    """The value of a 0-dim tensor computed from constant tensors (not parameters) alone in
+    a few ops, as DeBERTa's ``sqrt(tensor(head_size) * 3)``; else None."""
+    if depth == 0 or shape(node) != ():
+        return None
+    gm = node.graph.owning_module
+    if node.op == "get_attr" and gm is not None:
+        value = attr_tensor(gm, node)
+        if not isinstance(value, torch.Tensor) or isinstance(value, torch.nn.Parameter):
+            return None
+        return value.detach().clone()
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    values = {a: _constant_scalar(a, depth - 1) for a in node.all_input_nodes}
+    if any(v is None for v in values.values()):
+        return None
+    result = node.target(*fx.node.map_arg(node.args, values.get), **node.kwargs)
+    return result if isinstance(result, torch.Tensor) and result.dim() == 0 else None
 
 
 def is_noop_slice(node: fx.Node) -> bool:

@@ -51,7 +51,8 @@ class ScoreChain:
     biases: tuple[str, ...]
 
 
-def _elementwise(node: fx.Node) -> bool:
+def elementwise(node: fx.Node) -> bool:
+    """True for an elementwise op (pointwise, a cast, dropout, masked_fill)."""
     return node.op == "call_function" and (
         node.target in _ELEMENTWISE
         or (
@@ -65,7 +66,7 @@ def _leads_to_matmul(node: fx.Node, steps: int = _LOOKBACK) -> bool:
     """True when ``node`` is a matmul or computed from one by elementwise ops."""
     if is_op(node, MATMUL):
         return True
-    if steps == 0 or not _elementwise(node):
+    if steps == 0 or not elementwise(node):
         return False
     return any(_leads_to_matmul(a, steps - 1) for a in node.all_input_nodes)
 
@@ -88,7 +89,7 @@ def _before_softmax(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """The score matmul behind ``softmax`` and the ops between them (softmax last)."""
     cur, ops = arg_node(softmax, 0), [softmax]
     while not is_op(cur, MATMUL):
-        if not _elementwise(cur):
+        if not elementwise(cur):
             _refuse_non_elementwise(cur)
             return None
         leading = [a for a in cur.all_input_nodes if _leads_to_matmul(a)]
@@ -115,7 +116,7 @@ def _after_softmax(softmax: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
         user = users[0]
         if is_op(user, MATMUL):
             return (user, ops) if user.args[0] is cur else None
-        if not _elementwise(user):
+        if not elementwise(user):
             return None
         ops.append(user)
         cur = user
@@ -168,6 +169,6 @@ def score_source(softmax: fx.Node) -> fx.Node:
     """The first op behind ``softmax`` that is not elementwise (following first arguments):
     what a softmax that is not attention's computes its input from, for messages."""
     cur = arg_node(softmax, 0)
-    while _elementwise(cur) and cur.all_input_nodes:
+    while elementwise(cur) and cur.all_input_nodes:
         cur = cur.all_input_nodes[0]
     return cur

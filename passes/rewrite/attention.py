@@ -10,6 +10,10 @@ cos/sin tables are gathered to match, so positions stay exact at every length. U
 bucket holds whole key/value groups: keys and values are projected once per group and
 repeated to the bucket's query heads. A norm over the head dims is replayed from the
 model's own nodes.
+
+Disentangled relative-position terms (DeBERTa) are computed per bucket from the kept rows of
+their position projections, which read the compact W_Q / W_K themselves where the model
+shares them, and the model's own ops from there to the scores are replayed.
 """
 
 from __future__ import annotations
@@ -123,7 +127,11 @@ def rewrite_attention(
         index["v"].append(
             [i for grp in groups for i in _offset(_dims(vdims[rep[grp]], wv), grp * d)]
         )
-    pieces = _project(emit, block, index, x_q, x_kv, merge)
+    pieces = (
+        _project_relative(emit, nodes, block, index, x_q, x_kv)
+        if block.relative
+        else _project(emit, block, index, x_q, x_kv, merge)
+    )
     biases = _score_biases(nodes, block)
     contexts, o_index = [], []
     for b, ((wp, ws, wv), heads) in enumerate(buckets.items()):
@@ -147,7 +155,12 @@ def rewrite_attention(
             k = emit.call(aten.index_select.default, k, 1, select)
             v = emit.call(aten.index_select.default, v, 1, select)
         if block.score_ops:
-            ctx = _replay_scores(emit, nodes, block, q, k, v, heads, b)
+            terms = (
+                _relative_terms(emit, nodes, block, pieces, (q, k), heads, b, 2 * wp + ws)
+                if block.relative
+                else None
+            )
+            ctx = _replay_scores(emit, nodes, block, q, k, v, heads, b, terms)
         else:
             ctx = emit.call(
                 aten.scaled_dot_product_attention.default,
@@ -205,14 +218,16 @@ def _replay_scores(
     v: fx.Node,
     heads: list[int],
     bucket: int,
+    known: dict[fx.Node, fx.Node] | None = None,
 ) -> fx.Node:
     """Attention of one bucket through the model's own score chain (``block.score_ops``):
-    inputs of the chain with one entry per head are sliced to ``heads``."""
+    inputs of the chain with one entry per head are sliced to ``heads``; ``known`` maps
+    inputs already computed for the bucket (relative-position terms) to their values."""
     scores = emit.call(aten.matmul.default, q, emit.call(aten.transpose.int, k, -2, -1))
     if block.scale != 1.0:
         scores = emit.call(aten.mul.Tensor, scores, block.scale)
     assert block.q_reader is not None  # eager blocks name the node that reads the scores
-    env = {nodes[block.q_reader]: scores}
+    env = {nodes[block.q_reader]: scores, **(known or {})}
 
     def arg(node: fx.Node) -> fx.Node:
         if node not in env:
@@ -225,6 +240,76 @@ def _replay_scores(
         for name in block.score_ops:
             env[nodes[name]] = emit.graph.node_copy(nodes[name], arg)
     return emit.call(aten.matmul.default, env[nodes[block.score_ops[-1]]], v)
+
+
+def _relative_terms(
+    emit: Emitter,
+    nodes: dict[str, fx.Node],
+    block: AttentionBlock,
+    pieces: dict[str, list[fx.Node]],
+    qk: tuple[fx.Node, fx.Node],
+    heads: list[int],
+    bucket: int,
+    width: int,
+) -> dict[fx.Node, fx.Node]:
+    """The relative-position terms of one bucket (``block.relative``): its queries or keys
+    times its piece of the position projections, then the model's own ops up to the sum
+    added to the scores (``block.relative_ops``), inputs with one entry per head sliced to
+    ``heads``. Returns ``{model node: bucket node}`` for that sum."""
+    env: dict[fx.Node, fx.Node] = {}
+    for i, term in enumerate(block.relative):
+        pos = _heads(emit, pieces[f"rel{i}"][bucket], len(heads), width)
+        content = qk[0] if term.content == "q" else qk[1]
+        env[nodes[term.matmul]] = emit.call(
+            aten.matmul.default, content, emit.call(aten.transpose.int, pos, -1, -2)
+        )
+
+    def arg(node: fx.Node) -> fx.Node:
+        if node not in env:
+            sliced = _heads_of(emit, node, block, heads, bucket, f"_{node.name}")
+            assert sliced is not None  # a node in, a node out
+            env[node] = sliced
+        return env[node]
+
+    with emit.graph.inserting_before(emit.anchor):
+        for name in block.relative_ops:
+            env[nodes[name]] = emit.graph.node_copy(nodes[name], arg)
+    last = nodes[block.relative_ops[-1]]
+    return {last: env[last]}
+
+
+def _project_relative(
+    emit: Emitter,
+    nodes: dict[str, fx.Node],
+    block: AttentionBlock,
+    index: dict[str, list[list[int]]],
+    x_q: fx.Node,
+    x_kv: fx.Node,
+) -> dict[str, list[fx.Node]]:
+    """The Q, K and V projections one by one, and the position projections of the relative
+    terms (``rel0``, ...), per bucket. A position projection with W_K's (W_Q's) rows reads
+    the compact key (query) weights themselves: its kept rows are those of the keys (queries)
+    it pairs with, and they are stored once."""
+    sources = {"q": (block.q, x_q, index["q"]), "k": (block.k, x_kv, index["k"])}
+    sources["v"] = (block.v, x_kv, index["v"])
+    for i, term in enumerate(block.relative):
+        paired = index["k"] if term.content == "q" else index["q"]
+        sources[f"rel{i}"] = (term.projection, nodes[term.projection.input], paired)
+    weights: dict[tuple, tuple[fx.Node, fx.Node | None]] = {}
+    pieces: dict[str, list[fx.Node]] = {}
+    for role, (proj, x, parts) in sources.items():
+        flat = [i for part in parts for i in part]
+        key = (proj.weight, tuple(proj.output_rows()), tuple(flat))
+        if key not in weights:
+            bias = proj.linear_bias(emit.gm)
+            weights[key] = emit.padded(role, proj.linear_weight(emit.gm), bias, flat)
+        y = emit.call(aten.linear.default, x, *weights[key])
+        if len(parts) == 1:
+            pieces[role] = [y]
+            continue
+        split = emit.call(aten.split_with_sizes.default, y, [len(p) for p in parts], -1)
+        pieces[role] = [emit.call(operator.getitem, split, i) for i in range(len(parts))]
+    return pieces
 
 
 def _rotate(

@@ -304,7 +304,8 @@ def test_every_linear_inside_the_layers_is_covered_by_units(arch):
     assert s.uncovered == ()
     covered = s.covered()
     for block in s.attention:  # fused projections (one weight for Q, K and V) count once
-        assert 2 <= len(covered[block.name]) <= 4
+        # (DeBERTa-v2: position projections of their own)
+        assert 2 <= len(covered[block.name]) <= 4 + len(block.relative_projections)
     for block in s.ffn:
         assert len(covered[block.name]) == (
             2 if block.gate is None or block.gate.weight == block.up.weight else 3
@@ -344,9 +345,10 @@ def test_linear_layers_no_unit_covers_are_named_in_a_warning_and_the_structure()
     assert "3 linear layers inside the transformer layers are not covered" in str(s)
 
 
-class _BatchHeadScores(torch.nn.Module):
-    """Attention whose scores come from ``baddbmm`` in a (batch * heads, seq, seq) layout
-    (BLOOM's ALiBi)."""
+class _UnsplitBatchHeadScores(torch.nn.Module):
+    """Attention whose scores come from ``baddbmm`` in a (batch * heads, seq, seq) layout,
+    q, k and v being projections viewed as 3-d directly, not merged from a (batch, heads, seq,
+    head size) split: capture cannot lift it."""
 
     def __init__(self):
         super().__init__()
@@ -354,17 +356,56 @@ class _BatchHeadScores(torch.nn.Module):
 
     def forward(self, x):
         b, t, _ = x.shape
-        q, k, v = (
-            p(x).view(b, t, 2, 8).transpose(1, 2).reshape(b * 2, t, 8)
-            for p in (self.q, self.k, self.v)
-        )
+        q, k, v = (p(x).view(b * 2, t, 8) for p in (self.q, self.k, self.v))
         bias = torch.zeros(b * 2, 1, t)
         probs = torch.baddbmm(bias, q, k.transpose(1, 2)).view(b, 2, t, t).softmax(-1)
-        ctx = torch.bmm(probs.view(b * 2, t, t), v).view(b, 2, t, 8)
-        return {"out": self.o(ctx.transpose(1, 2).reshape(b, t, 16))}
+        ctx = torch.bmm(probs.view(b * 2, t, t), v).view(b, t, 16)
+        return {"out": self.o(ctx)}
 
 
 def test_a_softmax_that_reads_no_score_matmul_is_named_in_the_error():
-    gm = capture(_BatchHeadScores().eval(), {"x": torch.randn(2, 5, 16)})
-    with pytest.raises(NoAttentionFoundError, match=r"the first, at softmax.*reads aten\.view"):
+    gm = capture(_UnsplitBatchHeadScores().eval(), {"x": torch.randn(2, 5, 16)})
+    with pytest.raises(
+        NoAttentionFoundError, match=r"the first, at softmax.*reads aten\.view.*head merges"
+    ):
+        discover(gm)
+
+
+@pytest.mark.parametrize(("arch", "own"), [("deberta_v3-eager", 0), ("deberta_v2-eager", 2)])
+def test_disentangled_attention_has_relative_terms_and_query_units_span_both_uses(arch, own):
+    s = structure(arch)
+    for block in s.attention:
+        assert [t.content for t in block.relative] == ["q", "k"]
+        assert len(block.relative_projections) == own
+        content = block.q.params_per_output() + block.k.params_per_output()
+        assert block.query_unit_params == content * (1 + own // 2)
+        assert block.relative_ops and block.score_ops
+    # the relative position embeddings and their norm, shared by the layers, go with them all
+    assert {blocks for _, blocks in s.score_params} == {("attn0", "attn1")}
+    assert "relative-position terms (content-to-position, position-to-content)" in str(s)
+
+
+class _ProductOfBatchTensors(torch.nn.Module):
+    """Scores plus a product of the queries with another projection of the input (batch B),
+    transposed: not a relative-position term."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o, self.p = (torch.nn.Linear(16, 16) for _ in range(5))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v, p = (
+            lin(x).view(b, t, 2, 8).transpose(1, 2) for lin in (self.q, self.k, self.v, self.p)
+        )
+        scores = q @ k.transpose(-1, -2) * 0.3 + (q @ p.transpose(-1, -2)).transpose(-1, -2)
+        ctx = scores.softmax(-1) @ v
+        return {"out": self.o(ctx.transpose(1, 2).reshape(b, t, 16))}
+
+
+def test_a_product_added_to_the_scores_that_is_no_relative_term_is_refused():
+    from passes.errors import UnsupportedArchitectureError
+
+    gm = capture(_ProductOfBatchTensors().eval(), {"x": torch.randn(2, 5, 16)})
+    with pytest.raises(UnsupportedArchitectureError, match=r"add a product .*position embeddings"):
         discover(gm)

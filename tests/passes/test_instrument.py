@@ -294,3 +294,35 @@ def test_train_and_eval_graphs_share_masks():
         bad = dict(mask_buffers(eval_masked))
         bad["ffn0"] = torch.ones(3)
         instrument(train_gm, s, masks=bad)
+
+
+@pytest.mark.parametrize("arch", ["deberta_v2-eager", "deberta_v3-eager"])
+def test_a_query_unit_of_disentangled_attention_is_its_rows_in_every_use(arch):
+    """Masking query unit (h, j) equals zeroing row j of head h in W_Q and W_K (and in the
+    position projections of their own) everywhere: content and relative-position terms."""
+    struct = structure(arch)
+    (block,) = (b for b in struct.attention if b.name == "attn0")
+    assert [t.content for t in block.relative] == ["q", "k"]
+    graph = instrument(captured(arch), struct)
+    masks = struct.ones()
+    masks["attn0.qk"][1, 3] = 0
+    masks["attn0.qk"][2, :] = 0
+    set_masks(graph, masks)
+    reference = copy.deepcopy(model(arch))
+    attention = next(
+        m for n, m in reference.named_modules() if n.endswith("layer.0.attention.self")
+    )
+    names = ("query_proj", "key_proj", "pos_key_proj", "pos_query_proj")
+    projections = [getattr(attention, n) for n in names if hasattr(attention, n)]
+    assert len(projections) == (2 if arch.startswith("deberta_v3") else 4)
+    rows = [block.head_dim + 3] + list(range(2 * block.head_dim, 3 * block.head_dim))
+    with torch.no_grad():
+        for linear in projections:
+            linear.weight[rows] = 0
+            linear.bias[rows] = 0
+        inputs = example_inputs(arch, 3, 11)
+        expected, actual = reference(**inputs), graph(**inputs)
+        dense = model(arch)(**inputs)
+    key = next(iter(actual))
+    torch.testing.assert_close(actual[key], expected[key], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(actual[key], dense[key], atol=1e-3)

@@ -287,3 +287,26 @@ def test_x_at_w_transposed_projections_are_pruned_exactly(seed, keep):
     with torch.no_grad():
         assert_close(graph(x=x), compact(x=x))
     assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)
+
+
+@functools.cache
+def _disentangled():
+    from tests.passes.test_batch_heads import DisentangledScores
+
+    gm = passes.capture(DisentangledScores().eval(), {"x": torch.randn(2, 5, 16)})
+    struct = passes.discover(gm)
+    return struct, passes.instrument(gm, struct)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(kind=st.sampled_from(KINDS[:-1]), seed=st.integers(0, 2**16), keep=st.floats(0.0, 1.0))
+def test_a_content_to_position_term_alone_is_pruned_exactly(kind, seed, keep):
+    struct, graph = _disentangled()
+    masks = draw_masks(struct, kind, seed, keep)
+    passes.set_masks(graph, masks)
+    compact = passes.rewrite(graph, struct, bucket=1 + seed % 8)
+    for batch in (2, 3):
+        x = torch.randn(batch, 5, 16, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            assert_close(graph(x=x), compact(x=x))
+    assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)

@@ -35,7 +35,9 @@ def compact(arch: str, seed: int = 0):
     return passes.rewrite(graph, struct)
 
 
-@pytest.mark.parametrize("arch", ["bert-sdpa", "gpt2-eager", "llama-sdpa"])
+@pytest.mark.parametrize(
+    "arch", ["bert-sdpa", "gpt2-eager", "llama-sdpa", "bloom-eager", "deberta_v3-eager"]
+)
 def test_saved_model_loads_in_a_process_without_transformers(arch, tmp_path):
     module = compact(arch)
     path = grainfx.save(module, tmp_path / "model.pt2")
