@@ -287,3 +287,90 @@ def test_x_at_w_transposed_projections_are_pruned_exactly(seed, keep):
     with torch.no_grad():
         assert_close(graph(x=x), compact(x=x))
     assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)
+
+
+#: Blocks whose heads without query units run as a mean of their values: bidirectional and
+#: causal, sdpa and eager, with a padding mask and without one, GQA, cross attention.
+QUERY_LESS = [
+    "bert-sdpa",
+    "bert-eager",
+    "gpt2-sdpa",
+    "gpt2-eager",
+    "llama-sdpa",
+    "llama-eager",
+    "vit-sdpa",
+    "bart-sdpa",
+    "t5-sdpa",
+]
+#: Blocks that keep the scores for them: a sliding window (Mistral), a relative position
+#: bias (T5's self attention), soft-capping and sliding windows (Gemma 2).
+QUERY_LESS_SCORED = ["mistral-sdpa", "t5-eager", "gemma2-eager"]
+
+
+def query_less_masks(struct: passes.Structure, seed: int, keep: float) -> dict[str, torch.Tensor]:
+    """Random masks in which every block has heads with value units and no query units."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = draw_masks(struct, "random", seed, keep)
+    for block in struct.attention:
+        names = block.mask_names()
+        heads = torch.randperm(block.kv_heads, generator=gen)[: 1 + seed % block.kv_heads]
+        masks[names["qk"]][heads] = 0
+        masks[names["vo"]][heads[0], 0] = 1
+        if "heads" in names:  # a live query head in the group
+            masks[names["heads"]][heads[0] * block.group_size] = 1
+    return masks
+
+
+def without_padding(arch: str, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    inputs = example_inputs(arch, batch, seq, seed=seed)
+    if "attention_mask" in inputs:
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    return inputs
+
+
+@pytest.mark.parametrize("arch", QUERY_LESS + QUERY_LESS_SCORED)
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**16), keep=st.floats(0.0, 1.0), padded=st.booleans())
+def test_heads_without_query_units_are_a_mean_of_their_values(arch, seed, keep, padded):
+    struct, graph = structure(arch), masked(arch)
+    masks = query_less_masks(struct, seed, keep)
+    passes.set_masks(graph, masks)
+    compact = passes.rewrite(graph, struct, bucket=1 + seed % 4)
+    means = [n for n in compact.graph.nodes if "query_less_mean" in n.name]
+    flagged = [
+        h
+        for layer in compact.grainfx_kept["layers"]
+        for h in layer["heads"]
+        if h.get("query_less_mean")
+    ]
+    assert all(h["query"] == 0 and h["value"] > 0 for h in flagged)
+    if arch in QUERY_LESS_SCORED:
+        assert not means and not flagged
+    else:
+        assert means and flagged
+    make = example_inputs if padded else without_padding
+    with torch.no_grad():
+        for batch, seq in SHAPES:
+            inputs = make(arch, batch, seq, seed=seed)
+            assert_close(graph(**inputs), compact(**inputs))
+    assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)
+
+
+@pytest.mark.parametrize("arch", ["bert-sdpa", "bert-eager", "gpt2-sdpa", "gpt2-eager"])
+def test_a_query_that_sees_no_key_gets_what_the_masked_model_gives(arch):
+    """A fully padded row: sdpa gives zeros, a softmax over a finite masked value the mean of
+    every value; left padding leaves causal queries with no key at all."""
+    struct, graph = structure(arch), masked(arch)
+    masks = struct.ones()
+    for block in struct.attention:
+        masks[block.mask_names()["qk"]].zero_()
+    passes.set_masks(graph, masks)
+    compact = passes.rewrite(graph, struct)
+    inputs = example_inputs(arch, 3, 7)
+    inputs["attention_mask"][1] = 0
+    inputs["attention_mask"][2, :3] = 0
+    with torch.no_grad():
+        expected, actual = graph(**inputs), compact(**inputs)
+    assert not any(torch.isnan(t).any() for t in expected.values())
+    assert_close(expected, actual)
+    assert sdpa_count(compact) == 0

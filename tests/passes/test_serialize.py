@@ -152,3 +152,24 @@ def test_compiled_compact_module_matches_eager(arch):
             inputs = example_inputs(arch, batch, seq, seed=batch)
             expected, actual = module(**inputs), compiled(**inputs)
             assert torch.allclose(expected["logits"], actual["logits"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert-sdpa", "gpt2-eager", "llama-sdpa"])
+def test_heads_computed_as_means_save_and_load(arch, tmp_path):
+    """Heads without query units (a masked or running mean of their values) re-export with
+    dynamic batch and sequence."""
+    struct = structure(arch)
+    graph = passes.instrument(captured(arch), struct)
+    masks = struct.ones()
+    for block in struct.attention:
+        masks[block.mask_names()["qk"]][: block.kv_heads // 2] = 0
+    passes.set_masks(graph, masks)
+    module = passes.rewrite(graph, struct)
+    assert any("query_less_mean" in n.name for n in module.graph.nodes)
+    loaded = grainfx.load(grainfx.save(module, tmp_path / "model.pt2"))
+    with torch.no_grad():
+        for batch, seq in ((3, 10), (1, 5)):
+            inputs = example_inputs(arch, batch, seq, seed=2)
+            expected, actual = module(**inputs), loaded(**inputs)
+            for name, value in expected.items():
+                torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-5)
