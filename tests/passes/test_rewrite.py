@@ -289,8 +289,9 @@ def test_x_at_w_transposed_projections_are_pruned_exactly(seed, keep):
     assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)
 
 
-#: Blocks whose heads without query units run as a mean of their values: bidirectional and
-#: causal, sdpa and eager, with a padding mask and without one, GQA, cross attention.
+#: Architectures whose heads without query units run as a mean of their values in every
+#: block: bidirectional and causal, sdpa and eager, a padding mask or none, GQA, a scale
+#: dividing the scores in place (Falcon), encoder, decoder and cross attention (BART).
 QUERY_LESS = [
     "bert-sdpa",
     "bert-eager",
@@ -300,11 +301,18 @@ QUERY_LESS = [
     "llama-eager",
     "vit-sdpa",
     "bart-sdpa",
-    "t5-sdpa",
+    "falcon-eager",
 ]
-#: Blocks that keep the scores for them: a sliding window (Mistral), a relative position
-#: bias (T5's self attention), soft-capping and sliding windows (Gemma 2).
-QUERY_LESS_SCORED = ["mistral-sdpa", "t5-eager", "gemma2-eager"]
+#: Blocks that run them as means where the model mixes them with blocks that keep the scores:
+#: T5's self attention has a relative position bias (its cross attention none); Gemma 2's
+#: first layer a sliding window (its second soft-caps the scores: tanh(0) = 0).
+QUERY_LESS_MIXED = {
+    "t5-sdpa": [False, False, False, True, False, True],
+    "gemma2-eager": [False, True],
+}
+#: Architectures that keep the scores for them everywhere: a sliding window (Mistral), a
+#: relative position bias (T5 eager: the cross attention's zero bias is added to the mask).
+QUERY_LESS_SCORED = ["mistral-sdpa", "t5-eager"]
 
 
 def query_less_masks(struct: passes.Structure, seed: int, keep: float) -> dict[str, torch.Tensor]:
@@ -328,7 +336,7 @@ def without_padding(arch: str, batch: int, seq: int, seed: int) -> dict[str, tor
     return inputs
 
 
-@pytest.mark.parametrize("arch", QUERY_LESS + QUERY_LESS_SCORED)
+@pytest.mark.parametrize("arch", QUERY_LESS + list(QUERY_LESS_MIXED) + QUERY_LESS_SCORED)
 @settings(max_examples=4, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 2**16), keep=st.floats(0.0, 1.0), padded=st.booleans())
 def test_heads_without_query_units_are_a_mean_of_their_values(arch, seed, keep, padded):
@@ -336,18 +344,13 @@ def test_heads_without_query_units_are_a_mean_of_their_values(arch, seed, keep, 
     masks = query_less_masks(struct, seed, keep)
     passes.set_masks(graph, masks)
     compact = passes.rewrite(graph, struct, bucket=1 + seed % 4)
+    layers = compact.grainfx_kept["layers"]
+    flagged = [[h for h in layer["heads"] if h.get("query_less_mean")] for layer in layers]
+    assert all(h["query"] == 0 and h["value"] > 0 for heads in flagged for h in heads)
+    expected = QUERY_LESS_MIXED.get(arch, [arch in QUERY_LESS] * len(layers))
+    assert [bool(heads) for heads in flagged] == expected
     means = [n for n in compact.graph.nodes if "query_less_mean" in n.name]
-    flagged = [
-        h
-        for layer in compact.grainfx_kept["layers"]
-        for h in layer["heads"]
-        if h.get("query_less_mean")
-    ]
-    assert all(h["query"] == 0 and h["value"] > 0 for h in flagged)
-    if arch in QUERY_LESS_SCORED:
-        assert not means and not flagged
-    else:
-        assert means and flagged
+    assert len(means) == sum(expected)
     make = example_inputs if padded else without_padding
     with torch.no_grad():
         for batch, seq in SHAPES:
