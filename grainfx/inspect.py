@@ -15,7 +15,8 @@ from passes.rewrite import KEPT_ATTR
 @dataclass(frozen=True)
 class LayerInfo:
     """One layer of a compact model: kept heads with their query / value units, FFN width,
-    and forward FLOPs per sequence (kept and dense)."""
+    and forward FLOPs per sequence (kept and dense). ``query_less`` counts the heads without
+    query units that run without scores, as the mean of their values."""
 
     layer: int
     heads: int
@@ -28,12 +29,14 @@ class LayerInfo:
     ffn_dense: int
     flops: float
     flops_dense: float
+    query_less: int = 0
 
 
-def _flops(hidden: int, seq: int, q: int, v: int, ffn: int) -> float:
-    """Multiply-adds x 2 of one layer for one sequence of ``seq`` tokens."""
+def _flops(hidden: int, seq: int, q: int, v: int, ffn: int, v_mean: int = 0) -> float:
+    """Multiply-adds x 2 of one layer for one sequence of ``seq`` tokens; ``v_mean`` of the
+    ``v`` value units belong to heads that average their values without scores."""
     projections = 2 * seq * hidden * (2 * q + 2 * v)
-    scores = 2 * seq * seq * (q + v)
+    scores = 2 * seq * seq * (q + v - v_mean) + 2 * seq * v_mean
     return projections + scores + 2 * seq * hidden * 2 * ffn
 
 
@@ -64,6 +67,7 @@ class Inspection:
             {
                 "layer": x.layer,
                 "heads": f"{x.heads}/{x.heads_dense}",
+                "query-less (mean)": x.query_less or "-",
                 "query units": " ".join(map(str, x.query_units)) or "-",
                 "value units": " ".join(map(str, x.value_units)) or "-",
                 "ffn": f"{x.ffn}/{x.ffn_dense}",
@@ -164,6 +168,7 @@ def inspect(model: torch.nn.Module | str | os.PathLike, seq: int = 128) -> Inspe
         heads = layer.get("heads", [])
         q = tuple(h["query"] for h in heads)
         v = tuple(h["value"] for h in heads)
+        mean = [h["value"] for h in heads if h.get("query_less_mean")]
         d, dense_heads = layer.get("head_dim", 0), layer.get("heads_dense", 0)
         ffn, ffn_dense = layer.get("ffn", 0), layer.get("ffn_dense", 0)
         layers.append(
@@ -177,7 +182,8 @@ def inspect(model: torch.nn.Module | str | os.PathLike, seq: int = 128) -> Inspe
                 head_dim=d,
                 ffn=ffn,
                 ffn_dense=ffn_dense,
-                flops=_flops(hidden, seq, sum(q), sum(v), ffn),
+                query_less=len(mean),
+                flops=_flops(hidden, seq, sum(q), sum(v), ffn, sum(mean)),
                 flops_dense=_flops(hidden, seq, dense_heads * d, dense_heads * d, ffn_dense),
             )
         )

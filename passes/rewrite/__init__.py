@@ -2,9 +2,11 @@
 
 For every attention block the subgraph from the Q/K/V projections to the output projection is
 replaced by a compact one: kept query and value dimensions gathered per head, heads without
-value units dropped, heads with value units but no query units attending uniformly (their
-queries are zero), one ``scaled_dot_product_attention`` per bucket of heads of equal
-(rounded-up, zero-padded) size, the original scale and masks / position biases kept. Projections
+value units dropped, heads with value units but no query units computed without scores as
+the (masked, or running under a causal mask) mean of their values where no position bias
+makes their uniform attention depend on the position, one ``scaled_dot_product_attention`` per
+bucket of the other heads of equal (rounded-up, zero-padded) size, the original scale and
+masks / position biases kept. Projections
 that read the same input are merged into one matmul. FFN blocks keep their kept neurons' rows
 and columns. Empty blocks become their output bias. Dead nodes go, sdpa and dropout included.
 

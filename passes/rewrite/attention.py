@@ -1,15 +1,16 @@
 """Rewrite of attention blocks into buckets of heads of equal (padded) size.
 
 The subgraph from the Q/K/V projections to the output projection is replaced: kept query and
-value dims gathered per head, heads without value units dropped, heads with value units but
-no query units attending uniformly (their queries are zero), one
+value dims gathered per head, heads without value units dropped, one
 ``scaled_dot_product_attention`` per bucket with the original scale and masks / position
-biases. Under RoPE the kept rotary pairs keep their pairing in the compact layout
-(rotate-half: all first halves, then all second halves; interleaved: pair by pair) and the
-cos/sin tables are gathered to match, so positions stay exact at every length. Under GQA a
-bucket holds whole key/value groups: keys and values are projected once per group and
-repeated to the bucket's query heads. A norm over the head dims is replayed from the
-model's own nodes.
+biases. Heads with value units but no query units attend uniformly: where the mask shows
+that (see :mod:`passes.rewrite.uniform`) they are the mean of their values, without scores,
+else a bucket with a zero query. Under RoPE the kept rotary pairs keep their pairing in the
+compact layout (rotate-half: all first halves, then all second halves; interleaved: pair by
+pair) and the cos/sin tables are gathered to match, so positions stay exact at every
+length. Under GQA a bucket holds whole key/value groups: keys and values are projected once
+per group and repeated to the bucket's query heads. A norm over the head dims is replayed
+from the model's own nodes.
 
 Disentangled relative-position terms (DeBERTa) are computed per bucket from the kept rows of
 their position projections, which read the compact W_Q / W_K themselves where the model
@@ -27,6 +28,7 @@ from torch import fx
 
 from passes.graph import aten, shape
 from passes.rewrite.emit import PAD, Emitter
+from passes.rewrite.uniform import emit_uniform, uniform_plan
 from passes.structure import AttentionBlock, Rope
 
 
@@ -92,8 +94,12 @@ def rewrite_attention(
     emit = Emitter(gm, block.name, out_node)
     x_q, x_kv = nodes[block.q.input], nodes[block.k.input]
     o_bias = block.o.linear_bias(gm)
+    # relative-position terms add scores of their own: those heads keep the sdpa path
+    plan = None if block.relative else uniform_plan(nodes, block)
+    uniform = [h for h in range(block.num_heads) if plan and live[h] and not qdims[h].any()]
     heads_kept = [
         {"head": h, "query": int(qdims[h].sum()), "value": int(vdims[h].sum())}
+        | ({"query_less_mean": True} if h in uniform else {})
         for h in range(block.num_heads)
         if live[h]
     ]
@@ -107,6 +113,8 @@ def rewrite_attention(
         rep.setdefault(h // g, h)
     by_width: defaultdict[tuple[int, int, int], list[int]] = defaultdict(list)
     for h, lay in layouts.items():
+        if h in uniform:
+            continue
         wp = _round_up(len(lay.pairs), bucket, block.rotary_dims // 2)
         ws = _round_up(len(lay.dims), bucket, d - block.rotary_dims)
         if wp + ws == 0:
@@ -127,6 +135,8 @@ def rewrite_attention(
         index["v"].append(
             [i for grp in groups for i in _offset(_dims(vdims[rep[grp]], wv), grp * d)]
         )
+    if uniform:
+        index["u"] = [_uniform_index(block, vdims, uniform, rep)]
     pieces = (
         _project_relative(emit, nodes, block, index, x_q, x_kv)
         if block.relative
@@ -176,12 +186,45 @@ def rewrite_attention(
             emit.call(aten.flatten.using_ints, emit.call(aten.transpose.int, ctx, 1, 2), -2, -1)
         )
         o_index += [i for h in heads for i in _offset(_dims(vdims[h], wv), h * d)]
+    if uniform:
+        assert plan is not None  # heads are uniform only under a plan
+        v_u = _uniform_values(emit, block, vdims, uniform, pieces["u"][0])
+        contexts.append(emit_uniform(emit, nodes, plan, v_u, x_q))
+        o_index += [h * block.head_dim + j for h in uniform for j in _dims(vdims[h], 0)]
     ctx = contexts[0] if len(contexts) == 1 else emit.call(aten.cat.default, contexts, -1)
     w_t, _ = emit.padded("o", block.o.linear_weight(gm).t(), None, o_index)
     w_o = emit.call(aten.t.default, w_t)
     b_o = emit.tensor("o_bias", o_bias, True) if o_bias is not None else None
     out_node.replace_all_uses_with(emit.call(aten.linear.default, ctx, w_o, b_o))
     return {"heads": heads_kept}
+
+
+def _uniform_index(
+    block: AttentionBlock, vdims: torch.Tensor, uniform: list[int], rep: dict[int, int]
+) -> list[int]:
+    """Rows of W_V for the heads without query units: each key/value group's kept value
+    dims once, groups in order (their values are averaged side by side)."""
+    d, g = block.head_dim, block.group_size
+    groups = sorted({h // g for h in uniform})
+    return [grp * d + j for grp in groups for j in _dims(vdims[rep[grp]], 0)]
+
+
+def _uniform_values(
+    emit: Emitter, block: AttentionBlock, vdims: torch.Tensor, uniform: list[int], v: fx.Node
+) -> fx.Node:
+    """The values of :func:`_uniform_index` (batch, keys, dims) repeated to one block of
+    columns per query head where several query heads of a group read them."""
+    g = block.group_size
+    groups = sorted({h // g for h in uniform})
+    start, size = {}, 0
+    for grp in groups:
+        start[grp] = size
+        size += int(vdims[grp * g : (grp + 1) * g].any(dim=0).sum())
+    columns = [start[h // g] + i for h in uniform for i in range(int(vdims[h].sum()))]
+    if columns == list(range(size)):
+        return v
+    select = emit.tensor("query_less_v", torch.tensor(columns), False)
+    return emit.call(aten.index_select.default, v, -1, select)
 
 
 def _dims(mask_row: torch.Tensor, width: int) -> list[int]:
@@ -373,6 +416,8 @@ def _project(
 ) -> dict[str, list[fx.Node]]:
     """Emit the Q, K and V projections; return their per-bucket pieces."""
     projections = {"q": (block.q, x_q), "k": (block.k, x_kv), "v": (block.v, x_kv)}
+    if "u" in index:  # the values of heads without query units (see rewrite.uniform)
+        projections["u"] = (block.v, x_kv)
     groups: list[list[str]] = []
     for role, (proj, x) in projections.items():
         same = [
@@ -396,6 +441,9 @@ def _project(
                 flat_index += [PAD if i == PAD else i + offset for i in part]
                 sizes.append(len(part))
             offset += proj.out_features
+        if not flat_index:  # every head of these roles runs elsewhere (see rewrite.uniform)
+            pieces.update({role: [] for role in group})
+            continue
         weight = torch.cat(weights)
         # merged projections all have a bias or none (see ``same`` above)
         bias = None if biases[0] is None else torch.cat([b for b in biases if b is not None])

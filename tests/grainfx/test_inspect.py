@@ -35,6 +35,18 @@ def test_inspection_reports_heads_units_ffn_and_flops(tmp_path):
     assert info.plot(tmp_path / "kept.png").stat().st_size > 1000
 
 
+def test_heads_without_query_units_are_shown_as_means():
+    struct = structure("bert-sdpa")
+    graph = passes.instrument(captured("bert-sdpa"), struct)
+    masks = struct.ones()
+    masks["attn1.qk"][1:3] = 0  # heads 1 and 2 of layer 1: values only
+    passes.set_masks(graph, masks)
+    info = grainfx.inspect(passes.rewrite(graph, struct), seq=32)
+    assert [x.query_less for x in info.layers] == [0, 2]
+    assert [r["query-less (mean)"] for r in info.rows()] == ["-", 2]
+    assert info.layers[1].flops < info.layers[0].flops
+
+
 def test_inspect_reads_a_saved_file(tmp_path):
     path = grainfx.save(compact(), tmp_path / "m.pt2")
     assert grainfx.inspect(path).layers[0].heads == 3

@@ -310,3 +310,100 @@ def test_a_content_to_position_term_alone_is_pruned_exactly(kind, seed, keep):
         with torch.no_grad():
             assert_close(graph(x=x), compact(x=x))
     assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)
+
+
+#: Architectures whose heads without query units run as a mean of their values in every
+#: block: bidirectional and causal, sdpa and eager, a padding mask or none, GQA, a scale
+#: dividing the scores in place (Falcon), encoder, decoder and cross attention (BART).
+QUERY_LESS = [
+    "bert-sdpa",
+    "bert-eager",
+    "gpt2-sdpa",
+    "gpt2-eager",
+    "llama-sdpa",
+    "llama-eager",
+    "vit-sdpa",
+    "bart-sdpa",
+    "falcon-eager",
+]
+#: Blocks that run them as means where the model mixes them with blocks that keep the scores:
+#: T5's self attention has a relative position bias (its cross attention none); Gemma 2's
+#: first layer a sliding window (its second soft-caps the scores: tanh(0) = 0).
+QUERY_LESS_MIXED = {
+    "t5-sdpa": [False, False, False, True, False, True],
+    "gemma2-eager": [False, True],
+}
+#: Architectures that keep the scores for them everywhere: a sliding window (Mistral), a
+#: relative position bias (T5 eager: the cross attention's zero bias is added to the mask),
+#: ALiBi (BLOOM), disentangled relative-position terms (DeBERTa).
+QUERY_LESS_SCORED = [
+    "mistral-sdpa",
+    "t5-eager",
+    "bloom-eager",
+    "deberta_v2-eager",
+    "deberta_v3-eager",
+]
+
+
+def query_less_masks(struct: passes.Structure, seed: int, keep: float) -> dict[str, torch.Tensor]:
+    """Random masks in which every block has heads with value units and no query units."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = draw_masks(struct, "random", seed, keep)
+    for block in struct.attention:
+        names = block.mask_names()
+        heads = torch.randperm(block.kv_heads, generator=gen)[: 1 + seed % block.kv_heads]
+        masks[names["qk"]][heads] = 0
+        masks[names["vo"]][heads[0], 0] = 1
+        if "heads" in names:  # a live query head in the group
+            masks[names["heads"]][heads[0] * block.group_size] = 1
+    return masks
+
+
+def without_padding(arch: str, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    inputs = example_inputs(arch, batch, seq, seed=seed)
+    if "attention_mask" in inputs:
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    return inputs
+
+
+@pytest.mark.parametrize("arch", QUERY_LESS + list(QUERY_LESS_MIXED) + QUERY_LESS_SCORED)
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**16), keep=st.floats(0.0, 1.0), padded=st.booleans())
+def test_heads_without_query_units_are_a_mean_of_their_values(arch, seed, keep, padded):
+    struct, graph = structure(arch), masked(arch)
+    masks = query_less_masks(struct, seed, keep)
+    passes.set_masks(graph, masks)
+    compact = passes.rewrite(graph, struct, bucket=1 + seed % 4)
+    layers = compact.grainfx_kept["layers"]
+    flagged = [[h for h in layer["heads"] if h.get("query_less_mean")] for layer in layers]
+    assert all(h["query"] == 0 and h["value"] > 0 for heads in flagged for h in heads)
+    expected = QUERY_LESS_MIXED.get(arch, [arch in QUERY_LESS] * len(layers))
+    assert [bool(heads) for heads in flagged] == expected
+    means = [n for n in compact.graph.nodes if "query_less_mean" in n.name]
+    assert len(means) == sum(expected)
+    make = example_inputs if padded else without_padding
+    with torch.no_grad():
+        for batch, seq in SHAPES:
+            inputs = make(arch, batch, seq, seed=seed)
+            assert_close(graph(**inputs), compact(**inputs))
+    assert sum(p.numel() for p in compact.parameters()) == struct.count_params(masks)
+
+
+@pytest.mark.parametrize("arch", ["bert-sdpa", "bert-eager", "gpt2-sdpa", "gpt2-eager"])
+def test_a_query_that_sees_no_key_gets_what_the_masked_model_gives(arch):
+    """A fully padded row: sdpa gives zeros, a softmax over a finite masked value the mean of
+    every value; left padding leaves causal queries with no key at all."""
+    struct, graph = structure(arch), masked(arch)
+    masks = struct.ones()
+    for block in struct.attention:
+        masks[block.mask_names()["qk"]].zero_()
+    passes.set_masks(graph, masks)
+    compact = passes.rewrite(graph, struct)
+    inputs = example_inputs(arch, 3, 7)
+    inputs["attention_mask"][1] = 0
+    inputs["attention_mask"][2, :3] = 0
+    with torch.no_grad():
+        expected, actual = graph(**inputs), compact(**inputs)
+    assert not any(torch.isnan(t).any() for t in expected.values())
+    assert_close(expected, actual)
+    assert sdpa_count(compact) == 0

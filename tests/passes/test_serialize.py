@@ -154,3 +154,39 @@ def test_compiled_compact_module_matches_eager(arch):
             inputs = example_inputs(arch, batch, seq, seed=batch)
             expected, actual = module(**inputs), compiled(**inputs)
             assert torch.allclose(expected["logits"], actual["logits"], rtol=1e-4, atol=1e-5)
+
+
+def compact_with_means(arch: str):
+    """A compact model in which half the heads of every block have no query units."""
+    struct = structure(arch)
+    graph = passes.instrument(captured(arch), struct)
+    masks = struct.ones()
+    for block in struct.attention:
+        masks[block.mask_names()["qk"]][: block.kv_heads // 2] = 0
+    passes.set_masks(graph, masks)
+    module = passes.rewrite(graph, struct)
+    assert any("query_less_mean" in n.name for n in module.graph.nodes)
+    return module
+
+
+@pytest.mark.parametrize("arch", ["bert-sdpa", "gpt2-eager", "llama-sdpa"])
+def test_heads_computed_as_means_save_and_load(arch, tmp_path):
+    """Heads without query units (a masked or running mean of their values) re-export with
+    dynamic batch and sequence."""
+    module = compact_with_means(arch)
+    loaded = grainfx.load(grainfx.save(module, tmp_path / "model.pt2"))
+    with torch.no_grad():
+        for batch, seq in ((3, 10), (1, 5)):
+            inputs = example_inputs(arch, batch, seq, seed=2)
+            expected, actual = module(**inputs), loaded(**inputs)
+            for name, value in expected.items():
+                torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_computed_as_means_compile():
+    """The running mean of a causal, padded model (cumsum, the empty-row fill) compiles."""
+    module = compact_with_means("gpt2-eager")
+    inputs = example_inputs("gpt2-eager", 3, 10, seed=2)
+    with torch.no_grad():
+        expected, actual = module(**inputs), torch.compile(module)(**inputs)
+    torch.testing.assert_close(actual["logits"], expected["logits"], rtol=1e-4, atol=1e-5)
