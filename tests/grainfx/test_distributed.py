@@ -1,9 +1,12 @@
 """compress in a torch.distributed process group: 2 processes launched by torchrun (gloo, CPU)
 end with the same masks on both ranks, equal to one process on the same global batches; a run
-interrupted and resumed under torchrun ends the same; gradient accumulation; data sharding."""
+interrupted and resumed under torchrun ends the same; the command line under torchrun; gradient
+accumulation; data sharding."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +20,7 @@ from grainfx import distributed
 from grainfx.data import LengthGroupedBatches
 from grainfx.distributed import ShardedBatches
 from tests.grainfx import distributed_worker as worker
+from tests.grainfx.test_cli import OUTPUT_FILES, make_workdir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,27 +36,30 @@ def assert_same_run(expected: dict, actual: dict, tol: float = 1e-4) -> None:
         torch.testing.assert_close(actual["weights"][name], weight, rtol=tol, atol=tol / 10)
 
 
+def torchrun(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """``args`` run by torchrun in 2 processes of 1 thread each on this machine."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    return subprocess.run(
+        [*command, "--standalone", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the 2 ranks of the worker wrote."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--standalone",
-        "-m",
-        "tests.grainfx.distributed_worker",
-        str(out),
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = torchrun(["-m", "tests.grainfx.distributed_worker", str(out)])
     assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -92,25 +99,35 @@ def test_a_run_resumed_under_torchrun_ends_as_the_uninterrupted_one(ranks):
         assert_same_run(rank["straight"], rank["resumed"], tol=1e-6)
 
 
-def test_accumulated_micro_batches_step_as_one_batch_of_their_union():
-    config = dict(steps=6, learning_rate=1e-3, prune_start=0.3, prune_end=0.7, ema_beta=0.5)
-    whole = worker.global_batches()
-    halves = [half for b in whole for half in worker.shard([b], 0, 2) + worker.shard([b], 1, 2)]
-    results = [
-        worker.outcome(
-            grainfx.compress(
-                worker.student(),
-                batches,
-                worker.SPARSITY,
-                teacher=worker.teacher(),
-                config=grainfx.GrainConfig(accumulate=k, **config),
-                progress=False,
-            )
-        )
-        for batches, k in ((whole, 1), (halves, 2))
+def test_accumulated_micro_batches_step_as_one_batch_of_their_union(single):
+    halves = [
+        half for b in worker.global_batches() for r in range(2) for half in worker.shard([b], r, 2)
     ]
-    assert_same_run(*results)
-    assert results[0]["report"]["steps"] == results[1]["report"]["steps"] == 6
+    accumulated = grainfx.compress(
+        worker.student(),
+        halves,
+        worker.SPARSITY,
+        teacher=worker.teacher(),
+        config=dataclasses.replace(worker.CONFIG, accumulate=2),
+        progress=False,
+    )
+    assert_same_run(single, worker.outcome(accumulated))
+    assert accumulated.report["steps"] == single["report"]["steps"] == worker.CONFIG.steps
+
+
+def test_the_command_line_under_torchrun_writes_one_output_from_rank_0(tmp_path):
+    workdir = make_workdir(tmp_path)
+    done = torchrun(
+        ["-m", "grainfx", "compress", "model", "--data", "data.csv", "--out", "out"]
+        + ["--sparsity", "0.8", "--steps", "4", "--batch-size", "8", "--threads", "1", "--quiet"],
+        cwd=workdir,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("student accuracy") == 1, done.stdout
+    assert sorted(p.name for p in (workdir / "out").iterdir()) == OUTPUT_FILES
+    report = json.loads((workdir / "out" / "report.json").read_text())
+    assert report["world_size"] == 2 and report["steps"] == 4
+    assert not (workdir / "out.checkpoint.pt").exists()
 
 
 def test_accumulate_is_validated_and_counts_epochs_in_steps():
