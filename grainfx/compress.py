@@ -125,9 +125,16 @@ def steps_of(batches: Iterator, size: int) -> Iterator[list]:
 
 
 def cycle(dataloader: Iterable, total: int) -> Iterator:
-    """Batches of ``dataloader``, re-iterated as often as needed, ``total`` in all."""
+    """Batches of ``dataloader``, re-iterated as often as needed, ``total`` in all. A sampler
+    with ``set_epoch`` (a DistributedSampler) gets the pass's number before each pass, so that
+    it shuffles every pass anew."""
     count = 0
-    while count < total:
+    set_epoch = getattr(getattr(dataloader, "sampler", None), "set_epoch", None)
+    for epoch in itertools.count():
+        if count >= total:
+            return
+        if set_epoch is not None:
+            set_epoch(epoch)
         before = count
         for batch in dataloader:
             yield batch

@@ -164,3 +164,17 @@ def test_outside_a_process_group_compress_is_one_rank():
     assert distributed.backend_for("cuda:0") == "nccl"
     assert distributed.backend_for("cpu") == "gloo"
     assert not distributed.init_from_env("cpu")  # WORLD_SIZE unset: nothing to join
+
+
+def test_cycle_gives_a_distributed_sampler_each_pass_number():
+    from grainfx.compress import cycle
+
+    examples = list(range(16))
+    sampler = torch.utils.data.DistributedSampler(examples, num_replicas=2, rank=1, seed=0)
+    loader = torch.utils.data.DataLoader(examples, batch_size=8, sampler=sampler)
+    got = [b.tolist() for b in cycle(loader, 3)]
+    expected = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        expected.append(next(iter(loader)).tolist())
+    assert got == expected and expected[0] != expected[1]
