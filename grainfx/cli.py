@@ -181,9 +181,6 @@ def _classification(args: argparse.Namespace) -> Run:
         raw = [y for _, y in train + held_out]
         label2id: Mapping[str, int] | None = {name: i for i, name in enumerate(demo.LABELS)}
         identity = {"demo data": _digest(json.dumps(train + held_out).encode())}
-        # the settings of examples/rotten_tomatoes.py, unless given
-        args.epochs = args.epochs if args.epochs is not None else DEMO_EPOCHS
-        args.learning_rate = args.learning_rate or DEMO_LEARNING_RATE
     else:
         if args.model_dir is None or args.data is None:
             raise CLIError("give MODEL_DIR and --data FILE (or --demo)")
@@ -391,6 +388,9 @@ def _compress(args: argparse.Namespace) -> int:
             f"{ranks * args.accumulate}"
         )
     args.shard = (rank, ranks, args.accumulate)
+    if args.demo:  # the settings of examples/rotten_tomatoes.py, unless given
+        args.epochs = args.epochs if args.epochs is not None else DEMO_EPOCHS
+        args.learning_rate = args.learning_rate or DEMO_LEARNING_RATE
     checkpoint_path = _checkpoint_path(args)
     preflight.writable_folder(
         args.out.parent, f"the output --out {args.out}", "choose another --out"

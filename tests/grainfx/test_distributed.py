@@ -116,10 +116,12 @@ def test_accumulated_micro_batches_step_as_one_batch_of_their_union(single):
 
 
 def test_the_command_line_under_torchrun_writes_one_output_from_rank_0(tmp_path):
+    """With gradient accumulation: each step, 2 micro-batches of 2 texts on each rank."""
     workdir = make_workdir(tmp_path)
     done = torchrun(
         ["-m", "grainfx", "compress", "model", "--data", "data.csv", "--out", "out"]
-        + ["--sparsity", "0.8", "--steps", "4", "--batch-size", "8", "--threads", "1", "--quiet"],
+        + ["--sparsity", "0.8", "--steps", "4", "--batch-size", "8", "--accumulate", "2"]
+        + ["--threads", "1", "--quiet"],
         cwd=workdir,
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -127,6 +129,7 @@ def test_the_command_line_under_torchrun_writes_one_output_from_rank_0(tmp_path)
     assert sorted(p.name for p in (workdir / "out").iterdir()) == OUTPUT_FILES
     report = json.loads((workdir / "out" / "report.json").read_text())
     assert report["world_size"] == 2 and report["steps"] == 4
+    assert report["config"]["accumulate"] == 2  # micro-batches of 2 texts under DDP's no_sync
     assert not (workdir / "out.checkpoint.pt").exists()
 
 
