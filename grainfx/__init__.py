@@ -4,7 +4,8 @@
 GraphModule; ``grainfx.save`` / ``grainfx.load`` write and read compact models as ``.pt2``
 files (loading needs torch only); ``grainfx.load(OUT_DIR)`` of a folder written by
 ``grainfx compress`` gives a :class:`Predictor` callable on raw text (torch and tokenizers).
-The graph passes themselves live in the ``passes`` package.
+Under torchrun, ``compress`` on every rank trains one student together
+(:mod:`grainfx.distributed`). The graph passes themselves live in the ``passes`` package.
 """
 
 from grainfx.checkpoint import CheckpointConfig, CheckpointError
@@ -17,6 +18,7 @@ from grainfx.compress import (
     compress,
 )
 from grainfx.config import ConfigError, GrainConfig
+from grainfx.distributed import DistributedError
 from grainfx.inspect import Inspection, inspect
 from grainfx.predict import Prediction, Predictor, load
 from grainfx.stages import Stages, stages
@@ -42,6 +44,7 @@ __all__ = [
     "ConfigError",
     "BatchError",
     "CheckpointError",
+    "DistributedError",
     "EmptyDataLoaderError",
     "TeacherMismatchError",
     "TrainingDivergedError",

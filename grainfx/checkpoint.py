@@ -70,6 +70,7 @@ def _fingerprint(trainer: Trainer) -> dict:
         "config": trainer.config.to_dict(),
         "target_density": trainer.target,
         "total_steps": trainer.total,
+        "world_size": trainer.world,
         "masks": {k: list(v.shape) for k, v in trainer.masks.items()},
     }
 
@@ -169,6 +170,8 @@ def load(trainer: Trainer, path: Path, identity: Mapping[str, str] | None = None
         theirs = state["run"].get(key)
         if theirs != value:
             detail = key.replace("_", " ")
+            if key == "world_size":
+                detail = f"{theirs} processes there, {value} now"
             if key == "config":
                 detail = ", ".join(
                     f"{k}={theirs.get(k)!r} there, {v!r} now"

@@ -5,6 +5,7 @@ grainfx compress MODEL_DIR --task causal-lm --data FILE.txt --out OUT_DIR
 grainfx compress --demo --out OUT_DIR
 grainfx compress ... --resume          # go on after Ctrl-C or a crash
 grainfx compress ... --check           # the preflight alone: data, labels, disk, model
+torchrun --nproc-per-node N -m grainfx compress ...   # N processes (rank 0 writes)
 grainfx predict OUT_DIR --data FILE.csv   # label names and scores (text lines on stdin)
 grainfx inspect OUT_DIR/model.pt2 [--plot kept.png] [--graph]
 grainfx bench OUT_DIR/model.pt2 [--against MODEL_DIR]
@@ -166,20 +167,20 @@ def _classification(args: argparse.Namespace) -> Run:
     """A sequence-classification run; ``evaluate(student)`` gives teacher and student held-out
     accuracy. Every row is read before the model is loaded, and every label mapped before
     anything is trained."""
-    from grainfx import demo
+    from grainfx import demo, distributed
     from grainfx.data import accuracy, stratified_split, text_batches
     from grainfx.rows import DataError, label_ids
 
     if args.demo:
         _quiet_transformers()
         train, held_out = demo.rotten_tomatoes()
-        model, tokenizer = demo.teacher(train, progress=not args.quiet)
+        with distributed.main_first():  # rank 0 fine-tunes and caches, the others read
+            model, tokenizer = demo.teacher(
+                train, progress=not args.quiet and distributed.is_main()
+            )
         raw = [y for _, y in train + held_out]
         label2id: Mapping[str, int] | None = {name: i for i, name in enumerate(demo.LABELS)}
         identity = {"demo data": _digest(json.dumps(train + held_out).encode())}
-        # the settings of examples/rotten_tomatoes.py, unless given
-        args.epochs = args.epochs if args.epochs is not None else DEMO_EPOCHS
-        args.learning_rate = args.learning_rate or DEMO_LEARNING_RATE
     else:
         if args.model_dir is None or args.data is None:
             raise CLIError("give MODEL_DIR and --data FILE (or --demo)")
@@ -223,6 +224,7 @@ def _classification(args: argparse.Namespace) -> Run:
         seed=args.seed,
         max_length=args.max_length,
         group_by_length=True,
+        shard=args.shard,
     )
 
     def evaluate(student: Callable[..., Any]) -> dict[str, float]:
@@ -278,6 +280,7 @@ def _causal_lm(args: argparse.Namespace) -> Run:
             shuffle=True,
             seed=args.seed,
             max_length=args.max_length,
+            shard=args.shard,
         )
     except DataError as exc:
         raise CLIError(str(exc)) from exc
@@ -329,6 +332,7 @@ def _check_settings(args: argparse.Namespace) -> None:
         ("--batch-size", args.batch_size),
         ("--max-length", args.max_length),
         ("--threads", args.threads),
+        ("--accumulate", args.accumulate),
     ):
         if value < 1:
             raise CLIError(f"{option} must be an integer >= 1, got {value}")
@@ -346,16 +350,47 @@ def _check_settings(args: argparse.Namespace) -> None:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     """Preflight (settings, locations, every data row and label, free space, the model
-    captured on one batch), then the training, then one atomic write of the output folder."""
+    captured on one batch), then the training, then one atomic write of the output folder.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the processes join one gloo process group: each reads
+    its share of every batch of ``--batch-size`` (the batch of a step over all processes and
+    ``--accumulate`` micro-batches), they train together, and rank 0 alone evaluates, writes
+    the checkpoint and the output folder and prints.
+    """
+    import torch.distributed as dist
+
+    from grainfx import distributed
+
+    created = distributed.init_from_env("cpu")
+    try:
+        return _compress(args)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _compress(args: argparse.Namespace) -> int:
+    """:func:`cmd_compress` in its process (group)."""
     import torch
 
     import grainfx
     from grainfx import checkpoint as checkpoints
-    from grainfx import preflight
+    from grainfx import distributed, preflight
     from grainfx.compress import check
     from grainfx.report import format_report
 
     _check_settings(args)
+    rank, ranks = distributed.world()
+    if args.batch_size < ranks * args.accumulate:
+        raise CLIError(
+            f"--batch-size {args.batch_size} is the batch of one step over all {ranks} "
+            f"processes and {args.accumulate} micro-batches: give at least "
+            f"{ranks * args.accumulate}"
+        )
+    args.shard = (rank, ranks, args.accumulate)
+    if args.demo:  # the settings of examples/rotten_tomatoes.py, unless given
+        args.epochs = args.epochs if args.epochs is not None else DEMO_EPOCHS
+        args.learning_rate = args.learning_rate or DEMO_LEARNING_RATE
     checkpoint_path = _checkpoint_path(args)
     preflight.writable_folder(
         args.out.parent, f"the output --out {args.out}", "choose another --out"
@@ -369,6 +404,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             for k, v in {
                 "epochs": args.epochs,
                 "steps": args.steps,
+                "accumulate": args.accumulate,
                 "learning_rate": args.learning_rate,
                 "seed": args.seed,
                 "temperature": args.temperature,
@@ -401,6 +437,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if args.resume:
             checkpoints.check(checkpoint.path, checkpoint.identity)
         structure = check(run.model, run.batches, args.sparsity, config=config)
+        if rank != 0:
+            return 0
         print(
             f"preflight passed: data, labels, {args.out} and {checkpoint_path} writable, "
             f"free space; the model captured with {len(structure.attention)} attention and "
@@ -417,6 +455,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             checkpoint=checkpoint,
         )
     except KeyboardInterrupt:
+        if rank != 0:
+            return 130
         saved = checkpoint.path.is_file()
         print(
             "grainfx compress: interrupted; "
@@ -428,6 +468,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    if rank != 0:  # rank 0 evaluates and writes
+        return 0
     scores = run.evaluate(result.module)
     report = {**result.report, "task": args.task, **scores}
     inspection = grainfx.inspect(result.module)
@@ -742,13 +784,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=32,
-        help="texts per batch (batched by similar length, to pad little)",
+        help="texts per step, over all processes and micro-batches (batched by similar "
+        "length, to pad little)",
     )
     c.add_argument(
         "--max-length",
         type=int,
         default=128,
         help="tokens per text, at most (and at most the model's positions)",
+    )
+    c.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        help="micro-batches per step (gradient accumulation): each process reads "
+        "--batch-size / (processes x accumulate) texts at a time",
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the split, order and dropout")
     c.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))

@@ -15,7 +15,7 @@ from torch import fx
 
 import passes
 from grainfx import checkpoint as checkpoints
-from grainfx import preflight
+from grainfx import distributed, preflight
 from grainfx.checkpoint import CheckpointConfig
 from grainfx.config import ConfigError, GrainConfig
 from grainfx.distill import KD_POSITIONS
@@ -114,10 +114,27 @@ def _model_inputs(
     return inputs
 
 
+def steps_of(batches: Iterator, size: int) -> Iterator[list]:
+    """The batches of ``batches`` in lists of ``size`` (the micro-batches of one step); a
+    short last list is dropped."""
+    while True:
+        step = list(itertools.islice(batches, size))
+        if len(step) < size:
+            return
+        yield step
+
+
 def cycle(dataloader: Iterable, total: int) -> Iterator:
-    """Batches of ``dataloader``, re-iterated as often as needed, ``total`` in all."""
+    """Batches of ``dataloader``, re-iterated as often as needed, ``total`` in all. A sampler
+    with ``set_epoch`` (a DistributedSampler) gets the pass's number before each pass, so that
+    it shuffles every pass anew."""
     count = 0
-    while count < total:
+    set_epoch = getattr(getattr(dataloader, "sampler", None), "set_epoch", None)
+    for epoch in itertools.count():
+        if count >= total:
+            return
+        if set_epoch is not None:
+            set_epoch(epoch)
         before = count
         for batch in dataloader:
             yield batch
@@ -194,13 +211,16 @@ def _width(gm: fx.GraphModule, node_name: str) -> int:
 
 
 def _total_steps(dataloader: Iterable, config: GrainConfig) -> int:
+    """The run's optimizer steps: ``steps``, or ``epochs`` passes over the dataloader at
+    ``accumulate`` batches a step."""
     if config.steps is not None:
         return config.steps
     try:
         # a dataloader without len() is reported below
-        return max(1, math.ceil(config.epochs * len(dataloader)))  # type: ignore[arg-type]
+        batches = len(dataloader)  # type: ignore[arg-type]
     except TypeError:
         raise ConfigError("the dataloader has no len(): set GrainConfig(steps=...)") from None
+    return max(1, math.ceil(config.epochs * batches / config.accumulate))
 
 
 def prepare(
@@ -341,11 +361,22 @@ def compress(
             weights as an uninterrupted one when the dataloader yields the same batches in
             the same order (shuffle with a seeded generator, as ``text_batches`` does).
 
+    Several processes: call compress on every rank of an initialised torch.distributed
+    process group (torchrun), each with its own share of the data (a DataLoader with a
+    DistributedSampler; as many batches on every rank). The ranks train one student together
+    (DistributedDataParallel; importance from the mask gradients of all ranks) and end with
+    the same masks and weights; rank 0 alone shows progress and writes the checkpoint. Every
+    rank returns the result: save it on rank 0 (``torch.distributed.get_rank() == 0``).
+
     Returns:
         A :class:`CompressionResult` with the compact module, its density and a report.
     """
     _check_sparsity(sparsity)
     config = config or GrainConfig()
+    rank, world = distributed.world()
+    device = next(iter(model.parameters())).device
+    if world > 1:
+        distributed.check_backend(device)
     if checkpoint is not None:
         folder = checkpoint.path.parent
         preflight.writable_folder(
@@ -362,23 +393,35 @@ def compress(
     torch.manual_seed(config.seed)
     batch = _first_batch(dataloader)
     total = _total_steps(dataloader, config)
+    distributed.check_same_int(
+        total,
+        "the number of steps",
+        "give every rank as many batches (a DistributedSampler pads the ranks' shares to "
+        "equal sizes) or set GrainConfig(steps=...)",
+        device,
+    )
     trainer = prepare(model, batch, sparsity, teacher=teacher, config=config, total_steps=total)
     names = trainer.student.input_names
-    raw = cycle(dataloader, total)
+    raw = cycle(dataloader, total * config.accumulate)
     start, save = 0, None
     if checkpoint is not None:
+        if rank == 0:
 
-        def save(steps_done: int) -> None:
-            checkpoints.save(trainer, steps_done, checkpoint.path, checkpoint.identity)
+            def save(steps_done: int) -> None:
+                checkpoints.save(trainer, steps_done, checkpoint.path, checkpoint.identity)
 
         if checkpoint.resume:
             start = checkpoints.load(trainer, checkpoint.path, checkpoint.identity)
             log.info("resuming from %s after step %d of %d", checkpoint.path, start, total)
             rng = torch.get_rng_state()
-            for _ in itertools.islice(raw, start):  # the batches the first run consumed
+            # the batches the first run consumed
+            for _ in itertools.islice(raw, start * config.accumulate):
                 pass
             torch.set_rng_state(rng)
-    batches = (_model_inputs(b, names, config.kd_positions == "labeled") for b in raw)
+    batches = steps_of(
+        (_model_inputs(b, names, config.kd_positions == "labeled") for b in raw),
+        config.accumulate,
+    )
     history = trainer.run(
         batches,
         progress=progress,
@@ -399,6 +442,7 @@ def compress(
     )
     if trainer.importance.prices:
         report["latency_prices"] = dict(trainer.importance.prices)
+    report["world_size"] = world
     return CompressionResult(
         module=compact,
         density=report["density"],

@@ -26,7 +26,11 @@ class GrainConfig:
     """Settings of :func:`grainfx.compress`; defaults are the GRAIN paper's GLUE settings.
 
     Length: ``epochs`` passes over the dataloader, or exactly ``steps`` optimizer steps when
-    given (the dataloader is cycled). Optimizer: AdamW (``learning_rate``, ``weight_decay``,
+    given (the dataloader is cycled). ``accumulate``: each optimizer step sums the gradients of
+    this many batches of the dataloader (micro-batches), each loss divided by ``accumulate``,
+    so that a step sees ``accumulate`` times the dataloader's batch (in a process group: on
+    every rank); ``epochs`` then counts ``len(dataloader) / accumulate`` steps each.
+    Optimizer: AdamW (``learning_rate``, ``weight_decay``,
     ``adam_eps``), ``warmup`` share of steps of linear warm-up then linear decay, gradient
     norm clipped to ``max_grad_norm``. Distillation: soft cross-entropy on logits at
     ``temperature``, plus (``hidden_loss``) MSE between student and teacher layer outputs on
@@ -58,6 +62,7 @@ class GrainConfig:
 
     epochs: float = 20.0
     steps: int | None = None
+    accumulate: int = 1
     learning_rate: float = 3e-5
     weight_decay: float = 0.01
     adam_eps: float = 1e-6
@@ -88,6 +93,7 @@ class GrainConfig:
 
     def __post_init__(self) -> None:
         _integer(self, "steps", low=1, optional=True)
+        _integer(self, "accumulate", low=1)
         _real(self, "epochs", low=0, low_open=True)
         _real(self, "learning_rate", low=0, low_open=True)
         _real(self, "weight_decay", low=0)

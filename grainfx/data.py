@@ -51,12 +51,17 @@ def text_batches(
     seed: int = 0,
     max_length: int = 128,
     group_by_length: bool = False,
+    shard: tuple[int, int, int] = (0, 1, 1),
 ) -> torch.utils.data.DataLoader:
     """Dynamic-padding batches of tokenized text, with ``labels``.
 
     ``group_by_length`` (with ``shuffle``): each epoch, shuffle, then sort windows of 50
     batches by length and shuffle the batches, so a batch holds sentences of similar length
     and pads little (about half the tokens of random batches on Rotten Tomatoes).
+
+    ``shard``: (rank, ranks, micro): this rank's micro-batches of every batch of
+    ``batch_size`` (see :class:`grainfx.distributed.ShardedBatches`); needs
+    ``group_by_length`` and ``shuffle``.
     """
 
     def collate(batch: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
@@ -73,10 +78,12 @@ def text_batches(
     generator = torch.Generator().manual_seed(seed)
     if group_by_length and shuffle:
         lengths = [len(ids) for ids in tokenizer([t for t, _ in rows])["input_ids"]]
-        sampler = LengthGroupedBatches(lengths, batch_size, generator)
+        sampler = shard_batches(LengthGroupedBatches(lengths, batch_size, generator), shard)
         return torch.utils.data.DataLoader(
             as_dataset(rows), batch_sampler=sampler, collate_fn=collate
         )
+    if shard != (0, 1, 1):
+        raise ValueError("text_batches shards only with group_by_length and shuffle")
     return torch.utils.data.DataLoader(
         as_dataset(rows),
         batch_size=batch_size,
@@ -97,6 +104,15 @@ class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
     def __len__(self) -> int:
         return -(-len(self.lengths) // self.batch_size)
 
+    def sizes(self) -> list[int]:
+        """The size of every batch of an epoch (the same every epoch, in another order)."""
+        count, window = len(self.lengths), self.batch_size * self.WINDOW
+        sizes = []
+        for start in range(0, count, window):
+            chunk = min(window, count - start)
+            sizes += [min(self.batch_size, chunk - i) for i in range(0, chunk, self.batch_size)]
+        return sizes
+
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
         window = self.batch_size * self.WINDOW
@@ -108,6 +124,15 @@ class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
             ]
         for i in torch.randperm(len(batches), generator=self.generator).tolist():
             yield batches[i]
+
+
+def shard_batches(
+    batches: torch.utils.data.Sampler[list[int]], shard: tuple[int, int, int]
+) -> torch.utils.data.Sampler[list[int]]:
+    """``batches`` itself for ``shard`` (0, 1, 1), else the (rank, ranks, micro) share of it."""
+    from grainfx.distributed import ShardedBatches
+
+    return batches if shard == (0, 1, 1) else ShardedBatches(batches, *shard)
 
 
 def predictions(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn.functional as F
 
-from grainfx.data import LengthGroupedBatches, as_dataset
+from grainfx.data import LengthGroupedBatches, as_dataset, shard_batches
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -109,6 +109,7 @@ def lm_batches(
     shuffle: bool,
     seed: int = 0,
     max_length: int = 128,
+    shard: tuple[int, int, int] = (0, 1, 1),
 ) -> torch.utils.data.DataLoader:
     """Right-padded batches of tokenized documents, with ``labels``.
 
@@ -118,6 +119,8 @@ def lm_batches(
     (set on the tokenizer, as usual for decoders; padding is masked, so the id does not
     matter). With ``shuffle``, batches hold documents of similar length
     (:class:`grainfx.data.LengthGroupedBatches`) in a new seeded order every epoch.
+    ``shard``: (rank, ranks, micro), this rank's micro-batches of every batch (with
+    ``shuffle``; see :class:`grainfx.distributed.ShardedBatches`).
 
     Raises:
         DataError: the tokenizer has neither a pad nor an eos token.
@@ -148,10 +151,14 @@ def lm_batches(
             len(ids)
             for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
         ]
-        sampler = LengthGroupedBatches(lengths, batch_size, torch.Generator().manual_seed(seed))
+        sampler = shard_batches(
+            LengthGroupedBatches(lengths, batch_size, torch.Generator().manual_seed(seed)), shard
+        )
         return torch.utils.data.DataLoader(
             as_dataset(texts), batch_sampler=sampler, collate_fn=collate
         )
+    if shard != (0, 1, 1):
+        raise ValueError("lm_batches shards only with shuffle")
     return torch.utils.data.DataLoader(
         as_dataset(texts), batch_size=batch_size, shuffle=False, collate_fn=collate
     )

@@ -10,12 +10,13 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import fx
 
 import passes
+from grainfx import distributed
 from grainfx.config import GrainConfig
 from grainfx.distill import KD_POSITIONS, HiddenMaps, kd_loss, logits_mask
 from grainfx.importance import Importance, all_finite
@@ -58,7 +59,13 @@ class Student:
 
 
 class Trainer:
-    """Runs GRAIN on ``student`` distilled from ``teacher`` (a callable returning a dict)."""
+    """Runs GRAIN on ``student`` distilled from ``teacher`` (a callable returning a dict).
+
+    Inside an initialised torch.distributed process group, the student's train graph and the
+    hidden-state maps run under DistributedDataParallel, and the mask gradients and losses are
+    averaged over the ranks before they reach the importance scores (see
+    :mod:`grainfx.distributed`).
+    """
 
     def __init__(
         self,
@@ -73,6 +80,12 @@ class Trainer:
         self.student, self.teacher, self.config = student, teacher, config
         self.target, self.output, self.total = target_density, output, total_steps
         self.importance = Importance(student.structure, config, total_steps)
+        if self.importance.prices:  # measured on each rank: every rank must rank alike
+            names = sorted(self.importance.prices)
+            (mean,) = distributed.average(
+                [torch.tensor([self.importance.prices[n] for n in names], dtype=torch.float64)]
+            )
+            self.importance.prices = dict(zip(names, mean.tolist(), strict=True))
         self.masks = mask_buffers(student.train)
         use_hidden = config.hidden_loss and student.hidden_keys
         self.maps = (
@@ -86,6 +99,11 @@ class Trainer:
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         self.params = params
+        self.rank, self.world = distributed.world()
+        self.device = next(iter(self.masks.values())).device
+        # the forward calls: through DistributedDataParallel in a process group
+        self.train_forward = distributed.wrap(student.train)
+        self.maps_forward = distributed.wrap(self.maps) if self.maps is not None else None
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": config.weight_decay},
@@ -106,7 +124,7 @@ class Trainer:
         inputs = {k: v for k, v in batch.items() if k != KD_POSITIONS}
         with torch.no_grad():
             teacher_out = self.teacher(**inputs)
-        out = self.student.train(**inputs)
+        out = self.train_forward(**inputs)
         mask = batch.get("attention_mask")
         positions = batch.get(KD_POSITIONS)
         kd = kd_loss(
@@ -116,9 +134,9 @@ class Trainer:
             positions if positions is not None else logits_mask(batch),
         )
         hidden = None
-        if self.maps is not None:
+        if self.maps_forward is not None:
             keys = self.student.hidden_keys
-            hidden = self.maps([out[k] for k in keys], [teacher_out[k] for k in keys], mask)
+            hidden = self.maps_forward([out[k] for k in keys], [teacher_out[k] for k in keys], mask)
             hidden = hidden * self.config.hidden_loss_weight
         return kd, hidden
 
@@ -136,12 +154,58 @@ class Trainer:
             total.backward()
         return dict(grads)
 
-    def step(self, index: int, batch: Mapping[str, torch.Tensor]) -> None:
-        """One optimizer step, importance update and (in the pruning phase) mask update."""
-        kd, hidden = self.losses(batch)
-        grads = self._backward(kd, hidden)
+    def _micro_steps(
+        self, batches: Sequence[Mapping[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Forward and backward over the micro-batches of one step, each loss scaled by
+        1 / their count: the weight gradients accumulate in ``.grad`` (averaged over the ranks
+        on the last one); returns the mean KD and hidden losses and the summed mask gradients
+        of this rank."""
+        count = len(batches)
+        kd_sum: torch.Tensor = torch.zeros((), device=self.device)
+        hidden_sum: torch.Tensor | None = None
+        grads: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            with self._no_sync(i < count - 1):
+                kd, hidden = self.losses(batch)
+                kd = kd / count
+                hidden = hidden / count if hidden is not None else None
+                for name, grad in self._backward(kd, hidden).items():
+                    grads[name] = grads[name] + grad if name in grads else grad
+            kd_sum = kd_sum + kd.detach()
+            if hidden is not None:
+                hidden_sum = hidden.detach() if hidden_sum is None else hidden_sum + hidden.detach()
+        return kd_sum, hidden_sum, grads
+
+    def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
+        """Within: DistributedDataParallel keeps this backward's weight gradients local (the
+        micro-batches before the last of a step)."""
+        stack = contextlib.ExitStack()
+        if skip:
+            for module in (self.train_forward, self.maps_forward):
+                if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        return stack
+
+    def step(self, index: int, *batches: Mapping[str, torch.Tensor]) -> None:
+        """One optimizer step over ``batches`` (``config.accumulate`` micro-batches; one
+        batch without accumulation), importance update and (in the pruning phase) mask
+        update."""
+        if not batches:
+            raise ValueError("Trainer.step needs at least one batch")
+        if self.world > 1:
+            # dropout: another draw on every rank and step, the same after a resume
+            torch.manual_seed((self.config.seed * 1_000_003 + index) * self.world + self.rank)
+        kd, hidden, grads = self._micro_steps(batches)
         for m in self.masks.values():
             m.grad = None
+        names = list(grads)
+        shared = distributed.average(
+            [kd, *([hidden] if hidden is not None else []), *grads.values()]
+        )
+        kd = shared[0]
+        hidden = shared[1] if hidden is not None else None
+        grads = dict(zip(names, shared[len(shared) - len(names) :], strict=True))
         finite = all_finite([kd, hidden] + [p.grad for p in self.params] + list(grads.values()))
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
@@ -180,6 +244,7 @@ class Trainer:
                     stacklevel=2,
                 )
             passes.set_masks(self.student.train, self.importance.prune(current, goal))
+            distributed.check_same_masks(self.masks, index + 1)
         self.history.kd_loss.append(kd.item())
         self.history.hidden_loss.append(hidden.item() if hidden is not None else 0.0)
         self.history.density.append(self.student.structure.density(self.masks))
@@ -187,20 +252,22 @@ class Trainer:
 
     def run(
         self,
-        batches: Iterable[Mapping[str, torch.Tensor]],
+        batches: Iterable[Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]]],
         progress: bool = True,
         start: int = 0,
         callback: Callable[[int, dict], None] | None = None,
         save: Callable[[int], object] | None = None,
         save_every: int | None = None,
     ) -> History:
-        """Train over ``batches`` (the steps from ``start`` to ``total_steps``), with a
-        progress bar; ``callback`` gets the step index and the current masks after every step.
+        """Train over ``batches`` (the steps from ``start`` to ``total_steps``: one batch, or
+        a list of the micro-batches, each), with a progress bar (on rank 0); ``callback`` gets
+        the step index and the current masks after every step.
 
         ``save(steps_done)`` is called every ``save_every`` steps and when the run is
         interrupted (Ctrl-C, or KeyboardInterrupt from ``callback``). In the main thread a
         Ctrl-C lets the current step finish first, so the saved state is whole; a second
-        Ctrl-C stops at once.
+        Ctrl-C stops at once. In a process group the ranks agree after every step whether any
+        was interrupted, so all stop after the same step.
         """
         from tqdm.auto import tqdm
 
@@ -209,7 +276,7 @@ class Trainer:
         bar = tqdm(
             total=self.total,
             initial=start,
-            disable=not progress,
+            disable=not progress or self.rank != 0,
             desc="grain",
             unit="step",
             dynamic_ncols=True,
@@ -218,12 +285,12 @@ class Trainer:
         try:
             with _deferred_interrupt() as interrupted:
                 for index, batch in enumerate(batches, start=start):
-                    self.step(index, batch)
+                    self.step(index, *(batch if isinstance(batch, Sequence) else [batch]))
                     done = index + 1
                     if callback is not None:
                         callback(index, {k: m.detach().clone() for k, m in self.masks.items()})
                     self._show(bar)
-                    if interrupted():
+                    if distributed.any_rank(interrupted(), self.device):
                         raise KeyboardInterrupt
                     if (
                         save is not None

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import accuracy_lm, evidence, readme_tables, rewrite_speed, step_cost
+import pytest
+
+from benchmarks import (
+    accuracy_lm,
+    distributed,
+    evidence,
+    readme_tables,
+    rewrite_speed,
+    step_cost,
+)
 
 
 def test_rewrite_speed_quick_run_writes_results_and_a_readme_section(tmp_path):
@@ -131,6 +140,18 @@ def test_rewrite_speed_quick_llama_rows_join_the_store_and_the_section(tmp_path)
     }
     lines = "\n".join(readme_tables.llama_speed_lines(compiled))
     assert "1 thread, torch.compile" in lines and "| 12 s, 12 s |" in lines
+
+
+def test_distributed_quick_run_records_1_and_2_processes_and_keeps_them(tmp_path, capsys):
+    out = tmp_path / "distributed.json"
+    distributed.main(["--quick", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    records = json.loads(out.read_text())["records"]
+    assert {r["processes"] for k, r in records.items() if k != "tiny/scaling"} == {1, 2}
+    assert all(records[f"tiny/processes={n}"]["steps_per_second"] > 0 for n in (1, 2))
+    scaling = records["tiny/scaling"]
+    assert scaling["efficiency"] == pytest.approx(scaling["speedup"] / 2)
+    distributed.main(["--quick", "--processes", "2", "--out", str(out)])
+    assert "tiny/processes=2: recorded, kept" in capsys.readouterr().out
 
 
 def test_step_cost_quick_run(tmp_path):

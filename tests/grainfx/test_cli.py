@@ -54,9 +54,13 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny fine-tuned-looking model folder (model + tokenizer) and a CSV of text/label."""
+    return make_workdir(tmp_path_factory.mktemp("cli"))
+
+
+def make_workdir(root: Path) -> Path:
+    """``root`` with a tiny model folder ``model`` and 48 rows of text/label ``data.csv``."""
     from transformers import BertTokenizerFast
 
-    root = tmp_path_factory.mktemp("cli")
     model_dir = root / "model"
     model_dir.mkdir()
     BertTokenizerFast(vocab=VOCAB).save_pretrained(model_dir)
