@@ -25,12 +25,12 @@ def by_run(records: dict) -> dict[str, list[dict]]:
     return runs
 
 
-def over_seeds(values: list[float], fmt: str) -> str:
+def over_seeds(values: list[float], fmt: str, unit: str = "") -> str:
     """One value, or the mean and standard deviation over seeds with their count."""
     if len(values) == 1:
-        return format(values[0], fmt)
+        return format(values[0], fmt) + unit
     s = spread(values)
-    return f"{format(s['mean'], fmt)} ± {format(s['std'], fmt)} ({len(values)} seeds)"
+    return f"{format(s['mean'], fmt)}{unit} ± {format(s['std'], fmt)}{unit} ({len(values)} seeds)"
 
 
 def interval_lines(intervals: dict, fmt: str, lower_is_better: bool) -> list[str]:
@@ -533,7 +533,8 @@ def lm_section(lm: dict) -> str:
         lines.append(
             f"| {r['label']} | {r['density']:.1%} | "
             f"{over_seeds([x['perplexity'] for x in seeds], '.2f')} | "
-            f"{over_seeds([x['ratio'] for x in seeds], '.2f')}x | {r['encoder_parameters'][1]:,} | "
+            f"{over_seeds([x['ratio'] for x in seeds], '.2f', 'x')} | "
+            f"{r['encoder_parameters'][1]:,} | "
             f"{r['total_parameters'][1]:,} | {r['heads_left']} | "
             f"{' / '.join(str(layer['ffn']) for layer in r['layers'])} | "
             f"{r['speed']['speedup']:.2f}x |"
