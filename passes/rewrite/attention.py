@@ -271,6 +271,22 @@ def _replay_scores(
         scores = emit.call(aten.mul.Tensor, scores, block.scale)
     assert block.q_reader is not None  # eager blocks name the node that reads the scores
     env = {nodes[block.q_reader]: scores, **(known or {})}
+    _replay_per_head(emit, nodes, block, block.score_ops, env, heads, bucket)
+    return emit.call(aten.matmul.default, env[nodes[block.score_ops[-1]]], v)
+
+
+def _replay_per_head(
+    emit: Emitter,
+    nodes: dict[str, fx.Node],
+    block: AttentionBlock,
+    names: tuple[str, ...],
+    env: dict[fx.Node, fx.Node],
+    heads: list[int],
+    bucket: int,
+) -> None:
+    """Copies the model's nodes ``names`` into the compact graph for one bucket, into
+    ``env``: inputs ``env`` already maps are read from it, other inputs with one entry per
+    head are sliced to ``heads``."""
 
     def arg(node: fx.Node) -> fx.Node:
         if node not in env:
@@ -280,9 +296,8 @@ def _replay_scores(
         return env[node]
 
     with emit.graph.inserting_before(emit.anchor):
-        for name in block.score_ops:
+        for name in names:
             env[nodes[name]] = emit.graph.node_copy(nodes[name], arg)
-    return emit.call(aten.matmul.default, env[nodes[block.score_ops[-1]]], v)
 
 
 def _relative_terms(
@@ -306,17 +321,7 @@ def _relative_terms(
         env[nodes[term.matmul]] = emit.call(
             aten.matmul.default, content, emit.call(aten.transpose.int, pos, -1, -2)
         )
-
-    def arg(node: fx.Node) -> fx.Node:
-        if node not in env:
-            sliced = _heads_of(emit, node, block, heads, bucket, f"_{node.name}")
-            assert sliced is not None  # a node in, a node out
-            env[node] = sliced
-        return env[node]
-
-    with emit.graph.inserting_before(emit.anchor):
-        for name in block.relative_ops:
-            env[nodes[name]] = emit.graph.node_copy(nodes[name], arg)
+    _replay_per_head(emit, nodes, block, block.relative_ops, env, heads, bucket)
     last = nodes[block.relative_ops[-1]]
     return {last: env[last]}
 
