@@ -53,8 +53,10 @@ from benchmarks.common import (  # noqa: E402
     RESULTS,
     ResultStore,
     Run,
+    heads_left,
     machine,
     paired_interval,
+    run_record,
     save_dense,
     seed_key,
     seed_keys,
@@ -348,10 +350,6 @@ def speed(compact, dense, batch: dict, reps: int) -> dict:
     }
 
 
-def heads_left(report: dict) -> int:
-    return sum(layer["heads"] for layer in report["layers"])
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -509,24 +507,13 @@ def main(argv=None) -> int:
         result.save(args.models / f"{prefix}{key}.pt2")
         ckpt.unlink(missing_ok=True)
         timing = speed(result.module, dense, time_batch, args.reps)
-        params = result.report["parameters"]
         store.put(
             key,
             {
-                "label": run.label,
-                "seed": seed,
-                "target_density": run.density,
-                "density": result.density,
-                "overrides": run.overrides,
+                **run_record(run, seed, result, began),
                 "perplexity": ppl,
                 "ratio": ppl / teacher_ppl,
-                "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
-                "total_parameters": [params["total_before"], params["total_after"]],
-                "heads_left": heads_left(result.report),
-                "layers": result.report["layers"],
-                "steps": result.report["steps"],
                 "speed": timing,
-                "minutes": (time.perf_counter() - began) / 60,
             },
         )
         print(

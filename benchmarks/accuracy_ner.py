@@ -39,8 +39,10 @@ from benchmarks.common import (
     RESULTS,
     ResultStore,
     Run,
+    heads_left,
     machine,
     paired_interval,
+    run_record,
     save_dense,
     seed_key,
     seed_keys,
@@ -109,10 +111,6 @@ def ner_setup(quick: bool, teacher_epochs: float):
         False,
     )
     return model, tokenizer, train, test, labels
-
-
-def heads_left(report: dict) -> int:
-    return sum(layer["heads"] for layer in report["layers"])
 
 
 def main(argv=None) -> int:
@@ -205,25 +203,14 @@ def main(argv=None) -> int:
         scores = tokens.f1_from_tags(gold, predicted)
         result.save(args.models / f"ner-{key}.pt2")
         ckpt.unlink(missing_ok=True)
-        params = result.report["parameters"]
         retention = scores["f1"] / teacher_f1 if teacher_f1 else 0.0
         store.put(
             key,
             {
-                "label": run.label,
-                "seed": seed,
-                "target_density": run.density,
-                "density": result.density,
-                "overrides": run.overrides,
+                **run_record(run, seed, result, began),
                 **scores,
                 "retention": retention,
                 "sentences": tokens.sentence_counts(gold, predicted),
-                "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
-                "total_parameters": [params["total_before"], params["total_after"]],
-                "heads_left": heads_left(result.report),
-                "layers": result.report["layers"],
-                "steps": result.report["steps"],
-                "minutes": (time.perf_counter() - began) / 60,
             },
         )
         print(

@@ -30,7 +30,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import grainfx  # noqa: E402
-from benchmarks.common import RESULTS, ResultStore, Run, machine, save_dense, seed_key  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    ResultStore,
+    Run,
+    heads_left,
+    machine,
+    run_record,
+    save_dense,
+    seed_key,
+)
 from grainfx import demo  # noqa: E402
 from grainfx.data import finetune, predictions, text_batches  # noqa: E402
 
@@ -84,10 +93,6 @@ def scored(model, held_out) -> tuple[float, str]:
     gold, guessed = predictions(model, held_out)
     right = (gold == guessed).tolist()
     return sum(right) / max(len(right), 1), "".join("1" if r else "0" for r in right)
-
-
-def heads_left(report: dict) -> int:
-    return sum(layer["heads"] for layer in report["layers"])
 
 
 def main(argv=None) -> int:
@@ -157,24 +162,13 @@ def main(argv=None) -> int:
         acc, correct = scored(result.module, held_out)
         result.save(args.models / f"rt-{key}.pt2")
         ckpt.unlink(missing_ok=True)
-        params = result.report["parameters"]
         store.put(
             key,
             {
-                "label": run.label,
-                "seed": seed,
-                "target_density": run.density,
-                "density": result.density,
-                "overrides": run.overrides,
+                **run_record(run, seed, result, began),
                 "accuracy": acc,
                 "retention": acc / teacher_acc,
                 "correct": correct,
-                "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
-                "total_parameters": [params["total_before"], params["total_after"]],
-                "heads_left": heads_left(result.report),
-                "layers": result.report["layers"],
-                "steps": result.report["steps"],
-                "minutes": (time.perf_counter() - began) / 60,
             },
         )
         print(

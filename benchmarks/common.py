@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,30 @@ def save_dense(model: torch.nn.Module, batch: dict, path: Path) -> Path:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "label")}
         passes.save(passes.capture(model, inputs), path)
     return path
+
+
+def heads_left(report: dict) -> int:
+    """Heads the compact model keeps, over all layers of a compress report."""
+    return sum(layer["heads"] for layer in report["layers"])
+
+
+def run_record(run: Run, seed: int, result, began: float) -> dict:
+    """The fields every accuracy benchmark records of a finished run: what was asked, the
+    structure and parameters ``compress`` reached, and the minutes since ``began``."""
+    params = result.report["parameters"]
+    return {
+        "label": run.label,
+        "seed": seed,
+        "target_density": run.density,
+        "density": result.density,
+        "overrides": run.overrides,
+        "encoder_parameters": [params["encoder_before"], params["encoder_after"]],
+        "total_parameters": [params["total_before"], params["total_after"]],
+        "heads_left": heads_left(result.report),
+        "layers": result.report["layers"],
+        "steps": result.report["steps"],
+        "minutes": (time.perf_counter() - began) / 60,
+    }
 
 
 def seed_key(name: str, seed: int) -> str:
