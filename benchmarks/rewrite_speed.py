@@ -381,6 +381,36 @@ class UniformLlama(nn.Module):
         return self.norm(x)
 
 
+def compact_models(
+    dense: nn.Module,
+    masked: nn.Module,
+    structure: passes.Structure,
+    buckets: list[int],
+    mode: str,
+) -> dict[str, nn.Module]:
+    """The models one row times, in timing order: the dense model, the rewrite at every
+    bucket size and, eager only, the default bucket without merged projections."""
+    models: dict[str, nn.Module] = {"dense": dense}
+    for b in buckets:
+        models[f"bucket={b}"] = passes.rewrite(masked, structure, bucket=b)
+    if mode == "eager":
+        models["bucket=%d,unmerged" % passes.DEFAULT_BUCKET] = passes.rewrite(
+            masked, structure, merge_projections=False
+        )
+    return models
+
+
+def print_speedups(speedups: dict[str, float]) -> None:
+    """One row's speedups, and the best bucket's share of the uniform-shape limit."""
+    best = max((s for n, s in speedups.items() if n.startswith("bucket")))
+    print(
+        "  speedups: "
+        + ", ".join(f"{n} {s:.2f}x" for n, s in speedups.items())
+        + f" | best compact / uniform {best / speedups['uniform']:.0%}",
+        flush=True,
+    )
+
+
 def run_llama(
     shape: LlamaShape,
     kept_shares: list[float],
@@ -419,13 +449,9 @@ def run_llama(
                     continue
                 masks = llama_masks(structure, shape, kept, pattern)
                 passes.set_masks(masked, masks)
-                models: dict[str, nn.Module] = {"dense": dense}
-                for b in buckets if mode == "eager" else compile_buckets:
-                    models[f"bucket={b}"] = passes.rewrite(masked, structure, bucket=b)
-                if mode == "eager":
-                    models["bucket=%d,unmerged" % passes.DEFAULT_BUCKET] = passes.rewrite(
-                        masked, structure, merge_projections=False
-                    )
+                models = compact_models(
+                    dense, masked, structure, buckets if mode == "eager" else compile_buckets, mode
+                )
                 torch.manual_seed(0)
                 models["uniform"] = UniformLlama(shape, limit_counts).eval()
                 counts = [llama_counts(masks, shape, i) for i in range(shape.layers)]
@@ -456,13 +482,7 @@ def run_llama(
                         "compile_seconds": compile_s if mode == "compiled" else None,
                     },
                 )
-                best = max((s for n, s in speedups.items() if n.startswith("bucket")))
-                print(
-                    "  speedups: "
-                    + ", ".join(f"{n} {s:.2f}x" for n, s in speedups.items())
-                    + f" | best compact / uniform {best / speedups['uniform']:.0%}",
-                    flush=True,
-                )
+                print_speedups(speedups)
     return store
 
 
@@ -500,13 +520,7 @@ def run(
                     masks = masks_for(structure, shape, kept, pattern)
                     passes.set_masks(masked, masks)
                     chosen = buckets if mode == "eager" else compile_buckets
-                    models: dict[str, nn.Module] = {"dense": dense}
-                    for b in chosen:
-                        models[f"bucket={b}"] = passes.rewrite(masked, structure, bucket=b)
-                    if mode == "eager":
-                        models["bucket=%d,unmerged" % passes.DEFAULT_BUCKET] = passes.rewrite(
-                            masked, structure, merge_projections=False
-                        )
+                    models = compact_models(dense, masked, structure, chosen, mode)
                     nq = int(masks["attn0.qk"].sum())
                     nv = int(masks["attn0.vo"].sum())
                     width = int(masks["ffn0"].sum())
@@ -530,13 +544,7 @@ def run(
                             "compile_seconds": compile_s if mode == "compiled" else None,
                         },
                     )
-                    best = max((s for n, s in speedups.items() if n.startswith("bucket")))
-                    print(
-                        "  speedups: "
-                        + ", ".join(f"{n} {s:.2f}x" for n, s in speedups.items())
-                        + f" | best compact / uniform {best / speedups['uniform']:.0%}",
-                        flush=True,
-                    )
+                    print_speedups(speedups)
     return store
 
 
