@@ -19,7 +19,7 @@ from benchmarks import architectures, evidence  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
-BUCKETS = ("bucket=1", "bucket=4", "bucket=8", "bucket=16", "bucket=64")
+BUCKETS = ("bucket=1", "bucket=4", "bucket=8", "bucket=16", "bucket=64", "bucket=auto")
 
 
 def _kept_rows(records: dict, threads: int, mode: str, model: str = "bert") -> list[dict]:
@@ -36,6 +36,15 @@ def _best(row: dict) -> tuple[str, float]:
     compact = {k: v for k, v in row["speedup"].items() if k.startswith("bucket")}
     name = max(compact, key=compact.get)
     return name, compact[name]
+
+
+def _present(rows: list[dict]) -> list[str]:
+    """The bucket columns any of ``rows`` measured, in :data:`BUCKETS` order."""
+    return [b for b in BUCKETS if any(b in r["speedup"] for r in rows)]
+
+
+def _cell(speedup: dict, name: str) -> str:
+    return f"{speedup[name]:.2f}x" if name in speedup else "-"
 
 
 def rewrite_speed_section(data: dict) -> str:
@@ -56,7 +65,7 @@ def rewrite_speed_section(data: dict) -> str:
         rows = _kept_rows(records, threads, "eager")
         if not rows:
             continue
-        present = [b for b in BUCKETS if b in rows[0]["speedup"]]
+        present = _present(rows)
         unmerged = [k for k in rows[0]["speedup"] if k.endswith("unmerged")]
         lines += [
             f"**Eager, {threads} thread{'s' if threads > 1 else ''}** (speedup over "
@@ -69,7 +78,7 @@ def rewrite_speed_section(data: dict) -> str:
         ]
         for r in rows:
             _, best = _best(r)
-            cells = [f"{r['speedup'][b]:.2f}x" for b in present + unmerged]
+            cells = [_cell(r["speedup"], b) for b in present + unmerged]
             lines.append(
                 f"| {r['kept']:.0%} | {r['pattern']} | {r['flops_ratio']:.1f}x | "
                 f"{r['uniform_speedup']:.2f}x | "

@@ -385,17 +385,17 @@ def compact_models(
     dense: nn.Module,
     masked: nn.Module,
     structure: passes.Structure,
-    buckets: list[int],
+    buckets: list[int | str],
     mode: str,
 ) -> dict[str, nn.Module]:
     """The models one row times, in timing order: the dense model, the rewrite at every
-    bucket size and, eager only, the default bucket without merged projections."""
+    bucket size and, eager only, bucket 4 without merged projections."""
     models: dict[str, nn.Module] = {"dense": dense}
     for b in buckets:
         models[f"bucket={b}"] = passes.rewrite(masked, structure, bucket=b)
     if mode == "eager":
-        models["bucket=%d,unmerged" % passes.DEFAULT_BUCKET] = passes.rewrite(
-            masked, structure, merge_projections=False
+        models["bucket=4,unmerged"] = passes.rewrite(
+            masked, structure, bucket=4, merge_projections=False
         )
     return models
 
@@ -415,8 +415,8 @@ def run_llama(
     shape: LlamaShape,
     kept_shares: list[float],
     patterns: list[str],
-    buckets: list[int],
-    compile_buckets: list[int],
+    buckets: list[int | str],
+    compile_buckets: list[int | str],
     threads: list[int],
     compile_threads: list[int],
     reps: int,
@@ -490,8 +490,8 @@ def run(
     shape: Shape,
     kept_shares: list[float],
     patterns: list[str],
-    buckets: list[int],
-    compile_buckets: list[int],
+    buckets: list[int | str],
+    compile_buckets: list[int | str],
     threads: list[int],
     compile_threads: list[int],
     reps: int,
@@ -548,13 +548,23 @@ def run(
     return store
 
 
+def _bucket(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, for smoke tests")
     parser.add_argument("--kept", type=float, nargs="+", default=[0.5, 0.2, 0.1, 0.05])
     parser.add_argument("--patterns", nargs="+", default=["spread", "concentrated", "unequal"])
-    parser.add_argument("--buckets", type=int, nargs="+", default=[1, 4, 8, 16, 64])
-    parser.add_argument("--compile-buckets", type=int, nargs="+", default=[4, 8, 64])
+    parser.add_argument(
+        "--buckets",
+        type=_bucket,
+        nargs="+",
+        default=[1, 4, 8, 16, 64, "auto"],
+        help="bucket sizes of the eager rows: ints, or auto (timed per block)",
+    )
+    parser.add_argument("--compile-buckets", type=_bucket, nargs="+", default=[4, 8, 64])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument(
         "--compile-threads",

@@ -14,7 +14,7 @@ At (batch 1, seq 128), (batch 8, seq 128) and (batch 32, seq 64), interleaved ru
 with the FLOPs ratio as the ideal speedup. Each measured row is written at once to
 ``benchmarks/results/speed.json``; a rerun skips what is there.
 
-    python benchmarks/speed.py                     # 2 threads, eager and compiled
+    python benchmarks/speed.py                     # 1 thread, eager and compiled
     python benchmarks/speed.py --no-compile --quick --models DIR   # smoke test
 """
 
@@ -184,7 +184,7 @@ def bert_base_runs(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--models", type=Path, default=RESULTS / "models")

@@ -778,7 +778,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument(
         "--latency-shape",
-        help="BATCHxSEQUENCE the compact model will serve, for --latency-aware (default 8x128)",
+        help="BATCHxSEQUENCE the compact model will serve: how heads are grouped into "
+        "attention calls is timed at it, and --latency-aware prices heads at it "
+        "(default 8x128)",
     )
     c.add_argument(
         "--batch-size",

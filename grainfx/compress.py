@@ -434,7 +434,7 @@ def compress(
         save(total)  # a run whose result cannot be written resumes without training again
     masked_eval, structure = trainer.student.eval, trainer.student.eval_structure
     masked_eval.eval()
-    compact = passes.rewrite(masked_eval, structure)
+    compact = passes.rewrite(masked_eval, structure, shape=config.latency_shape)
     log.info("rewrote the masked graph into a compact one of %d nodes", len(compact.graph.nodes))
     original = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     report = build_report(

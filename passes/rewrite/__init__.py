@@ -30,17 +30,28 @@ from passes.errors import MaskError, TrainingGraphError
 from passes.graph import aten, is_op, remove_dead_code
 from passes.instrument import MASK_MODULE, mask_buffers
 from passes.rewrite.attention import rewrite_attention
+from passes.rewrite.buckets import BucketTimer
 from passes.rewrite.emit import COMPACT_MODULE
 from passes.rewrite.ffn import rewrite_ffn
 from passes.structure import Structure
 
-__all__ = ["rewrite", "RewriteOptions", "DEFAULT_BUCKET", "KEPT_ATTR", "COMPACT_MODULE"]
+__all__ = [
+    "rewrite",
+    "RewriteOptions",
+    "DEFAULT_BUCKET",
+    "DEFAULT_SHAPE",
+    "KEPT_ATTR",
+    "COMPACT_MODULE",
+]
 
-#: Heads are grouped by query and value size rounded up to a multiple of this. Measured fastest
-#: (eager and compiled) in benchmarks/rewrite_speed.py on BERT-base size at 5% kept with
-#: unequal heads: 1 thread, 10.0x (bucket 4) vs 9.2x (1 and 8), 2.5x (64, one padded call).
-#: Bucket 1 compiled 4x slower than 4 (253 s vs 59 s for 12 layers).
-DEFAULT_BUCKET = 4
+#: Heads are grouped by query and value size rounded up to a granularity chosen per block by
+#: timing its attention calls at the shape the model will serve (:mod:`passes.rewrite.buckets`).
+#: Measured in benchmarks/rewrite_speed.py on BERT-base size at 5% kept with unequal heads, a
+#: fixed granularity of 4 was fastest (1 thread, 10.0x, vs 9.2x for 1 and 8, 2.5x for 64, one
+#: padded call); 1 compiled 4x slower than 4 (253 s vs 59 s for 12 layers).
+DEFAULT_BUCKET = "auto"
+#: (batch, sequence) the bucket cost model prices when none is named.
+DEFAULT_SHAPE = (8, 128)
 KEPT_ATTR = "grainfx_kept"
 
 
@@ -49,17 +60,30 @@ class RewriteOptions:
     """Options of :func:`rewrite`.
 
     bucket: heads whose query and value sizes round up to the same multiple of ``bucket`` share
-        one attention call (1: one call per distinct size; head size: one padded call).
+        one attention call (1: one call per distinct size; head size: one padded call);
+        ``"auto"``: per block, the multiple whose attention calls run fastest at ``shape`` on
+        this machine (measured during the rewrite; the choice is recorded per layer).
+    shape: (batch, sequence) that ``bucket="auto"`` prices.
     merge_projections: compute projections that read the same input (Q, K and V; an FFN's up
         and gate) as one matmul.
     """
 
-    bucket: int = DEFAULT_BUCKET
+    bucket: int | str = DEFAULT_BUCKET
+    shape: tuple[int, int] = DEFAULT_SHAPE
     merge_projections: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bucket, int) or isinstance(self.bucket, bool) or self.bucket < 1:
-            raise ValueError(f"bucket must be a positive int, got {self.bucket!r}")
+        b = self.bucket
+        if b != "auto" and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
+            raise ValueError(f"bucket must be a positive int or 'auto', got {b!r}")
+        s = self.shape
+        if (
+            not isinstance(s, (tuple, list))
+            or len(s) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in s)
+        ):
+            raise ValueError(f"shape must be (batch, sequence), two ints >= 1, got {s!r}")
+        object.__setattr__(self, "shape", tuple(s))
 
 
 def _check_masks(structure: Structure, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -108,7 +132,8 @@ def rewrite(
     masked_gm: fx.GraphModule,
     structure: Structure,
     *,
-    bucket: int | None = None,
+    bucket: int | str | None = None,
+    shape: tuple[int, int] = DEFAULT_SHAPE,
     merge_projections: bool = True,
 ) -> fx.GraphModule:
     """Fold the binary masks of ``masked_gm`` into a compact, standalone GraphModule.
@@ -116,8 +141,9 @@ def rewrite(
     Args:
         masked_gm: an eval-mode graph from :func:`passes.instrument` with masks of 0 and 1.
         structure: the Structure it was instrumented with.
-        bucket: head-size granularity of the attention buckets (default
+        bucket: head-size granularity of the attention buckets, or ``"auto"`` (default
             :data:`DEFAULT_BUCKET`); see :class:`RewriteOptions`.
+        shape: (batch, sequence) the model will mostly serve, priced by ``bucket="auto"``.
         merge_projections: merge Q, K and V, and up and gate, into one matmul.
 
     Returns:
@@ -129,7 +155,7 @@ def rewrite(
         MaskError: masks that are not binary or do not match ``structure``.
         TrainingGraphError: ``masked_gm`` was captured in train mode.
     """
-    options = RewriteOptions(DEFAULT_BUCKET if bucket is None else bucket, merge_projections)
+    options = RewriteOptions(DEFAULT_BUCKET if bucket is None else bucket, shape, merge_projections)
     masks = _check_masks(structure, mask_buffers(masked_gm))
     for node in masked_gm.graph.nodes:
         if is_op(node, [aten.dropout.default]) and len(node.args) > 2 and node.args[2]:
@@ -150,9 +176,12 @@ def rewrite(
             layers[i]["kv_heads_dense"] = block.kv_heads
     for i, ffn in enumerate(structure.ffn):
         layers[i]["ffn_dense"] = ffn.width
+    timer = BucketTimer(options.shape)
     for i, block in enumerate(structure.attention):
         layers[i].update(
-            rewrite_attention(gm, nodes, block, masks, options.bucket, options.merge_projections)
+            rewrite_attention(
+                gm, nodes, block, masks, options.bucket, options.merge_projections, timer
+            )
         )
     for i, ffn in enumerate(structure.ffn):
         layers[i].update(rewrite_ffn(gm, nodes, ffn, masks[ffn.name], options.merge_projections))
@@ -175,6 +204,7 @@ def rewrite(
             "uncovered": list(structure.uncovered),
             "density": structure.density(masks),
             "bucket": options.bucket,
+            "bucket_shape": list(options.shape),
             "merge_projections": options.merge_projections,
         },
     )

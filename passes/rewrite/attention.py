@@ -27,15 +27,10 @@ import torch
 from torch import fx
 
 from passes.graph import aten, shape
+from passes.rewrite.buckets import Buckets, BucketTimer, choose_granularity, round_up
 from passes.rewrite.emit import PAD, Emitter
 from passes.rewrite.uniform import emit_uniform, uniform_plan
 from passes.structure import AttentionBlock, Rope
-
-
-def _round_up(n: int, step: int, cap: int) -> int:
-    if n == 0:
-        return 0
-    return min(cap, -(-n // step) * step)
 
 
 @dataclass(frozen=True)
@@ -85,10 +80,13 @@ def rewrite_attention(
     nodes: dict[str, fx.Node],
     block: AttentionBlock,
     masks: dict[str, torch.Tensor],
-    bucket: int,
+    bucket: int | str,
     merge: bool,
+    timer: BucketTimer,
 ) -> dict:
-    """Replace ``block`` by its compact form; returns the kept heads for the record."""
+    """Replace ``block`` by its compact form; returns the kept heads and the bucket
+    granularity for the record. ``bucket="auto"`` chooses the granularity whose attention
+    calls ``timer`` measures fastest (:mod:`passes.rewrite.buckets`)."""
     qdims, vdims, live = block.per_head(masks)
     out_node = nodes[block.o.node]
     emit = Emitter(gm, block.name, out_node)
@@ -105,22 +103,23 @@ def rewrite_attention(
     ]
     if not live.any():
         out_node.replace_all_uses_with(emit.constant_output(x_q, o_bias, block.o.out_features))
-        return {"heads": heads_kept}
+        return {"heads": heads_kept, "bucket": None}
     d, g = block.head_dim, block.group_size
     layouts = {h: _layout(block, qdims[h]) for h in range(block.num_heads) if live[h]}
     rep: dict[int, int] = {}  # a live query head of each group: all of them share its units
     for h in layouts:
         rep.setdefault(h // g, h)
-    by_width: defaultdict[tuple[int, int, int], list[int]] = defaultdict(list)
-    for h, lay in layouts.items():
-        if h in uniform:
-            continue
-        wp = _round_up(len(lay.pairs), bucket, block.rotary_dims // 2)
-        ws = _round_up(len(lay.dims), bucket, d - block.rotary_dims)
-        if wp + ws == 0:
-            ws = 1  # no query units: a zero query, uniform attention
-        by_width[(wp, ws, _round_up(int(vdims[h].sum()), bucket, d))].append(h)
-    buckets = dict(sorted(by_width.items()))
+    scored = {h: lay for h, lay in layouts.items() if h not in uniform}
+
+    def buckets_at(step: int) -> Buckets:
+        return _buckets(block, scored, vdims, step)
+
+    granularity = (
+        choose_granularity(block.q.in_features, d, buckets_at, timer)
+        if bucket == "auto"
+        else int(bucket)
+    )
+    buckets = buckets_at(granularity)
     index: dict[str, list[list[int]]] = {"q": [], "k": [], "v": []}
     groups_of = []
     for (wp, ws, wv), heads in buckets.items():
@@ -196,7 +195,22 @@ def rewrite_attention(
     w_o = emit.call(aten.t.default, w_t)
     b_o = emit.tensor("o_bias", o_bias, True) if o_bias is not None else None
     out_node.replace_all_uses_with(emit.call(aten.linear.default, ctx, w_o, b_o))
-    return {"heads": heads_kept}
+    return {"heads": heads_kept, "bucket": granularity if buckets else None}
+
+
+def _buckets(
+    block: AttentionBlock, layouts: dict[int, _HeadLayout], vdims: torch.Tensor, step: int
+) -> Buckets:
+    """The heads of ``layouts`` grouped by query and value size rounded up to ``step``."""
+    d = block.head_dim
+    by_width: defaultdict[tuple[int, int, int], list[int]] = defaultdict(list)
+    for h, lay in layouts.items():
+        wp = round_up(len(lay.pairs), step, block.rotary_dims // 2)
+        ws = round_up(len(lay.dims), step, d - block.rotary_dims)
+        if wp + ws == 0:
+            ws = 1  # no query units: a zero query, uniform attention
+        by_width[(wp, ws, round_up(int(vdims[h].sum()), step, d))].append(h)
+    return dict(sorted(by_width.items()))
 
 
 def _uniform_index(

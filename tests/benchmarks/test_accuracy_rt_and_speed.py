@@ -104,3 +104,16 @@ def test_accuracy_section_and_retention_plot(sweep, tmp_path):
     assert [row.split(" | ")[0] for row in rows] == ["| GRAIN", "| whole heads + FFN"]
     evidence.retention_plot(data, None, None, tmp_path / "retention.png")
     assert (tmp_path / "retention.png").stat().st_size > 1000
+
+
+def test_runs_of_an_earlier_teacher_are_set_apart(sweep):
+    root, _ = sweep
+    data = json.loads((root / "accuracy_rt.json").read_text())
+    old = dict(data["records"]["head-5"])
+    old.pop("correct")
+    old["retention"] = old["accuracy"] / 0.5  # distilled from a teacher of 50%
+    data["records"]["head-5"] = old
+    table = evidence.accuracy_section(data, None)
+    current, earlier = table.split("earlier teacher (50.00% held-out")
+    assert "| GRAIN |" in current and "whole heads" not in current
+    assert "| whole heads + FFN |" in earlier and "| GRAIN |" not in earlier

@@ -95,7 +95,7 @@ def assert_close(expected: dict, actual: dict) -> None:
     kind=st.sampled_from(KINDS),
     seed=st.integers(0, 2**16),
     keep=st.floats(0.0, 1.0),
-    bucket=st.sampled_from([1, 3, 8]),
+    bucket=st.sampled_from([1, 3, 8, "auto"]),
 )
 def test_compact_equals_masked_graph(arch, kind, seed, keep, bucket):
     struct, graph = structure(arch), masked(arch)
@@ -236,6 +236,32 @@ def test_rewrite_refuses_a_train_mode_graph():
 def test_bucket_option_is_validated():
     with pytest.raises(ValueError, match="bucket"):
         passes.RewriteOptions(bucket=0)
+    with pytest.raises(ValueError, match="'auto'"):
+        passes.RewriteOptions(bucket="fastest")
+    with pytest.raises(ValueError, match="shape"):
+        passes.RewriteOptions(shape=(8,))
+
+
+def test_auto_bucket_is_chosen_per_layer_and_recorded():
+    arch = "bert-eager"
+    struct, graph = structure(arch), masked(arch)
+    masks = struct.ones()
+    for block in struct.attention:  # heads of 1, 2, 5 and 8 query and value dims
+        for h, n in enumerate([1, 2, 5, 8]):
+            masks[f"{block.name}.qk"][h, n:] = 0
+            masks[f"{block.name}.vo"][h, n:] = 0
+    passes.set_masks(graph, masks)
+    compact = passes.rewrite(graph, struct, bucket="auto", shape=(2, 8))
+    kept = compact.grainfx_kept
+    assert kept["bucket"] == "auto" and kept["bucket_shape"] == [2, 8]
+    for layer in kept["layers"]:
+        chosen = layer["bucket"]
+        assert chosen in {1, 2, 4, struct.attention[0].head_dim}
+        fixed = passes.rewrite(graph, struct, bucket=chosen)
+        assert fixed.grainfx_kept["layers"][layer["layer"]]["bucket"] == chosen
+    assert sdpa_count(compact) == sum(
+        {1: 4, 2: 3, 4: 2}.get(layer["bucket"], 1) for layer in kept["layers"]
+    )
 
 
 class _MatmulProjections(torch.nn.Module):
