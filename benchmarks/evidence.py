@@ -363,9 +363,10 @@ def speed_section(speed: dict) -> str:
         f"{_machine(meta)}; {meta.get('minutes', 0):.0f} min for the passes that ran to the "
         f"end (`python benchmarks/speed.py`). *ideal*: the FLOPs ratio. *limit* (BERT-base "
         f"size): the same kept work as one head and one FFN per layer. Compiled: "
-        f"`torch.compile(dynamic=True)`, one compile per model for all shapes; a compile "
-        f"takes minutes here, so the compiled pass was stopped early: *-* = not measured "
-        f"(rerunning the script fills them in).",
+        f"`torch.compile(dynamic=True)`, one compile per model for all shapes, its compile "
+        f"time the first call's (cold: no inductor cache); *-* = not measured (the compiled "
+        f"pass takes minutes a model here; `python benchmarks/speed.py --only NAME` fills "
+        f"them in).",
         "",
     ]
     head = " | ".join(f"b{b} s{s}" for b, s in SHAPES)
@@ -374,9 +375,12 @@ def speed_section(speed: dict) -> str:
         lines += [
             f"**{family}**",
             "",
-            f"| model | density | ideal | eager: {head} | compiled: {head} |"
+            f"| model | density | ideal | eager: {head} | compiled: {head} | compile time "
+            "(dense, compact) |"
             + (" limit (eager b8 s128) | compact / limit |" if with_limit else ""),
-            "|---|---:|---:|" + "---:|" * (2 * len(SHAPES)) + ("---:|---:|" if with_limit else ""),
+            "|---|---:|---:|"
+            + "---:|" * (2 * len(SHAPES) + 1)
+            + ("---:|---:|" if with_limit else ""),
         ]
         models = {}
         for mode in ("eager", "compiled"):
@@ -391,6 +395,9 @@ def speed_section(speed: dict) -> str:
                 for b, s in SHAPES:
                     r = cells.get((mode, b, s))
                     out.append(f"{r['speedup']['compact']:.2f}x" if r else "-")
+            compiled = [r for (mode, _, _), r in cells.items() if mode == "compiled"]
+            seconds = compiled[0]["compile_seconds"] if compiled else None
+            out.append(f"{seconds['dense']:.0f} s, {seconds['compact']:.0f} s" if seconds else "-")
             if with_limit:
                 r = cells.get(("eager", 8, 128))
                 if r:
@@ -648,4 +655,45 @@ def lm_section(lm: dict) -> str:
         "key/value heads was pruned at once; the CPU time left went to the runs "
         "above."
     )
+    return "\n".join(lines)
+
+
+#: The MiniLM 5% comparison of speed and accuracy: (run, its accuracy file's key).
+SIDE_BY_SIDE = (("grain-5", "rt"), ("latency-5", "rt"), ("head-5", "rt"), ("tp-5", "peer"))
+
+
+def side_by_side_section(rt: dict, peer: dict | None, speed: dict | None) -> str:
+    """GRAIN (default and latency-aware), whole heads and torch-pruning at 5% on Rotten
+    Tomatoes: accuracy over seeds and the compact model's speed over dense at each shape."""
+    teacher = rt["records"]["teacher"]["accuracy"]
+    runs = {"rt": by_run(rt["records"]), "peer": by_run(peer["records"]) if peer else {}}
+    threads = speed["meta"]["threads"] if speed else "?"
+    head = " | ".join(f"b{b} s{s}" for b, s in SHAPES)
+    lines = [
+        f"MiniLM (all-MiniLM-L6-v2) on Rotten Tomatoes at 5% encoder density, teacher "
+        f"{teacher:.2%}: accuracy over the seeds run (mean ± std), and the speedup of the "
+        f"compact model over the dense one at batch x sequence, eager, {threads} thread(s) "
+        f"(`python benchmarks/speed.py`, seed 0's model; the torch-pruning model is captured "
+        f"by the same pass as the others). *-*: not measured yet.",
+        "",
+        f"| method | density | accuracy | heads left | eager: {head} |",
+        "|---|---:|---:|---:|" + "---:|" * len(SHAPES),
+    ]
+    for name, source in SIDE_BY_SIDE:
+        rs = [r for r in runs[source].get(name, []) if _same_teacher(r, teacher)]
+        if not rs:
+            lines.append(f"| {name} | - | - | - |" + " - |" * len(SHAPES))
+            continue
+        cells = []
+        for b, s in SHAPES:
+            row = (speed or {}).get("records", {}).get(f"rt-{name}/eager/b={b},s={s}")
+            cells.append(f"{row['speedup']['compact']:.2f}x" if row else "-")
+        r = rs[0]
+        label = r.get("label", "torch-pruning (Taylor, whole heads + FFN)")
+        lines.append(
+            f"| {label} | {r['density']:.1%} | "
+            f"{over_seeds([x['accuracy'] for x in rs], '.2%')} | {r['heads_left']} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines)

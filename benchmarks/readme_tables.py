@@ -295,6 +295,8 @@ def sections() -> dict[str, str]:
     sweep = _load("speed.json")
     if sweep:
         out["speed"] = evidence.speed_section(sweep)
+    if rt:
+        out["minilm5"] = evidence.side_by_side_section(rt, peer, sweep)
     archs = _load("architectures.json")
     if archs:
         out["architectures"] = architectures.section(archs)

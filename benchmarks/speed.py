@@ -44,15 +44,46 @@ from grainfx.timing import example_inputs, interleaved_medians  # noqa: E402
 SHAPES = ((1, 128), (8, 128), (32, 64))
 
 
-def task_models(folder: Path) -> list[tuple[str, Path, Path]]:
-    """(name, compact file, dense file) for every ``<task>-<run>.pt2`` beside a dense one."""
+def saved_models(folder: Path, run_glob: str) -> list[tuple[str, Path, Path]]:
+    """(name, file, dense file) for every seed-0 ``<task>-<run_glob>`` beside a
+    ``<task>-dense.pt2`` (other seeds' models share seed 0's speed closely and are skipped):
+    ``*.pt2`` for grainfx's compact models, ``tp-*.pt`` for the torch-pruning students saved
+    whole by ``benchmarks/peer_torch_pruning.py``."""
     found = []
     for dense in sorted(folder.glob("*-dense.pt2")):
         task = dense.name[: -len("-dense.pt2")]
-        for compact in sorted(folder.glob(f"{task}-*.pt2")):
-            if compact != dense:
-                found.append((compact.stem, compact, dense))
+        for path in sorted(folder.glob(f"{task}-{run_glob}")):
+            if path != dense and not re.search(r"-s\d+$", path.stem):
+                found.append((path.stem, path, dense))
     return found
+
+
+def as_compact(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` through discover, instrument and rewrite with every unit kept: the same
+    computation, run by the same pass as grainfx's compact models, with their record."""
+    structure = passes.discover(gm)
+    masked = passes.instrument(gm, structure)
+    passes.set_masks(masked, structure.ones())
+    return passes.rewrite(masked, structure)
+
+
+def time_peers(
+    store: ResultStore, folder: Path, peer: Path, modes: list[str], reps: int, only: str | None
+) -> None:
+    """Time each torch-pruning student, captured and rewritten (all kept) by grainfx's passes,
+    against its dense model, recording the density its benchmark (``peer``) measured."""
+    records = json.loads(peer.read_text())["records"] if peer.exists() else {}
+    for name, path, dense_path in saved_models(folder, "tp-*.pt"):
+        run = name.split("-", 1)[1]
+        if (only and not re.search(only, name)) or run not in records:
+            continue
+        dense = grainfx.load(dense_path)
+        make = functools.partial(example_inputs, dense.grainfx_kept)
+        module = torch.load(path, weights_only=False).eval()
+        compact = as_compact(passes.capture(module, make(2, 16)))
+        models = {"dense": dense, "compact": compact}
+        extra = {"family": name.split("-")[0], "density": records[run]["density"]}
+        measure(store, name, models, make, modes, reps, extra, reference=as_compact(dense))
 
 
 def grain_shaped_masks(
@@ -86,11 +117,14 @@ def measure(
     modes: list[str],
     reps: int,
     extra: dict,
+    reference: torch.nn.Module | None = None,
 ) -> None:
     """Time ``models`` (``dense``, ``compact``, maybe ``limit``) at every shape and mode.
 
     Compiled models are compiled once with dynamic shapes and reused for every shape; the
-    first call's time is recorded as the compile time."""
+    first call's time is recorded as the compile time. The ideal speedup is the dense FLOPs
+    the compact model records, or ``reference``'s FLOPs (a compact model of another library,
+    whose own record knows nothing of the dense one) over the compact model's."""
     compiled = (
         {k: torch.compile(m, dynamic=True) for k, m in models.items()}
         if "compiled" in modes
@@ -114,7 +148,12 @@ def measure(
             calls = {k: functools.partial(f, **inputs) for k, f in fns.items()}
             seconds = interleaved_medians(calls, reps)
             speedup = {k: seconds["dense"] / v for k, v in seconds.items()}
-            ideal = inspection.flops_dense / inspection.flops
+            dense_flops = (
+                grainfx.inspect(reference, seq=seq).flops
+                if reference is not None
+                else inspection.flops_dense
+            )
+            ideal = dense_flops / inspection.flops
             store.put(
                 key,
                 {
@@ -199,6 +238,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="a tiny BERT instead of the BERT-base-size one (smoke test)",
     )
+    parser.add_argument(
+        "--peer",
+        type=Path,
+        default=RESULTS / "peer_torch_pruning.json",
+        help="the torch-pruning runs, for the densities of their saved students",
+    )
     parser.add_argument("--only", help="time only the models whose name matches this regex")
     parser.add_argument("--out", type=Path, default=RESULTS / "speed.json")
     args = parser.parse_args(argv)
@@ -213,7 +258,7 @@ def main(argv=None) -> int:
         store, args.accuracy, TINY if args.quick else BERT_BASE, modes, args.reps, args.only
     )
     dense: dict[Path, torch.nn.Module] = {}
-    for name, compact_path, dense_path in task_models(args.models):
+    for name, compact_path, dense_path in saved_models(args.models, "*.pt2"):
         if args.only and not re.search(args.only, name):
             continue
         compact = grainfx.load(compact_path)
@@ -222,6 +267,7 @@ def main(argv=None) -> int:
         models = {"dense": dense[dense_path], "compact": compact}
         make = functools.partial(example_inputs, compact.grainfx_kept)
         measure(store, name, models, make, modes, args.reps, {"family": name.split("-")[0]})
+    time_peers(store, args.models, args.peer, modes, args.reps, args.only)
     store.meta["minutes"] = store.meta.get("minutes", 0) + (time.perf_counter() - began) / 60
     store.flush()
     return 0

@@ -4,8 +4,10 @@ and the README sections and plots drawn from what they write."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 
 from benchmarks import accuracy_rt, evidence, speed
 
@@ -117,3 +119,42 @@ def test_runs_of_an_earlier_teacher_are_set_apart(sweep):
     current, earlier = table.split("earlier teacher (50.00% held-out")
     assert "| GRAIN |" in current and "whole heads" not in current
     assert "| whole heads + FFN |" in earlier and "| GRAIN |" not in earlier
+
+
+def test_speed_times_a_peer_student_captured_by_the_same_pass(sweep, tmp_path):
+    root, _ = sweep
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("rt-dense.pt2", "rt-dense.json"):
+        shutil.copy(root / "models" / name, folder / name)
+    model, *_ = accuracy_rt.rt_setup(True)
+    ffn = model.bert.encoder.layer[0]  # a structurally pruned student: half of one FFN
+    keep = ffn.intermediate.dense.out_features // 2
+    up, down = ffn.intermediate.dense, ffn.output.dense
+    ffn.intermediate.dense = torch.nn.Linear(up.in_features, keep)
+    ffn.output.dense = torch.nn.Linear(keep, down.out_features)
+    torch.save(model, folder / "rt-tp-5.pt")
+    torch.save(model, folder / "rt-tp-5-s1.pt")  # another seed: not timed
+    peer = tmp_path / "peer.json"
+    peer.write_text(json.dumps({"records": {"tp-5": {"density": 0.9}}}))
+    out = tmp_path / "speed.json"
+    argv = ["--quick", "--reps", "1", "--no-compile", "--only", "tp", "--models", str(folder)]
+    assert speed.main([*argv, "--peer", str(peer), "--out", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert set(records) == {f"rt-tp-5/eager/b={b},s={s}" for b, s in speed.SHAPES}
+    for record in records.values():
+        assert record["density"] == 0.9 and record["family"] == "rt"
+        assert record["flops_ratio"] > 1 and record["speedup"]["compact"] > 0
+
+
+def test_the_minilm_side_by_side_names_what_is_missing(sweep):
+    root, _ = sweep
+    data = json.loads((root / "accuracy_rt.json").read_text())
+    speed_data = {"meta": {"threads": 1}, "records": {}}
+    b, s = speed.SHAPES[1]
+    speed_data["records"][f"rt-grain-5/eager/b={b},s={s}"] = {"speedup": {"compact": 7.5}}
+    table = evidence.side_by_side_section(data, None, speed_data)
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "| 7.50x |" in rows["| GRAIN"] and rows["| GRAIN"].count(" - ") == 2
+    assert rows["| latency-5"].endswith("| - | - | - | - | - | - |")
+    assert "| whole heads + FFN" in rows and "| tp-5" in rows
