@@ -14,7 +14,6 @@ import signal
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 
 from grainfx.cli import main
+from tests.fresh_process import run_without_transformers
 from tests.grainfx.test_rows import random_file
 from tests.models import build_bert
 
@@ -821,29 +821,17 @@ def test_the_folder_serves_where_transformers_cannot_be_imported(compressed):
 
     with torch.no_grad():
         expected = [(p.label, p.score) for p in grainfx.load(compressed)(TEXTS)]
-    script = textwrap.dedent(f"""
-        import json, sys
-        sys.modules["transformers"] = None  # any import of transformers now fails
+    result = run_without_transformers(
+        f"""
+        import json
         import grainfx
-        try:
-            import transformers
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("transformers was importable")
         model = grainfx.load({str(compressed)!r})
         ids = model.encode(["good film"])
         logits = model(**ids)["logits"]
         print(json.dumps({{"predictions": [(p.label, p.score) for p in model({TEXTS!r})],
                           "shape": list(logits.shape), "labels": list(model.labels)}}))
-    """)
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parents[2],
+        """,
         env=ENV,
-        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     served = json.loads(result.stdout.splitlines()[-1])

@@ -16,6 +16,7 @@ import torch
 import grainfx
 import passes
 from tests.captures import captured, structure
+from tests.fresh_process import run_without_transformers
 from tests.models import example_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,16 +46,8 @@ def test_saved_model_loads_in_a_process_without_transformers(arch, tmp_path):
     with torch.no_grad():
         expected = module(**inputs)
     torch.save({"inputs": inputs, "expected": expected}, tmp_path / "io.pt")
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["transformers"] = None  # any import of transformers now fails
+    result = run_without_transformers(f"""
         import torch, grainfx
-        try:
-            import transformers
-        except ImportError:
-            pass
-        else:
-            raise SystemExit("transformers was importable")
         io = torch.load({str(tmp_path / "io.pt")!r})
         model = grainfx.load({str(path)!r})
         with torch.no_grad():
@@ -64,9 +57,6 @@ def test_saved_model_loads_in_a_process_without_transformers(arch, tmp_path):
         assert model.grainfx_kept["layers"], "kept structure missing"
         print("OK")
     """)
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("OK")
 
