@@ -16,7 +16,9 @@ from passes.rewrite import KEPT_ATTR
 class LayerInfo:
     """One layer of a compact model: kept heads with their query / value units, FFN width,
     and forward FLOPs per sequence (kept and dense). ``query_less`` counts the heads without
-    query units that run without scores, as the mean of their values."""
+    query units that run without scores, as the mean of their values; ``bucket`` is the
+    granularity at which its other heads share attention calls (None: no such head, or a
+    model rewritten before it was recorded)."""
 
     layer: int
     heads: int
@@ -30,6 +32,7 @@ class LayerInfo:
     flops: float
     flops_dense: float
     query_less: int = 0
+    bucket: int | None = None
 
 
 def _flops(hidden: int, seq: int, q: int, v: int, ffn: int, v_mean: int = 0) -> float:
@@ -68,6 +71,7 @@ class Inspection:
                 "layer": x.layer,
                 "heads": f"{x.heads}/{x.heads_dense}",
                 "query-less (mean)": x.query_less or "-",
+                "bucket": x.bucket or "-",
                 "query units": " ".join(map(str, x.query_units)) or "-",
                 "value units": " ".join(map(str, x.value_units)) or "-",
                 "ffn": f"{x.ffn}/{x.ffn_dense}",
@@ -183,6 +187,7 @@ def inspect(model: torch.nn.Module | str | os.PathLike, seq: int = 128) -> Inspe
                 ffn=ffn,
                 ffn_dense=ffn_dense,
                 query_less=len(mean),
+                bucket=layer.get("bucket"),
                 flops=_flops(hidden, seq, sum(q), sum(v), ffn, sum(mean)),
                 flops_dense=_flops(hidden, seq, dense_heads * d, dense_heads * d, ffn_dense),
             )

@@ -47,6 +47,18 @@ def test_heads_without_query_units_are_shown_as_means():
     assert info.layers[1].flops < info.layers[0].flops
 
 
+def test_the_bucket_of_each_layer_is_shown_and_survives_a_save(tmp_path):
+    struct = structure("bert-sdpa")
+    graph = passes.instrument(captured("bert-sdpa"), struct)
+    passes.set_masks(graph, struct.ones())
+    info = grainfx.inspect(passes.rewrite(graph, struct, bucket=2), seq=32)
+    assert [x.bucket for x in info.layers] == [2, 2]
+    assert [r["bucket"] for r in info.rows()] == [2, 2] and "bucket" in str(info)
+    path = grainfx.save(passes.rewrite(graph, struct, bucket="auto"), tmp_path / "m.pt2")
+    chosen = [x.bucket for x in grainfx.inspect(path).layers]
+    assert all(b in (1, 2, 4, 8, struct.attention[0].head_dim) for b in chosen)
+
+
 def test_inspect_reads_a_saved_file(tmp_path):
     path = grainfx.save(compact(), tmp_path / "m.pt2")
     assert grainfx.inspect(path).layers[0].heads == 3
