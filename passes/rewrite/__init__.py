@@ -30,7 +30,7 @@ from passes.errors import MaskError, TrainingGraphError
 from passes.graph import aten, is_op, remove_dead_code
 from passes.instrument import MASK_MODULE, mask_buffers
 from passes.rewrite.attention import rewrite_attention
-from passes.rewrite.buckets import BucketTimer
+from passes.rewrite.buckets import BucketTimer, default_cache
 from passes.rewrite.emit import COMPACT_MODULE
 from passes.rewrite.ffn import rewrite_ffn
 from passes.structure import Structure
@@ -62,7 +62,8 @@ class RewriteOptions:
     bucket: heads whose query and value sizes round up to the same multiple of ``bucket`` share
         one attention call (1: one call per distinct size; head size: one padded call);
         ``"auto"``: per block, the multiple whose attention calls run fastest at ``shape`` on
-        this machine (measured during the rewrite; the choice is recorded per layer).
+        this machine (timed once per machine and size, then read from a cache file, see
+        :mod:`passes.rewrite.buckets`; the choice is recorded per layer).
     shape: (batch, sequence) that ``bucket="auto"`` prices.
     merge_projections: compute projections that read the same input (Q, K and V; an FFN's up
         and gate) as one matmul.
@@ -176,7 +177,7 @@ def rewrite(
             layers[i]["kv_heads_dense"] = block.kv_heads
     for i, ffn in enumerate(structure.ffn):
         layers[i]["ffn_dense"] = ffn.width
-    timer = BucketTimer(options.shape)
+    timer = BucketTimer(options.shape, cache=default_cache())
     for i, block in enumerate(structure.attention):
         layers[i].update(
             rewrite_attention(
@@ -185,6 +186,7 @@ def rewrite(
         )
     for i, ffn in enumerate(structure.ffn):
         layers[i].update(rewrite_ffn(gm, nodes, ffn, masks[ffn.name], options.merge_projections))
+    timer.save()
     gm.graph.lint()
     remove_dead_code(gm)
     if hasattr(gm, MASK_MODULE):

@@ -11,18 +11,35 @@ and its share of the output projection, on random inputs; median of a few calls,
 distinct size timed once per rewrite) and keeps the cheapest
 ``g``, the largest of those within :data:`TOLERANCE` of it (fewer shapes to compile, and a
 choice that timing noise does not flip between near-equal options).
+
+Measured seconds are kept in ``$GRAINFX_CACHE/bucket_seconds.json`` (default
+``~/.cache/grainfx``), keyed by torch version, processor, thread count and shape, so every
+later rewrite on this machine reads them instead of timing again: the same masks give the
+same compact graph, run after run. A cache that cannot be read or written is ignored.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import statistics
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["CANDIDATES", "TOLERANCE", "BucketTimer", "choose_granularity", "round_up"]
+__all__ = [
+    "CANDIDATES",
+    "TOLERANCE",
+    "BucketTimer",
+    "choose_granularity",
+    "default_cache",
+    "round_up",
+]
 
 CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 TOLERANCE = 0.03
@@ -38,20 +55,58 @@ def round_up(n: int, step: int, cap: int) -> int:
     return min(cap, -(-n // step) * step)
 
 
+def default_cache() -> Path:
+    """``$GRAINFX_CACHE/bucket_seconds.json``, by default under ``~/.cache/grainfx``."""
+    folder = os.environ.get("GRAINFX_CACHE") or Path.home() / ".cache" / "grainfx"
+    return Path(folder) / "bucket_seconds.json"
+
+
 class BucketTimer:
     """Seconds of one bucket's work at ``shape`` = (batch, sequence), measured once per
-    (model width, heads, query width, value width) and remembered."""
+    (model width, heads, query width, value width) on this machine and remembered, in
+    ``cache`` (a JSON file; None: in memory only) across processes."""
 
-    def __init__(self, shape: tuple[int, int], reps: int = 5):
+    def __init__(self, shape: tuple[int, int], reps: int = 5, cache: Path | None = None):
         self.shape = shape
         self.reps = reps
-        self._seconds: dict[tuple[int, int, int, int], float] = {}
+        self.cache = cache
+        self._machine = (
+            f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cpus, {torch.get_num_threads()} threads, "
+            f"{shape[0]}x{shape[1]}"
+        )
+        self._seconds: dict[str, float] = self._read().get(self._machine, {})
+        self._new = False
 
     def __call__(self, hidden: int, heads: int, q_width: int, v_width: int) -> float:
-        key = (hidden, heads, q_width, v_width)
+        key = f"{hidden},{heads},{q_width},{v_width}"
         if key not in self._seconds:
-            self._seconds[key] = self._measure(*key)
+            self._seconds[key] = self._measure(hidden, heads, q_width, v_width)
+            self._new = True
         return self._seconds[key]
+
+    def _read(self) -> dict:
+        try:
+            record = json.loads(self.cache.read_text()) if self.cache else {}
+        except (OSError, ValueError):
+            return {}
+        return record if isinstance(record, dict) else {}
+
+    def save(self) -> None:
+        """Add what was measured to the cache file (written whole, then renamed into place)."""
+        if not self._new or self.cache is None:
+            return
+        record = self._read()
+        record[self._machine] = {**record.get(self._machine, {}), **self._seconds}
+        try:
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".bucket_seconds.", dir=self.cache.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.cache)
+        except OSError:
+            return
+        self._new = False
 
     def _measure(self, hidden: int, heads: int, q_width: int, v_width: int) -> float:
         batch, seq = self.shape

@@ -242,6 +242,19 @@ def test_bucket_option_is_validated():
         passes.RewriteOptions(shape=(8,))
 
 
+def test_auto_bucket_gives_the_same_graph_run_after_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAINFX_CACHE", str(tmp_path))
+    arch = "bert-eager"
+    struct, graph = structure(arch), masked(arch)
+    passes.set_masks(graph, draw_masks(struct, "random", 3, 0.3))
+    first = passes.rewrite(graph, struct, bucket="auto", shape=(4, 16))
+    assert (tmp_path / "bucket_seconds.json").exists()
+    second = passes.rewrite(graph, struct, bucket="auto", shape=(4, 16))
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert first.code == second.code
+
+
 def test_auto_bucket_is_chosen_per_layer_and_recorded():
     arch = "bert-eager"
     struct, graph = structure(arch), masked(arch)

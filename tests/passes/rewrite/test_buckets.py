@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from passes.rewrite.buckets import TOLERANCE, BucketTimer, choose_granularity, round_up
 
 
@@ -14,8 +16,8 @@ class CountingTimer(BucketTimer):
     """A timer whose "seconds" are a fixed cost per call plus the padded width of each head,
     so the best granularity is known in advance."""
 
-    def __init__(self, per_call: float):
-        super().__init__((1, 1))
+    def __init__(self, per_call: float, cache=None):
+        super().__init__((1, 1), cache=cache)
         self.per_call = per_call
         self.measured = 0
 
@@ -61,3 +63,24 @@ def test_the_real_timer_measures_positive_seconds():
     timer = BucketTimer((2, 8), reps=2)
     assert timer(16, 2, 4, 4) > 0
     assert timer.seconds(16, {(0, 4, 4): [0, 1], (0, 8, 8): [2]}) > 0
+
+
+def test_measurements_are_kept_for_later_rewrites_on_this_machine(tmp_path):
+    cache = tmp_path / "cache" / "bucket_seconds.json"
+    first = CountingTimer(per_call=1.0, cache=cache)
+    chosen = choose_granularity(64, 8, heads_of_sizes([1, 2, 5, 8]), first)
+    first.save()
+    (machine,) = json.loads(cache.read_text())
+    assert "threads" in machine and "1x1" in machine
+    again = CountingTimer(per_call=1000.0, cache=cache)  # would choose otherwise if it timed
+    assert choose_granularity(64, 8, heads_of_sizes([1, 2, 5, 8]), again) == chosen
+    assert again.measured == 0
+
+
+def test_an_unreadable_cache_is_measured_over_and_replaced(tmp_path):
+    cache = tmp_path / "bucket_seconds.json"
+    cache.write_text("{not json")
+    timer = CountingTimer(per_call=1.0, cache=cache)
+    assert timer(64, 1, 4, 4) == 9.0 and timer.measured == 1
+    timer.save()
+    assert list(json.loads(cache.read_text()).values()) == [{"64,1,4,4": 9.0}]
