@@ -662,6 +662,14 @@ def lm_section(lm: dict) -> str:
 SIDE_BY_SIDE = (("grain-5", "rt"), ("latency-5", "rt"), ("head-5", "rt"), ("tp-5", "peer"))
 
 
+def _scored_heads(record: dict) -> int:
+    """Heads that keep query units (the others run as means of their values, without
+    scores); a torch-pruning record's heads are whole, all of them scored."""
+    if "layers" not in record or not record["layers"] or "query_units" not in record["layers"][0]:
+        return record["heads_left"]
+    return sum(1 for layer in record["layers"] for q in layer["query_units"] if q > 0)
+
+
 def side_by_side_section(rt: dict, peer: dict | None, speed: dict | None) -> str:
     """GRAIN (default and latency-aware), whole heads and torch-pruning at 5% on Rotten
     Tomatoes: accuracy over seeds and the compact model's speed over dense at each shape."""
@@ -674,15 +682,17 @@ def side_by_side_section(rt: dict, peer: dict | None, speed: dict | None) -> str
         f"{teacher:.2%}: accuracy over the seeds run (mean ± std), and the speedup of the "
         f"compact model over the dense one at batch x sequence, eager, {threads} thread(s) "
         f"(`python benchmarks/speed.py`, seed 0's model; the torch-pruning model is captured "
-        f"by the same pass as the others). *-*: not measured yet.",
+        f"by the same pass as the others). *heads with scores*: heads that keep query units; "
+        f"the other heads left average their values without a softmax. *-*: not measured "
+        f"yet.",
         "",
-        f"| method | density | accuracy | heads left | eager: {head} |",
-        "|---|---:|---:|---:|" + "---:|" * len(SHAPES),
+        f"| method | density | accuracy | heads left | heads with scores | eager: {head} |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(SHAPES),
     ]
     for name, source in SIDE_BY_SIDE:
         rs = [r for r in runs[source].get(name, []) if _same_teacher(r, teacher)]
         if not rs:
-            lines.append(f"| {name} | - | - | - |" + " - |" * len(SHAPES))
+            lines.append(f"| {name} | - | - | - | - |" + " - |" * len(SHAPES))
             continue
         cells = []
         for b, s in SHAPES:
@@ -693,7 +703,6 @@ def side_by_side_section(rt: dict, peer: dict | None, speed: dict | None) -> str
         lines.append(
             f"| {label} | {r['density']:.1%} | "
             f"{over_seeds([x['accuracy'] for x in rs], '.2%')} | {r['heads_left']} | "
-            + " | ".join(cells)
-            + " |"
+            f"{_scored_heads(r)} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
