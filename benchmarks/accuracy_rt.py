@@ -56,6 +56,8 @@ RUNS = (
     # beta 0.998 averages over ~500 steps, the whole of a 2-epoch run: scores then lag the
     # pruning ramp and structure regularization barely acts; 0.98 averages over ~50 steps
     Run("grain-ema98-5", 0.05, "GRAIN, EMA beta 0.98", {"ema_beta": 0.98}),
+    # issue 13: the EMA horizon tied to the pruning window, against the paper's 0.998 default
+    Run("grain-emaauto-5", 0.05, "GRAIN, EMA auto", {"ema_beta": "auto"}),
     # issue 15: heads priced by their sequence x sequence work (fewer, fuller heads)
     Run("latency-5", 0.05, "GRAIN, latency-aware", {"latency_aware": True}),
     Run("latency-10", 0.10, "GRAIN, latency-aware", {"latency_aware": True}),
