@@ -127,15 +127,22 @@ def sdpa_count(gm) -> int:
     return sum(1 for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default)
 
 
-def test_unequal_heads_run_as_buckets_of_padded_size():
-    arch = "bert-eager"
+def unequal_heads(arch: str = "bert-eager"):
+    """The structure and masked graph of ``arch`` with heads of 1, 2, 5 and 8 query and value
+    dims in every layer."""
     struct, graph = structure(arch), masked(arch)
     masks = struct.ones()
-    for block in struct.attention:  # heads of 1, 2, 5 and 8 query and value dims
+    for block in struct.attention:
         for h, n in enumerate([1, 2, 5, 8]):
             masks[f"{block.name}.qk"][h, n:] = 0
             masks[f"{block.name}.vo"][h, n:] = 0
     passes.set_masks(graph, masks)
+    return struct, graph
+
+
+def test_unequal_heads_run_as_buckets_of_padded_size():
+    arch = "bert-eager"
+    struct, graph = unequal_heads(arch)
     layers = len(struct.attention)
     assert sdpa_count(passes.rewrite(graph, struct, bucket=1)) == 4 * layers
     assert sdpa_count(passes.rewrite(graph, struct, bucket=4)) == 2 * layers
@@ -256,14 +263,7 @@ def test_auto_bucket_gives_the_same_graph_run_after_run(tmp_path, monkeypatch):
 
 
 def test_auto_bucket_is_chosen_per_layer_and_recorded():
-    arch = "bert-eager"
-    struct, graph = structure(arch), masked(arch)
-    masks = struct.ones()
-    for block in struct.attention:  # heads of 1, 2, 5 and 8 query and value dims
-        for h, n in enumerate([1, 2, 5, 8]):
-            masks[f"{block.name}.qk"][h, n:] = 0
-            masks[f"{block.name}.vo"][h, n:] = 0
-    passes.set_masks(graph, masks)
+    struct, graph = unequal_heads()
     compact = passes.rewrite(graph, struct, bucket="auto", shape=(2, 8))
     kept = compact.grainfx_kept
     assert kept["bucket"] == "auto" and kept["bucket_shape"] == [2, 8]
