@@ -658,8 +658,15 @@ def lm_section(lm: dict) -> str:
     return "\n".join(lines)
 
 
-#: The MiniLM 5% comparison of speed and accuracy: (run, its accuracy file's key).
-SIDE_BY_SIDE = (("grain-5", "rt"), ("latency-5", "rt"), ("head-5", "rt"), ("tp-5", "peer"))
+#: The MiniLM comparison of speed and accuracy: (run, its accuracy file's key).
+SIDE_BY_SIDE = (
+    ("grain-5", "rt"),
+    ("latency-5", "rt"),
+    ("head-5", "rt"),
+    ("tp-5", "peer"),
+    ("grain-10", "rt"),
+    ("latency-10", "rt"),
+)
 
 
 def _scored_heads(record: dict) -> int:
@@ -672,13 +679,14 @@ def _scored_heads(record: dict) -> int:
 
 def side_by_side_section(rt: dict, peer: dict | None, speed: dict | None) -> str:
     """GRAIN (default and latency-aware), whole heads and torch-pruning at 5% on Rotten
-    Tomatoes: accuracy over seeds and the compact model's speed over dense at each shape."""
+    Tomatoes, and GRAIN both ways at 10%: accuracy over seeds and the compact model's speed
+    over dense at each shape."""
     teacher = rt["records"]["teacher"]["accuracy"]
     runs = {"rt": by_run(rt["records"]), "peer": by_run(peer["records"]) if peer else {}}
     threads = speed["meta"]["threads"] if speed else "?"
     head = " | ".join(f"b{b} s{s}" for b, s in SHAPES)
     lines = [
-        f"MiniLM (all-MiniLM-L6-v2) on Rotten Tomatoes at 5% encoder density, teacher "
+        f"MiniLM (all-MiniLM-L6-v2) on Rotten Tomatoes at 5% and 10% encoder density, teacher "
         f"{teacher:.2%}: accuracy over the seeds run (mean ± std), and the speedup of the "
         f"compact model over the dense one at batch x sequence, eager, {threads} thread(s) "
         f"(`python benchmarks/speed.py`, seed 0's model; the torch-pruning model is captured "
@@ -705,4 +713,10 @@ def side_by_side_section(rt: dict, peer: dict | None, speed: dict | None) -> str
             f"{over_seeds([x['accuracy'] for x in rs], '.2%')} | {r['heads_left']} | "
             f"{_scored_heads(r)} | " + " | ".join(cells) + " |"
         )
+    pairs = [(f"grain-{d}", f"latency-{d}") for d in (5, 10)]
+    pairs = [(a, b) for a, b in pairs if a in runs["rt"] and b in runs["rt"]]
+    if pairs:
+        head = "Plain GRAIN against latency-aware GRAIN, paired over held-out sentences:"
+        lines += ["", head, ""]
+        lines += [_versus(a, runs["rt"][a], b, runs["rt"][b]) for a, b in pairs]
     return "\n".join(lines)
