@@ -8,9 +8,9 @@ dims ran faster than one of 8 + 8). ``rewrite(bucket="auto")`` therefore measure
 candidate ``g`` it times, on this machine at the shape the model will serve, each bucket's
 eager work at its padded sizes (its Q, K and V projections, the head split, sdpa, the merge
 and its share of the output projection, on random inputs; median of a few calls, each
-distinct size timed once per rewrite) and keeps the cheapest
-``g``, the largest of those within :data:`TOLERANCE` of it (fewer shapes to compile, and a
-choice that timing noise does not flip between near-equal options).
+distinct size timed once) and keeps the cheapest ``g``, the largest of those within
+:data:`TOLERANCE` of it (fewer shapes to compile, and a choice that timing noise does not flip
+between near-equal options).
 
 Measured seconds are kept in ``$GRAINFX_CACHE/bucket_seconds.json`` (default
 ``~/.cache/grainfx``), keyed by torch version, processor, thread count and shape, so every
