@@ -697,8 +697,11 @@ def side_by_side_section(rt: dict, peer: dict | None, speed: dict | None) -> str
         f"| method | density | accuracy | heads left | heads with scores | eager: {head} |",
         "|---|---:|---:|---:|---:|" + "---:|" * len(SHAPES),
     ]
-    for name, source in SIDE_BY_SIDE:
-        rs = [r for r in runs[source].get(name, []) if _same_teacher(r, teacher)]
+    current = {
+        name: [r for r in runs[source].get(name, []) if _same_teacher(r, teacher)]
+        for name, source in SIDE_BY_SIDE
+    }
+    for name, rs in current.items():
         if not rs:
             lines.append(f"| {name} | - | - | - | - |" + " - |" * len(SHAPES))
             continue
@@ -714,9 +717,9 @@ def side_by_side_section(rt: dict, peer: dict | None, speed: dict | None) -> str
             f"{_scored_heads(r)} | " + " | ".join(cells) + " |"
         )
     pairs = [(f"grain-{d}", f"latency-{d}") for d in (5, 10)]
-    pairs = [(a, b) for a, b in pairs if a in runs["rt"] and b in runs["rt"]]
+    pairs = [(a, b) for a, b in pairs if current[a] and current[b]]
     if pairs:
         head = "Plain GRAIN against latency-aware GRAIN, paired over held-out sentences:"
         lines += ["", head, ""]
-        lines += [_versus(a, runs["rt"][a], b, runs["rt"][b]) for a, b in pairs]
+        lines += [_versus(a, current[a], b, current[b]) for a, b in pairs]
     return "\n".join(lines)

@@ -50,7 +50,7 @@ __all__ = [
 #: fixed granularity of 4 was fastest (1 thread, 10.0x, vs 9.2x for 1 and 8, 2.5x for 64, one
 #: padded call); 1 compiled 4x slower than 4 (253 s vs 59 s for 12 layers).
 DEFAULT_BUCKET = "auto"
-#: (batch, sequence) the bucket cost model prices when none is named.
+#: (batch, sequence) at which ``bucket="auto"`` times the options when none is named.
 DEFAULT_SHAPE = (8, 128)
 KEPT_ATTR = "grainfx_kept"
 
