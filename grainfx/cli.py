@@ -763,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ema-beta",
         type=_ema_beta,
         help="EMA factor of the importance scores, or 'auto' (a few horizons per "
-        "pruning window; default 0.998, the paper's)",
+        "pruning window, the default; the paper's is 0.998)",
     )
     c.add_argument(
         "--granularity",

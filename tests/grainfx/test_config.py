@@ -81,11 +81,13 @@ def test_config_error_is_a_value_error():
     assert grainfx.ConfigError is ConfigError
 
 
-def test_defaults_are_the_paper_settings():
+def test_defaults_are_the_paper_settings_but_the_ema_follows_the_run():
     c = GrainConfig()
     assert (c.epochs, c.learning_rate, c.weight_decay, c.adam_eps) == (20.0, 3e-5, 0.01, 1e-6)
     assert (c.warmup, c.max_grad_norm, c.temperature) == (0.1, 1.0, 8.0)
-    assert (c.ema_beta, c.prune_start, c.prune_end, c.structure_alpha) == (0.998, 0.2, 0.4, 0.3)
+    assert (c.ema_beta, c.prune_start, c.prune_end, c.structure_alpha) == ("auto", 0.2, 0.4, 0.3)
+    # 480 steps prune over 96 of them: 3 horizons of 32 steps; the paper's 0.998 is 500 steps
+    assert c.beta(480) == 1 - 3 / 96 and GrainConfig(ema_beta=0.998).beta(480) == 0.998
     assert c.hidden_every == 2 and c.gradient_separation and c.structure_regularization
     assert c.granularity == "intra" and not c.random_scores
 

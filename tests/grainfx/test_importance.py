@@ -12,6 +12,8 @@ from grainfx.importance import Importance, all_finite
 from tests.captures import structure as captured_structure
 
 ARCH = "bert-sdpa"
+#: The run length every Importance here belongs to (``ema_beta="auto"`` needs one).
+STEPS = 500
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +27,9 @@ def structure():
 )
 def test_prune_reaches_density_under_gqa_rope_and_head_norms(arch, granularity, query_heads):
     struct = captured_structure(arch)
-    importance = Importance(struct, GrainConfig(granularity=granularity, query_heads=query_heads))
+    importance = Importance(
+        struct, GrainConfig(granularity=granularity, query_heads=query_heads), STEPS
+    )
     masks = struct.ones()
     for step, target in enumerate([0.8, 0.5, 0.2]):
         random_scores(importance, seed=step)
@@ -66,7 +70,7 @@ def max_overshoot(structure) -> float:
 
 @pytest.mark.parametrize("granularity", ["intra", "head"])
 def test_prune_is_monotone_and_hits_density(structure, granularity):
-    importance = Importance(structure, GrainConfig(granularity=granularity))
+    importance = Importance(structure, GrainConfig(granularity=granularity), STEPS)
     masks = structure.ones()
     for step, target in enumerate([0.95, 0.8, 0.6, 0.6, 0.4, 0.2, 0.1]):
         random_scores(importance, seed=step)  # pruned units may now score highest
@@ -95,7 +99,7 @@ def test_prune_is_monotone_and_hits_density(structure, granularity):
 
 
 def test_prune_does_nothing_below_target(structure):
-    importance = Importance(structure, GrainConfig())
+    importance = Importance(structure, GrainConfig(), STEPS)
     random_scores(importance, 0)
     masks = importance.prune(structure.ones(), 0.5)
     again = importance.prune(masks, 0.7)
@@ -105,7 +109,7 @@ def test_prune_does_nothing_below_target(structure):
 
 
 def test_prune_removes_lowest_scores_first(structure):
-    importance = Importance(structure, GrainConfig())
+    importance = Importance(structure, GrainConfig(), STEPS)
     random_scores(importance, 3)
     ones = structure.ones()
     masks = importance.prune(ones, 0.6)
@@ -120,7 +124,7 @@ def test_prune_removes_lowest_scores_first(structure):
 
 def test_prune_ranks_globally_across_layers_and_kinds(structure):
     """Low scores in one block only: that block empties before anything else goes."""
-    importance = Importance(structure, GrainConfig())
+    importance = Importance(structure, GrainConfig(), STEPS)
     importance.scores = {n: torch.ones_like(s) for n, s in importance.scores.items()}
     ffn = structure.ffn[1].name
     importance.scores[ffn] = torch.full_like(importance.scores[ffn], 0.5)
@@ -133,7 +137,7 @@ def test_prune_ranks_globally_across_layers_and_kinds(structure):
 
 
 def test_head_granularity_prunes_whole_heads(structure):
-    importance = Importance(structure, GrainConfig(granularity="head"))
+    importance = Importance(structure, GrainConfig(granularity="head"), STEPS)
     masks = structure.ones()
     for step, target in enumerate([0.8, 0.5, 0.3]):
         random_scores(importance, seed=10 + step)
@@ -151,7 +155,7 @@ def test_head_granularity_prunes_whole_heads(structure):
 
 
 def test_head_score_is_value_gradient_summed_over_head(structure):
-    importance = Importance(structure, GrainConfig(granularity="head"))
+    importance = Importance(structure, GrainConfig(granularity="head"), STEPS)
     grads = random_grads(structure, 0)
     raw = importance.raw(grads, structure.ones())
     for block in structure.attention:
@@ -165,7 +169,7 @@ def test_head_score_is_value_gradient_summed_over_head(structure):
 
 
 def test_raw_scores_are_absolute_mask_gradients(structure):
-    importance = Importance(structure, GrainConfig(structure_regularization=False))
+    importance = Importance(structure, GrainConfig(structure_regularization=False), STEPS)
     grads = random_grads(structure, 1)
     raw = importance.raw(grads, structure.ones())
     assert raw.keys() == grads.keys()
@@ -175,7 +179,9 @@ def test_raw_scores_are_absolute_mask_gradients(structure):
 
 def test_ema_update(structure):
     beta = 0.9
-    importance = Importance(structure, GrainConfig(ema_beta=beta, structure_regularization=False))
+    importance = Importance(
+        structure, GrainConfig(ema_beta=beta, structure_regularization=False), STEPS
+    )
     first, second = random_grads(structure, 1), random_grads(structure, 2)
     ones = structure.ones()
     importance.update(first, ones)
@@ -188,8 +194,8 @@ def test_ema_update(structure):
 def test_structure_regularization_scales_value_scores(structure):
     alpha = 0.3
     config = GrainConfig(structure_alpha=alpha)
-    importance = Importance(structure, config)
-    plain = Importance(structure, GrainConfig(structure_regularization=False))
+    importance = Importance(structure, config, STEPS)
+    plain = Importance(structure, GrainConfig(structure_regularization=False), STEPS)
     grads = random_grads(structure, 4)
     masks = structure.ones()
     gen = torch.Generator().manual_seed(5)
@@ -214,7 +220,7 @@ def test_structure_regularization_scales_value_scores(structure):
 
 def test_random_scores_ignore_gradients_and_follow_seed(structure):
     def ranking(seed: int, grad_seed: int):
-        importance = Importance(structure, GrainConfig(random_scores=True, seed=seed))
+        importance = Importance(structure, GrainConfig(random_scores=True, seed=seed), STEPS)
         masks = structure.ones()
         for step in range(3):
             importance.update(random_grads(structure, grad_seed + step, scale=10.0**step), masks)
@@ -236,10 +242,10 @@ def test_random_scores_ignore_gradients_and_follow_seed(structure):
 
 
 def test_state_dict_round_trip(structure):
-    importance = Importance(structure, GrainConfig(random_scores=True, seed=3))
+    importance = Importance(structure, GrainConfig(random_scores=True, seed=3), STEPS)
     importance.update(random_grads(structure, 0), structure.ones())
     state = importance.state_dict()
-    copy = Importance(structure, GrainConfig(random_scores=True, seed=3))
+    copy = Importance(structure, GrainConfig(random_scores=True, seed=3), STEPS)
     copy.load_state_dict(state)
     importance.update(random_grads(structure, 1), structure.ones())
     copy.update(random_grads(structure, 1), structure.ones())
@@ -260,9 +266,9 @@ def test_latency_aware_ranking_ends_with_fewer_fuller_heads(structure):
     """Same scores, same density: pricing each head's sequence x sequence work makes the
     ranking empty whole heads of query units instead of thinning every head."""
     config = GrainConfig()
-    plain = Importance(structure, config)
+    plain = Importance(structure, config, STEPS)
     prices = {b.mask_names()["qk"]: 20.0 for b in structure.attention}
-    aware = Importance(structure, GrainConfig(latency_aware=True), prices=prices)
+    aware = Importance(structure, GrainConfig(latency_aware=True), STEPS, prices=prices)
     random_scores(plain, seed=3)
     aware.scores = {k: v.clone() for k, v in plain.scores.items()}
     masks_plain = masks_aware = structure.ones()
@@ -279,7 +285,7 @@ def test_latency_aware_ranking_ends_with_fewer_fuller_heads(structure):
 
 def test_latency_aware_divides_query_scores_by_their_cost(structure):
     name = structure.attention[0].mask_names()["qk"]
-    aware = Importance(structure, GrainConfig(latency_aware=True), prices={name: 6.0})
+    aware = Importance(structure, GrainConfig(latency_aware=True), STEPS, prices={name: 6.0})
     random_scores(aware, seed=0)
     alive = {n: torch.ones(s.shape, dtype=torch.bool) for n, s in aware.scores.items()}
     alive[name][0, 2:] = False  # 2 query units left in head 0
@@ -292,10 +298,10 @@ def test_latency_aware_divides_query_scores_by_their_cost(structure):
 
 
 def test_latency_prices_are_measured_positive_and_survive_a_checkpoint(structure):
-    aware = Importance(structure, GrainConfig(latency_aware=True, latency_shape=(2, 16)))
+    aware = Importance(structure, GrainConfig(latency_aware=True, latency_shape=(2, 16)), STEPS)
     assert set(aware.prices) == {b.mask_names()["qk"] for b in structure.attention}
     assert all(math.isfinite(p) and p > 0 for p in aware.prices.values())
-    again = Importance(structure, GrainConfig(latency_aware=True), prices={"x": 1.0})
+    again = Importance(structure, GrainConfig(latency_aware=True), STEPS, prices={"x": 1.0})
     again.load_state_dict(aware.state_dict())
     assert again.prices == aware.prices
-    assert Importance(structure, GrainConfig()).prices == {}
+    assert Importance(structure, GrainConfig(), STEPS).prices == {}
