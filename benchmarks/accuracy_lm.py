@@ -34,6 +34,7 @@ skips finished runs; a run in progress goes on from its checkpoint) and its comp
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -61,6 +62,7 @@ from benchmarks.common import (  # noqa: E402
     seed_key,
     seed_keys,
 )
+from benchmarks.peer_torch_pruning_lm import prune_llama_tp, unit_parameters  # noqa: E402
 from grainfx.demo import cache_dir  # noqa: E402
 from grainfx.lm import perplexity  # noqa: E402
 from grainfx.schedule import lr_factor  # noqa: E402
@@ -80,6 +82,12 @@ RUNS = (
     Run("grain-10-groups", 0.10, "GRAIN without query-head units", {"query_heads": False}),
     Run("grain-10-ema998", 0.10, "GRAIN, EMA beta 0.998", {"ema_beta": 0.998}),
 )
+TP_LABEL = "torch-pruning (Taylor, GQA heads + FFN)"
+#: torch-pruning's LLM path (``peer_torch_pruning_lm.py``): key/value groups, query heads and
+#: FFN channels pruned before distillation, to the unit parameters of GRAIN's run at the same
+#: density; then the same distillation budget through the same loop (``compress`` at sparsity
+#: 0: the same losses, optimizer and steps, nothing pruned).
+PEERS = (Run("tp-20", 0.20, TP_LABEL), Run("tp-10", 0.10, TP_LABEL), Run("tp-5", 0.05, TP_LABEL))
 
 
 @dataclass(frozen=True)
@@ -355,7 +363,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=[r.name for r in RUNS],
+        choices=[r.name for r in RUNS + PEERS],
         help="students to do (default: all, in order)",
     )
     parser.add_argument(
@@ -475,7 +483,9 @@ def main(argv=None) -> int:
     dense = grainfx.load(save_dense(model, time_batch, args.models / name))
     start = student_start(folder, args.dropout)
     prefix = "lm-smoke-" if args.smoke else "lm-"
-    todo = [(r, s) for s in args.seeds for r in RUNS if not args.only or r.name in args.only]
+    todo = [
+        (r, s) for s in args.seeds for r in RUNS + PEERS if not args.only or r.name in args.only
+    ]
     for i, (run, seed) in enumerate(todo, 1):
         key = seed_key(run.name, seed)
         if key in store:
@@ -494,10 +504,16 @@ def main(argv=None) -> int:
             }
         )
         ckpt = args.models / f"{prefix}{key}.ckpt"
+        student, sparsity, peer = start, 1 - run.density, None
+        if run in PEERS:
+            student, peer = torch_pruning_student(
+                start, run, store.records, Batches(train_data, args.batch, shuffle=True, seed=seed)
+            )
+            sparsity = 0.0
         result = grainfx.compress(
-            start,
+            student,
             Batches(train_data, args.batch, shuffle=True, seed=SEED + 1 + seed),
-            sparsity=1 - run.density,
+            sparsity=sparsity,
             teacher=model,
             config=config,
             progress=False,
@@ -507,18 +523,22 @@ def main(argv=None) -> int:
         result.save(args.models / f"{prefix}{key}.pt2")
         ckpt.unlink(missing_ok=True)
         timing = speed(result.module, dense, time_batch, args.reps)
-        store.put(
-            key,
-            {
-                **run_record(run, seed, result, began),
-                "perplexity": ppl,
-                "ratio": ppl / teacher_ppl,
-                "speed": timing,
-            },
-        )
+        record = run_record(run, seed, result, began)
+        if peer:  # densities and parameters against the teacher's, not the pruned start's
+            before, after = unit_parameters(start), unit_parameters(student)
+            record.update(
+                density=after / before,
+                encoder_parameters=[before, after],
+                total_parameters=[
+                    store.records["teacher"]["total_parameters"],
+                    *record["total_parameters"][1:],
+                ],
+                torch_pruning=peer,
+            )
+        store.put(key, {**record, "perplexity": ppl, "ratio": ppl / teacher_ppl, "speed": timing})
         print(
             f"  perplexity {ppl:.2f} ({ppl / teacher_ppl:.2f}x the teacher's), density "
-            f"{result.density:.2%}, {heads_left(result.report)} heads left, "
+            f"{record['density']:.2%}, {heads_left(result.report)} heads left, "
             f"{timing['speedup']:.2f}x faster (batch {args.time_batch}, 1 thread)",
             flush=True,
         )
@@ -564,10 +584,35 @@ def main(argv=None) -> int:
     return 0
 
 
+def torch_pruning_student(start, run: Run, records: dict, batches: Batches):
+    """A copy of ``start`` pruned by torch-pruning's LLM path to the unit parameters of
+    GRAIN's seed-0 run at ``run``'s density (``run.density`` of the teacher's while that has
+    not run), its Taylor gradients from ``batches``; and what to record of it."""
+    import torch_pruning
+
+    student = copy.deepcopy(start)
+    grain = records.get(f"grain-{round(run.density * 100)}")
+    target = (
+        grain["encoder_parameters"][1] if grain else round(run.density * unit_parameters(start))
+    )
+    example = next(iter(batches))["input_ids"][:2]
+    began = time.perf_counter()
+    prune_llama_tp(student, example, target, batches)
+    return student, {
+        "version": torch_pruning.__version__,
+        "target": target,
+        "plan": student.torch_pruning_plan,
+        "seconds": time.perf_counter() - began,
+    }
+
+
 #: (A, B): perplexity of A minus perplexity of B, with a paired bootstrap interval.
 PAIRS = (
     ("grain-20", "head-20"),
     ("grain-5", "head-5"),
+    ("grain-20", "tp-20"),
+    ("grain-10", "tp-10"),
+    ("grain-5", "tp-5"),
     ("grain-20", "teacher"),
     ("head-20", "teacher"),
     ("grain-10", "teacher"),

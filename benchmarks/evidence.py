@@ -641,21 +641,56 @@ def lm_section(lm: dict) -> str:
         ]
     missing = [
         name
-        for name in ("grain-20", "head-20", "grain-10", "grain-5", "head-5")
+        for name in (
+            "grain-20",
+            "head-20",
+            "grain-10",
+            "grain-5",
+            "head-5",
+            "tp-20",
+            "tp-10",
+            "tp-5",
+        )
         if name not in records
     ]
-    lines.append(
-        ("Not run yet: " + ", ".join(missing) + " (the script resumes). " if missing else "")
-        + "Not run: torch-pruning's LLM path (GQA-aware head pruning). torch-pruning "
-        "1.6.1 on transformers 5.24 (`MetaPruner` with `num_heads` for q/k/v, "
-        "`prune_num_heads=True`, FFN and embeddings ignored) did not finish building "
-        "its dependency groups (`get_all_groups` -> `get_pruning_group`) in 45-90 s "
-        "on a one-layer, hidden-32 Llama with grouped key/value heads (4 query heads, "
-        "2 groups; eager and sdpa attention alike), while the same model with 4 "
-        "key/value heads was pruned at once; the CPU time left went to the runs "
-        "above."
-    )
+    if missing:
+        lines.append("Not run yet: " + ", ".join(missing) + " (the script resumes).")
+    peers = [r for k, rs in by_run(records).items() if k.startswith("tp-") for r in rs[:1]]
+    if peers:
+        lines += ["", _torch_pruning_lm(peers)]
     return "\n".join(lines)
+
+
+def _torch_pruning_lm(peers: list[dict]) -> str:
+    """How torch-pruning's LLM path was run on the Llama, and what it had to be given."""
+    tp = peers[0]["torch_pruning"]
+    plans = ", ".join(
+        f"{r['target_density']:.0%}: {r['torch_pruning']['plan']['kv_groups_per_layer']} "
+        f"key/value group(s) x {r['torch_pruning']['plan']['heads_per_group']} query head(s) "
+        f"per layer"
+        for r in sorted(peers, key=lambda r: -r["target_density"])
+    )
+    return (
+        f"*torch-pruning* ({tp['version']}, `benchmarks/peer_torch_pruning_lm.py`): its LLM "
+        "path (GQA-aware head pruning, Taylor importance from the next-token loss) prunes a "
+        "copy of the teacher before distillation, to the unit parameters of GRAIN's run at the "
+        "same density: whole key/value groups with their query heads (the same number in every "
+        "layer), then query heads inside the groups, then FFN channels ranked across layers; "
+        "the student is then distilled with the same budget through the same loop (`compress` "
+        f"at sparsity 0). Heads kept: {plans}. On transformers 5.24 it needed five hand "
+        "patches, all in that file: (1) building its dependency graph never ends on a GQA "
+        "Llama (the hang of VainF/Torch-Pruning#527): RoPE's `rotate_half` concatenates on "
+        "dim -1, read back as 2**64 - 1 and taken for a channel concat, and with two query "
+        "heads per key/value group the sizes happen to match, so a cycle of the graph adds an "
+        "offset to the indices on every turn; (2) repeat_kv lists every key/value row once per "
+        "query head, and it counts the list, not the rows; (3) its query-head GQA path stops "
+        "sparing K and V once the query heads left equal the groups; (4) traced under sdpa "
+        "(no repeat_kv in the graph) it pairs query and key channels one to one and removes "
+        "the wrong rows without a word, so it traces eager attention; (5) transformers' "
+        "modules keep their own head and FFN counts, set by hand. It keeps at least one "
+        "key/value group, one query head and one FFN channel in every layer, and the same "
+        "heads in every layer."
+    )
 
 
 #: The MiniLM comparison of speed and accuracy: (run, its accuracy file's key).

@@ -10,6 +10,7 @@ from benchmarks import (
     accuracy_lm,
     distributed,
     evidence,
+    peer_torch_pruning_lm,
     readme_tables,
     rewrite_speed,
     step_cost,
@@ -163,17 +164,27 @@ def test_step_cost_quick_run(tmp_path):
 
 def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
     out, models = tmp_path / "accuracy_lm.json", tmp_path / "models"
-    args = ["--smoke", "--only", "grain-20", "head-20", "--out", str(out), "--models", str(models)]
+    args = [
+        "--smoke",
+        "--only",
+        "grain-20",
+        "head-20",
+        "tp-20",
+        "--out",
+        str(out),
+        "--models",
+        str(models),
+    ]
     assert accuracy_lm.main(args) == 0
     data = json.loads(out.read_text())
     records, meta = data["records"], data["meta"]
-    assert set(records) == {"teacher", "grain-20", "head-20", "intervals"}
+    assert set(records) == {"teacher", "grain-20", "head-20", "tp-20", "intervals"}
     assert records["grain-20"]["seed"] == 0
     assert meta["train_reviews"] == 400 and meta["held_out_reviews"] == 40
     assert meta["teacher_training"]["steps"] == 20 and meta["held_out_tokens"] > 0
     teacher = records["teacher"]
     assert 1 < teacher["perplexity"] < meta["shape"]["vocab"]
-    for name in ("grain-20", "head-20"):
+    for name in ("grain-20", "head-20", "tp-20"):
         record = records[name]
         assert record["steps"] == 4 and 0.1 < record["density"] <= 0.21
         assert abs(record["ratio"] - record["perplexity"] / teacher["perplexity"]) < 1e-9
@@ -182,8 +193,18 @@ def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
         assert record["speed"]["speedup"] > 0 and set(record["speed"]["ms"]) == {"dense", "compact"}
         assert (models / f"lm-smoke-{name}.pt2").exists()
     assert records["head-20"]["overrides"] == {"granularity": "head"}
+    # torch-pruning's student: pruned to GRAIN's unit parameters, counted against the teacher's
+    tp = records["tp-20"]
+    assert tp["encoder_parameters"][0] == records["grain-20"]["encoder_parameters"][0]
+    assert tp["torch_pruning"]["target"] == records["grain-20"]["encoder_parameters"][1]
+    assert tp["total_parameters"][0] == teacher["total_parameters"]
     intervals = records["intervals"]
-    assert set(intervals) == {"grain-20 vs head-20", "grain-20 vs teacher", "head-20 vs teacher"}
+    assert set(intervals) == {
+        "grain-20 vs head-20",
+        "grain-20 vs tp-20",
+        "grain-20 vs teacher",
+        "head-20 vs teacher",
+    }
     for pair, r in intervals.items():
         a, b = pair.split(" vs ")
         assert abs(r["difference"] - (records[a]["perplexity"] - records[b]["perplexity"])) < 1e-3
@@ -192,15 +213,26 @@ def test_accuracy_lm_smoke_run_trains_a_teacher_prunes_it_and_resumes(tmp_path):
     assert accuracy_lm.main(args) == 0  # resumes: teacher cached, nothing redone
     assert json.loads(out.read_text())["records"] == records
     # a second seed of grain-20 alone: its pairs keep seed 0 only (head-20 has no seed 1)
-    assert accuracy_lm.main([*args[:2], "grain-20", *args[4:], "--seeds", "1"]) == 0
+    assert accuracy_lm.main([*args[:2], "grain-20", *args[5:], "--seeds", "1"]) == 0
     records = json.loads(out.read_text())["records"]
     assert records["grain-20-s1"]["seed"] == 1
     assert records["intervals"]["grain-20 vs head-20"]["seeds"] == [0]
     assert records["intervals"]["grain-20 vs teacher"]["seeds"] == [0, 1]
     section = evidence.lm_section(json.loads(out.read_text()))
     assert "| GRAIN | " in section and "| whole heads + FFN | " in section
-    assert "Not run yet: grain-10, grain-5, head-5 (" in section and "1.25x" in section
+    assert (
+        "Not run yet: grain-10, grain-5, head-5, tp-10, tp-5 (" in section
+        and "#527" in section
+        and "1.25x" in section
+    )
     assert "- grain-20 - head-20: " in section
+
+
+def test_torch_pruning_prunes_a_gqa_llama_to_what_its_masked_dense_model_computes():
+    # a tiny Llama with 2 query heads per key/value group (the case that hangs unpatched):
+    # kept groups, heads and FFN channels; the pruned logits are the dense model's with the
+    # removed heads' W_O columns and FFN channels' down columns zeroed (asserted inside)
+    assert peer_torch_pruning_lm.main(["--density", "0.5", "0.2"]) == 0
 
 
 def test_readme_sections_are_replaced_between_markers():
