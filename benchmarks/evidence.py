@@ -177,24 +177,33 @@ def _accuracy_row(rs: list[dict]) -> str:
     )
 
 
-def _versus(a: str, ours: list[dict], b: str, theirs: list[dict]) -> str:
-    """GRAIN's accuracy minus another run's: a paired interval from per-sentence results of
-    the seeds both have, or the plain difference of seed 0 where those are missing."""
+def _paired_sentences(ours: list[dict], theirs: list[dict]) -> tuple[dict | None, list[int]]:
+    """The paired interval of accuracy (ours minus theirs) over held-out sentences, from the
+    per-sentence results of the seeds both runs have (a sentence counts as the share of them
+    that got it right), and those seeds; None where no seed of both has them."""
     both = sorted(
         {r.get("seed", 0) for r in ours if "correct" in r}
         & {r.get("seed", 0) for r in theirs if "correct" in r}
     )
-    other = theirs[0]
-    head = f"- {other['label']} ({other['density']:.1%} density, {other['heads_left']} heads)"
     if not both:
-        diff = ours[0]["accuracy"] - other["accuracy"]
-        return f"{head}: {diff:+.2%} for GRAIN, seed 0 only, no per-sentence results to pair"
+        return None, both
 
     def rows(runs: list[dict]) -> torch.Tensor:
         chosen = [r for r in runs if r.get("seed", 0) in both]
         return torch.tensor([[c == "1" for c in r["correct"]] for r in chosen]).double().mean(0)
 
-    r = paired_interval(rows(ours), rows(theirs), lambda x: x.mean(-1))
+    return paired_interval(rows(ours), rows(theirs), lambda x: x.mean(-1)), both
+
+
+def _versus(a: str, ours: list[dict], b: str, theirs: list[dict]) -> str:
+    """GRAIN's accuracy minus another run's: a paired interval from per-sentence results of
+    the seeds both have, or the plain difference of seed 0 where those are missing."""
+    r, both = _paired_sentences(ours, theirs)
+    other = theirs[0]
+    head = f"- {other['label']} ({other['density']:.1%} density, {other['heads_left']} heads)"
+    if r is None:
+        diff = ours[0]["accuracy"] - other["accuracy"]
+        return f"{head}: {diff:+.2%} for GRAIN, seed 0 only, no per-sentence results to pair"
     verdict = (
         "no difference (the interval holds 0)"
         if r["low"] <= 0 <= r["high"]
@@ -518,6 +527,68 @@ def _lm_shape(records: dict) -> str:
         tuple(r["speed"]["batch"]) for k, r in records.items() if k not in ("teacher", "intervals")
     }
     return " / ".join(f"batch {b} x {s}" for b, s in sorted(shapes)) or "-"
+
+
+def targets_section(rt: dict | None, ner: dict | None, lm: dict | None) -> str:
+    """Where the targets of issue 13 stand, each with its numbers and interval, from the
+    results the sections below are drawn from."""
+    lines = ["Where the targets of issue 13 stand (the sections below have the details):", ""]
+    ner_records = ner["records"] if ner else {}
+    if "grain-10" in ner_records:
+        g = ner_records["grain-10"]
+        lines.append(
+            f"- Twitter NER, F1 retention at 10% >= 90%: GRAIN keeps {g['retention']:.1%} "
+            f"(F1 {g['f1']:.2%} against the teacher's {ner_records['teacher']['f1']:.2%}): "
+            f"**{'met' if g['retention'] >= 0.9 else 'not met'}**."
+        )
+    lm_records = lm["records"] if lm else {}
+    if "grain-20" in lm_records:
+        ratio = lm_records["grain-20"]["ratio"]
+        lines.append(
+            f"- Llama LM, perplexity at 20% within 1.25x of the teacher's: GRAIN is at "
+            f"{ratio:.2f}x: **{'met' if ratio <= 1.25 else 'not met'}**."
+        )
+    ahead = []
+    lines.append(
+        "- GRAIN ahead of whole heads + FFN at 5%, with a 95% interval that excludes 0, on "
+        "at least two of the three tasks:"
+    )
+    if rt:
+        runs = by_run(rt["records"])
+        for ours, what in (("grain-emaauto-5", "EMA auto, the default"), ("grain-5", "EMA 0.998")):
+            if ours not in runs or "head-5" not in runs:
+                continue
+            r, seeds = _paired_sentences(runs[ours], runs["head-5"])
+            if r is None:
+                continue
+            good = r["low"] > 0
+            ahead += ["Rotten Tomatoes"] if good and ours == "grain-emaauto-5" else []
+            lines.append(
+                f"  - Rotten Tomatoes (GRAIN with {what}): accuracy {r['difference']:+.2%} "
+                f"[{r['low']:+.2%}, {r['high']:+.2%}] ({len(seeds)} seeds), "
+                + ("GRAIN ahead" if good else "not ahead")
+                + ("" if r["low"] > 0 or r["high"] < 0 else " (the interval holds 0)")
+            )
+    for task, records, unit, fmt, lower in (
+        ("Twitter NER", ner_records, "entity F1", "+.2%", False),
+        ("Llama LM", lm_records, "perplexity", "+.2f", True),
+    ):
+        r = records.get("intervals", {}).get("grain-5 vs head-5")
+        if not r:
+            continue
+        good = r["high"] < 0 if lower else r["low"] > 0
+        ahead += [task] if good else []
+        n = len(r.get("seeds", [0]))
+        lines.append(
+            f"  - {task}: {unit} {format(r['difference'], fmt)} [{format(r['low'], fmt)}, "
+            f"{format(r['high'], fmt)}] ({n} seed{'s' if n > 1 else ''}), "
+            + ("GRAIN ahead" if good else "not ahead")
+        )
+    lines.append(
+        f"  - GRAIN is ahead on {len(ahead)} of 3 ({', '.join(ahead) or 'none'}): "
+        f"**{'met' if len(ahead) >= 2 else 'not met'}**."
+    )
+    return "\n".join(lines)
 
 
 def lm_section(lm: dict) -> str:

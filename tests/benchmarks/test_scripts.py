@@ -235,6 +235,30 @@ def test_torch_pruning_prunes_a_gqa_llama_to_what_its_masked_dense_model_compute
     assert peer_torch_pruning_lm.main(["--density", "0.5", "0.2"]) == 0
 
 
+def test_targets_section_says_met_or_not_from_the_numbers_and_intervals():
+    ner = {
+        "records": {
+            "teacher": {"f1": 0.5},
+            "grain-10": {"f1": 0.46, "retention": 0.92},
+            "intervals": {"grain-5 vs head-5": {"difference": 0.1, "low": 0.02, "high": 0.2}},
+        }
+    }
+    lm = {
+        "records": {
+            "grain-20": {"ratio": 1.3},
+            "intervals": {
+                "grain-5 vs head-5": {"difference": -5.0, "low": -9.0, "high": 1.0, "seeds": [0, 1]}
+            },
+        }
+    }
+    text = evidence.targets_section(None, ner, lm)
+    assert "GRAIN keeps 92.0% (F1 46.00% against the teacher's 50.00%): **met**" in text
+    assert "GRAIN is at 1.30x: **not met**" in text
+    assert "Twitter NER: entity F1 +10.00% [+2.00%, +20.00%] (1 seed), GRAIN ahead" in text
+    assert "Llama LM: perplexity -5.00 [-9.00, +1.00] (2 seeds), not ahead" in text
+    assert "GRAIN is ahead on 1 of 3 (Twitter NER): **not met**" in text
+
+
 def test_readme_sections_are_replaced_between_markers():
     text = "a\n<!-- x:start -->\nold\n<!-- x:end -->\nb"
     assert readme_tables.replace_section(text, "x", "new") == (
