@@ -91,11 +91,16 @@ class Importance:
         for name, score in self.raw(grads, masks).items():
             self.scores[name] = beta * self.scores[name] + (1 - beta) * score.float()
 
-    def is_flat(self, tolerance: float = 1e-9) -> bool:
-        """True when every score is ~0 (no gradient signal: the ranking would be arbitrary)."""
-        return not self.config.random_scores and all(
-            float(s.abs().max()) <= tolerance for s in self.scores.values()
-        )
+    def is_flat(self, updates: int, tolerance: float = 1e-6) -> bool:
+        """True when every score is ~0 (no gradient signal: the ranking would be arbitrary)
+        after ``updates`` EMA updates. The scores are bias-corrected first (divided by
+        1 - beta^updates, the weight the EMA has given the gradients so far), so that the test
+        reads the mean |dL/dm| whatever the EMA factor; a student equal to its teacher shows
+        ~1e-8 there (rounding and weight decay), a real signal 1e-3 and more."""
+        if self.config.random_scores:
+            return False
+        weight = 1.0 - self.beta ** max(updates, 1)
+        return all(float(s.abs().max()) / weight <= tolerance for s in self.scores.values())
 
     def _alive(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         alive = {}

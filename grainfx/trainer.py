@@ -233,7 +233,7 @@ class Trainer:
         progress = (index + 1) / self.total
         if progress > self.config.prune_start and (index + 1) % self.config.prune_every == 0:
             goal = density_at(progress, self.target, self.config.prune_start, self.config.prune_end)
-            if goal < 1.0 and not self.warned_flat and self.importance.is_flat():
+            if goal < 1.0 and not self.warned_flat and self.importance.is_flat(index + 1):
                 self.warned_flat = True
                 warnings.warn(
                     "importance scores are all ~0 as pruning starts: the student matches the "

@@ -446,7 +446,9 @@ def test_compress_causal_lm_reports_held_out_perplexity(lm_compressed):
     assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
     report = json.loads((out / "report.json").read_text())
     assert report["task"] == "causal-lm"
-    assert abs(report["density"] - 0.5) < 0.01
+    # pruning stops at the first density <= the target; this tiny Llama's units are coarse
+    # (a key/value group takes its K and V rows along), so the last one can land below it
+    assert 0.45 <= report["density"] <= 0.5
     for who in ("teacher", "student"):
         value = report[f"{who}_perplexity"]
         assert 1 < value < float("inf")

@@ -305,3 +305,16 @@ def test_latency_prices_are_measured_positive_and_survive_a_checkpoint(structure
     again.load_state_dict(aware.state_dict())
     assert again.prices == aware.prices
     assert Importance(structure, GrainConfig(), STEPS).prices == {}
+
+
+@pytest.mark.parametrize("beta", [0.998, 0.9, 0.25, 0.0])
+def test_flat_scores_are_judged_on_the_mean_gradient_whatever_the_ema(structure, beta):
+    # after 2 updates of |dL/dm| = g, the EMA holds g * (1 - beta^2): the verdict must not
+    # depend on beta (a student equal to its teacher gives g ~ 1e-8, a real signal 1e-3)
+    importance = Importance(structure, GrainConfig(ema_beta=beta), STEPS)
+    for g, flat in ((1e-8, True), (1e-3, False)):
+        importance.scores = {
+            n: torch.full_like(s, g * (1 - beta**2)) for n, s in importance.scores.items()
+        }
+        assert importance.is_flat(2) is flat
+    assert not Importance(structure, GrainConfig(random_scores=True), STEPS).is_flat(2)
