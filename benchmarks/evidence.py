@@ -777,6 +777,7 @@ def _torch_pruning_lm(peers: list[dict]) -> str:
 #: The MiniLM comparison of speed and accuracy: (run, its accuracy file's key).
 SIDE_BY_SIDE = (
     ("grain-5", "rt"),
+    ("grain-emaauto-5", "rt"),
     ("latency-5", "rt"),
     ("head-5", "rt"),
     ("tp-5", "peer"),
@@ -807,8 +808,9 @@ def side_by_side_section(rt: dict, peer: dict | None, speed: dict | None) -> str
         f"compact model over the dense one at batch x sequence, eager, {threads} thread(s) "
         f"(`python benchmarks/speed.py`, seed 0's model; the torch-pruning model is captured "
         f"by the same pass as the others). *heads with scores*: heads that keep query units; "
-        f"the other heads left average their values without a softmax. *-*: not measured "
-        f"yet.",
+        f"the other heads left average their values without a softmax. GRAIN's runs use the "
+        f"paper's importance EMA (0.998) but for the EMA auto row, today's default. *-*: not "
+        f"measured yet.",
         "",
         f"| method | density | accuracy | heads left | heads with scores | eager: {head} |",
         "|---|---:|---:|---:|---:|" + "---:|" * len(SHAPES),
