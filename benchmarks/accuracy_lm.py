@@ -13,7 +13,10 @@ is cached with its tokenizer and training time (``GRAINFX_CACHE``, default
 Students, all from the same teacher with the same distillation budget (``--steps`` batches of
 the same blocks, AdamW ``--learning-rate``, distillation temperature ``--temperature``): GRAIN
 at 20, 10 and 5% density of the attention and FFN units, and whole heads (GQA: a key/value
-group goes with its last query head) + FFN neurons (``granularity="head"``) at 20 and 5%.
+group goes with its last query head) + FFN neurons (``granularity="head"``) at 20 and 5%, and
+torch-pruning's LLM path (GQA-aware head pruning and FFN channels, ``peer_torch_pruning_lm.py``)
+at 20, 10 and 5%: pruned before distillation to the unit parameters of GRAIN's run at the same
+density, then distilled with the same budget through the same loop (``compress`` at sparsity 0).
 Held-out perplexity of every model on the same held-out blocks, its ratio to the teacher's,
 paired bootstrap 95% intervals over the held-out blocks for the differences (GRAIN vs whole
 heads, each student vs the teacher), and the latency of each compact model against the dense
