@@ -65,7 +65,11 @@ from benchmarks.common import (  # noqa: E402
     seed_key,
     seed_keys,
 )
-from benchmarks.peer_torch_pruning_lm import prune_llama_tp, unit_parameters  # noqa: E402
+from benchmarks.peer_torch_pruning_lm import (  # noqa: E402
+    TP_VERSION,
+    prune_llama_tp,
+    unit_parameters,
+)
 from grainfx.demo import cache_dir  # noqa: E402
 from grainfx.lm import perplexity  # noqa: E402
 from grainfx.schedule import lr_factor  # noqa: E402
@@ -591,8 +595,6 @@ def torch_pruning_student(start, run: Run, records: dict, batches: Batches):
     """A copy of ``start`` pruned by torch-pruning's LLM path to the unit parameters of
     GRAIN's seed-0 run at ``run``'s density (``run.density`` of the teacher's while that has
     not run), its Taylor gradients from ``batches``; and what to record of it."""
-    import torch_pruning
-
     student = copy.deepcopy(start)
     grain = records.get(f"grain-{round(run.density * 100)}")
     target = (
@@ -602,7 +604,7 @@ def torch_pruning_student(start, run: Run, records: dict, batches: Batches):
     began = time.perf_counter()
     prune_llama_tp(student, example, target, batches)
     return student, {
-        "version": torch_pruning.__version__,
+        "version": TP_VERSION,
         "target": target,
         "plan": student.torch_pruning_plan,
         "seconds": time.perf_counter() - began,

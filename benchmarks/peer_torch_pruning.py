@@ -50,6 +50,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.accuracy_rt import rt_setup, scored
 from benchmarks.common import RESULTS, ResultStore, machine, seed_key
+from benchmarks.peer_torch_pruning_lm import TP_VERSION
 from grainfx import demo
 from grainfx.data import accuracy, text_batches
 from grainfx.distill import HiddenMaps, kd_loss
@@ -473,7 +474,6 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    import torch_pruning as tp
 
     teacher, tokenizer, train, test = rt_setup(args.quick)
     teacher.eval()
@@ -490,7 +490,7 @@ def main(argv=None) -> int:
             "learning_rate": args.learning_rate,
             "prune_steps": args.prune_steps,
             "grad_batches": args.grad_batches,
-            "torch_pruning": tp.__version__,
+            "torch_pruning": TP_VERSION,
             "train_rows": len(train),
             "held_out_rows": len(test),
             "loss": f"kd_loss(T={TEMPERATURE}) + HiddenMaps MSE on hidden_states[::{HIDDEN_EVERY}]",
@@ -577,7 +577,7 @@ def main(argv=None) -> int:
         store.put(
             key,
             {
-                "library": f"torch-pruning {tp.__version__}",
+                "library": f"torch-pruning {TP_VERSION}",
                 "seed": seed,
                 "correct": correct,
                 "target_density": density,

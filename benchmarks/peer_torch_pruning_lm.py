@@ -76,6 +76,7 @@ layer's FFN is refused for that layer, which then keeps more than planned (warne
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import itertools
 import math
 import time
@@ -84,6 +85,8 @@ import warnings
 import torch
 
 EPS = 1e-9
+#: The installed distribution's version (torch_pruning.__version__ of 1.6.1 still says 1.6.0).
+TP_VERSION = importlib.metadata.version("torch-pruning")
 
 
 # ---- the model in grainfx's units -----------------------------------------------------------
