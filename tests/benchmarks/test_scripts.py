@@ -235,13 +235,30 @@ def test_torch_pruning_prunes_a_gqa_llama_to_what_its_masked_dense_model_compute
     assert peer_torch_pruning_lm.main(["--density", "0.5", "0.2"]) == 0
 
 
-def test_targets_section_says_met_or_not_from_the_numbers_and_intervals():
+def test_targets_section_says_met_or_not_from_the_means_intervals_and_seeds():
+    def ner_run(retention, seed, label="GRAIN"):
+        return {
+            "f1": retention / 2,
+            "retention": retention,
+            "seed": seed,
+            "label": label,
+            "target_density": 0.10,
+            "steps": 50,
+        }
+
     ner = {
+        "meta": {"temperature": 1.0},
         "records": {
             "teacher": {"f1": 0.5},
-            "grain-10": {"f1": 0.46, "retention": 0.92},
-            "intervals": {"grain-5 vs head-5": {"difference": 0.1, "low": 0.02, "high": 0.2}},
-        }
+            "grain-10": ner_run(0.80, 0),
+            "grain-10-s1": ner_run(0.84, 1),
+            "grain-10-s2": ner_run(0.82, 2),
+            "grain-10-kdall": ner_run(0.79, 0, "GRAIN, every position distilled"),
+            "intervals": {
+                "grain-5 vs head-5": {"difference": 0.1, "low": 0.02, "high": 0.2},
+                "grain-10 vs grain-10-kdall": {"difference": 0.01, "low": -0.02, "high": 0.03},
+            },
+        },
     }
     lm = {
         "records": {
@@ -252,11 +269,21 @@ def test_targets_section_says_met_or_not_from_the_numbers_and_intervals():
         }
     }
     text = evidence.targets_section(None, ner, lm)
-    assert "GRAIN keeps 92.0% (F1 46.00% against the teacher's 50.00%): **met**" in text
+    assert (
+        "GRAIN keeps 82.0% ± 2.0% (3 seeds) (F1 41.00% ± 1.00% (3 seeds) against the "
+        "teacher's 50.00%): **not met**" in text
+    )
+    assert (
+        "(50 steps of distillation, temperature 1): GRAIN, every position distilled 79.0%" in text
+    )
     assert "GRAIN is at 1.30x: **not met**" in text
     assert "Twitter NER: entity F1 +10.00% [+2.00%, +20.00%] (1 seed), GRAIN ahead" in text
     assert "Llama LM: perplexity -5.00 [-9.00, +1.00] (2 seeds), not ahead" in text
     assert "GRAIN is ahead on 1 of 3 (Twitter NER): **not met**" in text
+    # grain-5 and head-5 have no records here: only the compared runs that ran are counted
+    assert "**not met**; fewer seeds (their count) for Twitter NER: grain-10-kdall (1)." in text
+    ner["records"]["grain-10"]["retention"] = 0.98
+    assert "GRAIN keeps 88.0% ± 8.7% (3 seeds)" in evidence.targets_section(None, ner, None)
 
 
 def test_readme_sections_are_replaced_between_markers():
