@@ -50,7 +50,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.accuracy_rt import rt_setup, scored
 from benchmarks.common import RESULTS, ResultStore, machine, seed_key
-from benchmarks.peer_torch_pruning_lm import TP_VERSION
+from benchmarks.peer_torch_pruning_lm import (
+    TP_VERSION,
+    head_pruner,
+    prune_ffn_globally,
+    taylor_gradients,
+)
 from grainfx import demo
 from grainfx.data import accuracy, text_batches
 from grainfx.distill import HiddenMaps, kd_loss
@@ -151,13 +156,6 @@ def grain_target(path: Path, run: Run) -> int | None:
 # ---- torch-pruning ------------------------------------------------------------------------
 
 
-def taylor_gradients(model, batches, count: int) -> None:
-    """Gradients of the model's own loss (labels in the batches) over ``count`` batches."""
-    model.zero_grad(set_to_none=True)
-    for _, batch in zip(range(count), batches, strict=False):
-        model(**batch).loss.backward()
-
-
 def prune(model, example: dict, batches, plan_: dict, steps: int, grad_batches: int) -> list:
     """Prune ``model`` in place with torch-pruning; returns the heads per layer.
 
@@ -191,43 +189,23 @@ def prune(model, example: dict, batches, plan_: dict, steps: int, grad_batches: 
         proj: a.num_attention_heads for a in attentions for proj in (a.query, a.key, a.value)
     }
     taylor_gradients(model, batches, grad_batches)
-    heads = tp.pruner.MetaPruner(
-        model,
-        example,
-        importance=taylor,
-        global_pruning=False,
-        iterative_steps=1,
-        # the per-layer width ratio only has to be > 0 for torch-pruning to visit the
-        # attention groups; prune_head_dims=False keeps every head's dims
-        pruning_ratio=0.5,
-        num_heads=num_heads,
-        prune_num_heads=True,
-        prune_head_dims=False,
-        head_pruning_ratio=plan_["head_ratio"],
-        ignored_layers=outside + ffn,
-        output_transform=lambda out: out.logits.sum(),
-    )
+    heads = head_pruner(model, example, taylor, num_heads, plan_["head_ratio"], outside + ffn)
     for group in heads.step(interactive=True):
         group.prune()
     for a in attentions:  # the HF module keeps its own head count
         a.num_attention_heads = heads.num_heads[a.query]
         a.all_head_size = a.query.out_features
     show("heads pruned")
-    neurons = tp.pruner.MetaPruner(
+    prune_ffn_globally(
         model,
         example,
-        importance=taylor,
-        global_pruning=True,
-        iterative_steps=steps,
-        pruning_ratio=plan_["ffn_ratio"],
-        ignored_layers=outside + [p for a in attentions for p in (a.query, a.key, a.value)],
-        output_transform=lambda out: out.logits.sum(),
+        taylor,
+        plan_["ffn_ratio"],
+        steps,
+        outside + [p for a in attentions for p in (a.query, a.key, a.value)],
+        lambda: taylor_gradients(model, batches, grad_batches),
+        show,
     )
-    for step in range(steps):
-        taylor_gradients(model, batches, grad_batches)
-        for group in neurons.step(interactive=True):
-            group.prune()
-        show(f"FFN step {step + 1}/{steps}")
     model.zero_grad(set_to_none=True)
     return [a.num_attention_heads for a in attentions]
 

@@ -284,10 +284,59 @@ def _forever(batches):
         yield from batches
 
 
-def _gradients(model, batches, count: int) -> None:
+def taylor_gradients(model, batches, count: int) -> None:
+    """Gradients of the model's own loss (``labels`` in the batches) over the next ``count``
+    batches of the iterator ``batches``: what Taylor importance reads."""
     model.zero_grad(set_to_none=True)
     for batch in itertools.islice(batches, count):
         model(**batch).loss.backward()
+
+
+def head_pruner(model, example, importance, num_heads: dict, ratio: float, ignored_layers: list):
+    """torch-pruning's ``MetaPruner`` that removes ``ratio`` of the heads of every attention in
+    one step, the same count in every layer (``global_pruning=False``: its global head ranking
+    empties layers at these densities, and offsets GQA groups wrongly), each head whole."""
+    import torch_pruning as tp
+
+    return tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=importance,
+        global_pruning=False,
+        iterative_steps=1,
+        pruning_ratio=0.5,  # only > 0 so that the attention groups are visited
+        num_heads=num_heads,
+        prune_num_heads=True,
+        prune_head_dims=False,
+        head_pruning_ratio=ratio,
+        ignored_layers=ignored_layers,
+        output_transform=lambda out: out.logits.sum(),
+    )
+
+
+def prune_ffn_globally(
+    model, example, importance, ratio: float, steps: int, ignored_layers: list, gradients, show
+) -> None:
+    """Remove ``ratio`` of the FFN channels, ranked across layers, in ``steps`` iterative
+    steps of torch-pruning's ``MetaPruner``; ``gradients()`` runs before each step (fresh
+    Taylor gradients) and ``show(what)`` after it."""
+    import torch_pruning as tp
+
+    neurons = tp.pruner.MetaPruner(
+        model,
+        example,
+        importance=importance,
+        global_pruning=True,
+        iterative_steps=steps,
+        pruning_ratio=ratio,
+        ignored_layers=ignored_layers,
+        output_transform=lambda out: out.logits.sum(),
+    )
+    for step in range(steps):
+        gradients()
+        for group in neurons.step(interactive=True):
+            group.prune()
+        show(f"FFN step {step + 1}/{steps}")
 
 
 def prune_llama_tp(
@@ -338,33 +387,11 @@ def prune_llama_tp(
                 flush=True,
             )
 
-    def heads_step(num_heads: dict, ratio: float, spare_kv: bool) -> None:
-        _gradients(model, stream, grad_batches)
-        pruner = tp.pruner.MetaPruner(
-            model,
-            example_input_ids,
-            importance=taylor,
-            global_pruning=False,  # its global GQA head ranking offsets groups wrongly
-            iterative_steps=1,
-            pruning_ratio=0.5,  # only > 0 so that attention groups are visited
-            num_heads=num_heads,
-            prune_num_heads=True,
-            prune_head_dims=False,
-            head_pruning_ratio=ratio,
-            ignored_layers=outside + ffn,
-            output_transform=lambda out: out.logits.sum(),
-        )
-        if spare_kv:
-            _spare_kv(pruner, kv_layers)
-        for group in pruner.step(interactive=True):
-            group.prune()
-        _set_counts(model)
-
     with _tp_patches(), _eager(model), warnings.catch_warnings():
         # the norms' weights are "unwrapped parameters": the hidden size is not pruned here
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
         if plan_["kv_groups_per_layer"] < layer_widths(model)[0]["kv_groups"]:
-            _gradients(model, stream, grad_batches)
+            taylor_gradients(model, stream, grad_batches)
             _prune_kv_groups(model, example_input_ids, taylor, plan_["kv_groups_per_layer"])
             _set_counts(model)
             show("key/value groups pruned")
@@ -373,25 +400,26 @@ def prune_llama_tp(
             for a in attentions:
                 heads[a.q_proj] = a.q_proj.out_features // a.head_dim
                 heads[a.k_proj] = heads[a.v_proj] = a.k_proj.out_features // a.head_dim
-            heads_step(heads, plan_["query_ratio"], spare_kv=True)
+            taylor_gradients(model, stream, grad_batches)
+            pruner = head_pruner(
+                model, example_input_ids, taylor, heads, plan_["query_ratio"], outside + ffn
+            )
+            _spare_kv(pruner, kv_layers)
+            for group in pruner.step(interactive=True):
+                group.prune()
+            _set_counts(model)
             show("query heads pruned")
         if plan_["ffn_ratio"] > 0:
-            neurons = tp.pruner.MetaPruner(
+            prune_ffn_globally(
                 model,
                 example_input_ids,
-                importance=taylor,
-                global_pruning=True,
-                iterative_steps=ffn_steps,
-                pruning_ratio=plan_["ffn_ratio"],
-                ignored_layers=outside
-                + [p for a in attentions for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)],
-                output_transform=lambda out: out.logits.sum(),
+                taylor,
+                plan_["ffn_ratio"],
+                ffn_steps,
+                outside + [p for a in attentions for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)],
+                lambda: taylor_gradients(model, stream, grad_batches),
+                show,
             )
-            for step in range(ffn_steps):
-                _gradients(model, stream, grad_batches)
-                for group in neurons.step(interactive=True):
-                    group.prune()
-                show(f"FFN step {step + 1}/{ffn_steps}")
         _set_counts(model)
     model.zero_grad(set_to_none=True)
     model.config.use_cache = use_cache
