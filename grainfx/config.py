@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from passes.errors import PassError
+from passes.rewrite import is_shape
 
 
 class ConfigError(PassError, ValueError):
@@ -149,17 +150,12 @@ class GrainConfig:
                 f"GrainConfig: kd_positions must be one of {KD_POSITIONS}, got "
                 f"{self.kd_positions!r}"
             )
-        shape = self.latency_shape
-        if (
-            not isinstance(shape, (tuple, list))
-            or len(shape) != 2
-            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape)
-        ):
+        if not is_shape(self.latency_shape):
             raise ConfigError(
                 f"GrainConfig: latency_shape must be (batch, sequence), two ints >= 1, got "
-                f"{shape!r}"
+                f"{self.latency_shape!r}"
             )
-        object.__setattr__(self, "latency_shape", tuple(shape))  # JSON gives a list
+        object.__setattr__(self, "latency_shape", tuple(self.latency_shape))  # JSON: a list
         if self.latency_aware and self.granularity != "intra":
             raise ConfigError(
                 "GrainConfig: latency_aware prices query units, and granularity="

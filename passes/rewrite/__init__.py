@@ -40,6 +40,7 @@ __all__ = [
     "RewriteOptions",
     "DEFAULT_BUCKET",
     "DEFAULT_SHAPE",
+    "is_shape",
     "KEPT_ATTR",
     "COMPACT_MODULE",
 ]
@@ -53,6 +54,15 @@ DEFAULT_BUCKET = "auto"
 #: (batch, sequence) at which ``bucket="auto"`` times the options when none is named.
 DEFAULT_SHAPE = (8, 128)
 KEPT_ATTR = "grainfx_kept"
+
+
+def is_shape(value: object) -> bool:
+    """True for a (batch, sequence) shape: a tuple or list of two ints >= 1."""
+    return (
+        isinstance(value, (tuple, list))
+        and len(value) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value)
+    )
 
 
 @dataclass(frozen=True)
@@ -77,14 +87,9 @@ class RewriteOptions:
         b = self.bucket
         if b != "auto" and (not isinstance(b, int) or isinstance(b, bool) or b < 1):
             raise ValueError(f"bucket must be a positive int or 'auto', got {b!r}")
-        s = self.shape
-        if (
-            not isinstance(s, (tuple, list))
-            or len(s) != 2
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in s)
-        ):
-            raise ValueError(f"shape must be (batch, sequence), two ints >= 1, got {s!r}")
-        object.__setattr__(self, "shape", tuple(s))
+        if not is_shape(self.shape):
+            raise ValueError(f"shape must be (batch, sequence), two ints >= 1, got {self.shape!r}")
+        object.__setattr__(self, "shape", tuple(self.shape))
 
 
 def _check_masks(structure: Structure, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
