@@ -157,6 +157,12 @@ def check(path: Path, identity: Mapping[str, str] | None = None) -> int:
     return _read(path, identity)["steps_done"]
 
 
+def prices(path: Path, identity: Mapping[str, str] | None = None) -> dict[str, float] | None:
+    """The latency prices of the heads saved in ``path`` (None when the run was not
+    latency-aware), so that a resumed run need not measure them again."""
+    return _read(path, identity)["importance"].get("prices") or None
+
+
 def load(trainer: Trainer, path: Path, identity: Mapping[str, str] | None = None) -> int:
     """Restore ``trainer`` from ``path``; returns the number of steps already done.
 

@@ -231,10 +231,13 @@ def prepare(
     teacher: torch.nn.Module | None,
     config: GrainConfig,
     total_steps: int,
+    prices: Mapping[str, float] | None = None,
 ) -> Trainer:
     """Capture, discover and instrument student and teacher; return the ready Trainer.
 
     ``batch`` is one batch of model inputs (it fixes the input names of every later batch).
+    ``prices``: under ``latency_aware``, the heads' latency prices of an earlier run (a
+    checkpoint's); measured when not given.
     """
     eval_gm, train_gm = _capture(passes.capture_pair, model, batch, "model")
     if config.embedding_rank is not None:
@@ -289,7 +292,14 @@ def prepare(
         masked_train, masked_eval, train_structure, structure, hidden_keys, list(batch)
     )
     return Trainer(
-        student, teacher_eval, config, 1.0 - float(sparsity), output, total_steps, hidden_dims
+        student,
+        teacher_eval,
+        config,
+        1.0 - float(sparsity),
+        output,
+        total_steps,
+        hidden_dims,
+        prices,
     )
 
 
@@ -400,7 +410,15 @@ def compress(
         "equal sizes) or set GrainConfig(steps=...)",
         device,
     )
-    trainer = prepare(model, batch, sparsity, teacher=teacher, config=config, total_steps=total)
+    # a resumed run ranks with the prices it measured at its start, and need not time them again
+    prices = (
+        checkpoints.prices(checkpoint.path, checkpoint.identity)
+        if checkpoint is not None and checkpoint.resume
+        else None
+    )
+    trainer = prepare(
+        model, batch, sparsity, teacher=teacher, config=config, total_steps=total, prices=prices
+    )
     names = trainer.student.input_names
     raw = cycle(dataloader, total * config.accumulate)
     start, save = 0, None

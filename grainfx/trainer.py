@@ -76,10 +76,13 @@ class Trainer:
         output: str,
         total_steps: int,
         hidden_dims: tuple[int, int] | None,
+        prices: Mapping[str, float] | None = None,
     ):
+        """``prices``: the latency prices of the heads (see :class:`Importance`); measured
+        here when not given."""
         self.student, self.teacher, self.config = student, teacher, config
         self.target, self.output, self.total = target_density, output, total_steps
-        self.importance = Importance(student.structure, config, total_steps)
+        self.importance = Importance(student.structure, config, total_steps, prices)
         if self.importance.prices:  # measured on each rank: every rank must rank alike
             names = sorted(self.importance.prices)
             (mean,) = distributed.average(

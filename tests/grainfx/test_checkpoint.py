@@ -68,6 +68,23 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path, stop):
     assert masks_moved
 
 
+def test_a_resumed_latency_aware_run_keeps_the_prices_it_measured(tmp_path, monkeypatch):
+    # prices are timed, so a second measurement differs: the resumed run must rank with the
+    # first one's (read from the checkpoint) and not time them again
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        compress(CheckpointConfig(path, every=100), callback=stop_at(7), latency_aware=True)
+    measured = torch.load(path, weights_only=True)["importance"]["prices"]
+    assert measured
+
+    def timed_again(*args, **kwargs):
+        raise AssertionError("a resumed run timed the head prices again")
+
+    monkeypatch.setattr("grainfx.importance.head_prices", timed_again)
+    resumed = compress(CheckpointConfig(path, every=100, resume=True), latency_aware=True)
+    assert resumed.report["latency_prices"] == measured
+
+
 def test_checkpoint_every_n_steps(tmp_path):
     path = tmp_path / "run.ckpt"
     seen = []
