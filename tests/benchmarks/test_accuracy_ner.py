@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
@@ -46,6 +47,17 @@ def test_accuracy_ner_quick_run_writes_every_record_model_and_interval(tmp_path)
     assert rows[1:] == ["| teacher", "| GRAIN", "| whole heads + FFN"]  # after the header
     assert "(2 seeds)" in section and "seeds 0, 1" in section
     assert "- grain-5 - head-5: " in section and "(2 seeds pooled)" in section
+
+
+def test_a_run_with_a_budget_of_its_own_gets_it_and_the_others_get_the_scripts():
+    args = argparse.Namespace(quick=False, epochs=20.0, learning_rate=1e-4, temperature=1.0)
+    runs = {run.name: run for run in accuracy_ner.RUNS}
+    longer = accuracy_ner.student_config(runs["grain-10-40ep"], 1, args)
+    plain = accuracy_ner.student_config(runs["grain-10"], 1, args)
+    assert (longer.epochs, plain.epochs) == (40.0, 20.0)
+    assert longer.ema_beta == plain.ema_beta == "auto" and longer.seed == plain.seed
+    quick = argparse.Namespace(**{**vars(args), "quick": True})
+    assert accuracy_ner.student_config(runs["grain-10-40ep"], 0, quick).steps == 4
 
 
 def test_f1_statistic_pools_counts_over_sentences():
