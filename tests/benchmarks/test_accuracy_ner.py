@@ -47,6 +47,12 @@ def test_accuracy_ner_quick_run_writes_every_record_model_and_interval(tmp_path)
     assert rows[1:] == ["| teacher", "| GRAIN", "| whole heads + FFN"]  # after the header
     assert "(2 seeds)" in section and "seeds 0, 1" in section
     assert "- grain-5 - head-5: " in section and "(2 seeds pooled)" in section
+    # a run with a budget of its own has it stated next to everyone else's
+    longer = {**records["grain-5"], "label": "GRAIN, 40 epochs", "steps": 8}
+    longer["overrides"] = {**longer["overrides"], "epochs": 40.0}
+    data["records"]["grain-10-40ep"] = longer
+    section = evidence.ner_section(data)
+    assert '(batches of 32, 4 steps; the row "GRAIN, 40 epochs": 40 epochs, 8 steps)' in section
 
 
 def test_a_run_with_a_budget_of_its_own_gets_it_and_the_others_get_the_scripts():
