@@ -567,8 +567,9 @@ def _ner_target(ner: dict) -> list[str]:
     if not met and others:
         r = ten[0]
         lines.append(
-            f"  What was tried at 10% ({r['steps']} steps of distillation, temperature "
-            f"{ner['meta']['temperature']:g}): " + "; ".join(others) + "."
+            f"  What else was tried at 10% (F1 retention; {ner['meta']['epochs']:g} epochs, "
+            f"{r['steps']} steps, temperature {ner['meta']['temperature']:g}, unless the "
+            f"name says otherwise): " + "; ".join(others) + "."
         )
     return lines
 

@@ -247,7 +247,7 @@ def test_targets_section_says_met_or_not_from_the_means_intervals_and_seeds():
         }
 
     ner = {
-        "meta": {"temperature": 1.0},
+        "meta": {"temperature": 1.0, "epochs": 20.0},
         "records": {
             "teacher": {"f1": 0.5},
             "grain-10": ner_run(0.80, 0),
@@ -274,7 +274,8 @@ def test_targets_section_says_met_or_not_from_the_means_intervals_and_seeds():
         "teacher's 50.00%): **not met**" in text
     )
     assert (
-        "(50 steps of distillation, temperature 1): GRAIN, every position distilled 79.0%" in text
+        "(F1 retention; 20 epochs, 50 steps, temperature 1, unless the name says otherwise): "
+        "GRAIN, every position distilled 79.0%." in text
     )
     assert "GRAIN is at 1.30x: **not met**" in text
     assert "Twitter NER: entity F1 +10.00% [+2.00%, +20.00%] (1 seed), GRAIN ahead" in text
