@@ -121,9 +121,10 @@ def save(
     return path
 
 
-def _read(path: Path, identity: Mapping[str, str] | None) -> dict:
-    """The state saved in ``path``, refused unless it is a grainfx checkpoint of this version
-    written on the same ``identity``."""
+def read(path: Path, identity: Mapping[str, str] | None = None) -> dict:
+    """The state saved in ``path``, read once before anything is built: refused unless it
+    is a grainfx checkpoint of this version written on the same ``identity`` (data files,
+    tokenizer: see :class:`CheckpointConfig`). :func:`prices` and :func:`load` take it."""
     try:
         state = torch.load(path, weights_only=True)
     except Exception as exc:
@@ -153,24 +154,23 @@ def _read(path: Path, identity: Mapping[str, str] | None) -> dict:
 
 def check(path: Path, identity: Mapping[str, str] | None = None) -> int:
     """Check, before anything is built, that ``path`` can be resumed from with these inputs
-    (see :func:`load`); returns its number of steps done."""
-    return _read(path, identity)["steps_done"]
+    (see :func:`read`); returns its number of steps done."""
+    return read(path, identity)["steps_done"]
 
 
-def prices(path: Path, identity: Mapping[str, str] | None = None) -> dict[str, float] | None:
-    """The latency prices of the heads saved in ``path`` (None when the run was not
-    latency-aware), so that a resumed run need not measure them again."""
-    return _read(path, identity)["importance"].get("prices") or None
+def prices(state: dict) -> dict[str, float] | None:
+    """The latency prices of the heads in a checkpoint's ``state`` (from :func:`read`; None
+    when the run was not latency-aware), so that a resumed run need not measure them again."""
+    return state["importance"].get("prices") or None
 
 
-def load(trainer: Trainer, path: Path, identity: Mapping[str, str] | None = None) -> int:
-    """Restore ``trainer`` from ``path``; returns the number of steps already done.
+def load(trainer: Trainer, state: dict, path: Path) -> int:
+    """Restore ``trainer`` from a checkpoint's ``state`` (from :func:`read`; ``path`` names
+    it in errors); returns the number of steps already done.
 
-    Raises CheckpointError when the file is not a grainfx checkpoint or was written by a run
-    with other settings (config, sparsity, length or model structure) or another
-    ``identity`` (data files, tokenizer: see :class:`CheckpointConfig`).
+    Raises CheckpointError when the checkpoint was written by a run with other settings
+    (config, sparsity, length or model structure).
     """
-    state = _read(path, identity)
     mine = _fingerprint(trainer)
     for key, value in mine.items():
         theirs = state["run"].get(key)

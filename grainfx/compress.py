@@ -387,6 +387,7 @@ def compress(
     device = next(iter(model.parameters())).device
     if world > 1:
         distributed.check_backend(device)
+    saved = None
     if checkpoint is not None:
         folder = checkpoint.path.parent
         preflight.writable_folder(
@@ -399,7 +400,7 @@ def compress(
             "choose another checkpoint path (--checkpoint)",
         )
         if checkpoint.resume:
-            checkpoints.check(checkpoint.path, checkpoint.identity)
+            saved = checkpoints.read(checkpoint.path, checkpoint.identity)
     torch.manual_seed(config.seed)
     batch = _first_batch(dataloader)
     total = _total_steps(dataloader, config)
@@ -411,11 +412,7 @@ def compress(
         device,
     )
     # a resumed run ranks with the prices it measured at its start, and need not time them again
-    prices = (
-        checkpoints.prices(checkpoint.path, checkpoint.identity)
-        if checkpoint is not None and checkpoint.resume
-        else None
-    )
+    prices = checkpoints.prices(saved) if saved is not None else None
     trainer = prepare(
         model, batch, sparsity, teacher=teacher, config=config, total_steps=total, prices=prices
     )
@@ -428,8 +425,9 @@ def compress(
             def save(steps_done: int) -> None:
                 checkpoints.save(trainer, steps_done, checkpoint.path, checkpoint.identity)
 
-        if checkpoint.resume:
-            start = checkpoints.load(trainer, checkpoint.path, checkpoint.identity)
+        if saved is not None:
+            start = checkpoints.load(trainer, saved, checkpoint.path)
+            del saved
             log.info("resuming from %s after step %d of %d", checkpoint.path, start, total)
             rng = torch.get_rng_state()
             # the batches the first run consumed

@@ -85,6 +85,25 @@ def test_a_resumed_latency_aware_run_keeps_the_prices_it_measured(tmp_path, monk
     assert resumed.report["latency_prices"] == measured
 
 
+def test_a_resumed_run_reads_its_checkpoint_once(tmp_path, monkeypatch):
+    # the checkpoint holds weights and optimizer state: the preflight reads it, and the prices
+    # and the restore use that state instead of reading the file again
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        compress(CheckpointConfig(path, every=100), callback=stop_at(7), latency_aware=True)
+    reads = []
+    load = torch.load
+
+    def counted(file, *args, **kwargs):
+        reads.append(file)
+        return load(file, *args, **kwargs)
+
+    monkeypatch.setattr("grainfx.checkpoint.torch.load", counted)
+    resumed = compress(CheckpointConfig(path, every=100, resume=True), latency_aware=True)
+    assert resumed.report["steps"] == STEPS
+    assert reads == [path]
+
+
 def test_checkpoint_every_n_steps(tmp_path):
     path = tmp_path / "run.ckpt"
     seen = []
