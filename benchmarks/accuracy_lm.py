@@ -42,7 +42,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,9 +54,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import grainfx  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     RESULTS,
+    LMShape,
     ResultStore,
     Run,
     heads_left,
+    llama_lm,
     machine,
     paired_interval,
     run_record,
@@ -97,20 +98,7 @@ TP_LABEL = "torch-pruning (Taylor, GQA heads + FFN)"
 PEERS = (Run("tp-20", 0.20, TP_LABEL), Run("tp-10", 0.10, TP_LABEL), Run("tp-5", 0.05, TP_LABEL))
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The Llama teacher's size and the data budget."""
-
-    vocab: int = 8192
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 8
-    kv_heads: int = 4
-    ffn: int = 688
-    seq: int = 128
-
-
-SMOKE = Shape(vocab=512, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, seq=32)
+SMOKE = LMShape(vocab=512, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64, seq=32)
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -196,25 +184,6 @@ class Batches:
 # ---- the teacher ----------------------------------------------------------------------------
 
 
-def llama(shape: Shape):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(SEED)
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        intermediate_size=shape.ffn,
-        max_position_embeddings=max(512, shape.seq),
-        use_cache=False,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config)
-
-
 def train_teacher(
     model, batches: Batches, steps: int, lr: float, ckpt: Path, log_every: int = 50
 ) -> dict:
@@ -287,7 +256,7 @@ def _cycle(batches: Batches, skip: int):
 
 
 def teacher(
-    shape: Shape, train: list[str], steps: int, batch: int, lr: float, folder: Path
+    shape: LMShape, train: list[str], steps: int, batch: int, lr: float, folder: Path
 ) -> tuple[torch.nn.Module, object, dict]:
     """(model, tokenizer, training record): trained once, then loaded from ``folder``."""
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -310,7 +279,7 @@ def teacher(
         tokenizer.save_pretrained(folder)
     tokenizer_seconds = time.perf_counter() - began
     data = blocks(train, tokenizer, shape.seq)
-    model = llama(shape)
+    model = llama_lm(shape, seed=SEED)
     print(
         f"  teacher: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{len(data):,} training blocks of {shape.seq} tokens, {steps} steps of {batch}",
@@ -422,7 +391,7 @@ def main(argv=None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    shape = SMOKE if args.smoke else Shape()
+    shape = SMOKE if args.smoke else LMShape()
     if args.smoke:
         args.train_reviews, args.held_out = 400, 40
         args.teacher_steps, args.steps, args.batch, args.reps = 20, 4, 8, 1

@@ -75,6 +75,41 @@ def _cpu_name() -> str:
     return "unknown"
 
 
+@dataclass(frozen=True)
+class LMShape:
+    """A Llama causal LM's size and block length: by default the LM teacher's of
+    ``benchmarks/accuracy_lm.py``."""
+
+    vocab: int = 8192
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 4
+    ffn: int = 688
+    seq: int = 128
+
+
+def llama_lm(shape: LMShape, seed: int = 0) -> torch.nn.Module:
+    """A freshly initialised (``seed``) Llama causal LM of ``shape``: grouped key/value heads,
+    RoPE, SwiGLU, an untied LM head; transformers' sdpa attention."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        intermediate_size=shape.ffn,
+        max_position_embeddings=max(512, shape.seq),
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config)
+
+
 def save_dense(model: torch.nn.Module, batch: dict, path: Path) -> Path:
     """The dense model captured by the same pass as the students, saved once as a .pt2: the
     reference ``benchmarks/speed.py`` times the compact models against."""

@@ -79,10 +79,16 @@ import contextlib
 import importlib.metadata
 import itertools
 import math
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import LMShape, llama_lm  # noqa: E402
 
 EPS = 1e-9
 #: The installed distribution's version (torch_pruning.__version__ of 1.6.1 still says 1.6.0).
@@ -469,25 +475,6 @@ def masked_dense(dense, pruned):
     return masked
 
 
-def _llama(hidden, layers, heads, kv_heads, ffn, vocab, attn="sdpa"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=ffn,
-        max_position_embeddings=512,
-        use_cache=False,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config)
-
-
 def main(argv=None) -> int:
     import argparse
     import copy
@@ -497,9 +484,9 @@ def main(argv=None) -> int:
     parser.add_argument("--density", type=float, nargs="+", default=[0.2])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    shape = (256, 4, 8, 4, 688, 8192) if args.real else (64, 2, 8, 4, 96, 128)
-    dense = _llama(*shape).eval()
-    vocab = shape[-1]
+    shape = LMShape() if args.real else LMShape(vocab=128, hidden=64, layers=2, ffn=96)
+    dense = llama_lm(shape).eval()
+    vocab = shape.vocab
     ids = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
     batches = [
         {"input_ids": x, "labels": x}
