@@ -574,10 +574,12 @@ def _ner_target(ner: dict) -> list[str]:
     return lines
 
 
-def targets_section(rt: dict | None, ner: dict | None, lm: dict | None) -> str:
+def targets_section(
+    rt: dict | None, ner: dict | None, lm: dict | None, peer: dict | None = None
+) -> str:
     """Where the targets of issue 13 stand, each with its numbers (the mean over seeds) and
     interval, and which compared runs still have fewer than 3 seeds, from the results the
-    sections below are drawn from."""
+    sections below are drawn from (``peer``: the torch-pruning runs on Rotten Tomatoes)."""
     lines = ["Where the targets of issue 13 stand (the sections below have the details):", ""]
     ner_records = ner["records"] if ner else {}
     lines += _ner_target(ner) if ner else []
@@ -629,9 +631,13 @@ def targets_section(rt: dict | None, ner: dict | None, lm: dict | None) -> str:
         f"  - GRAIN is ahead on {len(ahead)} of 3 ({', '.join(ahead) or 'none'}): "
         f"**{'met' if len(ahead) >= 2 else 'not met'}**."
     )
+    # on Rotten Tomatoes a run is compared when it kept its per-sentence results (the
+    # earlier teacher's runs did not: the accuracy section sets them apart, in no interval)
+    rt_all = {**rt_runs, **(by_run(peer["records"]) if peer else {})}
+    kept_none = sorted(name for name, rs in rt_all.items() if "correct" not in rs[0])
     short = {
         "Rotten Tomatoes": _fewer_seeds(
-            rt_runs, {name for name, rs in rt_runs.items() if "correct" in rs[0]}
+            rt_all, {name for name, rs in rt_all.items() if "correct" in rs[0]}
         ),
         **{
             task: _fewer_seeds(
@@ -652,6 +658,11 @@ def targets_section(rt: dict | None, ner: dict | None, lm: dict | None) -> str:
             + ". Their intervals say so; `--only NAME --seeds 1 2` adds the missing seeds."
         )
     )
+    if kept_none:
+        lines.append(
+            f"  Not counted, being in no interval: the Rotten Tomatoes runs that kept no "
+            f"per-sentence results (the earlier teacher's: {', '.join(kept_none)})."
+        )
     return "\n".join(lines)
 
 

@@ -292,7 +292,7 @@ def sections() -> dict[str, str]:
     lm = _load("accuracy_lm.json")
     if lm:
         out["lm"] = evidence.lm_section(lm)
-    out["targets"] = evidence.targets_section(rt, ner, lm)
+    out["targets"] = evidence.targets_section(rt, ner, lm, peer)
     sweep = _load("speed.json")
     if sweep:
         out["speed"] = evidence.speed_section(sweep)

@@ -285,6 +285,13 @@ def test_targets_section_says_met_or_not_from_the_means_intervals_and_seeds():
     assert "**not met**; fewer seeds (their count) for Twitter NER: grain-10-kdall (1)." in text
     ner["records"]["grain-10"]["retention"] = 0.98
     assert "GRAIN keeps 88.0% ± 8.7% (3 seeds)" in evidence.targets_section(None, ner, None)
+    # Rotten Tomatoes: the torch-pruning runs count too; runs without per-sentence results
+    # (the earlier teacher's) are in no interval, and are named as not counted
+    peer = {"records": {"teacher": {"accuracy": 0.8}, "tp-5": {"correct": [1]}, "tp-10": {}}}
+    text = evidence.targets_section({"records": {}}, None, None, peer)
+    assert "fewer seeds (their count) for Rotten Tomatoes: tp-5 (1)." in text
+    assert "Not counted, being in no interval: the Rotten Tomatoes runs that kept no " in text
+    assert "(the earlier teacher's: tp-10)." in text
 
 
 def test_readme_sections_are_replaced_between_markers():
