@@ -535,6 +535,22 @@ def _lm_shape(records: dict) -> str:
     return " / ".join(f"batch {b} x {s}" for b, s in sorted(shapes)) or "-"
 
 
+def _rt_compared(runs: dict[str, list[dict]], teacher: float) -> set[str]:
+    """The Rotten Tomatoes runs an interval compares: the 5% runs distilled from the current
+    ``teacher`` (the accuracy section) and GRAIN plain against latency-aware at 5% and 10%
+    (the side-by-side section); the earlier teacher's runs and the other densities are in
+    none."""
+    current = {name for name, rs in runs.items() if _same_teacher(rs[0], teacher)}
+    at_5 = {name for name in current if abs(runs[name][0]["target_density"] - 0.05) < 1e-9}
+    pairs = {
+        name
+        for d in (5, 10)
+        if {f"grain-{d}", f"latency-{d}"} <= current
+        for name in (f"grain-{d}", f"latency-{d}")
+    }
+    return at_5 | pairs
+
+
 def _fewer_seeds(runs: dict[str, list[dict]], compared: set[str]) -> list[str]:
     """The runs of ``compared`` that have fewer than 3 seeds, each with its count."""
     return [
@@ -631,14 +647,10 @@ def targets_section(
         f"  - GRAIN is ahead on {len(ahead)} of 3 ({', '.join(ahead) or 'none'}): "
         f"**{'met' if len(ahead) >= 2 else 'not met'}**."
     )
-    # on Rotten Tomatoes a run is compared when it kept its per-sentence results (the
-    # earlier teacher's runs did not: the accuracy section sets them apart, in no interval)
     rt_all = {**rt_runs, **(by_run(peer["records"]) if peer else {})}
-    kept_none = sorted(name for name, rs in rt_all.items() if "correct" not in rs[0])
+    rt_compared = _rt_compared(rt_all, rt["records"]["teacher"]["accuracy"]) if rt else set()
     short = {
-        "Rotten Tomatoes": _fewer_seeds(
-            rt_all, {name for name, rs in rt_all.items() if "correct" in rs[0]}
-        ),
+        "Rotten Tomatoes": _fewer_seeds(rt_all, rt_compared),
         **{
             task: _fewer_seeds(
                 by_run(records),
@@ -658,10 +670,12 @@ def targets_section(
             + ". Their intervals say so; `--only NAME --seeds 1 2` adds the missing seeds."
         )
     )
-    if kept_none:
+    apart = sorted(set(rt_all) - rt_compared)
+    if apart:
         lines.append(
-            f"  Not counted, being in no interval: the Rotten Tomatoes runs that kept no "
-            f"per-sentence results (the earlier teacher's: {', '.join(kept_none)})."
+            "  Not counted, being in no interval: Rotten Tomatoes "
+            + ", ".join(f"{name} ({len(rt_all[name])})" for name in apart)
+            + "."
         )
     return "\n".join(lines)
 

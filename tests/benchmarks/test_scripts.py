@@ -285,13 +285,27 @@ def test_targets_section_says_met_or_not_from_the_means_intervals_and_seeds():
     assert "**not met**; fewer seeds (their count) for Twitter NER: grain-10-kdall (1)." in text
     ner["records"]["grain-10"]["retention"] = 0.98
     assert "GRAIN keeps 88.0% ± 8.7% (3 seeds)" in evidence.targets_section(None, ner, None)
-    # Rotten Tomatoes: the torch-pruning runs count too; runs without per-sentence results
-    # (the earlier teacher's) are in no interval, and are named as not counted
-    peer = {"records": {"teacher": {"accuracy": 0.8}, "tp-5": {"correct": [1]}, "tp-10": {}}}
-    text = evidence.targets_section({"records": {}}, None, None, peer)
-    assert "fewer seeds (their count) for Rotten Tomatoes: tp-5 (1)." in text
-    assert "Not counted, being in no interval: the Rotten Tomatoes runs that kept no " in text
-    assert "(the earlier teacher's: tp-10)." in text
+
+    # Rotten Tomatoes: the runs in an interval count, the torch-pruning ones included: those
+    # at 5% and GRAIN plain and latency-aware at 10%, of the current teacher; the others
+    # (another density, the earlier teacher's) are named as not counted
+    def rt_run(density, accuracy=0.8, seed=0):
+        return {"target_density": density, "accuracy": accuracy, "retention": 1.0, "seed": seed}
+
+    rt = {
+        "records": {
+            "teacher": {"accuracy": 0.8},
+            **{f"grain-10{s}": rt_run(0.10, seed=i) for i, s in enumerate(("", "-s1", "-s2"))},
+            "latency-10": rt_run(0.10),
+            "grain-20": rt_run(0.20),
+            "grain-ema98-5": rt_run(0.05, accuracy=0.7),
+        }
+    }
+    peer = {"records": {"teacher": {"accuracy": 0.8}, "tp-5": rt_run(0.05), "tp-10": rt_run(0.1)}}
+    text = evidence.targets_section(rt, None, None, peer)
+    assert "fewer seeds (their count) for Rotten Tomatoes: latency-10 (1), tp-5 (1)." in text
+    assert "Not counted, being in no interval: Rotten Tomatoes grain-20 (1), " in text
+    assert "grain-ema98-5 (1), tp-10 (1)." in text
 
 
 def test_readme_sections_are_replaced_between_markers():
