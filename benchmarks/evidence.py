@@ -542,12 +542,7 @@ def _rt_compared(runs: dict[str, list[dict]], teacher: float) -> set[str]:
     none."""
     current = {name for name, rs in runs.items() if _same_teacher(rs[0], teacher)}
     at_5 = {name for name in current if abs(runs[name][0]["target_density"] - 0.05) < 1e-9}
-    pairs = {
-        name
-        for d in (5, 10)
-        if {f"grain-{d}", f"latency-{d}"} <= current
-        for name in (f"grain-{d}", f"latency-{d}")
-    }
+    pairs = {name for pair in LATENCY_PAIRS if set(pair) <= current for name in pair}
     return at_5 | pairs
 
 
@@ -875,6 +870,10 @@ SIDE_BY_SIDE = (
 )
 
 
+#: GRAIN plain against latency-aware, paired over held-out sentences at 5% and 10%.
+LATENCY_PAIRS = (("grain-5", "latency-5"), ("grain-10", "latency-10"))
+
+
 def _scored_heads(record: dict) -> int:
     """Heads that keep query units (the others run as means of their values, without
     scores); a torch-pruning record's heads are whole, all of them scored."""
@@ -923,8 +922,7 @@ def side_by_side_section(rt: dict, peer: dict | None, speed: dict | None) -> str
             f"{over_seeds([x['accuracy'] for x in rs], '.2%')} | {r['heads_left']} | "
             f"{_scored_heads(r)} | " + " | ".join(cells) + " |"
         )
-    pairs = [(f"grain-{d}", f"latency-{d}") for d in (5, 10)]
-    pairs = [(a, b) for a, b in pairs if current[a] and current[b]]
+    pairs = [(a, b) for a, b in LATENCY_PAIRS if current[a] and current[b]]
     if pairs:
         head = "Plain GRAIN against latency-aware GRAIN, paired over held-out sentences:"
         lines += ["", head, ""]
