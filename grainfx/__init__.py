@@ -23,7 +23,7 @@ from grainfx.inspect import Inspection, inspect
 from grainfx.predict import Prediction, Predictor, load
 from grainfx.stages import Stages, stages
 from grainfx.trainer import TrainingDivergedError
-from passes.serialize import save
+from passes.serialize import resave, save
 
 __version__ = "0.2.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "CheckpointConfig",
     "save",
     "load",
+    "resave",
     "Predictor",
     "Prediction",
     "inspect",

@@ -26,13 +26,14 @@ from passes.errors import (
     SaveError,
     TrainingGraphError,
     UncoveredLayersWarning,
+    UnsafeModelFileError,
     UnsupportedArchitectureError,
 )
 from passes.expose import expose
 from passes.factorize import factorize_embedding
 from passes.instrument import get_masks, instrument, record_mask_grads, set_masks
 from passes.rewrite import DEFAULT_BUCKET, RewriteOptions, rewrite
-from passes.serialize import load, save
+from passes.serialize import load, resave, save
 from passes.structure import AttentionBlock, FFNBlock, Structure, UnitGroup
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "DEFAULT_BUCKET",
     "save",
     "load",
+    "resave",
     "Structure",
     "AttentionBlock",
     "FFNBlock",
@@ -67,5 +69,6 @@ __all__ = [
     "LoadError",
     "ModelFileNotFoundError",
     "CorruptModelFileError",
+    "UnsafeModelFileError",
     "UncoveredLayersWarning",
 ]

@@ -66,3 +66,8 @@ class StructureMismatchError(PassError):
 class UncoveredLayersWarning(UserWarning):
     """Linear layers inside the transformer layers that no prunable unit covers: they stay
     whole (``Structure.uncovered`` names them)."""
+
+
+class UnsafeModelFileError(LoadError):
+    """The file to load holds something that loading would execute (a pickle, code in the
+    program's strings, a member grainfx does not write): refused before any of it is read."""

@@ -4,7 +4,9 @@ The module is re-exported with ``torch.export`` (dynamic batch and sequence) and
 ``torch.export.save``; a JSON of the kept structure is stored inside the archive and beside it
 (``model.pt2`` -> ``model.json``). Files are written under a temporary name and renamed, so a
 crash never leaves a half-written model. Loading needs neither transformers nor grainfx's model
-code.
+code, and runs nothing from the file: nothing in an archive grainfx writes needs unpickling
+(weights as raw tensors, no sample inputs), and :func:`load` refuses, before torch reads it, any
+archive that holds something else (:mod:`passes.archive`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,14 @@ from pathlib import Path
 import torch
 from torch import fx
 
+from passes.archive import check_archive
 from passes.capture import EXAMPLE_INPUTS_ATTR, dynamic_shapes_for
-from passes.errors import CorruptModelFileError, ModelFileNotFoundError, SaveError
+from passes.errors import (
+    CorruptModelFileError,
+    LoadError,
+    ModelFileNotFoundError,
+    SaveError,
+)
 from passes.rewrite import KEPT_ATTR
 
 STRUCTURE_FILE = "grainfx_structure.json"
@@ -84,32 +92,46 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
         raise SaveError(f"re-export of the module failed: {exc}".splitlines()[0]) from exc
     record = dict(getattr(gm, KEPT_ATTR, {}))
     record["inputs"] = {name: _input_spec(t) for name, t in inputs.items()}
-    kept = json.dumps(record, indent=2)
+    _write(ep, path, json.dumps(record, indent=2))
+    return path
+
+
+def _write(ep: torch.export.ExportedProgram, path: Path, kept: str) -> None:
+    """Write ``ep`` without its sample inputs (torch pickles them) and check that the archive
+    is one :func:`load` accepts, then ``kept`` beside it."""
+    ep.example_inputs = None  # the record holds their specs
     buffer = io.BytesIO()  # serialized in memory: torch's file writer aborts on a full disk
     torch.export.save(ep, buffer, extra_files={STRUCTURE_FILE: kept})
+    data = buffer.getvalue()
+    try:
+        check_archive(data, str(path))
+    except LoadError as exc:
+        raise SaveError(f"the archive of this module could not be loaded safely: {exc}") from exc
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, buffer.getvalue())
+    _atomic_write(path, data)
     _atomic_write(path.with_suffix(".json"), kept.encode())
-    return path
 
 
 def load(path: str | os.PathLike) -> torch.nn.Module:
     """Load a module written by :func:`save`; call it as ``module(**inputs)``.
 
-    The kept structure is available as ``module.grainfx_kept``.
+    The file is read once and checked before torch reads it (:func:`passes.archive.
+    check_archive`): nothing in it is unpickled or evaluated. The kept structure is available
+    as ``module.grainfx_kept``.
 
     Raises:
         ModelFileNotFoundError: no file at ``path``.
         CorruptModelFileError: the file is truncated or not a grainfx .pt2 archive.
+        UnsafeModelFileError: the file holds something loading would run (a pickled member,
+            code in the program's strings, a member grainfx does not write).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ModelFileNotFoundError(
-            f"no model file at {path}: check the path (grainfx.save writes a .pt2 file)"
-        )
+    _require_file(path)
+    data = path.read_bytes()
+    check_archive(data, str(path))
     extra = {STRUCTURE_FILE: ""}
-    try:
-        ep = torch.export.load(path, extra_files=extra)
+    try:  # the bytes checked, not the file again
+        ep = torch.export.load(io.BytesIO(data), extra_files=extra)
         module = ep.module()
     except Exception as exc:
         raise CorruptModelFileError(
@@ -122,3 +144,33 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
         raise CorruptModelFileError(f"{path} holds a damaged structure record") from exc
     setattr(module, KEPT_ATTR, kept)
     return module
+
+
+def resave(path: str | os.PathLike, *, trust: bool = False) -> Path:
+    """Rewrite a ``.pt2`` that :func:`load` refuses (an output of grainfx 0.2 or older, which
+    pickled its sample inputs) in place, in the form :func:`load` accepts.
+
+    This reads the file with ``torch.export.load``, which unpickles and evaluates parts of it:
+    pass ``trust=True`` only for a file you made or trust. Returns ``path``.
+    """
+    if not trust:
+        raise LoadError(
+            "resave unpickles the file, which can run code from it: pass trust=True only for "
+            "a file you made or trust"
+        )
+    path = Path(path)
+    _require_file(path)
+    extra = {STRUCTURE_FILE: ""}
+    try:
+        ep = torch.export.load(path, extra_files=extra)
+    except Exception as exc:
+        raise CorruptModelFileError(f"{path} is not a readable .pt2 model: {exc}") from exc
+    _write(ep, path, extra[STRUCTURE_FILE] or "{}")
+    return path
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise ModelFileNotFoundError(
+            f"no model file at {path}: check the path (grainfx.save writes a .pt2 file)"
+        )
