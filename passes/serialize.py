@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -132,7 +133,6 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
     extra = {STRUCTURE_FILE: ""}
     try:  # the bytes checked, not the file again
         ep = torch.export.load(io.BytesIO(data), extra_files=extra)
-        module = ep.module()
     except Exception as exc:
         raise CorruptModelFileError(
             f"{path} is not a readable .pt2 model ({type(exc).__name__}); it may be truncated "
@@ -140,10 +140,29 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
         ) from exc
     try:
         kept = json.loads(extra[STRUCTURE_FILE]) if extra[STRUCTURE_FILE] else {}
-    except json.JSONDecodeError as exc:
-        raise CorruptModelFileError(f"{path} holds a damaged structure record") from exc
+        ep.example_inputs = ((), _zeros(kept.get("inputs", {})))
+    except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
+        raise CorruptModelFileError(f"{path} holds a damaged structure record ({exc})") from exc
+    module = ep.module()
     setattr(module, KEPT_ATTR, kept)
     return module
+
+
+def _zeros(specs: dict) -> dict[str, torch.Tensor]:
+    """Inputs of the recorded shapes and dtypes (:func:`_input_spec`), in their order: the
+    module's shape guards are built from them, as from the sample inputs torch would pickle."""
+    inputs = {}
+    for name, spec in specs.items():
+        dtype = getattr(torch, spec["dtype"], None)
+        shape = spec["shape"]
+        if (
+            not isinstance(dtype, torch.dtype)
+            or not all(isinstance(n, int) and n >= 0 for n in shape)
+            or math.prod(shape) > 2**24
+        ):
+            raise ValueError(f"input {name!r} has no valid shape and dtype")
+        inputs[name] = torch.zeros(shape, dtype=dtype)
+    return inputs
 
 
 def resave(path: str | os.PathLike, *, trust: bool = False) -> Path:

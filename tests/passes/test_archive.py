@@ -186,8 +186,8 @@ def test_the_cli_refuses_a_crafted_archive_and_runs_nothing(crafted, command, ca
     ids=["guard", "range constraint", "call target", "value name", "attribute path"],
 )
 def test_code_in_the_program_is_refused(saved, edit, refused, tmp_path):
-    """Strings that torch evaluates or pastes into generated source, even where the archive
-    has no sample inputs (so that torch would not run the guards)."""
+    """Strings that torch evaluates or pastes into generated source (grainfx.load gives the
+    module inputs of the recorded shapes, so that its guards run as torch would run them)."""
     records = read_records(saved[1])
     _edit_json(records, PROGRAM, edit)
     write_records(records, tmp_path / "model.pt2")
@@ -231,3 +231,11 @@ def test_an_old_output_is_refused_then_loads_once_resaved(saved, tmp_path):
     grainfx.resave(old, trust=True)
     module = grainfx.load(old)
     assert module.grainfx_kept["layers"]
+
+
+def test_a_loaded_model_checks_its_input_shapes_as_before(saved):
+    """The guards torch built from the pickled sample inputs are built from the record now."""
+    module = grainfx.load(saved[0] / "model.pt2")
+    module(**example_inputs("bert-sdpa", 2, 64))
+    with pytest.raises(AssertionError, match=r"Guard failed: input_ids.size\(\)\[1\] <= 64"):
+        module(**example_inputs("bert-sdpa", 2, 65))
