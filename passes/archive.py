@@ -41,8 +41,11 @@ WEIGHT = re.compile(r"weight_\d+")
 CONSTANT = re.compile(r"tensor_\d+")
 EXTRA = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.json")
 
-#: Call targets the compact graphs use: aten operators, and Python's operator / math helpers.
-TARGET = re.compile(r"torch\.ops\.aten\.\w+(\.\w+)?|_operator\.\w+|math\.\w+")
+#: Call targets the compact graphs use: aten operators, Python's arithmetic on sizes and
+#: ``getitem`` (not ``operator.call``, ``attrgetter`` or ``methodcaller``, which reach any
+#: attribute), and math's functions.
+OPERATORS = "add|sub|mul|truediv|floordiv|mod|pow|neg|eq|ne|lt|le|gt|ge|and_|or_|not_|getitem"
+TARGET = re.compile(rf"torch\.ops\.aten\.\w+(\.\w+)?|_operator\.({OPERATORS})|math\.\w+")
 IDENTIFIER = re.compile(r"[A-Za-z_]\w*")
 DOTTED = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
 #: Keys of the program whose string values name graph values, keyword arguments or module

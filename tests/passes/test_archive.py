@@ -180,10 +180,11 @@ def test_the_cli_refuses_a_crafted_archive_and_runs_nothing(crafted, command, ca
         (lambda p: p["guards_code"].append("__import__('os').getpid() > 0"), "shape guard"),
         (lambda p: p["range_constraints"].update({"__import__('os')": {}}), "shape expression"),
         (lambda p: _nodes(p)[0].update(target="torch.os.system"), "calls 'torch.os.system'"),
+        (lambda p: _nodes(p)[0].update(target="_operator.attrgetter"), "calls '_operator.attr"),
         (lambda p: _tensor_output(p).update(name='x"); y = ("'), "names a value"),
         (lambda p: _inputs(p)[0]["parameter"].update(parameter_name='a").b("'), "attribute"),
     ],
-    ids=["guard", "range constraint", "call target", "value name", "attribute path"],
+    ids=["guard", "range constraint", "call target", "operator", "value name", "attribute path"],
 )
 def test_code_in_the_program_is_refused(saved, edit, refused, tmp_path):
     """Strings that torch evaluates or pastes into generated source (grainfx.load gives the
