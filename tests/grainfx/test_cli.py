@@ -64,7 +64,8 @@ def make_workdir(root: Path) -> Path:
     model_dir = root / "model"
     model_dir.mkdir()
     BertTokenizerFast(vocab=VOCAB).save_pretrained(model_dir)
-    build_bert().save_pretrained(model_dir)
+    # one spare embedding row (models pad theirs): a tokenizer with one more token still fits
+    build_bert(vocab=len(VOCAB) + 1).save_pretrained(model_dir)
     rng = random.Random(0)
     with open(root / "data.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -383,10 +384,14 @@ def lm_workdir(tmp_path_factory, request) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from tests.models import VOCAB as EMBEDDING_ROWS
     from tests.models import build
 
     root = tmp_path_factory.mktemp("cli-lm")
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + LM_WORDS)}
+    words = ["<pad>", "<unk>", "<eos>"] + LM_WORDS
+    # unused tokens up to the model's embedding rows, as in a real vocabulary
+    words += [f"<unused{i}>" for i in range(EMBEDDING_ROWS - len(words))]
+    vocab = {w: i for i, w in enumerate(words)}
     inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     inner.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(
