@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from grainfx.output import write_folder
 from grainfx.predict import SERVING_FILE, Serving
@@ -165,7 +165,8 @@ def _check_vocabulary(
 ) -> None:
     """Refuse a tokenizer whose vocabulary does not fit the model's embedding matrix: ids
     past its rows, or far fewer tokens than rows (the tokenizer of another model)."""
-    tokens, rows = len(tokenizer), model.get_input_embeddings().weight.shape[0]
+    rows = cast("torch.Tensor", model.get_input_embeddings().weight).shape[0]
+    tokens = len(tokenizer)
     if tokens > rows or tokens < MIN_VOCABULARY_SHARE * rows:
         raise CLIError(
             f"the tokenizer in {model_dir} has {tokens} tokens but the model's embeddings "
