@@ -352,7 +352,7 @@ def run_here(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str,
         ),
         (
             "classifier as a causal lm",
-            ["model", "--data", "data.csv", "--task", "causal-lm"],
+            ["model", "--data", "data.txt", "--task", "causal-lm"],
             "holds a sequence classifier (BertForSequenceClassification), not a causal "
             "language model (--task causal-lm): pass --task classification",
         ),
