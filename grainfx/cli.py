@@ -21,10 +21,10 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from grainfx.output import write_folder
 from grainfx.predict import SERVING_FILE, Serving
@@ -67,23 +67,151 @@ def _check_model_dir(model_dir: Path) -> None:
         )
 
 
+#: What each --task compresses, in the words of the messages.
+TASK_MODELS = {"classification": "a sequence classifier", "causal-lm": "a causal language model"}
+#: The transformers auto mapping that lists the architectures each --task compresses.
+TASK_MAPPINGS = {
+    "classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+}
+#: The fix for a model of a task the command line does not compress.
+NO_TASK = (
+    f"grainfx compress has no --task for it (only {', '.join(TASKS)}); "
+    f"compress it from Python with grainfx.compress"
+)
+#: What a model class is, by the first of these auto mappings that lists it, and the fix
+#: when it is not what --task compresses.
+ARCHITECTURE_KINDS = (
+    (TASK_MAPPINGS["classification"], TASK_MODELS["classification"], "pass --task classification"),
+    (TASK_MAPPINGS["causal-lm"], TASK_MODELS["causal-lm"], "pass --task causal-lm"),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "a token classifier", NO_TASK),
+    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "a question-answering model", NO_TASK),
+    ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "a masked language model", NO_TASK),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "a sequence-to-sequence model", NO_TASK),
+    (
+        "MODEL_MAPPING_NAMES",
+        "a bare model without a task head",
+        "fine-tune it with the task's head and save that model (save_pretrained)",
+    ),
+)
+#: Files a saved tokenizer leaves in its folder (one is enough): without any of them
+#: transformers makes a tokenizer of the special tokens alone, and every word is unknown.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+#: A tokenizer with fewer tokens than this share of the model's embedding rows is not the
+#: model's (models pad their embedding matrix by a few percent at most).
+MIN_VOCABULARY_SHARE = 0.5
+
+
+def _listed(name: str, mapping: str) -> bool:
+    """Whether transformers' auto mapping ``mapping`` (a name in ``modeling_auto``) lists the
+    model class ``name``."""
+    from transformers.models.auto import modeling_auto
+
+    for classes in getattr(modeling_auto, mapping).values():
+        if name in ((classes,) if isinstance(classes, str) else classes):
+            return True
+    return False
+
+
+def _check_task(model_dir: Path, architectures: Sequence[str], task: str) -> None:
+    """Refuse a model whose config names an architecture of another task than ``--task``
+    (a token classifier given to classification would get a new, random head); a config
+    that names none, or only classes transformers does not list, is left to the loading."""
+    if any(_listed(name, TASK_MAPPINGS[task]) for name in architectures):
+        return
+    for name in architectures:
+        for mapping, what, fix in ARCHITECTURE_KINDS:
+            if _listed(name, mapping):
+                raise CLIError(
+                    f"{model_dir} holds {what} ({name}), not {TASK_MODELS[task]} "
+                    f"(--task {task}): {fix}"
+                )
+
+
+def _check_tokenizer_files(model_dir: Path) -> None:
+    """Refuse a model folder without tokenizer files (transformers would make one of the
+    special tokens alone, and every text would read as unknown words)."""
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise CLIError(
+            f"{model_dir} holds no tokenizer (no tokenizer.json, tokenizer_config.json or "
+            f"vocabulary file): save the model's tokenizer into that folder too, with "
+            f"tokenizer.save_pretrained"
+        )
+
+
+def _check_new_weights(model_dir: Path, missing: Collection[str], what: str) -> None:
+    """Refuse a model whose loading started parameters at random because the folder lacks
+    them (``missing_keys`` of ``from_pretrained``): a new head or pooler, not fine-tuned."""
+    if missing:
+        names = sorted(missing)
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        raise CLIError(
+            f"{model_dir} has no weights for {', '.join(names[:3])}{more}: loaded as {what}, "
+            f"they would start at random (a new head or pooler); pass the folder of the "
+            f"fine-tuned model, saved whole with save_pretrained"
+        )
+
+
+def _check_vocabulary(
+    model_dir: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
+) -> None:
+    """Refuse a tokenizer whose vocabulary does not fit the model's embedding matrix: ids
+    past its rows, or far fewer tokens than rows (the tokenizer of another model)."""
+    rows = cast("torch.Tensor", model.get_input_embeddings().weight).shape[0]
+    tokens = len(tokenizer)
+    if tokens > rows or tokens < MIN_VOCABULARY_SHARE * rows:
+        raise CLIError(
+            f"the tokenizer in {model_dir} has {tokens} tokens but the model's embeddings "
+            f"have {rows} rows: it is not this model's tokenizer; save the model's own "
+            f"tokenizer into the folder (tokenizer.save_pretrained)"
+        )
+
+
 def _model(model_dir: Path, task: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) of ``model_dir``: a sequence classifier or a causal LM."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    """(model, tokenizer) of ``model_dir``: a sequence classifier or a causal LM, refused
+    when its architecture is another task's, a parameter would start at random, or the
+    tokenizer does not fit it."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+    from transformers.utils import logging as hf_logging
 
     _check_model_dir(model_dir)
-    auto, what = {
-        "classification": (AutoModelForSequenceClassification, "a sequence classifier"),
-        "causal-lm": (AutoModelForCausalLM, "a causal language model"),
+    auto = {
+        "classification": AutoModelForSequenceClassification,
+        "causal-lm": AutoModelForCausalLM,
     }[task]
+    what = TASK_MODELS[task]
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # no load report: the checks below read the loading
     try:
+        architectures = AutoConfig.from_pretrained(model_dir).architectures or []
+        _check_task(model_dir, architectures, task)
+        _check_tokenizer_files(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = auto.from_pretrained(model_dir).eval()
+        model, loading = auto.from_pretrained(model_dir, output_loading_info=True)
+    except CLIError:
+        raise
     except Exception as exc:
         raise CLIError(
             f"cannot load {what} and its tokenizer from {model_dir}: {exc}".splitlines()[0]
         ) from exc
-    return model, tokenizer
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    _check_new_weights(model_dir, loading["missing_keys"], what)
+    _check_vocabulary(model_dir, tokenizer, model)
+    return model.eval(), tokenizer
 
 
 def _dense_model(model_dir: Path) -> torch.nn.Module:

@@ -1,8 +1,10 @@
 """Checks that run before the first training step, so that a run fails in seconds, not hours.
 
 ``grainfx.compress`` checks its checkpoint location; the command line also checks the output
-folder, reads and maps every data row (:mod:`grainfx.rows`), and stops at the first problem
-with one line that names it and the fix. Capture, discover and the teacher's compatibility are
+folder, reads and maps every data row (:mod:`grainfx.rows`), checks the model folder (an
+architecture of its ``--task``, no parameter left to start at random, a tokenizer that fits
+the embeddings: ``grainfx.cli._model``), and stops at the first problem with one line that
+names it and the fix. Capture, discover and the teacher's compatibility are
 checked on one real batch by ``compress`` itself before its progress bar starts
 (:func:`grainfx.compress.prepare`).
 """

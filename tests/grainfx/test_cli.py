@@ -64,7 +64,8 @@ def make_workdir(root: Path) -> Path:
     model_dir = root / "model"
     model_dir.mkdir()
     BertTokenizerFast(vocab=VOCAB).save_pretrained(model_dir)
-    build_bert().save_pretrained(model_dir)
+    # one spare embedding row (models pad theirs): a tokenizer with one more token still fits
+    build_bert(vocab=len(VOCAB) + 1).save_pretrained(model_dir)
     rng = random.Random(0)
     with open(root / "data.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -74,6 +75,36 @@ def make_workdir(root: Path) -> Path:
             sentiment = WORDS[:3] if label else WORDS[3:6]
             writer.writerow([f"{rng.choice(WORDS[6:])} {rng.choice(sentiment)}", label])
     return root
+
+
+def make_bad_models(root: Path) -> None:
+    """Model folders in ``root`` that compress would get wrong: ``no-tokenizer`` (the model
+    alone), ``no-head`` (a sequence classifier saved without its classifier weights),
+    ``bare`` (a BertModel), ``token-classifier`` (a BertForTokenClassification),
+    ``small-tokenizer`` (embeddings far more than the tokenizer's tokens) and
+    ``large-tokenizer`` (tokens past the embeddings)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    model = build_bert(vocab=len(VOCAB))
+    model.save_pretrained(root / "no-tokenizer")
+    transformers.BertModel(model.config).save_pretrained(root / "bare")
+    transformers.BertForTokenClassification(model.config).save_pretrained(root / "token-classifier")
+    model.save_pretrained(root / "no-head")
+    weights = root / "no-head" / "model.safetensors"
+    state = {k: v for k, v in load_file(weights).items() if not k.startswith("classifier.")}
+    save_file(state, weights, metadata={"format": "pt"})
+    build_bert(vocab=4 * len(VOCAB)).save_pretrained(root / "small-tokenizer")
+    build_bert(vocab=len(VOCAB) - 2).save_pretrained(root / "large-tokenizer")
+    tokenizer = transformers.BertTokenizerFast(vocab=VOCAB)
+    for name in ("no-head", "bare", "token-classifier", "small-tokenizer", "large-tokenizer"):
+        tokenizer.save_pretrained(root / name)
+
+
+@pytest.fixture(scope="module")
+def bad_models(workdir) -> Path:
+    make_bad_models(workdir)
+    return workdir
 
 
 @pytest.fixture(scope="module")
@@ -294,8 +325,52 @@ def run_here(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str,
             ["model", "--data", "data_dir"],
             "data_dir is a folder: give a .csv or a .jsonl file",
         ),
+        (
+            "no tokenizer",
+            ["no-tokenizer", "--data", "data.csv"],
+            "no-tokenizer holds no tokenizer (no tokenizer.json, tokenizer_config.json or "
+            "vocabulary file): save the model's tokenizer into that folder too",
+        ),
+        (
+            "random head",
+            ["no-head", "--data", "data.csv"],
+            "no-head has no weights for classifier.bias, classifier.weight: loaded as a "
+            "sequence classifier, they would start at random",
+        ),
+        (
+            "bare model",
+            ["bare", "--data", "data.csv"],
+            "bare holds a bare model without a task head (BertModel), not a sequence "
+            "classifier (--task classification): fine-tune it with the task's head",
+        ),
+        (
+            "token classifier",
+            ["token-classifier", "--data", "data.csv"],
+            "token-classifier holds a token classifier (BertForTokenClassification), not a "
+            "sequence classifier (--task classification): grainfx compress has no --task for "
+            "it (only classification, causal-lm); compress it from Python with grainfx.compress",
+        ),
+        (
+            "classifier as a causal lm",
+            ["model", "--data", "data.txt", "--task", "causal-lm"],
+            "holds a sequence classifier (BertForSequenceClassification), not a causal "
+            "language model (--task causal-lm): pass --task classification",
+        ),
+        (
+            "small tokenizer",
+            ["small-tokenizer", "--data", "data.csv"],
+            "the tokenizer in small-tokenizer has 15 tokens but the model's embeddings have "
+            "60 rows: it is not this model's tokenizer",
+        ),
+        (
+            "large tokenizer",
+            ["large-tokenizer", "--data", "data.csv"],
+            "the tokenizer in large-tokenizer has 15 tokens but the model's embeddings have "
+            "13 rows",
+        ),
     ],
 )
+@pytest.mark.usefixtures("bad_models")
 def test_bad_inputs_get_one_clear_line(workdir, case, args, message, monkeypatch, capsys):
     (workdir / "data_dir").mkdir(exist_ok=True)
     for name, content in BAD_FILES.items():
@@ -383,10 +458,14 @@ def lm_workdir(tmp_path_factory, request) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from tests.models import VOCAB as EMBEDDING_ROWS
     from tests.models import build
 
     root = tmp_path_factory.mktemp("cli-lm")
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + LM_WORDS)}
+    words = ["<pad>", "<unk>", "<eos>"] + LM_WORDS
+    # unused tokens up to the model's embedding rows, as in a real vocabulary
+    words += [f"<unused{i}>" for i in range(EMBEDDING_ROWS - len(words))]
+    vocab = {w: i for i, w in enumerate(words)}
     inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     inner.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(
@@ -621,6 +700,29 @@ def test_check_runs_the_preflight_alone(workdir, monkeypatch, capsys):
     assert "preflight passed" in out and "2 attention and 2 FFN blocks" in out
     assert not (workdir / "checked").exists()
     assert not (workdir / "checked.checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("folder", ["no-tokenizer", "no-head", "bare", "token-classifier"])
+def test_check_refuses_a_model_it_would_compress_wrongly(bad_models, folder, monkeypatch, capsys):
+    code, out, err = run_here(
+        ["compress", folder, "--data", "data.csv", "--out", "checked", "--check"],
+        bad_models,
+        monkeypatch,
+        capsys,
+    )
+    assert code == 2 and out == "", err
+    assert err.startswith(f"grainfx compress: error: {folder} ") and err.count("\n") == 1, err
+    assert not (bad_models / "checked").exists()
+
+
+def test_a_new_head_is_refused_in_one_line_of_a_process_of_its_own(bad_models):
+    """Where transformers' load report (a table of the missing weights) would show too."""
+    result = run(
+        "compress", "no-head", "--data", "data.csv", "--out", "checked", "--check", cwd=bad_models
+    )
+    assert result.returncode == 2 and result.stdout == "", result.stderr[-2000:]
+    assert result.stderr.startswith("grainfx compress: error: no-head has no weights for")
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
