@@ -392,7 +392,11 @@ def compact_models(
     bucket size and, eager only, bucket 4 without merged projections."""
     models: dict[str, nn.Module] = {"dense": dense}
     for b in buckets:
-        models[f"bucket={b}"] = passes.rewrite(masked, structure, bucket=b)
+        models[f"bucket={b}"] = (
+            buckets.rewrite(masked, structure)
+            if b == "auto"
+            else passes.rewrite(masked, structure, bucket=b)
+        )
     if mode == "eager":
         models["bucket=4,unmerged"] = passes.rewrite(
             masked, structure, bucket=4, merge_projections=False

@@ -39,6 +39,7 @@ import grainfx  # noqa: E402
 import passes  # noqa: E402
 from benchmarks.common import RESULTS, ResultStore, machine  # noqa: E402
 from benchmarks.rewrite_speed import BERT_BASE, TINY, Shape, UniformModel, dense_model  # noqa: E402
+from grainfx import buckets  # noqa: E402
 from grainfx.timing import example_inputs, interleaved_medians  # noqa: E402
 
 SHAPES = ((1, 128), (8, 128), (32, 64))
@@ -64,7 +65,7 @@ def as_compact(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     structure = passes.discover(gm)
     masked = passes.instrument(gm, structure)
     passes.set_masks(masked, structure.ones())
-    return passes.rewrite(masked, structure)
+    return buckets.rewrite(masked, structure)
 
 
 def time_peers(
@@ -201,7 +202,7 @@ def bert_base_runs(
             continue
         masks = grain_shaped_masks(structure, record["layers"], shape)
         passes.set_masks(masked, masks)
-        compact = passes.rewrite(masked, structure)
+        compact = buckets.rewrite(masked, structure)
         per_layer = [
             [int(masks[f"{b.name}.{kind}"].sum()) for b in structure.attention]
             for kind in ("qk", "vo")

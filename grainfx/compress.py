@@ -14,8 +14,8 @@ import torch
 from torch import fx
 
 import passes
+from grainfx import buckets, distributed, preflight
 from grainfx import checkpoint as checkpoints
-from grainfx import distributed, preflight
 from grainfx.checkpoint import CheckpointConfig
 from grainfx.config import ConfigError, GrainConfig
 from grainfx.distill import KD_POSITIONS
@@ -450,7 +450,7 @@ def compress(
         save(total)  # a run whose result cannot be written resumes without training again
     masked_eval, structure = trainer.student.eval, trainer.student.eval_structure
     masked_eval.eval()
-    compact = passes.rewrite(masked_eval, structure, shape=config.latency_shape)
+    compact = buckets.rewrite(masked_eval, structure, shape=config.latency_shape)
     log.info("rewrote the masked graph into a compact one of %d nodes", len(compact.graph.nodes))
     original = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     report = build_report(

@@ -60,7 +60,7 @@ class GrainConfig:
     machine at ``latency_shape`` = (batch, sequence), see :mod:`grainfx.latency`), so heads
     with few query units lose them first and the compact model has fewer, fuller heads.
     ``latency_shape`` is also the shape at which the final rewrite times how to group heads of
-    unequal sizes into attention calls (``passes.rewrite(bucket="auto")``).
+    unequal sizes into attention calls (``grainfx.buckets.rewrite``).
 
     ``embedding_rank``: factorize the word embedding by truncated SVD to this rank (a table of
     width r and a projection to the model width, both trained); None (default) keeps it.

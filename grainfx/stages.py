@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 import passes
+from grainfx import buckets
 
 #: Operators counted in the summary: where the passes change the graph.
 KEY_OPS = {
@@ -98,7 +99,7 @@ def stages(
     instrumented = passes.instrument(captured, structure)
     if masks is not None:
         passes.set_masks(instrumented, masks)
-    compact = passes.rewrite(instrumented, structure)
+    compact = buckets.rewrite(instrumented, structure)
     return Stages(
         {"captured": captured, "instrumented": instrumented, "compact": compact}, structure
     )

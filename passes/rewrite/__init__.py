@@ -30,7 +30,7 @@ from passes.errors import MaskError, TrainingGraphError
 from passes.graph import aten, is_op, remove_dead_code
 from passes.instrument import MASK_MODULE, mask_buffers
 from passes.rewrite.attention import rewrite_attention
-from passes.rewrite.buckets import BucketTimer, default_cache
+from passes.rewrite.buckets import BucketCost
 from passes.rewrite.emit import COMPACT_MODULE
 from passes.rewrite.ffn import rewrite_ffn
 from passes.structure import Structure
@@ -45,13 +45,14 @@ __all__ = [
     "COMPACT_MODULE",
 ]
 
-#: Heads are grouped by query and value size rounded up to a granularity chosen per block by
-#: timing its attention calls at the shape the model will serve (:mod:`passes.rewrite.buckets`).
-#: Measured in benchmarks/rewrite_speed.py on BERT-base size at 5% kept with unequal heads, a
-#: fixed granularity of 4 was fastest (1 thread, 10.0x, vs 9.2x for 1 and 8, 2.5x for 64, one
-#: padded call); 1 compiled 4x slower than 4 (253 s vs 59 s for 12 layers).
-DEFAULT_BUCKET = "auto"
-#: (batch, sequence) at which ``bucket="auto"`` times the options when none is named.
+#: Heads are grouped by query and value size rounded up to a granularity: without a cost
+#: model, 4. Measured in benchmarks/rewrite_speed.py on BERT-base size at 5% kept with unequal
+#: heads, a fixed granularity of 4 was fastest (1 thread, 10.0x, vs 9.2x for 1 and 8, 2.5x for
+#: 64, one padded call); 1 compiled 4x slower than 4 (253 s vs 59 s for 12 layers). With a cost
+#: model (``bucket="auto"``, the default when a ``cost`` is given) it is chosen per block
+#: (:mod:`passes.rewrite.buckets`); grainfx gives the measured one (``grainfx.buckets``).
+DEFAULT_BUCKET = 4
+#: (batch, sequence) the cost model of ``bucket="auto"`` prices, when none is named.
 DEFAULT_SHAPE = (8, 128)
 KEPT_ATTR = "grainfx_kept"
 
@@ -71,10 +72,9 @@ class RewriteOptions:
 
     bucket: heads whose query and value sizes round up to the same multiple of ``bucket`` share
         one attention call (1: one call per distinct size; head size: one padded call);
-        ``"auto"``: per block, the multiple whose attention calls run fastest at ``shape`` on
-        this machine (timed once per machine and size, then read from a cache file, see
-        :mod:`passes.rewrite.buckets`; the choice is recorded per layer).
-    shape: (batch, sequence) that ``bucket="auto"`` prices.
+        ``"auto"``: per block, the multiple whose attention calls the cost model given to
+        :func:`rewrite` prices cheapest (the choice is recorded per layer).
+    shape: (batch, sequence) that the cost model of ``bucket="auto"`` priced (recorded).
     merge_projections: compute projections that read the same input (Q, K and V; an FFN's up
         and gate) as one matmul.
     """
@@ -141,16 +141,22 @@ def rewrite(
     bucket: int | str | None = None,
     shape: tuple[int, int] = DEFAULT_SHAPE,
     merge_projections: bool = True,
+    cost: BucketCost | None = None,
 ) -> fx.GraphModule:
     """Fold the binary masks of ``masked_gm`` into a compact, standalone GraphModule.
+
+    A pure pass: the result depends on its arguments alone (no timing, no file).
 
     Args:
         masked_gm: an eval-mode graph from :func:`passes.instrument` with masks of 0 and 1.
         structure: the Structure it was instrumented with.
-        bucket: head-size granularity of the attention buckets, or ``"auto"`` (default
-            :data:`DEFAULT_BUCKET`); see :class:`RewriteOptions`.
-        shape: (batch, sequence) the model will mostly serve, priced by ``bucket="auto"``.
+        bucket: head-size granularity of the attention buckets, or ``"auto"``; default
+            ``"auto"`` when a ``cost`` is given, else :data:`DEFAULT_BUCKET`; see
+            :class:`RewriteOptions`.
+        shape: (batch, sequence) the model will mostly serve, that ``cost`` priced (recorded).
         merge_projections: merge Q, K and V, and up and gate, into one matmul.
+        cost: the cost model ``bucket="auto"`` chooses by (:data:`passes.rewrite.buckets.
+            BucketCost`; ``grainfx.buckets.BucketTimer`` measures one on this machine).
 
     Returns:
         A new GraphModule (``masked_gm`` is not changed) whose outputs equal ``masked_gm``'s,
@@ -160,8 +166,16 @@ def rewrite(
         NotInstrumentedError: ``masked_gm`` has no masks.
         MaskError: masks that are not binary or do not match ``structure``.
         TrainingGraphError: ``masked_gm`` was captured in train mode.
+        ValueError: ``bucket="auto"`` without a ``cost``, or options out of range.
     """
-    options = RewriteOptions(DEFAULT_BUCKET if bucket is None else bucket, shape, merge_projections)
+    if bucket is None:
+        bucket = DEFAULT_BUCKET if cost is None else "auto"
+    options = RewriteOptions(bucket, shape, merge_projections)
+    if options.bucket == "auto" and cost is None:
+        raise ValueError(
+            "bucket='auto' chooses by a cost model: pass cost= (grainfx.buckets.BucketTimer "
+            "measures one on this machine; grainfx.buckets.rewrite does both) or a fixed bucket"
+        )
     masks = _check_masks(structure, mask_buffers(masked_gm))
     for node in masked_gm.graph.nodes:
         if is_op(node, [aten.dropout.default]) and len(node.args) > 2 and node.args[2]:
@@ -182,16 +196,15 @@ def rewrite(
             layers[i]["kv_heads_dense"] = block.kv_heads
     for i, ffn in enumerate(structure.ffn):
         layers[i]["ffn_dense"] = ffn.width
-    timer = BucketTimer(options.shape, cache=default_cache())
+    chooser = cost if options.bucket == "auto" else None
     for i, block in enumerate(structure.attention):
         layers[i].update(
             rewrite_attention(
-                gm, nodes, block, masks, options.bucket, options.merge_projections, timer
+                gm, nodes, block, masks, options.bucket, options.merge_projections, chooser
             )
         )
     for i, ffn in enumerate(structure.ffn):
         layers[i].update(rewrite_ffn(gm, nodes, ffn, masks[ffn.name], options.merge_projections))
-    timer.save()
     gm.graph.lint()
     remove_dead_code(gm)
     if hasattr(gm, MASK_MODULE):

@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from passes.graph import aten, shape
-from passes.rewrite.buckets import Buckets, BucketTimer, choose_granularity, round_up
+from passes.rewrite.buckets import BucketCost, Buckets, choose_granularity, round_up
 from passes.rewrite.emit import PAD, Emitter
 from passes.rewrite.uniform import emit_uniform, uniform_plan
 from passes.structure import AttentionBlock, Rope
@@ -82,11 +82,11 @@ def rewrite_attention(
     masks: dict[str, torch.Tensor],
     bucket: int | str,
     merge: bool,
-    timer: BucketTimer,
+    cost: BucketCost | None,
 ) -> dict:
     """Replace ``block`` by its compact form; returns the kept heads and the bucket
-    granularity for the record. ``bucket="auto"`` chooses the granularity whose attention
-    calls ``timer`` measures fastest (:mod:`passes.rewrite.buckets`)."""
+    granularity for the record: ``bucket``, or with a ``cost`` (``bucket="auto"``) the
+    granularity whose attention calls it prices cheapest (:mod:`passes.rewrite.buckets`)."""
     qdims, vdims, live = block.per_head(masks)
     out_node = nodes[block.o.node]
     emit = Emitter(gm, block.name, out_node)
@@ -115,9 +115,9 @@ def rewrite_attention(
         return _buckets(block, scored, vdims, step)
 
     granularity = (
-        choose_granularity(block.q.in_features, d, buckets_at, timer)
-        if bucket == "auto"
-        else int(bucket)
+        int(bucket)
+        if cost is None
+        else choose_granularity(block.q.in_features, d, buckets_at, cost)
     )
     buckets = buckets_at(granularity)
     index: dict[str, list[list[int]]] = {"q": [], "k": [], "v": []}

@@ -7,6 +7,7 @@ import torch
 
 import grainfx
 import passes
+from grainfx import buckets
 from tests.captures import captured, structure
 
 
@@ -54,7 +55,7 @@ def test_the_bucket_of_each_layer_is_shown_and_survives_a_save(tmp_path):
     info = grainfx.inspect(passes.rewrite(graph, struct, bucket=2), seq=32)
     assert [x.bucket for x in info.layers] == [2, 2]
     assert [r["bucket"] for r in info.rows()] == [2, 2] and "bucket" in str(info)
-    path = grainfx.save(passes.rewrite(graph, struct, bucket="auto"), tmp_path / "m.pt2")
+    path = grainfx.save(buckets.rewrite(graph, struct), tmp_path / "m.pt2")
     chosen = [x.bucket for x in grainfx.inspect(path).layers]
     assert all(b in (1, 2, 4, 8, struct.attention[0].head_dim) for b in chosen)
 
