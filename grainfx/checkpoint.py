@@ -27,7 +27,10 @@ VERSION = 1
 
 
 class CheckpointError(PassError, ValueError):
-    """A checkpoint cannot be used: missing, unreadable, or written by another run."""
+    """A checkpoint cannot be used: missing, unreadable, or written by another run; or
+    cannot be written (``reason``: why, as the system says it)."""
+
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,11 +137,13 @@ def save(
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         reason = exc.strerror or str(exc)
-        raise CheckpointError(
+        error = CheckpointError(
             f"cannot write the checkpoint {path} ({reason}): free disk "
             f"space or choose another checkpoint path (--checkpoint); the "
             f"previous checkpoint is intact"
-        ) from None
+        )
+        error.reason = reason
+        raise error from None
     _remove_stale(path)
     return path
 

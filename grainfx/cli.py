@@ -494,10 +494,15 @@ def _compress(args: argparse.Namespace) -> int:
             if isinstance(cause, OSError) and cause.strerror
             else str(exc).splitlines()[0]
         )
+        again = (
+            f"with --resume (the trained state is in {checkpoint.path})"
+            if checkpoint.path.is_file()
+            else "again (no checkpoint could be saved)"
+        )
         print(
             f"grainfx compress: error: cannot write the output {args.out} ({reason}): free "
-            f"disk space or choose another --out, then run the same command with --resume "
-            f"(the trained state is in {checkpoint.path}); any previous output is untouched",
+            f"disk space or choose another --out, then run the same command {again}; any "
+            f"previous output is untouched",
             file=sys.stderr,
         )
         return 2

@@ -250,3 +250,23 @@ def test_two_runs_write_their_checkpoints_under_distinct_temporary_names(tmp_pat
     assert torch.load(path, weights_only=True)["steps_done"] == STEPS
     assert writing.read_bytes() == b"another run's half-written checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.ckpt", writing.name])
+
+
+def test_a_final_checkpoint_that_cannot_be_written_keeps_the_result(tmp_path, caplog):
+    """Training is done and the result whole: a full disk at the last save is a warning."""
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        compress(CheckpointConfig(path), callback=stop_at(3))
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
+    try:
+        resumed = compress(CheckpointConfig(path, resume=True))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert resumed.report["steps"] == STEPS
+    assert f"cannot write the final checkpoint {path} (File too large)" in caplog.text
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]

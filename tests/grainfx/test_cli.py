@@ -314,6 +314,31 @@ def test_bad_inputs_get_one_clear_line(workdir, case, args, message, monkeypatch
     assert set(os.listdir(workdir)) == before, "a failed run left files behind"
 
 
+def test_an_output_is_written_when_only_the_final_checkpoint_cannot_be(workdir):
+    """A file-size limit the final checkpoint (weights and optimizer state) exceeds but the
+    output's files do not: a warning, and the output all the same."""
+    out = workdir / "fsize"
+    result = subprocess.run(
+        [str(GRAINFX), "compress", "model", "--data", "data.csv", "--sparsity", "0.8"]
+        + ["--out", "fsize", "--steps", "2", "--threads", "1", "--quiet"],
+        cwd=workdir,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size(320_000),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "cannot write the final checkpoint fsize.checkpoint.pt (File too large): the result "
+        "is kept without it" in result.stderr
+    ), result.stderr
+    assert "wrote fsize/" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
+    left = [p.name for p in workdir.iterdir() if "fsize" in p.name and p != out]
+    assert left == [], left
+
+
 def test_inspect_of_a_foreign_file(workdir):
     (workdir / "foreign.pt2").write_text("not a model")
     result = run("inspect", "foreign.pt2", cwd=workdir)
