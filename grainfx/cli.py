@@ -340,12 +340,53 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise CLIError(
             f"--eval-split must be in [0, 1) (the held-out share of --data), got {args.eval_split}"
         )
+    _check_out_location(args)
     if args.out.exists() and not args.overwrite:
         raise CLIError(f"{args.out} exists: choose another --out or pass --overwrite")
     if args.out.exists() and not args.out.is_dir():
         raise CLIError(f"--out {args.out} is a file: give a folder path")
     if importlib.util.find_spec("matplotlib") is None:
         raise CLIError("the output's structure.png needs matplotlib: pip install matplotlib")
+
+
+def _check_out_location(args: argparse.Namespace) -> None:
+    """``--out`` (replaced whole with --overwrite) must not be, hold or lie in the model
+    folder, nor be or hold a data file: refused with or without --overwrite."""
+    out = args.out.resolve()
+    if args.model_dir is not None:
+        model = args.model_dir.resolve()
+        relation = (
+            "is"
+            if out == model
+            else "holds"
+            if out in model.parents
+            else "lies inside"
+            if model in out.parents
+            else None
+        )
+        if relation is not None:
+            raise CLIError(
+                f"--out {args.out} {relation} the model folder {args.model_dir}: choose an "
+                f"--out outside it, so that the model stays as it is"
+            )
+    for option, data in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if data is None:
+            continue
+        path = data.resolve()
+        relation = (
+            "is the"
+            if out == path
+            else "is the folder of the"
+            if out == path.parent
+            else "holds the"
+            if out in path.parents
+            else None
+        )
+        if relation is not None:
+            raise CLIError(
+                f"--out {args.out} {relation} {option} file {data}: choose an --out that "
+                f"holds no data file, so that the data stays as it is"
+            )
 
 
 def cmd_compress(args: argparse.Namespace) -> int:

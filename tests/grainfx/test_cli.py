@@ -294,10 +294,50 @@ def run_here(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str,
             ["model", "--data", "data_dir"],
             "data_dir is a folder: give a .csv or a .jsonl file",
         ),
+        (
+            "out is the model",
+            ["model", "--data", "data.csv", "--out", "model"],
+            "--out model is the model folder model: choose an --out outside it",
+        ),
+        (
+            "out is the model overwrite",
+            ["model", "--data", "data.csv", "--out", "model", "--overwrite"],
+            "--out model is the model folder model: choose an --out outside it",
+        ),
+        (
+            "out inside the model",
+            ["model", "--data", "data.csv", "--out", "model/out", "--overwrite"],
+            "--out model/out lies inside the model folder model: choose an --out outside it",
+        ),
+        (
+            "out holds the model",
+            ["model", "--data", "data.csv", "--out", ".", "--overwrite"],
+            "--out . holds the model folder model: choose an --out outside it",
+        ),
+        (
+            "out is the data folder",
+            ["model", "--data", "data_dir/rows.csv", "--out", "data_dir", "--overwrite"],
+            "--out data_dir is the folder of the --data file data_dir/rows.csv: choose an "
+            "--out that holds no data file",
+        ),
+        (
+            "out is the eval data folder",
+            [
+                "model",
+                "--data",
+                "data.csv",
+                "--eval-data",
+                "data_dir/rows.csv",
+                "--out",
+                "data_dir",
+            ],
+            "--out data_dir is the folder of the --eval-data file data_dir/rows.csv",
+        ),
     ],
 )
 def test_bad_inputs_get_one_clear_line(workdir, case, args, message, monkeypatch, capsys):
     (workdir / "data_dir").mkdir(exist_ok=True)
+    shutil.copy(workdir / "data.csv", workdir / "data_dir" / "rows.csv")
     for name, content in BAD_FILES.items():
         (workdir / name).write_bytes(content)
     out = f"bad-{case.replace(' ', '-')}"
@@ -312,6 +352,31 @@ def test_bad_inputs_get_one_clear_line(workdir, case, args, message, monkeypatch
     assert message in stderr
     assert stderr.startswith("grainfx compress: error: ") and stderr.count("\n") == 1, stderr
     assert set(os.listdir(workdir)) == before, "a failed run left files behind"
+
+
+def _contents(*folders: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "out,data", [("model", "data.csv"), ("model/out", "data.csv"), ("moved", "moved/rows.csv")]
+)
+def test_an_out_over_the_model_or_the_data_leaves_both_untouched(
+    workdir, out, data, monkeypatch, capsys
+):
+    """--out on the model folder or a data file's folder, with --overwrite: refused before
+    anything is read or written; the model and the data are as they were."""
+    (workdir / "moved").mkdir(exist_ok=True)
+    shutil.copy(workdir / "data.csv", workdir / "moved" / "rows.csv")
+    before = _contents(workdir / "model", workdir / "moved"), set(os.listdir(workdir))
+    code, _, err = run_here(
+        ["compress", "model", "--data", data, "--out", out, "--overwrite", "--steps", "1"],
+        workdir,
+        monkeypatch,
+        capsys,
+    )
+    assert code == 2 and err.startswith("grainfx compress: error: --out ") and err.count("\n") == 1
+    assert (_contents(workdir / "model", workdir / "moved"), set(os.listdir(workdir))) == before
 
 
 def test_an_output_is_written_when_only_the_final_checkpoint_cannot_be(workdir):
