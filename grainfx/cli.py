@@ -14,6 +14,7 @@ grainfx bench OUT_DIR/model.pt2 [--against MODEL_DIR]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -389,6 +390,30 @@ def _check_out_location(args: argparse.Namespace) -> None:
             )
 
 
+def _lock_out(args: argparse.Namespace, rank: int, held: contextlib.ExitStack) -> bool:
+    """This run alone writes ``--out``, until ``held`` closes (rank 0 holds the lock): a
+    second run on the same --out is refused at once, naming the first one. False on the
+    other ranks when rank 0 was refused (it says why)."""
+    from grainfx import distributed
+    from grainfx.output import FolderLocked, locked
+
+    busy = None
+    if rank == 0:
+        try:
+            held.enter_context(locked(args.out))
+        except FolderLocked as exc:
+            busy = exc
+    if not distributed.any_rank(busy is not None):
+        return True
+    if busy is None:
+        return False
+    holder = f"process {busy.pid}" if busy.pid is not None else "another process"
+    raise CLIError(
+        f"--out {args.out} is being written by another grainfx run ({holder}): wait for "
+        f"it to end, or choose another --out"
+    )
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     """Preflight (settings, locations, every data row and label, free space, the model
     captured on one batch), then the training, then one atomic write of the output folder.
@@ -404,14 +429,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     created = distributed.init_from_env("cpu")
     try:
-        return _compress(args)
+        with contextlib.ExitStack() as held:  # the lock of --out, from the preflight on
+            return _compress(args, held)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def _compress(args: argparse.Namespace) -> int:
-    """:func:`cmd_compress` in its process (group)."""
+def _compress(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
+    """:func:`cmd_compress` in its process (group); ``held`` keeps the lock of --out."""
     import torch
 
     import grainfx
@@ -439,6 +465,8 @@ def _compress(args: argparse.Namespace) -> int:
     preflight.writable_folder(
         checkpoint_path.parent, f"the checkpoint {checkpoint_path}", "choose another --checkpoint"
     )
+    if not _lock_out(args, rank, held):
+        return 2
     config = grainfx.GrainConfig(
         **{
             k: v

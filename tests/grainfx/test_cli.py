@@ -379,6 +379,54 @@ def test_an_out_over_the_model_or_the_data_leaves_both_untouched(
     assert (_contents(workdir / "model", workdir / "moved"), set(os.listdir(workdir))) == before
 
 
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(workdir, monkeypatch, capsys):
+    """While a run writes --out, another on it (however spelled) is refused at once, naming
+    the first one's pid; a lock that a kill -9 leaves is taken over by the next run."""
+    common = ["model", "--data", "data.csv", "--threads", "1", "--quiet"]
+    lock = workdir / ".busy.lock"
+    first = subprocess.Popen(
+        [str(GRAINFX), "compress", *common, "--out", "busy", "--steps", "100000"]
+        + ["--checkpoint-every", "1000000"],
+        cwd=workdir,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while first.poll() is None and time.monotonic() < deadline:
+            if lock.is_file() and lock.read_text().strip():
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        before = set(os.listdir(workdir))
+        for out in ("busy", f"{workdir}/busy", "model/../busy"):
+            code, _, err = run_here(
+                ["compress", *common, "--out", out, "--overwrite", "--check"],
+                workdir,
+                monkeypatch,
+                capsys,
+            )
+            assert code == 2, err
+            assert err == (
+                f"grainfx compress: error: --out {out} is being written by another grainfx "
+                f"run (process {first.pid}): wait for it to end, or choose another --out\n"
+            )
+            assert set(os.listdir(workdir)) == before and lock.read_text() == f"{first.pid}\n"
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+        first.stderr.close()
+    assert lock.exists()  # what the kill -9 leaves: the next run takes it over
+    code, out, err = run_here(
+        ["compress", *common, "--out", "busy", "--check"], workdir, monkeypatch, capsys
+    )
+    assert code == 0 and "preflight passed" in out, err
+    assert not lock.exists() and not (workdir / "busy").exists()
+    (workdir / "busy.checkpoint.pt").unlink(missing_ok=True)
+
+
 def test_an_output_is_written_when_only_the_final_checkpoint_cannot_be(workdir):
     """A file-size limit the final checkpoint (weights and optimizer state) exceeds but the
     output's files do not: a warning, and the output all the same."""
