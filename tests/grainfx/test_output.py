@@ -75,7 +75,7 @@ def test_one_process_at_a_time_holds_the_lock_of_a_folder(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
     with output.locked(tmp_path / "x" / "y"):
         pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"], "the folders made for the lock go with it"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"], "its folders go"
 
 
 def test_the_lock_a_killed_process_left_is_taken_over(tmp_path):
