@@ -2,13 +2,14 @@
 
 A checkpoint holds the student's weights and masks, the hidden-state maps, the optimizer and
 learning-rate schedule, the importance scores (and their random generator), the history, the
-step and torch's random state (dropout). It is written to a temporary name and renamed, so a
-crash while writing leaves the previous checkpoint intact.
+step and torch's random state (dropout). It is written to a temporary name (one per process)
+and renamed, so a crash while writing leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import io
 import os
 from collections.abc import Mapping
@@ -26,7 +27,10 @@ VERSION = 1
 
 
 class CheckpointError(PassError, ValueError):
-    """A checkpoint cannot be used: missing, unreadable, or written by another run."""
+    """A checkpoint cannot be used: missing, unreadable, or written by another run; or
+    cannot be written (``reason``: why, as the system says it)."""
+
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,26 @@ def _short(digest: str | None) -> str:
     return "none" if digest is None else digest[:19]
 
 
+def temporary(path: Path) -> Path:
+    """The name ``path`` is written under before it is renamed into place: one per process,
+    so that two runs on one checkpoint path never write (or remove) each other's file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove the temporary files of ``path`` that killed processes left behind."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2 : -len(".tmp")]
+        if not pid.isdigit() or int(pid) in (0, os.getpid()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # no such process: nobody is writing it
+            stale.unlink(missing_ok=True)
+        except OSError:  # another user's live process, or a file not ours to remove
+            pass
+
+
 def save(
     trainer: Trainer, steps_done: int, path: Path, identity: Mapping[str, str] | None = None
 ) -> Path:
@@ -101,7 +125,7 @@ def save(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = temporary(path)
     # serialized in memory, then written by Python: torch's archive writer, when a write to
     # a file fails (a full disk), aborts the process as it is freed (its destructor throws)
     buffer = io.BytesIO()
@@ -113,11 +137,14 @@ def save(
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         reason = exc.strerror or str(exc)
-        raise CheckpointError(
+        error = CheckpointError(
             f"cannot write the checkpoint {path} ({reason}): free disk "
             f"space or choose another checkpoint path (--checkpoint); the "
             f"previous checkpoint is intact"
-        ) from None
+        )
+        error.reason = reason
+        raise error from None
+    _remove_stale(path)
     return path
 
 

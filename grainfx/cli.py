@@ -14,6 +14,7 @@ grainfx bench OUT_DIR/model.pt2 [--against MODEL_DIR]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -468,12 +469,77 @@ def _check_settings(args: argparse.Namespace) -> None:
         raise CLIError(
             f"--eval-split must be in [0, 1) (the held-out share of --data), got {args.eval_split}"
         )
+    _check_out_location(args)
     if args.out.exists() and not args.overwrite:
         raise CLIError(f"{args.out} exists: choose another --out or pass --overwrite")
     if args.out.exists() and not args.out.is_dir():
         raise CLIError(f"--out {args.out} is a file: give a folder path")
     if importlib.util.find_spec("matplotlib") is None:
         raise CLIError("the output's structure.png needs matplotlib: pip install matplotlib")
+
+
+def _check_out_location(args: argparse.Namespace) -> None:
+    """``--out`` (replaced whole with --overwrite) must not be, hold or lie in the model
+    folder, nor be or hold a data file: refused with or without --overwrite."""
+    out = args.out.resolve()
+    if args.model_dir is not None:
+        model = args.model_dir.resolve()
+        relation = (
+            "is"
+            if out == model
+            else "holds"
+            if out in model.parents
+            else "lies inside"
+            if model in out.parents
+            else None
+        )
+        if relation is not None:
+            raise CLIError(
+                f"--out {args.out} {relation} the model folder {args.model_dir}: choose an "
+                f"--out outside it, so that the model stays as it is"
+            )
+    for option, data in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if data is None:
+            continue
+        path = data.resolve()
+        relation = (
+            "is the"
+            if out == path
+            else "is the folder of the"
+            if out == path.parent
+            else "holds the"
+            if out in path.parents
+            else None
+        )
+        if relation is not None:
+            raise CLIError(
+                f"--out {args.out} {relation} {option} file {data}: choose an --out that "
+                f"holds no data file, so that the data stays as it is"
+            )
+
+
+def _lock_out(args: argparse.Namespace, rank: int, held: contextlib.ExitStack) -> bool:
+    """This run alone writes ``--out``, until ``held`` closes (rank 0 holds the lock): a
+    second run on the same --out is refused at once, naming the first one. False on the
+    other ranks when rank 0 was refused (it says why)."""
+    from grainfx import distributed
+    from grainfx.output import FolderLocked, locked
+
+    busy = None
+    if rank == 0:
+        try:
+            held.enter_context(locked(args.out))
+        except FolderLocked as exc:
+            busy = exc
+    if not distributed.any_rank(busy is not None):
+        return True
+    if busy is None:
+        return False
+    holder = f"process {busy.pid}" if busy.pid is not None else "another process"
+    raise CLIError(
+        f"--out {args.out} is being written by another grainfx run ({holder}): wait for "
+        f"it to end, or choose another --out"
+    )
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -491,14 +557,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     created = distributed.init_from_env("cpu")
     try:
-        return _compress(args)
+        with contextlib.ExitStack() as held:  # the lock of --out, from the preflight on
+            return _compress(args, held)
     finally:
         if created:
             dist.destroy_process_group()
 
 
-def _compress(args: argparse.Namespace) -> int:
-    """:func:`cmd_compress` in its process (group)."""
+def _compress(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
+    """:func:`cmd_compress` in its process (group); ``held`` keeps the lock of --out."""
     import torch
 
     import grainfx
@@ -526,6 +593,8 @@ def _compress(args: argparse.Namespace) -> int:
     preflight.writable_folder(
         checkpoint_path.parent, f"the checkpoint {checkpoint_path}", "choose another --checkpoint"
     )
+    if not _lock_out(args, rank, held):
+        return 2
     config = grainfx.GrainConfig(
         **{
             k: v
@@ -622,10 +691,15 @@ def _compress(args: argparse.Namespace) -> int:
             if isinstance(cause, OSError) and cause.strerror
             else str(exc).splitlines()[0]
         )
+        again = (
+            f"with --resume (the trained state is in {checkpoint.path})"
+            if checkpoint.path.is_file()
+            else "again (no checkpoint could be saved)"
+        )
         print(
             f"grainfx compress: error: cannot write the output {args.out} ({reason}): free "
-            f"disk space or choose another --out, then run the same command with --resume "
-            f"(the trained state is in {checkpoint.path}); any previous output is untouched",
+            f"disk space or choose another --out, then run the same command {again}; any "
+            f"previous output is untouched",
             file=sys.stderr,
         )
         return 2

@@ -16,7 +16,7 @@ from torch import fx
 import passes
 from grainfx import buckets, distributed, preflight
 from grainfx import checkpoint as checkpoints
-from grainfx.checkpoint import CheckpointConfig
+from grainfx.checkpoint import CheckpointConfig, CheckpointError
 from grainfx.config import ConfigError, GrainConfig
 from grainfx.distill import KD_POSITIONS
 from grainfx.output import open_permissions
@@ -366,7 +366,8 @@ def compress(
         checkpoint: a :class:`CheckpointConfig`: its folder is checked for write access and
             free space before anything else; save the run's state every ``every`` steps
             and on Ctrl-C (the KeyboardInterrupt is raised again after saving) and at the end
-            (so that a run whose result cannot be written goes on from there), and with
+            (so that a run whose result cannot be written goes on from there; when this last
+            one cannot be written, a warning is logged and the result returned), and with
             ``resume`` go on from the saved step. A resumed run ends with the same masks and
             weights as an uninterrupted one when the dataloader yields the same batches in
             the same order (shuffle with a seeded generator, as ``text_batches`` does).
@@ -446,8 +447,16 @@ def compress(
         save=save,
         save_every=checkpoint.every if checkpoint else None,
     )
-    if save is not None and total > start:
-        save(total)  # a run whose result cannot be written resumes without training again
+    if save is not None and checkpoint is not None and total > start:
+        try:  # a run whose result cannot be written resumes without training again
+            save(total)
+        except CheckpointError as exc:  # the result in memory is whole: it is still returned
+            log.warning(
+                "cannot write the final checkpoint %s (%s): the result is kept without it "
+                "(any earlier checkpoint is intact)",
+                checkpoint.path,
+                exc.reason,
+            )
     masked_eval, structure = trainer.student.eval, trainer.student.eval_structure
     masked_eval.eval()
     compact = buckets.rewrite(masked_eval, structure, shape=config.latency_shape)

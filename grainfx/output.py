@@ -5,18 +5,21 @@ the user's umask gives (``tempfile`` creates them private), then swapped with th
 one ``renameat2(RENAME_EXCHANGE)`` (Linux; elsewhere two renames) or renamed into place.
 A crash, a full disk or a ``kill -9`` before the swap leaves the previous folder as it was;
 the temporary folder a ``kill -9`` leaves behind goes at the next successful write.
+:func:`locked` lets one process at a time write a folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import glob
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 #: renameat2 arguments: paths relative to the working directory; swap the two names.
@@ -88,3 +91,64 @@ def _remove_stale(out: Path) -> None:
     for stale in out.parent.glob(f".{glob.escape(out.name)}.*"):
         if name.fullmatch(stale.name) and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
+
+
+class FolderLocked(OSError):
+    """Another process holds the lock of an output folder; ``pid`` is its process id (None
+    when it has not written it yet)."""
+
+    def __init__(self, out: Path, pid: int | None) -> None:
+        super().__init__(f"{out} is locked by process {pid}")
+        self.out, self.pid = out, pid
+
+
+def lock_path(out: str | os.PathLike) -> Path:
+    """The lock file of ``out``: ``.NAME.lock`` in its parent folder (whose symbolic links
+    are resolved, so that every spelling of one folder names one lock)."""
+    out = Path(os.path.abspath(out))
+    return out.parent.resolve() / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def locked(out: str | os.PathLike) -> Iterator[Path]:
+    """Within: this process alone writes ``out`` (an ``flock`` on :func:`lock_path`, which
+    holds the holder's pid). Raises :class:`FolderLocked` at once when another process holds
+    it. The lock file, and the parent folders created for it, are removed on the way out;
+    one that a ``kill -9`` leaves behind is taken over by the next run (its lock died with
+    the process)."""
+    path = lock_path(out)
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except FileNotFoundError:  # a run that just gave it up removed the folder
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise FolderLocked(Path(out), int(text) if text.isdigit() else None) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the file locked is still the one at ``path`` (not one a leaving run removed)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # before the lock goes, so no one locks a removed file
+        os.close(fd)
+        for folder in created:  # the deepest first; those that hold something stay
+            try:
+                folder.rmdir()
+            except OSError:
+                break

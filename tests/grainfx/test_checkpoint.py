@@ -3,20 +3,25 @@ scores as an uninterrupted run; files from another run or not checkpoints are re
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import grainfx
 from grainfx import CheckpointConfig, CheckpointError, ConfigError, GrainConfig
+from grainfx import checkpoint as checkpoints
 from grainfx.preflight import PreflightError
 from tests.models import build, example_inputs
 
 ARCH = "bert-sdpa"
 STEPS = 20
+TEXT = {"capture_output": True, "text": True, "check": True}
 
 
 def data() -> list[dict]:
@@ -215,5 +220,53 @@ def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
+
+
+def test_two_runs_write_their_checkpoints_under_distinct_temporary_names(tmp_path):
+    """Each process writes a checkpoint under its own temporary name: a save neither
+    overwrites nor removes the one another live run is writing, and removes those of
+    processes that are gone."""
+    path = tmp_path / "run.ckpt"
+    code = (
+        "import sys; from pathlib import Path; from grainfx.checkpoint import temporary; "
+        "print(temporary(Path(sys.argv[1])))"
+    )
+    names = [
+        subprocess.run(
+            [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    ]
+    assert len({*names, str(checkpoints.temporary(path))}) == 3, names
+    assert checkpoints.temporary(path) == tmp_path / f".run.ckpt.{os.getpid()}.tmp"
+    writing = checkpoints.temporary(path).with_name(f".run.ckpt.{os.getppid()}.tmp")
+    writing.write_bytes(b"another run's half-written checkpoint")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], **TEXT)
+    stale = path.with_name(f".run.ckpt.{gone.stdout.strip()}.tmp")
+    stale.write_bytes(b"what a kill -9 left")
+    compress(CheckpointConfig(path))
+    assert torch.load(path, weights_only=True)["steps_done"] == STEPS
+    assert writing.read_bytes() == b"another run's half-written checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["run.ckpt", writing.name])
+
+
+def test_a_final_checkpoint_that_cannot_be_written_keeps_the_result(tmp_path, caplog):
+    """Training is done and the result whole: a full disk at the last save is a warning."""
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        compress(CheckpointConfig(path), callback=stop_at(3))
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
+    try:
+        resumed = compress(CheckpointConfig(path, resume=True))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert resumed.report["steps"] == STEPS
+    assert f"cannot write the final checkpoint {path} (File too large)" in caplog.text
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]

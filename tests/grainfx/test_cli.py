@@ -368,11 +368,51 @@ def run_here(args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str,
             "the tokenizer in large-tokenizer has 15 tokens but the model's embeddings have "
             "13 rows",
         ),
+        (
+            "out is the model",
+            ["model", "--data", "data.csv", "--out", "model"],
+            "--out model is the model folder model: choose an --out outside it",
+        ),
+        (
+            "out is the model overwrite",
+            ["model", "--data", "data.csv", "--out", "model", "--overwrite"],
+            "--out model is the model folder model: choose an --out outside it",
+        ),
+        (
+            "out inside the model",
+            ["model", "--data", "data.csv", "--out", "model/out", "--overwrite"],
+            "--out model/out lies inside the model folder model: choose an --out outside it",
+        ),
+        (
+            "out holds the model",
+            ["model", "--data", "data.csv", "--out", ".", "--overwrite"],
+            "--out . holds the model folder model: choose an --out outside it",
+        ),
+        (
+            "out is the data folder",
+            ["model", "--data", "data_dir/rows.csv", "--out", "data_dir", "--overwrite"],
+            "--out data_dir is the folder of the --data file data_dir/rows.csv: choose an "
+            "--out that holds no data file",
+        ),
+        (
+            "out is the eval data folder",
+            [
+                "model",
+                "--data",
+                "data.csv",
+                "--eval-data",
+                "data_dir/rows.csv",
+                "--out",
+                "data_dir",
+            ],
+            "--out data_dir is the folder of the --eval-data file data_dir/rows.csv",
+        ),
     ],
 )
 @pytest.mark.usefixtures("bad_models")
 def test_bad_inputs_get_one_clear_line(workdir, case, args, message, monkeypatch, capsys):
     (workdir / "data_dir").mkdir(exist_ok=True)
+    shutil.copy(workdir / "data.csv", workdir / "data_dir" / "rows.csv")
     for name, content in BAD_FILES.items():
         (workdir / name).write_bytes(content)
     out = f"bad-{case.replace(' ', '-')}"
@@ -387,6 +427,104 @@ def test_bad_inputs_get_one_clear_line(workdir, case, args, message, monkeypatch
     assert message in stderr
     assert stderr.startswith("grainfx compress: error: ") and stderr.count("\n") == 1, stderr
     assert set(os.listdir(workdir)) == before, "a failed run left files behind"
+
+
+def _contents(*folders: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "out,data", [("model", "data.csv"), ("model/out", "data.csv"), ("moved", "moved/rows.csv")]
+)
+def test_an_out_over_the_model_or_the_data_leaves_both_untouched(
+    workdir, out, data, monkeypatch, capsys
+):
+    """--out on the model folder or a data file's folder, with --overwrite: refused before
+    anything is read or written; the model and the data are as they were."""
+    (workdir / "moved").mkdir(exist_ok=True)
+    shutil.copy(workdir / "data.csv", workdir / "moved" / "rows.csv")
+    before = _contents(workdir / "model", workdir / "moved"), set(os.listdir(workdir))
+    code, _, err = run_here(
+        ["compress", "model", "--data", data, "--out", out, "--overwrite", "--steps", "1"],
+        workdir,
+        monkeypatch,
+        capsys,
+    )
+    assert code == 2 and err.startswith("grainfx compress: error: --out ") and err.count("\n") == 1
+    assert (_contents(workdir / "model", workdir / "moved"), set(os.listdir(workdir))) == before
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(workdir, monkeypatch, capsys):
+    """While a run writes --out, another on it (however spelled) is refused at once, naming
+    the first one's pid; a lock that a kill -9 leaves is taken over by the next run."""
+    common = ["model", "--data", "data.csv", "--threads", "1", "--quiet"]
+    lock = workdir / ".busy.lock"
+    first = subprocess.Popen(
+        [str(GRAINFX), "compress", *common, "--out", "busy", "--steps", "100000"]
+        + ["--checkpoint-every", "1000000"],
+        cwd=workdir,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while first.poll() is None and time.monotonic() < deadline:
+            if lock.is_file() and lock.read_text().strip():
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-2000:]
+        before = set(os.listdir(workdir))
+        for out in ("busy", f"{workdir}/busy", "model/../busy"):
+            code, _, err = run_here(
+                ["compress", *common, "--out", out, "--overwrite", "--check"],
+                workdir,
+                monkeypatch,
+                capsys,
+            )
+            assert code == 2, err
+            assert err == (
+                f"grainfx compress: error: --out {out} is being written by another grainfx "
+                f"run (process {first.pid}): wait for it to end, or choose another --out\n"
+            )
+            assert set(os.listdir(workdir)) == before and lock.read_text() == f"{first.pid}\n"
+    finally:
+        first.kill()
+        first.wait(timeout=60)
+        first.stderr.close()
+    assert lock.exists()  # what the kill -9 leaves: the next run takes it over
+    code, out, err = run_here(
+        ["compress", *common, "--out", "busy", "--check"], workdir, monkeypatch, capsys
+    )
+    assert code == 0 and "preflight passed" in out, err
+    assert not lock.exists() and not (workdir / "busy").exists()
+    (workdir / "busy.checkpoint.pt").unlink(missing_ok=True)
+
+
+def test_an_output_is_written_when_only_the_final_checkpoint_cannot_be(workdir):
+    """A file-size limit the final checkpoint (weights and optimizer state) exceeds but the
+    output's files do not: a warning, and the output all the same."""
+    out = workdir / "fsize"
+    result = subprocess.run(
+        [str(GRAINFX), "compress", "model", "--data", "data.csv", "--sparsity", "0.8"]
+        + ["--out", "fsize", "--steps", "2", "--threads", "1", "--quiet"],
+        cwd=workdir,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size(320_000),
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "cannot write the final checkpoint fsize.checkpoint.pt (File too large): the result "
+        "is kept without it" in result.stderr
+    ), result.stderr
+    assert "wrote fsize/" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == OUTPUT_FILES
+    left = [p.name for p in workdir.iterdir() if "fsize" in p.name and p != out]
+    assert left == [], left
 
 
 def test_inspect_of_a_foreign_file(workdir):

@@ -59,3 +59,27 @@ def test_the_temporary_folder_of_a_killed_write_goes_at_the_next_one(tmp_path):
     unrelated.write_text("the user's")
     output.write_folder(tmp_path / "out", write_files({"a.txt": "new"}))
     assert not stale.exists() and unrelated.read_text() == "the user's"
+
+
+def test_one_process_at_a_time_holds_the_lock_of_a_folder(tmp_path):
+    out = tmp_path / "a" / "b" / "out"
+    with output.locked(out) as lock:
+        assert lock == tmp_path / "a" / "b" / ".out.lock"
+        assert lock.read_text() == f"{os.getpid()}\n"
+        for spelling in (out, tmp_path / "a" / "c" / ".." / "b" / "out"):
+            with pytest.raises(output.FolderLocked) as refused, output.locked(spelling):
+                pass
+            assert refused.value.pid == os.getpid()
+        assert lock.read_text() == f"{os.getpid()}\n"
+        output.write_folder(out, write_files({"a.txt": "new"}))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    with output.locked(tmp_path / "x" / "y"):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"], "its folders go"
+
+
+def test_the_lock_a_killed_process_left_is_taken_over(tmp_path):
+    (tmp_path / ".out.lock").write_text("999999999\n")  # no lock held on it any more
+    with output.locked(tmp_path / "out") as lock:
+        assert lock.read_text() == f"{os.getpid()}\n"
+    assert list(tmp_path.iterdir()) == []
