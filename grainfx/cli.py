@@ -718,9 +718,40 @@ def _load_pt2(path: Path) -> torch.nn.Module:
         raise CLIError(str(exc)) from exc
 
 
+def _check_plot(path: Path) -> None:
+    """Refuses a ``--plot`` path that the plot cannot be written to, before anything runs."""
+    from grainfx.preflight import writable_folder
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CLIError("--plot needs matplotlib: pip install matplotlib")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.is_dir():
+        raise CLIError(f"--plot {path} is a folder: give an image file, e.g. {path / 'kept.png'}")
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise CLIError(
+            f"--plot {path}: give an image file name ending in .png or another format "
+            f"matplotlib writes ({', '.join('.' + f for f in formats)})"
+        )
+    if path.parent.exists() and not path.parent.is_dir():
+        raise CLIError(
+            f"cannot write the plot {path}: {path.parent} is a file, not a folder; "
+            f"choose another --plot"
+        )
+    if not path.parent.is_dir():
+        raise CLIError(
+            f"cannot write the plot {path}: the folder {path.parent} does not exist; "
+            f"create it or choose another --plot"
+        )
+    writable_folder(path.parent, f"the plot {path}", "choose another --plot")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import grainfx
 
+    if args.plot:
+        _check_plot(args.plot)
     module = _load_pt2(args.file)
     inspection = grainfx.inspect(module, seq=args.seq)
     if args.json:
@@ -728,7 +759,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(inspection)
     if args.plot:
-        print(f"wrote {inspection.plot(args.plot)}")
+        try:
+            print(f"wrote {inspection.plot(args.plot)}")
+        except (OSError, ValueError) as exc:  # ValueError: a format this matplotlib lacks
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            raise CLIError(
+                f"cannot write the plot {args.plot} ({reason}): choose another --plot"
+            ) from None
     if args.graph:
         graph_module = getattr(module, "graph_module", None)
         print(
