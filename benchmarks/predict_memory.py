@@ -59,6 +59,7 @@ def measure(out: Path, stdin: Path, env: dict) -> dict:
         process = subprocess.Popen(
             [sys.executable, "-m", "grainfx", "predict", str(out), "--threads", "1"],
             stdin=source, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            cwd=stdin.parent,  # not a checkout: --pythonpath comes first on the path
         )  # fmt: skip
         assert process.stdout is not None
         first = process.stdout.readline()
