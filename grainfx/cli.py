@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -736,44 +736,126 @@ def _class_ids(rows: Sequence[Row], names: tuple[str, ...], path: Path) -> list[
     return ids
 
 
-def _write_predictions(path: Path, rows: Sequence[Row], predictions: Sequence[Prediction]) -> None:
-    import csv
+#: Output suffixes of ``predict --out``.
+PREDICTION_SUFFIXES = (".csv", ".jsonl")
 
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise CLIError(f"--out {path}: write predictions to a .csv or a .jsonl file")
-    records = [
-        {
-            "text": r.text,
-            "label": p.label,
-            "score": round(p.score, 6),
-            "scores": {k: round(v, 6) for k, v in p.scores.items()},
-        }
-        for r, p in zip(rows, predictions, strict=True)
-    ]
+
+class _PredictionFile:
+    """``predict --out``: a .csv / .jsonl written a batch at a time into a temporary file
+    beside ``path``, which replaces ``path`` when every row is done (removed on a failure)."""
+
+    def __init__(self, path: Path):
+        import csv
+
+        self.path, self.jsonl = path, path.suffix.lower() == ".jsonl"
+        self.partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            self.file = open(self.partial, "x", newline="", encoding="utf-8")
+        except OSError as exc:
+            raise self._error(exc) from None
+        self.csv = csv.writer(self.file)
+        if not self.jsonl:
+            self.write_rows([["text", "label", "score"]])
+
+    def _error(self, exc: OSError) -> CLIError:
+        return CLIError(f"cannot write {self.path} ({exc.strerror}): choose another --out")
+
+    def write_rows(self, rows: Sequence[Sequence[object]]) -> None:
+        try:
+            self.csv.writerows(rows)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def write(self, rows: Sequence[Row], predictions: Sequence[Prediction]) -> None:
+        if not self.jsonl:
+            self.write_rows(
+                [
+                    [r.text, p.label, round(p.score, 6)]
+                    for r, p in zip(rows, predictions, strict=True)
+                ]
+            )
+            return
+        records = (
+            {
+                "text": r.text,
+                "label": p.label,
+                "score": round(p.score, 6),
+                "scores": {k: round(v, 6) for k, v in p.scores.items()},
+            }
+            for r, p in zip(rows, predictions, strict=True)
+        )
+        try:
+            self.file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        except OSError as exc:
+            raise self._error(exc) from None
+
+    def finish(self, done: bool) -> None:
+        """Closes the file: it replaces ``path`` when ``done``, else it is removed."""
+        try:
+            self.file.close()
+            if done:
+                os.replace(self.partial, self.path)
+        except OSError as exc:
+            done = False
+            raise self._error(exc) from None
+        finally:
+            if not done:
+                self.partial.unlink(missing_ok=True)
+
+
+def _stdin_rows() -> Iterator[Row]:
+    """The non-blank lines of stdin as rows, read as they come."""
+    from grainfx.rows import Row
+
+    number = 0
     try:
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            if suffix == ".jsonl":
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            else:
-                writer = csv.writer(f)
-                writer.writerow(["text", "label", "score"])
-                writer.writerows([r["text"], r["label"], r["score"]] for r in records)
-    except OSError as exc:
-        raise CLIError(f"cannot write {path} ({exc.strerror}): choose another --out") from None
+        for number, line in enumerate(sys.stdin, 1):
+            if line.strip():
+                yield Row(line.rstrip("\r\n"), None, number)
+    except UnicodeDecodeError as exc:
+        raise CLIError(
+            f"<stdin> line {number + 1} is not {exc.encoding} text (byte "
+            f"0x{exc.object[exc.start]:02x}): pipe UTF-8 text"
+        ) from None
+
+
+def _file_rows(path: Path, args: argparse.Namespace) -> Iterator[Row]:
+    """The rows of ``path``, read as they are taken (a DataError is a CLIError)."""
+    from grainfx.rows import DataError, iter_rows
+
+    try:
+        yield from iter_rows(path, args.text_column, args.label_column, labels=False)
+    except DataError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _batches(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
+    batch: list[Row] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Label names and scores of the folder's classifier on --data rows (or stdin lines);
-    the accuracy too when the rows have labels. Needs torch and tokenizers only."""
+    the accuracy too when the rows have labels. Needs torch and tokenizers only.
+
+    Rows are read, predicted and written a batch of --batch-size at a time: memory does not
+    grow with the number of rows, and the first batch's lines are printed before the input
+    ends (a pipe into stdin gives its lines as they come)."""
     import torch
 
     from grainfx.predict import load_folder
-    from grainfx.rows import Row
 
     for option, value in (("--batch-size", args.batch_size), ("--threads", args.threads)):
         if value < 1:
             raise CLIError(f"{option} must be an integer >= 1, got {value}")
+    if args.out is not None and args.out.suffix.lower() not in PREDICTION_SUFFIXES:
+        raise CLIError(f"--out {args.out}: write predictions to a .csv or a .jsonl file")
     if not args.folder.is_dir():
         raise CLIError(f"{args.folder} is not a folder: pass the --out folder of grainfx compress")
     torch.set_num_threads(args.threads)
@@ -783,36 +865,46 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"{args.folder} holds a {predictor.serving.task} model: predict gives "
             f"the labels of a classifier (grainfx.load(folder) on texts gives logits)"
         )
-    if args.data is not None:
-        rows, source = _read(args.data, args, labels=False), args.data
-    else:
-        rows = [
-            Row(line.rstrip("\r\n"), None, number)
-            for number, line in enumerate(sys.stdin, 1)
-            if line.strip()
-        ]
-        source = Path("<stdin>")
-        if not rows:
+    rows, source = (
+        (_file_rows(args.data, args), args.data)
+        if args.data is not None
+        else (_stdin_rows(), Path("<stdin>"))
+    )
+    output = _PredictionFile(args.out) if args.out is not None else None
+    count = correct = 0
+    labelled, done = False, False
+    try:
+        for batch in _batches(rows, args.batch_size):
+            truth = (
+                _class_ids(batch, predictor.labels, source) if batch[0].label is not None else None
+            )
+            predictions = predictor.predict([r.text for r in batch], args.batch_size)
+            count += len(batch)
+            if truth is not None:
+                labelled = True
+                correct += sum(
+                    predictor.labels[t] == p.label for t, p in zip(truth, predictions, strict=True)
+                )
+            if output is not None:
+                output.write(batch, predictions)
+                continue
+            try:
+                for row, p in zip(batch, predictions, strict=True):
+                    print(f"{p.label}\t{p.score:.4f}\t{row.text}")
+                sys.stdout.flush()
+            except BrokenPipeError:  # the reader stopped early (``| head``): not an error
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 0
+        if not count:
             raise CLIError("no text on stdin: pipe text lines in, or give --data FILE")
-    truth = _class_ids(rows, predictor.labels, source) if rows[0].label is not None else None
-    predictions = predictor.predict([r.text for r in rows], args.batch_size)
-    if args.out is not None:
-        _write_predictions(args.out, rows, predictions)
-        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
-    else:
-        try:
-            for row, p in zip(rows, predictions, strict=True):
-                print(f"{p.label}\t{p.score:.4f}\t{row.text}")
-            sys.stdout.flush()
-        except BrokenPipeError:  # the reader stopped early (``| head``): not an error
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    if truth is not None:
-        correct = sum(
-            predictor.labels[t] == p.label for t, p in zip(truth, predictions, strict=True)
-        )
-        print(
-            f"accuracy: {correct / len(rows):.2%} ({correct} of {len(rows)} rows)", file=sys.stderr
-        )
+        done = True
+    finally:
+        if output is not None:
+            output.finish(done)
+    if output is not None:
+        print(f"wrote {count} predictions to {args.out}", file=sys.stderr)
+    if labelled:
+        print(f"accuracy: {correct / count:.2%} ({correct} of {count} rows)", file=sys.stderr)
     return 0
 
 
@@ -828,9 +920,40 @@ def _load_pt2(path: Path) -> torch.nn.Module:
         raise CLIError(str(exc)) from exc
 
 
+def _check_plot(path: Path) -> None:
+    """Refuses a ``--plot`` path that the plot cannot be written to, before anything runs."""
+    from grainfx.preflight import writable_folder
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise CLIError("--plot needs matplotlib: pip install matplotlib")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if path.is_dir():
+        raise CLIError(f"--plot {path} is a folder: give an image file, e.g. {path / 'kept.png'}")
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise CLIError(
+            f"--plot {path}: give an image file name ending in .png or another format "
+            f"matplotlib writes ({', '.join('.' + f for f in formats)})"
+        )
+    if path.parent.exists() and not path.parent.is_dir():
+        raise CLIError(
+            f"cannot write the plot {path}: {path.parent} is a file, not a folder; "
+            f"choose another --plot"
+        )
+    if not path.parent.is_dir():
+        raise CLIError(
+            f"cannot write the plot {path}: the folder {path.parent} does not exist; "
+            f"create it or choose another --plot"
+        )
+    writable_folder(path.parent, f"the plot {path}", "choose another --plot")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import grainfx
 
+    if args.plot:
+        _check_plot(args.plot)
     module = _load_pt2(args.file)
     inspection = grainfx.inspect(module, seq=args.seq)
     if args.json:
@@ -838,7 +961,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print(inspection)
     if args.plot:
-        print(f"wrote {inspection.plot(args.plot)}")
+        try:
+            print(f"wrote {inspection.plot(args.plot)}")
+        except (OSError, ValueError) as exc:  # ValueError: a format this matplotlib lacks
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            raise CLIError(
+                f"cannot write the plot {args.plot} ({reason}): choose another --plot"
+            ) from None
     if args.graph:
         graph_module = getattr(module, "graph_module", None)
         print(

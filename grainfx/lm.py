@@ -132,10 +132,13 @@ def lm_batches(
                 "with: set tokenizer.pad_token"
             )
         tokenizer.pad_token = tokenizer.eos_token
+    from grainfx.texts import clipper
+
+    clip = clipper(tokenizer, max_length)
 
     def collate(batch: list[str]) -> dict[str, torch.Tensor]:
         enc = tokenizer(
-            list(batch),
+            [clip(t) for t in batch],
             padding=True,
             padding_side="right",
             truncation=True,
@@ -147,10 +150,9 @@ def lm_batches(
 
     texts = list(texts)
     if shuffle:
-        lengths = [
-            len(ids)
-            for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-        ]
+        clipped = [clip(t) for t in texts]
+        encoded = tokenizer(clipped, truncation=True, max_length=max_length)
+        lengths = [len(ids) for ids in encoded["input_ids"]]
         sampler = shard_batches(
             LengthGroupedBatches(lengths, batch_size, torch.Generator().manual_seed(seed)), shard
         )

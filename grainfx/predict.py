@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import passes
+from grainfx.texts import clip
 from passes.errors import LoadError
 
 if TYPE_CHECKING:
@@ -41,6 +42,16 @@ ENCODING_FIELDS = {
     "token_type_ids": "type_ids",
 }
 TASKS = ("classification", "causal-lm")
+#: The most tokens per text a serving record may name (no model grainfx serves takes more).
+MAX_LENGTH = 1_000_000
+#: The largest serving record read (a real one is a few kilobytes; label names make it grow).
+MAX_RECORD_BYTES = 64 * 2**20
+#: Parameters and buffers whose first (position_ids: last) size is the model's positions.
+POSITION_WEIGHTS = ("position_embeddings.weight", "wpe.weight", "embed_positions.weight")
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class FolderError(LoadError):
@@ -66,21 +77,28 @@ class Serving:
     truncation_side: str = "right"
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if not isinstance(self.task, str) or self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r:.60}")
+        if isinstance(self.labels, str) or not isinstance(self.labels, (list, tuple)):
+            raise ValueError(f"labels must be a list of names, got {self.labels!r:.60}")
         object.__setattr__(self, "labels", tuple(str(name) for name in self.labels))
         if self.task == "classification" and not self.labels:
             raise ValueError("a classifier needs its label names")
-        if (
-            isinstance(self.max_length, bool)
-            or not isinstance(self.max_length, int)
-            or self.max_length < 1
-        ):
-            raise ValueError(f"max_length must be an integer >= 1, got {self.max_length!r}")
+        repeated = sorted({name for name in self.labels if self.labels.count(name) > 1})
+        if repeated:
+            raise ValueError(f"labels must be distinct names, got {repeated[0]!r:.60} twice")
+        if not _integer(self.max_length) or not 1 <= self.max_length <= MAX_LENGTH:
+            raise ValueError(
+                f"max_length must be an integer in 1..{MAX_LENGTH}, got {self.max_length!r:.60}"
+            )
+        if not _integer(self.pad_id) or self.pad_id < 0:
+            raise ValueError(f"pad_id must be an integer >= 0, got {self.pad_id!r:.60}")
+        if not isinstance(self.pad_token, str) or not self.pad_token:
+            raise ValueError(f"pad_token must be a token (a string), got {self.pad_token!r:.60}")
         for side in (self.padding_side, self.truncation_side):
             if side not in ("right", "left"):
                 raise ValueError(
-                    f"padding and truncation sides are 'right' or 'left', got {side!r}"
+                    f"padding and truncation sides are 'right' or 'left', got {side!r:.60}"
                 )
 
     def to_json(self) -> str:
@@ -102,13 +120,18 @@ class Serving:
     @classmethod
     def read(cls, path: Path) -> Serving:
         try:
+            if path.stat().st_size > MAX_RECORD_BYTES:
+                raise ValueError(f"{path.stat().st_size:,} bytes, more than a record holds")
             record = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not an object")
             if record.pop("format") != FORMAT or record.pop("version") != VERSION:
                 raise ValueError(f"not a version {VERSION} {FORMAT} record")
             return cls(**record)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise FolderError(
-                f"{path} is not a readable grainfx serving record ({exc}): "
+                f"{path} is not a readable grainfx serving record ({reason:.200}): "
                 f"write the folder again with grainfx compress"
             ) from None
 
@@ -146,14 +169,27 @@ class Predictor:
         tokenizer.enable_padding(
             direction=serving.padding_side, pad_id=serving.pad_id, pad_token=serving.pad_token
         )
+        self._counter: Tokenizer | None = None  # a copy that neither cuts nor pads
+
+    def _count(self, part: str) -> int:
+        """The tokens of ``part``, without special tokens, none cut."""
+        if self._counter is None:
+            from tokenizers import Tokenizer
+
+            self._counter = Tokenizer.from_str(self.tokenizer.to_str())
+            self._counter.no_truncation()
+            self._counter.no_padding()
+        return len(self._counter.encode(part, add_special_tokens=False).ids)
 
     @property
     def labels(self) -> tuple[str, ...]:
         return self.serving.labels
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The model's inputs for ``texts``: tokenized, cut to ``max_length``, padded."""
-        encodings = self.tokenizer.encode_batch(list(texts))
+        """The model's inputs for ``texts``: tokenized, cut to ``max_length``, padded (a huge
+        text is cut to what those tokens need first: :func:`grainfx.texts.clip`)."""
+        cut, side = self.serving.max_length, self.serving.truncation_side
+        encodings = self.tokenizer.encode_batch([clip(t, cut, self._count, side) for t in texts])
         return {
             name: torch.tensor(
                 [getattr(e, ENCODING_FIELDS[name]) for e in encodings], dtype=torch.long
@@ -230,7 +266,45 @@ def load_folder(folder: str | os.PathLike) -> Predictor:
         raise FolderError(
             f"{folder / 'tokenizer.json'} is not a readable tokenizer ({exc})".splitlines()[0]
         ) from None
-    return Predictor(passes.load(folder / "model.pt2"), tokenizer, serving)
+    module = passes.load(folder / "model.pt2")
+    _check_fit(folder / SERVING_FILE, serving, tokenizer, module)
+    return Predictor(module, tokenizer, serving)
+
+
+def positions(module: torch.nn.Module) -> int | None:
+    """The positions a model takes (the rows of its learned position embeddings), or None
+    (none found: rotary or no positions)."""
+    sizes = []
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if name.endswith(POSITION_WEIGHTS) and tensor.dim() == 2:
+            sizes.append(int(tensor.shape[0]))
+        elif name.endswith("position_ids") and tensor.dim() >= 1:
+            sizes.append(int(tensor.shape[-1]))
+    return min(sizes, default=None)
+
+
+def _check_fit(path: Path, serving: Serving, tokenizer: Tokenizer, module: torch.nn.Module) -> None:
+    """Refuses a serving record whose values the tokenizer or the model cannot take."""
+    fix = "write the folder again with grainfx compress"
+    vocabulary = tokenizer.get_vocab_size(with_added_tokens=True)
+    if serving.pad_id >= vocabulary:
+        raise FolderError(
+            f"{path}: pad_id {serving.pad_id} is outside the tokenizer's vocabulary "
+            f"(ids 0..{vocabulary - 1}): {fix}"
+        )
+    found = tokenizer.token_to_id(serving.pad_token)
+    if found != serving.pad_id:
+        where = "not in the tokenizer's vocabulary" if found is None else f"id {found}"
+        raise FolderError(
+            f"{path}: pad_token {serving.pad_token!r:.40} is {where}, but pad_id is "
+            f"{serving.pad_id}: {fix}"
+        )
+    limit = positions(module)
+    if limit is not None and serving.max_length > limit:
+        raise FolderError(
+            f"{path}: max_length {serving.max_length} is more than the model's {limit} "
+            f"positions: {fix}"
+        )
 
 
 def load(path: str | os.PathLike) -> Predictor | torch.nn.Module:

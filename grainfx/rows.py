@@ -2,7 +2,9 @@
 
 Reading needs the standard library only (``grainfx predict`` uses it without transformers).
 Every problem is a :class:`DataError` whose message is one line naming the file, the line and
-the fix: a file is read completely before anything is trained.
+the fix: :func:`read_rows` reads a file completely before anything is trained;
+:func:`iter_rows` gives the same rows one at a time (``grainfx predict``: memory flat in the
+number of rows).
 
 - Encodings: UTF-8 (with or without a byte-order mark) and UTF-16 with a byte-order mark.
 - CSV: a header row; quoted fields may hold commas and line breaks; a row with more or fewer
@@ -19,10 +21,11 @@ import codecs
 import csv
 import functools
 import io
+import itertools
 import json
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +83,60 @@ def read_rows(
             column, a malformed row, an empty text or label, or no rows at all.
     """
     path = Path(path)
+    kind = _kind(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror}): check its permissions") from None
+    text = _decode(path, data)
+    if kind == "csv":
+        rows = list(
+            _csv_rows(path, io.StringIO(text, newline=""), text_column, label_column, labels)
+        )
+    else:
+        rows = _json_rows(path, text, text_column, label_column, labels)
+    if not rows:
+        raise DataError(_no_rows(path, kind))
+    return rows
+
+
+def iter_rows(
+    path: str | Path, text_column: str = "text", label_column: str = "label", labels: bool = True
+) -> Iterator[Row]:
+    """The rows of :func:`read_rows`, one at a time, read from the file as they are taken:
+    memory is that of one row, whatever the number of rows (a ``.json`` array alone is read
+    whole). A problem is raised when its row is reached, so rows before it have been given.
+
+    Raises:
+        DataError: as :func:`read_rows`.
+    """
+    path = Path(path)
+    kind = _kind(path)
+    lines = _stream_lines(path, "" if kind == "csv" else "\n")
+    if kind == "csv":
+        rows = _csv_rows(path, lines, text_column, label_column, labels)
+    else:
+        numbered = enumerate(lines, 1)
+        first = next(((n, line) for n, line in numbered if line.strip()), None)
+        if first is None:
+            rows = iter(())
+        elif path.suffix.lower() == ".json" and first[1].lstrip().startswith("["):
+            lines.close()
+            rows = iter(read_rows(path, text_column, label_column, labels))
+        else:
+            again = itertools.chain([first], numbered)
+            rows = _object_rows(path, _json_lines(path, again), text_column, label_column, labels)
+    empty = True
+    for row in rows:
+        empty = False
+        yield row
+    lines.close()
+    if empty:
+        raise DataError(_no_rows(path, kind))
+
+
+def _kind(path: Path) -> str:
+    """``"csv"`` or ``"json"``: the kind of an existing data file."""
     if path.is_dir():
         raise DataError(f"{path} is a folder: give a .csv or a .jsonl file")
     if not path.is_file():
@@ -87,20 +144,66 @@ def read_rows(
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: use a .csv or a .jsonl (JSON Lines) file")
+    return kind
+
+
+def _no_rows(path: Path, kind: str) -> str:
+    return (
+        f"{path} holds no rows: give a file with a header and at least one row of text"
+        if kind == "csv"
+        else f"{path} holds no rows: give one JSON object a line"
+    )
+
+
+def _stream_lines(path: Path, newline: str) -> Generator[str, None, None]:
+    """The lines of the file at ``path`` (line ends kept; ``newline`` as for ``open``),
+    decoded as :func:`_decode` does, a block at a time."""
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")
     except OSError as exc:
         raise DataError(f"cannot read {path} ({exc.strerror}): check its permissions") from None
-    text = _decode(path, data)
-    reader = _csv_rows if kind == "csv" else _json_rows
-    rows = reader(path, text, text_column, label_column, labels)
-    if not rows:
-        raise DataError(
-            f"{path} holds no rows: give a file with a header and at least one row of text"
-            if kind == "csv"
-            else f"{path} holds no rows: give one JSON object a line"
-        )
-    return rows
+    start = f.read(3)
+    if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding, skip = "utf-16", 0
+    else:
+        encoding, skip = "utf-8", 3 if start == codecs.BOM_UTF8 else 0
+    f.seek(skip)
+    with io.TextIOWrapper(f, encoding=encoding, newline=newline) as text:
+        offset = 0
+        try:
+            for line in text:
+                if "\x00" in line:
+                    raise DataError(
+                        f"{path} holds a NUL character (offset "
+                        f"{offset + line.index(chr(0))}): it is binary or in an encoding "
+                        f"other than UTF-8 / UTF-16 with a BOM; save it as UTF-8 text"
+                    )
+                offset += len(line)
+                yield line
+        except UnicodeDecodeError:
+            raise _decode_error(path, encoding, skip) from None
+
+
+def _decode_error(path: Path, encoding: str, skip: int) -> DataError:
+    """The DataError of :func:`_decode` for a file that does not decode: its first bad byte,
+    found reading the file again a block at a time."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    with open(path, "rb") as f:
+        f.seek(skip)
+        position, final = skip, False
+        while not final:
+            block = f.read(1 << 16)
+            final = not block
+            try:
+                decoder.decode(block, final)
+            except UnicodeDecodeError as exc:
+                at = position - (len(exc.object) - len(block)) + exc.start
+                return DataError(
+                    f"{path} is not {encoding} text (byte 0x{exc.object[exc.start]:02x} at "
+                    f"offset {at}): save it as UTF-8"
+                )
+            position += len(block)
+    return DataError(f"{path} is not {encoding} text: save it as UTF-8")
 
 
 def _row(path: Path, line: int, text: object, label: object, label_column: str | None) -> Row:
@@ -153,20 +256,21 @@ def _columns(
 
 
 def _csv_rows(
-    path: Path, text: str, text_column: str, label_column: str, labels: bool
-) -> list[Row]:
+    path: Path, lines: Iterable[str], text_column: str, label_column: str, labels: bool
+) -> Iterator[Row]:
+    """The rows of CSV ``lines`` (line ends kept, as ``open(..., newline="")`` gives them)."""
     limit = csv.field_size_limit()
     csv.field_size_limit(sys.maxsize)  # a long text is a text (tokenization truncates it)
     try:
-        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        reader = csv.reader(lines, strict=True)
         try:
             header = next(reader, None)
             if header is None:
-                return []
+                return
             header = [h.strip() for h in header]
             label_at = _columns(path, header, text_column, label_column, labels)
             t, y = header.index(text_column), header.index(label_at) if label_at else None
-            rows, start = [], reader.line_num + 1
+            start = reader.line_num + 1
             for fields in reader:
                 line, start = start, reader.line_num + 1
                 if not fields:
@@ -177,10 +281,7 @@ def _csv_rows(
                         f'{len(header)}: quote texts that hold commas ("like, this") and '
                         f"give every row the header's columns"
                     )
-                rows.append(
-                    _row(path, line, fields[t], fields[y] if y is not None else None, label_at)
-                )
-            return rows
+                yield _row(path, line, fields[t], fields[y] if y is not None else None, label_at)
         except csv.Error as exc:
             raise DataError(
                 f"{path} line {reader.line_num} is not valid CSV ({exc}): quote "
@@ -205,25 +306,40 @@ def _json_rows(
         (number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()
     ]  # not splitlines: JSON strings may hold U+2028
     if path.suffix.lower() == ".json" and lines and lines[0][1].lstrip().startswith("["):
-        objects = _json_array(path, text)
+        objects: Iterable[tuple[int, object]] = _json_array(path, text)
     else:
-        objects = []
-        for number, line in lines:
-            try:
-                value = json.loads(line, object_pairs_hook=functools.partial(_object, path, number))
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path} line {number} is not JSON ({exc.msg}): a .jsonl file "
-                    f"holds one JSON object a line"
-                ) from None
-            objects.append((number, value))
-    rows = []
-    label_at = (
-        label_column
-        if labels or (objects and isinstance(objects[0][1], dict) and label_column in objects[0][1])
-        else None
-    )
-    for number, value in objects:
+        objects = _json_lines(path, lines)
+    return list(_object_rows(path, objects, text_column, label_column, labels))
+
+
+def _json_lines(path: Path, lines: Iterable[tuple[int, str]]) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a JSON Lines file."""
+    for number, line in lines:
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line, object_pairs_hook=functools.partial(_object, path, number))
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path} line {number} is not JSON ({exc.msg}): a .jsonl file "
+                f"holds one JSON object a line"
+            ) from None
+        yield number, value
+
+
+def _object_rows(
+    path: Path,
+    objects: Iterable[tuple[int, object]],
+    text_column: str,
+    label_column: str,
+    labels: bool,
+) -> Iterator[Row]:
+    """The rows of (line number, JSON value) pairs; without ``labels`` the label field is read
+    when the first object has it."""
+    label_at: str | None = label_column if labels else None
+    for index, (number, value) in enumerate(objects):
+        if index == 0 and not labels and isinstance(value, dict) and label_column in value:
+            label_at = label_column
         if not isinstance(value, dict):
             raise DataError(
                 f"{path} line {number} is a JSON {type(value).__name__}, not an "
@@ -235,16 +351,9 @@ def _json_rows(
                     f"{path} line {number} has no field {column!r} (its fields: "
                     f"{sorted(value)}); name the field with {option}"
                 )
-        rows.append(
-            _row(
-                path,
-                number,
-                value[text_column],
-                value.get(label_at) if label_at else None,
-                label_at,
-            )
+        yield _row(
+            path, number, value[text_column], value.get(label_at) if label_at else None, label_at
         )
-    return rows
 
 
 def _json_array(path: Path, text: str) -> list[tuple[int, object]]:

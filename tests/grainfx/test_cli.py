@@ -775,6 +775,29 @@ def test_predict_reads_text_lines_on_stdin(compressed, workdir, monkeypatch, cap
     assert [line.split("\t")[2] for line in out.splitlines()] == ["good film", "the plot awful"]
 
 
+#: grainfx.json changes of the edited-NAME folders of the predict table: fields, or the text.
+SERVING_EDITS: dict[str, dict | str] = {
+    "huge-max-length": {"max_length": 10**40},
+    "negative-max-length": {"max_length": -3},
+    "text-max-length": {"max_length": "64"},
+    "max-length-past-positions": {"max_length": 65},
+    "negative-pad-id": {"pad_id": -1},
+    "fractional-pad-id": {"pad_id": 0.5},
+    "pad-id-past-vocabulary": {"pad_id": 10**6},
+    "pad-id-of-another-token": {"pad_id": 3},
+    "unknown-pad-token": {"pad_token": "[NOPE]"},
+    "number-pad-token": {"pad_token": 7},
+    "text-labels": {"labels": "01"},
+    "repeated-labels": {"labels": ["a", "a"]},
+    "one-label": {"labels": ["a"]},
+    "number-task": {"task": 5},
+    "side": {"truncation_side": "up"},
+    "list-record": "[1, 2]",
+    "deep-record": "[" * 100_000 + "]" * 100_000,
+    "huge-record": " " * (65 * 2**20) + "{}",
+}
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -788,14 +811,53 @@ def test_predict_reads_text_lines_on_stdin(compressed, workdir, monkeypatch, cap
             ["out", "--data", "data.csv", "--out", "p.txt"],
             "write predictions to a .csv or a .jsonl",
         ),
+        (
+            ["out", "--data", "data.csv", "--out", "nowhere/p.csv"],
+            "cannot write nowhere/p.csv (No such file or directory): choose another --out",
+        ),
+        (
+            ["out", "--data", "three.csv", "--out", "p.csv"],
+            "line 2: label 'a' is not one of the model's labels",
+        ),
+        # hand-edited grainfx.json records (SERVING_EDITS): one line each, not a traceback
+        (["edited-huge-max-length"], "max_length must be an integer in 1..1000000, got 10000"),
+        (["edited-negative-max-length"], "max_length must be an integer in 1..1000000, got -3"),
+        (["edited-text-max-length"], "max_length must be an integer in 1..1000000, got '64'"),
+        (["edited-max-length-past-positions"], "max_length 65 is more than the model's 64 pos"),
+        (["edited-negative-pad-id"], "pad_id must be an integer >= 0, got -1"),
+        (["edited-fractional-pad-id"], "pad_id must be an integer >= 0, got 0.5"),
+        (
+            ["edited-pad-id-past-vocabulary"],
+            "pad_id 1000000 is outside the tokenizer's vocabulary (ids 0..14)",
+        ),
+        (["edited-pad-id-of-another-token"], "pad_token '[PAD]' is id 0, but pad_id is 3"),
+        (["edited-unknown-pad-token"], "pad_token '[NOPE]' is not in the tokenizer's vocabulary"),
+        (["edited-number-pad-token"], "pad_token must be a token (a string), got 7"),
+        (["edited-text-labels"], "labels must be a list of names, got '01'"),
+        (["edited-repeated-labels"], "labels must be distinct names, got 'a' twice"),
+        (["edited-one-label"], "the model gives 2 classes but grainfx.json names 1"),
+        (["edited-number-task"], "task must be one of ('classification', 'causal-lm'), got 5"),
+        (["edited-side"], "padding and truncation sides are 'right' or 'left', got 'up'"),
+        (["edited-list-record"], "(a JSON list, not an object)"),
+        (["edited-deep-record"], "(maximum recursion depth exceeded"),
+        (["edited-huge-record"], "more than a record holds"),
     ],
 )
 def test_predict_bad_inputs_get_one_clear_line(
     compressed, workdir, args, message, monkeypatch, capsys
 ):
     (workdir / "three.csv").write_bytes(BAD_FILES["three.csv"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("good film\n"))
+    for name, change in SERVING_EDITS.items():
+        folder = workdir / f"edited-{name}"
+        if not folder.exists():
+            shutil.copytree(compressed, folder)
+            record = json.loads((compressed / "grainfx.json").read_text())
+            text = change if isinstance(change, str) else json.dumps({**record, **change})
+            (folder / "grainfx.json").write_text(text)
     code, _, err = run_here(["predict", *args], workdir, monkeypatch, capsys)
     assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not list(workdir.glob(".p.*.partial")), "a failed run left its output behind"
 
 
 def test_too_little_disk_space_is_refused_before_anything_runs(workdir, monkeypatch, capsys):
@@ -1101,3 +1163,115 @@ def test_a_causal_lm_folder_gives_logits_on_text(lm_compressed, lm_workdir, monk
     assert model("a dog ran")["logits"].shape == (1, 3, 100)
     code, _, err = run_here(["predict", "out"], lm_workdir, monkeypatch, capsys)
     assert code == 2 and "holds a causal-lm model: predict gives the labels of a classifier" in err
+
+
+# -- bounded memory: a huge line, a stream of lines, bad --plot paths -----------------------------
+
+#: A wrapper that runs a command and prints its seconds and peak RSS (KB), its output dropped.
+PEAK = (
+    "import resource, subprocess, sys, time; start = time.perf_counter(); "
+    "code = subprocess.run(sys.argv[2:], stdin=open(sys.argv[1]), stdout=subprocess.DEVNULL,"
+    " stderr=subprocess.PIPE, text=True); "
+    "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; "
+    "print(code.returncode, time.perf_counter() - start, rss, code.stderr[-500:])"
+)
+
+
+def peak(args: list[str], cwd: Path, stdin: str = "/dev/null") -> tuple[float, int]:
+    """(seconds, peak RSS in KB) of ``grainfx ARGS`` run in a fresh process."""
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK, stdin, str(GRAINFX), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
+    code, seconds, rss, err = (result.stdout + " ").split(" ", 3)
+    assert code == "0", err + result.stderr[-2000:]
+    return float(seconds), int(rss)
+
+
+def test_a_10_mb_line_costs_about_what_a_normal_line_does(compressed, workdir):
+    """compress --check and predict tokenize only what max_length tokens need (on main a 10
+    MB line took 3 minutes and 2 GB to check, and 1.8 GB to predict)."""
+    huge = " ".join(WORDS[i % 10] for i in range(2_000_000))  # 10 MB, one line
+    (workdir / "huge.csv").write_text((workdir / "data.csv").read_text() + f"{huge},1\n")
+    (workdir / "huge.txt").write_text(f"good film\n{huge}\nbad plot\n")
+    (workdir / "one.txt").write_text("good film\n")
+    check = ["compress", "model", "--out", "huge-check", "--check", "--threads", "1", "--quiet"]
+    normal, big = (
+        peak([*check, "--data", "data.csv"], workdir),
+        peak([*check, "--data", "huge.csv"], workdir),
+    )
+    assert big[0] < 3 * normal[0] + 20 and big[1] < normal[1] + 300_000, (normal, big)
+    normal, big = (
+        peak(["predict", "out"], workdir, "one.txt"),
+        peak(["predict", "out"], workdir, "huge.txt"),
+    )
+    assert big[0] < 3 * normal[0] + 20 and big[1] < normal[1] + 300_000, (normal, big)
+
+
+def test_predict_prints_each_batch_before_the_input_ends(compressed, workdir):
+    import select
+
+    process = subprocess.Popen(
+        [str(GRAINFX), "predict", "out", "--batch-size", "2"],
+        cwd=workdir,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write("good film\nthe plot awful\n")
+        process.stdin.flush()  # stdin stays open: more lines could come
+        ready, _, _ = select.select([process.stdout], [], [], 300)
+        assert ready, "nothing printed while stdin is open"
+        assert process.stdout.readline().endswith("\tgood film\n")
+        assert process.stdout.readline().endswith("\tthe plot awful\n")
+        process.stdin.write("bad movie\n")
+        process.stdin.close()
+        assert process.stdout.read().endswith("\tbad movie\n")
+        assert process.wait(timeout=60) == 0, process.stderr.read()
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize(
+    "plot,message",
+    [
+        ("kept.txt", "--plot kept.txt: give an image file name ending in .png or another format"),
+        ("kept", "--plot kept: give an image file name ending in .png"),
+        ("no-folder/kept.png", "the folder no-folder does not exist; create it or choose another"),
+        ("data.csv/kept.png", "data.csv is a file, not a folder; choose another --plot"),
+        ("read-only/kept.png", "read-only is not writable (Permission denied); choose another"),
+        ("out", "--plot out is a folder: give an image file, e.g. out/kept.png"),
+    ],
+)
+def test_inspect_bad_plot_paths_get_one_clear_line(
+    compressed, workdir, plot, message, monkeypatch, capsys
+):
+    import tempfile
+
+    (workdir / "read-only").mkdir(exist_ok=True)
+    (workdir / "read-only").chmod(0o555)
+    if os.geteuid() == 0:  # root writes into a read-only folder: make the probe fail as it
+        real = tempfile.mkstemp
+
+        def refused(*args, dir=None, **kwargs):
+            if Path(dir).name == "read-only":
+                raise PermissionError(13, "Permission denied")
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", refused)
+    code, out, err = run_here(
+        ["inspect", "out/model.pt2", "--plot", plot], workdir, monkeypatch, capsys
+    )
+    assert code == 2 and out == "", out
+    assert err.startswith("grainfx inspect: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert list((workdir / "read-only").iterdir()) == []

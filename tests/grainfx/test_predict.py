@@ -52,8 +52,16 @@ def test_a_broken_tokenizer_is_named(tmp_path):
     [
         ({"task": "translation"}, "task must be one of"),
         ({"labels": ()}, "needs its label names"),
-        ({"max_length": 0}, "max_length must be an integer >= 1"),
+        ({"max_length": 0}, "max_length must be an integer in 1..1000000, got 0"),
         ({"padding_side": "middle"}, "'right' or 'left'"),
+        ({"max_length": 10**7}, "max_length must be an integer in 1..1000000"),
+        ({"max_length": True}, "max_length must be an integer"),
+        ({"pad_id": -1}, "pad_id must be an integer >= 0, got -1"),
+        ({"pad_id": "0"}, "pad_id must be an integer >= 0, got '0'"),
+        ({"pad_token": None}, "pad_token must be a token"),
+        ({"labels": "ab"}, "labels must be a list of names"),
+        ({"labels": ("a", "a")}, "labels must be distinct names"),
+        ({"task": ["classification"]}, "task must be one of"),
     ],
 )
 def test_serving_records_are_validated_on_construction(fields, problem):
