@@ -41,6 +41,11 @@ def no_file_outside_the_test(tmp_path_factory, monkeypatch):
     assert not list(home.iterdir()) and not list(cache.iterdir()), "a pass wrote a file"
 
 
+def per_call_cost(hidden: int, heads: int, q_width: int, v_width: int) -> float:
+    """A cost model: a fixed price per attention call plus the padded width of its heads."""
+    return 16.0 + heads * (q_width + v_width)
+
+
 def masked(arch: str):
     return passes.instrument(captured(arch), structure(arch))
 
@@ -112,7 +117,7 @@ def test_compact_equals_masked_graph(arch, kind, seed, keep, bucket):
     struct, graph = structure(arch), masked(arch)
     masks = draw_masks(struct, kind, seed, keep)
     passes.set_masks(graph, masks)
-    compact = passes.rewrite(graph, struct, bucket=bucket)
+    compact = passes.rewrite(graph, struct, bucket=bucket, cost=per_call_cost)
     with torch.no_grad():
         for batch, seq in SHAPES:
             inputs = example_inputs(arch, batch, seq, seed=seed)
@@ -264,11 +269,6 @@ def test_auto_bucket_needs_a_cost_model():
     struct, graph = unequal_heads()
     with pytest.raises(ValueError, match="cost model: pass cost="):
         passes.rewrite(graph, struct, bucket="auto")
-
-
-def per_call_cost(hidden: int, heads: int, q_width: int, v_width: int) -> float:
-    """A cost model: a fixed price per attention call plus the padded width of its heads."""
-    return 16.0 + heads * (q_width + v_width)
 
 
 def test_auto_bucket_is_chosen_per_layer_and_recorded():
