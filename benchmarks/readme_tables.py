@@ -254,6 +254,24 @@ def step_cost_section(data: dict) -> str:
     return "\n".join(lines)
 
 
+def predict_memory_section(data: dict) -> str:
+    """The table of predict's peak memory and first-output time per number of stdin lines."""
+    lines = [
+        "| stdin lines | peak memory (RSS) | first line printed after | total |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in data["records"]:
+        lines.append(
+            f"| {r['input_lines']:,} | {r['peak_rss_mib']:.1f} MiB "
+            f"| {r['first_line_seconds']:.1f} s | {r['seconds']:.1f} s |"
+        )
+    lines.append(
+        f"\n{data['meta']['what']}, 1 thread (`{data['meta']['command']}`); times on a shared "
+        f"machine, memory flat in the number of lines."
+    )
+    return "\n".join(lines)
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {name}:start -->).*?(<!-- {name}:end -->)", re.S)
     if not pattern.search(text):
@@ -298,6 +316,9 @@ def sections() -> dict[str, str]:
         out["speed"] = evidence.speed_section(sweep)
     if rt:
         out["minilm5"] = evidence.side_by_side_section(rt, peer, sweep)
+    memory = _load("predict_memory.json")
+    if memory:
+        out["predict_memory"] = predict_memory_section(memory)
     archs = _load("architectures.json")
     if archs:
         out["architectures"] = architectures.section(archs)
