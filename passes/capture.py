@@ -24,6 +24,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from passes.batch_heads import lift_batch_heads
+from passes.contracts import contract, seeded_call
 from passes.errors import CaptureError, InvalidInputsError
 
 #: Attribute names that every module returned by the passes carries.
@@ -166,6 +167,37 @@ def _capture_copy(
     return gm
 
 
+def _is_captured(gm: object) -> str | None:
+    """What a captured graph carries: a valid graph, its example inputs and output names."""
+    if not isinstance(gm, fx.GraphModule):
+        return f"it returned a {type(gm).__name__}, not a GraphModule"
+    if not hasattr(gm, EXAMPLE_INPUTS_ATTR) or not hasattr(gm, OUTPUT_NAMES_ATTR):
+        return "the graph lacks its example inputs or output names"
+    try:
+        gm.graph.lint()
+    except Exception as exc:  # noqa: BLE001 (lint raises plain errors)
+        return f"the graph does not lint: {exc}".splitlines()[0]
+    return None
+
+
+def _model_and_graph(
+    model: torch.nn.Module, gm: fx.GraphModule, train: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The outputs of (a copy of) ``model`` and of ``gm`` on the example inputs; none in train
+    mode, where dropout makes every call differ."""
+    if train:
+        return {}, {}
+    inputs = getattr(gm, EXAMPLE_INPUTS_ATTR)
+    outputs = seeded_call(_prepared_copy(model).eval(), inputs)
+    named = dict(zip(output_names(outputs), pytree.tree_leaves(outputs), strict=True))
+    return named, seeded_call(gm, inputs)
+
+
+@contract(
+    preserves_computation=True,
+    ensures=lambda args, gm: _is_captured(gm),
+    compare=lambda args, gm: _model_and_graph(args["model"], gm, args["train"]),
+)
 def capture(
     model: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor], *, train: bool = False
 ) -> fx.GraphModule:
@@ -188,6 +220,18 @@ def capture(
     return _capture_copy(_prepared_copy(model), inputs, train)
 
 
+def _is_pair(pair: tuple[fx.GraphModule, fx.GraphModule]) -> str | None:
+    """Two captured graphs on one set of parameters."""
+    problem = _is_captured(pair[0]) or _is_captured(pair[1])
+    shared = {id(p) for p in pair[0].parameters()} == {id(p) for p in pair[1].parameters()}
+    return problem or (None if shared else "the two graphs do not share their parameters")
+
+
+@contract(
+    preserves_computation=True,
+    ensures=lambda args, pair: _is_pair(pair),
+    compare=lambda args, pair: _model_and_graph(args["model"], pair[0], train=False),
+)
 def capture_pair(
     model: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor]
 ) -> tuple[fx.GraphModule, fx.GraphModule]:

@@ -71,3 +71,8 @@ class UncoveredLayersWarning(UserWarning):
 class UnsafeModelFileError(LoadError):
     """The file to load holds something that loading would execute (a pickle, code in the
     program's strings, a member grainfx does not write): refused before any of it is read."""
+
+
+class ContractError(PassError):
+    """In checked mode (:mod:`passes.contracts`), a pass broke what it requires or ensures;
+    the message names the pass and the invariant."""

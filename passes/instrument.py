@@ -18,7 +18,8 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import fx
 
-from passes.capture import derive
+from passes.capture import EXAMPLE_INPUTS_ATTR, derive
+from passes.contracts import contract, seeded_call
 from passes.errors import MaskError, NotInstrumentedError, StructureMismatchError
 from passes.graph import aten, shape
 from passes.structure import AttentionBlock, Structure
@@ -151,6 +152,31 @@ def _expand_vo(block: AttentionBlock) -> Expand | None:
     return expand
 
 
+def _masked_by(result: fx.GraphModule, structure: Structure) -> str | None:
+    """One mask per unit group of ``structure``, of its shape."""
+    buffers = mask_buffers(result)
+    for name, size in structure.mask_shapes().items():
+        if name not in buffers or buffers[name].shape != size:
+            return f"mask {name!r} is missing or not of shape {tuple(size)}"
+    return None
+
+
+def _graphs_at_ones(
+    gm: fx.GraphModule, result: fx.GraphModule
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The outputs of ``gm`` and of ``result`` on the example inputs (dropout drawn alike),
+    where every mask is one (other masks, given to share, change the computation)."""
+    if not all(bool((m == 1).all()) for m in mask_buffers(result).values()):
+        return {}, {}
+    inputs = getattr(gm, EXAMPLE_INPUTS_ATTR)
+    return seeded_call(gm, inputs), seeded_call(result, inputs)
+
+
+@contract(
+    preserves_computation=True,
+    ensures=lambda args, result: _masked_by(result, args["structure"]),
+    compare=lambda args, result: _graphs_at_ones(args["gm"], result),
+)
 def instrument(
     gm: fx.GraphModule, structure: Structure, masks: Mapping[str, torch.Tensor] | None = None
 ) -> fx.GraphModule:

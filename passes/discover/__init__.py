@@ -19,6 +19,7 @@ import warnings
 
 from torch import fx
 
+from passes.contracts import contract
 from passes.discover.attention import SDPA, SOFTMAX, eager_block, sdpa_block
 from passes.discover.ffn import ffn_block, residual_of, stream_of
 from passes.discover.scores import score_source
@@ -145,6 +146,21 @@ def _refuse_shared_weights(
                 )
 
 
+def _found_in(gm: fx.GraphModule, structure: Structure) -> str | None:
+    """Every projection the structure names is a node of ``gm``, and it has units to prune."""
+    names = {n.name for n in gm.graph.nodes}
+    for block in structure.attention:
+        for projection in (block.q, block.k, block.v, block.o):
+            if projection.node not in names:
+                return f"{block.name} names a node {projection.node!r} that the graph lacks"
+    for ffn in structure.ffn:
+        for projection in (ffn.up, ffn.down):
+            if projection.node not in names:
+                return f"{ffn.name} names a node {projection.node!r} that the graph lacks"
+    return None if structure.mask_shapes() else "the structure has no unit to prune"
+
+
+@contract(preserves_computation=False, ensures=lambda args, found: _found_in(args["gm"], found))
 def discover(gm: fx.GraphModule) -> Structure:
     """Find the attention blocks, FFN blocks, layer outputs and prunable units of ``gm``.
 

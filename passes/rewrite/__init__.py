@@ -14,7 +14,8 @@ Zero padding never becomes a parameter: the compact module stores only kept rows
 and pads them at run time with one gather, so its parameter count is what
 :meth:`Structure.count_params` predicts.
 
-Preserves computation: yes, against the masked graph with the same (binary) masks.
+Preserves computation: yes, against the masked graph with the same (binary) masks; in checked
+mode (:mod:`passes.contracts`) that, and the parameter count, are checked after every rewrite.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from passes.capture import copy_metadata
+from passes.capture import EXAMPLE_INPUTS_ATTR, copy_metadata
+from passes.contracts import contract, seeded_call
 from passes.errors import MaskError, TrainingGraphError
 from passes.graph import aten, is_op, remove_dead_code
 from passes.instrument import MASK_MODULE, mask_buffers
@@ -134,6 +136,27 @@ def _remove_mask_multiplies(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
+def _as_counted(masked_gm: fx.GraphModule, structure: Structure, gm: fx.GraphModule) -> str | None:
+    """The compact module holds the parameters :meth:`Structure.count_params` predicts."""
+    expected = structure.count_params(_check_masks(structure, mask_buffers(masked_gm)))
+    params = sum(p.numel() for p in gm.parameters())
+    if params != expected:
+        return f"the compact module has {params:,} parameters, count_params says {expected:,}"
+    return None
+
+
+def _masked_and_compact(
+    masked_gm: fx.GraphModule, gm: fx.GraphModule
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    inputs = getattr(masked_gm, EXAMPLE_INPUTS_ATTR)
+    return seeded_call(masked_gm, inputs), seeded_call(gm, inputs)
+
+
+@contract(
+    preserves_computation=True,
+    ensures=lambda args, gm: _as_counted(args["masked_gm"], args["structure"], gm),
+    compare=lambda args, gm: _masked_and_compact(args["masked_gm"], gm),
+)
 def rewrite(
     masked_gm: fx.GraphModule,
     structure: Structure,
