@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import passes
+from passes.record import KeptStructure
 from passes.rewrite import KEPT_ATTR
 
 
@@ -161,33 +162,33 @@ def inspect(model: torch.nn.Module | str | os.PathLike, seq: int = 128) -> Inspe
     """The kept structure of a compact model (a module from compress / rewrite, or a .pt2)."""
     module = passes.load(model) if isinstance(model, (str, os.PathLike)) else model
     kept = getattr(module, KEPT_ATTR, None)
-    if not kept or "layers" not in kept:
+    if not isinstance(kept, KeptStructure):
         raise passes.LoadError(
             "this module carries no kept structure: inspect modules made by "
             "grainfx.compress or passes.rewrite, or their .pt2 files"
         )
-    hidden = kept["hidden"]
+    hidden = kept.hidden
     layers = []
-    for layer in kept["layers"]:
-        heads = layer.get("heads", [])
-        q = tuple(h["query"] for h in heads)
-        v = tuple(h["value"] for h in heads)
-        mean = [h["value"] for h in heads if h.get("query_less_mean")]
-        d, dense_heads = layer.get("head_dim", 0), layer.get("heads_dense", 0)
-        ffn, ffn_dense = layer.get("ffn", 0), layer.get("ffn_dense", 0)
+    for layer in kept.layers:
+        heads = layer.heads
+        q = tuple(h.query for h in heads)
+        v = tuple(h.value for h in heads)
+        mean = [h.value for h in heads if h.query_less_mean]
+        d, dense_heads = layer.head_dim or 0, layer.heads_dense or 0
+        ffn, ffn_dense = layer.ffn or 0, layer.ffn_dense or 0
         layers.append(
             LayerInfo(
-                layer=layer["layer"],
+                layer=layer.layer,
                 heads=len(heads),
                 heads_dense=dense_heads,
                 query_units=q,
                 value_units=v,
-                head_index=tuple(h["head"] for h in heads),
+                head_index=tuple(h.head for h in heads),
                 head_dim=d,
                 ffn=ffn,
                 ffn_dense=ffn_dense,
                 query_less=len(mean),
-                bucket=layer.get("bucket"),
+                bucket=layer.bucket,
                 flops=_flops(hidden, seq, sum(q), sum(v), ffn, sum(mean)),
                 flops_dense=_flops(hidden, seq, dense_heads * d, dense_heads * d, ffn_dense),
             )
@@ -196,9 +197,9 @@ def inspect(model: torch.nn.Module | str | os.PathLike, seq: int = 128) -> Inspe
         layers=tuple(layers),
         hidden=hidden,
         seq=seq,
-        parameters=kept["parameters"],
-        parameters_dense=kept["parameters_dense"],
-        density=kept["density"],
-        prunable_share=kept["unit_parameters_dense"] / kept["parameters_dense"],
-        uncovered=tuple(kept.get("uncovered", ())),
+        parameters=kept.parameters,
+        parameters_dense=kept.parameters_dense,
+        density=kept.density,
+        prunable_share=kept.unit_parameters_dense / max(kept.parameters_dense, 1),
+        uncovered=kept.uncovered,
     )

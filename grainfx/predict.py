@@ -27,6 +27,8 @@ import torch
 import passes
 from grainfx.texts import clip
 from passes.errors import LoadError
+from passes.record import KeptStructure
+from passes.rewrite import KEPT_ATTR
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -155,7 +157,8 @@ class Predictor:
 
     def __init__(self, module: torch.nn.Module, tokenizer: Tokenizer, serving: Serving):
         self.module, self.tokenizer, self.serving = module, tokenizer, serving
-        self.input_names = list(getattr(module, "grainfx_kept", {}).get("inputs", {})) or [
+        kept = getattr(module, KEPT_ATTR, None)
+        self.input_names = list(kept.inputs if isinstance(kept, KeptStructure) else {}) or [
             "input_ids",
             "attention_mask",
         ]

@@ -7,10 +7,11 @@ from typing import Mapping
 import passes
 from grainfx.config import GrainConfig
 from grainfx.trainer import History
+from passes.record import KeptStructure
 
 
 def build_report(
-    kept: Mapping,
+    kept: KeptStructure,
     structure: passes.Structure,
     history: History,
     target_density: float,
@@ -23,20 +24,19 @@ def build_report(
     factorization), the "before" of the total.
     """
     outside = structure.total_params - structure.unit_params
-    encoder_after = kept["unit_parameters"]
+    encoder_after = kept.unit_parameters
     layers = []
-    for layer in kept["layers"]:
-        heads = layer.get("heads", [])
+    for layer in kept.layers:
         layers.append(
             {
-                "layer": layer["layer"],
-                "heads": len(heads),
-                "query_units": [h["query"] for h in heads],
-                "value_units": [h["value"] for h in heads],
-                "ffn": layer.get("ffn"),
-                "heads_dense": layer.get("heads_dense"),
-                "head_dim": layer.get("head_dim"),
-                "ffn_dense": layer.get("ffn_dense"),
+                "layer": layer.layer,
+                "heads": len(layer.heads),
+                "query_units": [h.query for h in layer.heads],
+                "value_units": [h.value for h in layer.heads],
+                "ffn": layer.ffn,
+                "heads_dense": layer.heads_dense,
+                "head_dim": layer.head_dim,
+                "ffn_dense": layer.ffn_dense,
             }
         )
     return {
@@ -47,7 +47,7 @@ def build_report(
             "encoder_after": encoder_after,
             "outside_encoder": outside,
             "total_before": original_params,
-            "total_after": kept["parameters"],
+            "total_after": kept.parameters,
         },
         "coverage": {
             "prunable_share": structure.unit_params / structure.total_params,

@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch
 
+from passes.record import KeptStructure
+
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
     """Median seconds per call of each function, timed in turn (one call each per round).
@@ -27,26 +29,24 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def example_inputs(kept: dict, batch: int, seq: int) -> dict[str, torch.Tensor]:
+def example_inputs(kept: KeptStructure | None, batch: int, seq: int) -> dict[str, torch.Tensor]:
     """Random inputs of ``batch`` x ``seq`` for a saved model, from the input specs its file
-    records (``grainfx_kept["inputs"]``): token ids below the recorded maximum, masks of ones,
+    records (``grainfx_kept.inputs``): token ids below the recorded maximum, masks of ones,
     floats from a normal distribution."""
     inputs = {}
     gen = torch.Generator().manual_seed(0)
-    for name, spec in kept.get("inputs", {}).items():
-        shape = list(spec["shape"])
+    for name, spec in (kept.inputs if kept is not None else {}).items():
+        shape = list(spec.shape)
         shape[0] = batch
         if len(shape) == 2:
             shape[1] = seq
-        dtype = getattr(torch, spec["dtype"])
+        dtype = spec.torch_dtype
         if dtype.is_floating_point:
             inputs[name] = torch.randn(shape, dtype=dtype, generator=gen)
         elif "mask" in name:
             inputs[name] = torch.ones(shape, dtype=dtype)
         else:
-            inputs[name] = torch.randint(
-                0, spec.get("max", 0) + 1, shape, dtype=dtype, generator=gen
-            )
+            inputs[name] = torch.randint(0, (spec.max or 0) + 1, shape, dtype=dtype, generator=gen)
     if not inputs:
         raise ValueError("the file records no inputs: save it again with this grainfx version")
     return inputs

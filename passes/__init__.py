@@ -32,6 +32,7 @@ from passes.errors import (
 from passes.expose import expose
 from passes.factorize import factorize_embedding
 from passes.instrument import get_masks, instrument, record_mask_grads, set_masks
+from passes.record import KeptStructure
 from passes.rewrite import DEFAULT_BUCKET, RewriteOptions, rewrite
 from passes.serialize import load, resave, save
 from passes.structure import AttentionBlock, FFNBlock, Structure, UnitGroup
@@ -49,6 +50,7 @@ __all__ = [
     "rewrite",
     "RewriteOptions",
     "DEFAULT_BUCKET",
+    "KeptStructure",
     "save",
     "load",
     "resave",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -29,6 +28,7 @@ from passes.errors import (
     ModelFileNotFoundError,
     SaveError,
 )
+from passes.record import InputSpec, KeptStructure, input_specs, to_plain
 from passes.rewrite import KEPT_ATTR
 
 STRUCTURE_FILE = "grainfx_structure.json"
@@ -62,15 +62,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _input_spec(t: torch.Tensor) -> dict:
-    """Shape and dtype of an example input (and the largest value of integer ones, so that
-    benchmarks can draw valid token ids)."""
-    spec: dict[str, object] = {"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-    if not t.dtype.is_floating_point and t.numel():
-        spec["max"] = int(t.max())
-    return spec
-
-
 def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
     """Write ``gm`` (a module returned by the passes) to ``path`` (.pt2) and its JSON beside it.
 
@@ -91,8 +82,12 @@ def save(gm: fx.GraphModule, path: str | os.PathLike) -> Path:
         )
     except Exception as exc:
         raise SaveError(f"re-export of the module failed: {exc}".splitlines()[0]) from exc
-    record = dict(getattr(gm, KEPT_ATTR, {}))
-    record["inputs"] = {name: _input_spec(t) for name, t in inputs.items()}
+    kept = getattr(gm, KEPT_ATTR, None)
+    record = (
+        kept.with_inputs(inputs).to_dict()
+        if isinstance(kept, KeptStructure)
+        else {"inputs": to_plain({name: InputSpec.of(t) for name, t in inputs.items()})}
+    )
     _write(ep, path, json.dumps(record, indent=2))
     return path
 
@@ -118,7 +113,7 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
 
     The file is read once and checked before torch reads it (:func:`passes.archive.
     check_archive`): nothing in it is unpickled or evaluated. The kept structure is available
-    as ``module.grainfx_kept``.
+    as ``module.grainfx_kept`` (a :class:`~passes.record.KeptStructure`, checked as it is read).
 
     Raises:
         ModelFileNotFoundError: no file at ``path``.
@@ -139,30 +134,21 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
             f"or written by something else: save it again with grainfx.save"
         ) from exc
     try:
-        kept = json.loads(extra[STRUCTURE_FILE]) if extra[STRUCTURE_FILE] else {}
-        ep.example_inputs = ((), _zeros(kept.get("inputs", {})))
-    except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
+        record = json.loads(extra[STRUCTURE_FILE] or "{}")
+        specs = input_specs(record.get("inputs", {}))
+        kept = KeptStructure.from_dict(record) if "layers" in record else None
+    except (ValueError, TypeError, AttributeError) as exc:
         raise CorruptModelFileError(f"{path} holds a damaged structure record ({exc})") from exc
+    # inputs of the recorded shapes: the module's shape guards are built from them, as from
+    # the sample inputs torch would have pickled
+    ep.example_inputs = (
+        (),
+        {k: torch.zeros(s.shape, dtype=s.torch_dtype) for k, s in specs.items()},
+    )
     module = ep.module()
-    setattr(module, KEPT_ATTR, kept)
+    if kept is not None:
+        setattr(module, KEPT_ATTR, kept)
     return module
-
-
-def _zeros(specs: dict) -> dict[str, torch.Tensor]:
-    """Inputs of the recorded shapes and dtypes (:func:`_input_spec`), in their order: the
-    module's shape guards are built from them, as from the sample inputs torch would pickle."""
-    inputs = {}
-    for name, spec in specs.items():
-        dtype = getattr(torch, spec["dtype"], None)
-        shape = spec["shape"]
-        if (
-            not isinstance(dtype, torch.dtype)
-            or not all(isinstance(n, int) and n >= 0 for n in shape)
-            or math.prod(shape) > 2**24
-        ):
-            raise ValueError(f"input {name!r} has no valid shape and dtype")
-        inputs[name] = torch.zeros(shape, dtype=dtype)
-    return inputs
 
 
 def resave(path: str | os.PathLike, *, trust: bool = False) -> Path:

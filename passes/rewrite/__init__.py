@@ -31,6 +31,7 @@ from passes.contracts import contract, seeded_call
 from passes.errors import MaskError, TrainingGraphError
 from passes.graph import aten, is_op, remove_dead_code
 from passes.instrument import MASK_MODULE, mask_buffers
+from passes.record import KeptStructure, LayerKept
 from passes.rewrite.attention import rewrite_attention
 from passes.rewrite.buckets import BucketCost
 from passes.rewrite.emit import COMPACT_MODULE
@@ -142,6 +143,8 @@ def _as_counted(masked_gm: fx.GraphModule, structure: Structure, gm: fx.GraphMod
     params = sum(p.numel() for p in gm.parameters())
     if params != expected:
         return f"the compact module has {params:,} parameters, count_params says {expected:,}"
+    if not isinstance(getattr(gm, KEPT_ATTR, None), KeptStructure):
+        return "the compact module carries no kept-structure record"
     return None
 
 
@@ -183,7 +186,8 @@ def rewrite(
 
     Returns:
         A new GraphModule (``masked_gm`` is not changed) whose outputs equal ``masked_gm``'s,
-        with ``grainfx_kept`` describing what was kept.
+        with ``grainfx_kept``, a :class:`~passes.record.KeptStructure`, describing what was
+        kept.
 
     Raises:
         NotInstrumentedError: ``masked_gm`` has no masks.
@@ -234,21 +238,18 @@ def rewrite(
         delattr(gm, MASK_MODULE)
     gm.recompile()
     params = sum(p.numel() for p in gm.parameters())
-    setattr(
-        gm,
-        KEPT_ATTR,
-        {
-            "layers": layers,
-            "hidden": structure.attention[0].q.in_features,
-            "parameters": params,
-            "unit_parameters": structure.kept_unit_params(masks),
-            "unit_parameters_dense": structure.unit_params,
-            "parameters_dense": structure.total_params,
-            "uncovered": list(structure.uncovered),
-            "density": structure.density(masks),
-            "bucket": options.bucket,
-            "bucket_shape": list(options.shape),
-            "merge_projections": options.merge_projections,
-        },
+    kept = KeptStructure(
+        layers=tuple(LayerKept.from_dict(layer) for layer in layers),
+        hidden=structure.attention[0].q.in_features,
+        parameters=params,
+        unit_parameters=structure.kept_unit_params(masks),
+        unit_parameters_dense=structure.unit_params,
+        parameters_dense=structure.total_params,
+        uncovered=structure.uncovered,
+        density=structure.density(masks),
+        bucket=options.bucket,
+        bucket_shape=options.shape,
+        merge_projections=options.merge_projections,
     )
+    setattr(gm, KEPT_ATTR, kept)
     return gm

@@ -69,7 +69,7 @@ def test_the_measured_rewrite_gives_the_same_graph_run_after_run(tmp_path):
     passes.set_masks(graph, draw_masks(struct, "random", 3, 0.3))
     cache = tmp_path / "bucket_seconds.json"
     first = buckets.rewrite(graph, struct, shape=(4, 16), cache=cache)
-    assert cache.exists() and first.grainfx_kept["bucket"] == "auto"
+    assert cache.exists() and first.grainfx_kept.bucket == "auto"
     second = buckets.rewrite(graph, struct, shape=(4, 16), cache=cache)
     a, b = first.state_dict(), second.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

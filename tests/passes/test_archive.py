@@ -231,7 +231,7 @@ def test_an_old_output_is_refused_then_loads_once_resaved(saved, tmp_path):
         grainfx.resave(old)
     grainfx.resave(old, trust=True)
     module = grainfx.load(old)
-    assert module.grainfx_kept["layers"]
+    assert module.grainfx_kept.layers
 
 
 def test_a_loaded_model_checks_its_input_shapes_as_before(saved):
@@ -240,3 +240,24 @@ def test_a_loaded_model_checks_its_input_shapes_as_before(saved):
     module(**example_inputs("bert-sdpa", 2, 64))
     with pytest.raises(AssertionError, match=r"Guard failed: input_ids.size\(\)\[1\] <= 64"):
         module(**example_inputs("bert-sdpa", 2, 65))
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (lambda r: r["inputs"]["input_ids"].update(dtype="load"), "an input dtype must be one of"),
+        (lambda r: r["inputs"]["input_ids"].update(shape=[10**6, 10**6]), "larger than any"),
+        (lambda r: r["layers"][0]["heads"][0].update(query=-1), "query must be an integer >= 0"),
+        (lambda r: r.update(hidden="wide"), "hidden must be an integer"),
+        (lambda r: r.update(version=99), "version 99 records are not known"),
+        (lambda r: r.update(extra=1), "does not fit"),
+    ],
+    ids=["dtype", "huge input", "negative units", "hidden", "version", "unknown field"],
+)
+def test_a_damaged_structure_record_is_one_clear_error(saved, tmp_path, edit, problem):
+    """The record inside the archive comes from the file too: checked field by field."""
+    records = read_records(saved[1])
+    _edit_json(records, "extra/grainfx_structure.json", edit)
+    write_records(records, tmp_path / "model.pt2")
+    with pytest.raises(passes.CorruptModelFileError, match=problem):
+        grainfx.load(tmp_path / "model.pt2")

@@ -216,13 +216,12 @@ def test_kept_structure_is_recorded():
     masks = draw_masks(struct, "value_only_heads", 5, 0.5)
     passes.set_masks(graph, masks)
     kept = passes.rewrite(graph, struct).grainfx_kept
-    assert len(kept["layers"]) == len(struct.attention)
-    layer0 = kept["layers"][0]
-    assert layer0["ffn"] == int(masks["ffn0"].sum())
-    assert [h["value"] for h in layer0["heads"]] == [
-        int(r.sum()) for r in masks["attn0.vo"] if r.any()
-    ]
-    assert kept["density"] == pytest.approx(struct.density(masks))
+    assert len(kept.layers) == len(struct.attention)
+    layer0 = kept.layers[0]
+    assert layer0.ffn == int(masks["ffn0"].sum())
+    assert [h.value for h in layer0.heads] == [int(r.sum()) for r in masks["attn0.vo"] if r.any()]
+    assert kept.density == pytest.approx(struct.density(masks))
+    assert passes.KeptStructure.from_json(kept.to_json()) == kept
 
 
 def test_rewrite_of_a_graph_without_masks_is_refused():
@@ -275,15 +274,13 @@ def test_auto_bucket_is_chosen_per_layer_and_recorded():
     struct, graph = unequal_heads()
     compact = passes.rewrite(graph, struct, cost=per_call_cost, shape=(2, 8))
     kept = compact.grainfx_kept
-    assert kept["bucket"] == "auto" and kept["bucket_shape"] == [2, 8]
-    for layer in kept["layers"]:
-        chosen = layer["bucket"]
+    assert kept.bucket == "auto" and kept.bucket_shape == (2, 8)
+    for layer in kept.layers:
+        chosen = layer.bucket
         assert chosen in {1, 2, 4, struct.attention[0].head_dim}
         fixed = passes.rewrite(graph, struct, bucket=chosen)
-        assert fixed.grainfx_kept["layers"][layer["layer"]]["bucket"] == chosen
-    assert sdpa_count(compact) == sum(
-        {1: 4, 2: 3, 4: 2}.get(layer["bucket"], 1) for layer in kept["layers"]
-    )
+        assert fixed.grainfx_kept.layers[layer.layer].bucket == chosen
+    assert sdpa_count(compact) == sum({1: 4, 2: 3, 4: 2}.get(x.bucket, 1) for x in kept.layers)
 
 
 class _MatmulProjections(torch.nn.Module):
@@ -422,9 +419,9 @@ def test_heads_without_query_units_are_a_mean_of_their_values(arch, seed, keep, 
     masks = query_less_masks(struct, seed, keep)
     passes.set_masks(graph, masks)
     compact = passes.rewrite(graph, struct, bucket=1 + seed % 4)
-    layers = compact.grainfx_kept["layers"]
-    flagged = [[h for h in layer["heads"] if h.get("query_less_mean")] for layer in layers]
-    assert all(h["query"] == 0 and h["value"] > 0 for heads in flagged for h in heads)
+    layers = compact.grainfx_kept.layers
+    flagged = [[h for h in layer.heads if h.query_less_mean] for layer in layers]
+    assert all(h.query == 0 and h.value > 0 for heads in flagged for h in heads)
     expected = QUERY_LESS_MIXED.get(arch, [arch in QUERY_LESS] * len(layers))
     assert [bool(heads) for heads in flagged] == expected
     means = [n for n in compact.graph.nodes if "query_less_mean" in n.name]
