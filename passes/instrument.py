@@ -93,40 +93,32 @@ def _reader(nodes: dict[str, fx.Node], name: str | None, value: fx.Node) -> fx.N
     return reader
 
 
-def _mask_relative_terms(
+def _mask_query_sites(
     graph: fx.Graph, nodes: dict[str, fx.Node], block: AttentionBlock, q: fx.Node, masked: fx.Node
 ) -> None:
-    """The query mask in every relative-position term too (one query unit spans both uses of
-    W_Q and W_K): content-to-position terms read the masked queries, position-to-content
-    terms multiply their projected positions (W_Q's rows) by the mask."""
-    for term in block.relative:
-        if term.content == "q":
-            _reader(nodes, term.matmul, q).replace_input_with(q, masked)
-        else:
-            pos = _node(nodes, term.operand, block.head_dim)
-            shape_ = [block.num_heads, 1, block.head_dim]
-            _insert_mask(graph, pos, block.mask_names()["qk"], _expand_qk(block), None, shape_)
+    """The query mask where the features put it besides the queries the attention reads
+    (:meth:`passes.features.AttentionFeature.query_mask_sites`; one query unit spans every
+    use of its W_Q and W_K rows): nodes that read the queries read the masked ones,
+    operands of (heads, seq, dims) are multiplied by the mask."""
+    for feature in block.features:
+        for site, name in feature.query_mask_sites(block):
+            if site == "reader":
+                _reader(nodes, name, q).replace_input_with(q, masked)
+            else:
+                pos = _node(nodes, name, block.head_dim)
+                shape_ = [block.num_heads, 1, block.head_dim]
+                _insert_mask(graph, pos, block.mask_names()["qk"], _expand_qk(block), None, shape_)
 
 
 def _expand_qk(block: AttentionBlock) -> Expand | None:
-    """Graph ops that turn a (kv heads x query units) mask into (heads x head_dim), or None."""
-    pairs = block.rotary_dims // 2
-    if block.group_size == 1 and not pairs:
+    """Graph ops that turn a (kv heads x query units) mask into (heads x head_dim), or None:
+    the features' expansion of units into head dims (RoPE's pairs), then the groups."""
+    if block.group_size == 1 and not block.rotary_dims // 2:
         return None
 
     def expand(graph: fx.Graph, node: fx.Node) -> fx.Node:
-        if pairs:
-            rotary = graph.call_function(aten.slice.Tensor, (node, 1, 0, pairs))
-            passing = graph.call_function(aten.slice.Tensor, (node, 1, pairs, block.head_dim))
-            assert block.rope is not None  # pairs > 0 only under RoPE
-            if block.rope.layout == "half":
-                parts = [rotary, rotary, passing]
-            else:
-                parts = [
-                    graph.call_function(aten.repeat_interleave.self_int, (rotary, 2, 1)),
-                    passing,
-                ]
-            node = graph.call_function(aten.cat.default, (parts, 1))
+        for feature in block.features:
+            node = feature.expand_query_mask(graph, node, block)
         return _repeat_heads(graph, node, block.group_size)
 
     return expand
@@ -224,7 +216,7 @@ def instrument(
                 _reader(nodes, block.q_reader, q),
                 [block.num_heads, 1, block.head_dim],
             )
-            _mask_relative_terms(graph, nodes, block, q, masked)
+            _mask_query_sites(graph, nodes, block, q, masked)
         ctx = _node(nodes, block.o.input, block.num_heads * block.head_dim)
         _insert_mask(
             graph, ctx, names["vo"], _expand_vo(block), _reader(nodes, block.o.input_user, ctx)

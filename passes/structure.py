@@ -13,92 +13,44 @@ Masks are named ``<block>.qk``, ``<block>.vo`` (shape: kv heads x units per head
 ``<block>.heads`` (shape: query heads; GQA only) and ``<block>`` for FFN blocks (shape: width).
 Under RoPE a query unit is a rotary pair of dims (pass-through dims of partial rotary are units
 one by one); where a norm over the head dims sits between projection and scores there is no
-``.qk`` mask.
+``.qk`` mask. These variants are attention features (:mod:`passes.features`): each says
+which slices its block's units take.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, TypeVar, cast
 
 import torch
 
 from passes.graph import Projection
 
-
-@dataclass(frozen=True)
-class Rope:
-    """Rotary position embedding applied to a query or key operand.
-
-    ``layout`` is ``"half"`` (dims i and i + r/2 rotate together) or ``"interleaved"`` (dims
-    2i and 2i + 1, GPT-J); the first ``rotary_dims`` dims of a head rotate, the rest pass
-    through. ``cos`` and ``sin`` name the tables multiplied in; they broadcast over heads along
-    ``head_axis`` (size 1 there) and hold ``rotary_dims`` entries last.
-    """
-
-    layout: str
-    rotary_dims: int
-    cos: str
-    sin: str
-    head_axis: int
-
-    def pair_dims(self, pair: int) -> tuple[int, int]:
-        """The two head dims that rotary pair ``pair`` rotates together."""
-        if self.layout == "half":
-            return pair, pair + self.rotary_dims // 2
-        return 2 * pair, 2 * pair + 1
+if TYPE_CHECKING:
+    from passes.features import AttentionFeature
+    from passes.features.head_norm import HeadNorm, HeadNorms
+    from passes.features.relative import RelativeTerm, RelativeTerms
+    from passes.features.rope import Rope, Rotary
+    from passes.features.scores import ScoreBiases, ScoreReplay, SdpaMask
 
 
-@dataclass(frozen=True)
-class HeadNorm:
-    """A norm over the head dims between a projection and the scores (Qwen3, Gemma 3).
-
-    ``region`` names the graph nodes from ``source`` (exclusive) to ``output`` in graph order;
-    it only reduces over the last dim, so the rewrite replays it on any head layout.
-    ``params`` counts its weights: they go with the block when no head is left.
-    """
-
-    source: str
-    output: str
-    region: tuple[str, ...]
-    params: int = 0
-
-
-@dataclass(frozen=True)
-class RelativeTerm:
-    """A disentangled relative-position term of the scores (DeBERTa's content-to-position and
-    position-to-content): per head, the block's queries (``content == "q"``) or keys
-    (``"k"``) times relative position embeddings projected by ``projection`` (W_K's rows for
-    queries, W_Q's for keys, or projections of their own), computed by ``matmul``;
-    ``operand`` is the projected embeddings (1, heads, positions, head size) it reads.
-
-    Query unit (h, j) spans both uses of W_Q and W_K: row j of head h in the content and the
-    position projections alike, so removing it removes dim j from every term exactly.
-    """
-
-    content: str
-    matmul: str
-    operand: str
-    projection: Projection
+F = TypeVar("F", bound="AttentionFeature")
 
 
 @dataclass(frozen=True)
 class AttentionBlock:
-    """One attention block: projections, head layout and what the scores are made of.
+    """One attention block: the core of attention and the features that vary.
 
-    ``kind`` is ``"sdpa"`` or ``"eager"`` (matmul-softmax-matmul). ``attn_mask`` is the mask
-    given to sdpa, ``score_biases`` the tensors added to eager scores, both node names;
-    ``scale`` is the factor applied to q.k. ``num_kv_heads`` key/value heads are each shared
-    by ``group_size`` consecutive query heads (GQA/MQA). ``rope``/``rope_k`` describe rotary
-    positions of queries and keys; ``q_norm``/``k_norm`` a norm over their head dims.
-    ``q_operand`` is the query tensor (batch, heads, seq, head_dim) that ``q_reader`` (the
-    attention op or the score matmul) reads. ``score_ops`` is set on eager blocks whose scores
-    pass through more than a scale, additive biases and casts (soft-capping, ``where`` masks):
-    the nodes from the score matmul to the context matmul, in graph order, replayed by the
-    rewrite; ``scale`` then only holds the factors applied to q and k before the matmul.
-    ``relative`` lists disentangled relative-position terms added to the scores, and
-    ``relative_ops`` the nodes from their matmuls to the sum that joins the scores (graph
-    order, the matmuls left out), replayed per bucket of heads.
+    ``kind`` is ``"sdpa"`` or ``"eager"`` (matmul-softmax-matmul); ``op`` names the sdpa node
+    or the softmax. ``scale`` is the factor applied to q.k (with a replayed score chain, only
+    the factors applied to q and k before the matmul). ``q_operand`` is the query tensor
+    (batch, heads, seq, head_dim) that ``q_reader`` (the attention op or the score matmul)
+    reads. ``features`` is what varies (:mod:`passes.features`), in hook order: key/value
+    heads shared by query heads (GQA), norms over the head dims, rotary positions,
+    relative-position terms and what sits between the two products of the scores (sdpa's
+    mask, additive biases, a replayed chain). The units, masks and parameter counts below
+    ask the features; the old fields (``rope``, ``score_ops``, ...) are read-only views of
+    them.
     """
 
     name: str
@@ -111,23 +63,19 @@ class AttentionBlock:
     num_heads: int
     head_dim: int
     scale: float
-    attn_mask: str | None = None
-    score_biases: tuple[str, ...] = ()
-    score_ops: tuple[str, ...] = ()
     is_causal: bool = False
-    num_kv_heads: int | None = None
-    rope: Rope | None = None
-    rope_k: Rope | None = None
-    q_norm: HeadNorm | None = None
-    k_norm: HeadNorm | None = None
     q_operand: str | None = None
     q_reader: str | None = None
-    relative: tuple[RelativeTerm, ...] = ()
-    relative_ops: tuple[str, ...] = ()
+    features: tuple[AttentionFeature, ...] = ()
+
+    def feature(self, kind: type[F]) -> F | None:
+        """The feature of class ``kind`` this block has, or None."""
+        return next((f for f in self.features if isinstance(f, kind)), None)
 
     @property
     def kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
+        found = [n for f in self.features if (n := f.kv_heads()) is not None]
+        return found[0] if found else self.num_heads
 
     @property
     def group_size(self) -> int:
@@ -137,7 +85,7 @@ class AttentionBlock:
     @property
     def has_query_units(self) -> bool:
         """False when a norm over the query/key dims makes removing one of them inexact."""
-        return self.q_norm is None and self.k_norm is None
+        return all(f.offers_query_units() for f in self.features)
 
     @property
     def has_head_units(self) -> bool:
@@ -145,8 +93,14 @@ class AttentionBlock:
         return self.group_size > 1
 
     @property
+    def _pairing(self) -> AttentionFeature | None:
+        """The feature whose query units are pairs of dims (RoPE), if any."""
+        return next((f for f in self.features if f.rotary_dims()), None)
+
+    @property
     def rotary_dims(self) -> int:
-        return self.rope.rotary_dims if self.rope is not None else 0
+        pairing = self._pairing
+        return pairing.rotary_dims() if pairing is not None else 0
 
     @property
     def query_units_per_head(self) -> int:
@@ -157,9 +111,15 @@ class AttentionBlock:
         """The head dims of query unit ``unit``: a rotary pair or one pass-through dim."""
         pairs = self.rotary_dims // 2
         if unit < pairs:
-            assert self.rope is not None  # pairs > 0 only under RoPE
-            return self.rope.pair_dims(unit)
+            pairing = self._pairing
+            assert pairing is not None  # pairs > 0 only under RoPE
+            return pairing.pair_dims(unit)
         return (self.rotary_dims + unit - pairs,)
+
+    def compact_pairs(self, pairs: tuple[int, ...], width: int) -> list[int]:
+        """Head dims of the kept rotary ``pairs`` in compact order, padded to ``width``."""
+        pairing = self._pairing
+        return pairing.compact_pairs(pairs, width) if pairing is not None and width else []
 
     def unit_of_dim(self) -> list[int]:
         """For each head dim, the query unit it belongs to."""
@@ -185,21 +145,19 @@ class AttentionBlock:
         return dims * (
             self.group_size * self.q.params_per_output()
             + self.k.params_per_output()
-            + self.relative_params_per_dim
+            + self.query_dim_params
         )
 
     @property
-    def relative_projections(self) -> tuple[Projection, ...]:
-        """Position projections of the relative terms with weights of their own (not W_Q's
-        or W_K's)."""
-        own = {self.q.weight, self.k.weight}
-        found = {t.projection.weight: t.projection for t in self.relative}
-        return tuple(p for w, p in found.items() if w not in own)
+    def feature_projections(self) -> tuple[Projection, ...]:
+        """Projections of the features with weights of their own (not W_Q's or W_K's) that
+        the query units cover (DeBERTa's position projections)."""
+        return tuple(p for f in self.features for p in f.projections(self))
 
     @property
-    def relative_params_per_dim(self) -> int:
-        """Parameters of the relative position projections of their own per query dim."""
-        return sum(p.params_per_output() for p in self.relative_projections)
+    def query_dim_params(self) -> int:
+        """Parameters of the features' own weights per query dim."""
+        return sum(f.params_per_query_dim(self) for f in self.features)
 
     @property
     def value_unit_params(self) -> int:
@@ -243,16 +201,16 @@ class AttentionBlock:
         """Unit parameters this block keeps in the compact model for these (binary) masks."""
         qk, vo, live = self.per_head(masks)
         g = self.group_size
-        norms = sum(n.params for n in (self.q_norm, self.k_norm) if n is not None)
+        fixed = sum(f.fixed_params() for f in self.features)
         group_qk = qk.view(self.kv_heads, g, -1).any(dim=1)
         group_vo = vo.view(self.kv_heads, g, -1).any(dim=1)
         return (
             int(qk.sum()) * self.q.params_per_output()
             + int(group_qk.sum()) * self.k.params_per_output()
-            + int(qk.sum()) * self.relative_params_per_dim
+            + int(qk.sum()) * self.query_dim_params
             + int(group_vo.sum()) * self.v.params_per_output()
             + int(vo.sum()) * self.o.out_features
-            + (norms if bool(live.any()) else 0)
+            + (fixed if bool(live.any()) else 0)
         )
 
     def expand_qk(self, mask: torch.Tensor) -> torch.Tensor:
@@ -271,6 +229,80 @@ class AttentionBlock:
     def params(self) -> int:
         """Unit parameters of the dense block."""
         return self.kept_params(self.ones())
+
+    def notes(self) -> list[str]:
+        """What each feature changes about this block's units, in feature order."""
+        return [n for f in self.features if (n := f.note(self)) is not None]
+
+    # Read-only views of the features under the fields AttentionBlock had before them.
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads
+
+    @property
+    def rope(self) -> Rope | None:
+        """Rotary positions of the queries."""
+        found = self._find("Rotary")
+        return cast("Rotary", found).q if found is not None else None
+
+    @property
+    def rope_k(self) -> Rope | None:
+        """Rotary positions of the keys."""
+        found = self._find("Rotary")
+        return cast("Rotary", found).k if found is not None else None
+
+    @property
+    def q_norm(self) -> HeadNorm | None:
+        found = self._find("HeadNorms")
+        return cast("HeadNorms", found).q if found is not None else None
+
+    @property
+    def k_norm(self) -> HeadNorm | None:
+        found = self._find("HeadNorms")
+        return cast("HeadNorms", found).k if found is not None else None
+
+    @property
+    def attn_mask(self) -> str | None:
+        """The mask given to sdpa."""
+        found = self._find("SdpaMask")
+        return cast("SdpaMask", found).mask if found is not None else None
+
+    @property
+    def score_biases(self) -> tuple[str, ...]:
+        """The tensors added to canonical eager scores."""
+        found = self._find("ScoreBiases")
+        return cast("ScoreBiases", found).biases if found is not None else ()
+
+    @property
+    def score_ops(self) -> tuple[str, ...]:
+        """The nodes of a replayed score chain (score matmul to context matmul)."""
+        found = self._find("ScoreReplay")
+        return cast("ScoreReplay", found).ops if found is not None else ()
+
+    @property
+    def relative(self) -> tuple[RelativeTerm, ...]:
+        """Disentangled relative-position terms added to the scores."""
+        found = self._find("RelativeTerms")
+        return cast("RelativeTerms", found).terms if found is not None else ()
+
+    @property
+    def relative_ops(self) -> tuple[str, ...]:
+        found = self._find("RelativeTerms")
+        return cast("RelativeTerms", found).ops if found is not None else ()
+
+    @property
+    def relative_projections(self) -> tuple[Projection, ...]:
+        return self.feature_projections
+
+    @property
+    def relative_params_per_dim(self) -> int:
+        return self.query_dim_params
+
+    def _find(self, name: str) -> AttentionFeature | None:
+        """The feature whose class is called ``name`` (the views above cannot import the
+        feature modules: those import the passes, which import this module)."""
+        return next((f for f in self.features if type(f).__name__ == name), None)
 
 
 @dataclass(frozen=True)
@@ -402,7 +434,7 @@ class Structure:
     def covered(self) -> dict[str, tuple[str, ...]]:
         """``{block name: weights of the linear layers its units cover}``."""
         blocks: list[tuple[str, tuple[Projection | None, ...]]]
-        blocks = [(b.name, (b.q, b.k, b.v, b.o) + b.relative_projections) for b in self.attention]
+        blocks = [(b.name, (b.q, b.k, b.v, b.o) + b.feature_projections) for b in self.attention]
         blocks += [(b.name, (b.up, b.gate, b.down)) for b in self.ffn]
         return {
             name: tuple(dict.fromkeys(p.weight for p in projections if p is not None))
@@ -427,46 +459,7 @@ class Structure:
         """What each attention block offers beyond plain heads, and what it does not."""
         lines = [self.coverage()]
         for block in self.attention:
-            parts = []
-            if block.group_size > 1:
-                parts.append(
-                    f"{block.num_heads} query heads share {block.kv_heads} key/value "
-                    f"heads (groups of {block.group_size}): query and value units span "
-                    f"a group, query heads are units too"
-                )
-            if block.rope is not None and block.has_query_units:
-                rope = block.rope
-                partial = (
-                    f", {block.head_dim - rope.rotary_dims} pass-through dims"
-                    if rope.rotary_dims < block.head_dim
-                    else ""
-                )
-                parts.append(
-                    f"RoPE ({rope.layout}): query units are {rope.rotary_dims // 2} "
-                    f"rotary pairs{partial}"
-                )
-            if not block.has_query_units:
-                norm = block.q_norm or block.k_norm
-                assert norm is not None  # has_query_units is False only with a head norm
-                parts.append(
-                    f"query units not offered: a norm over the query/key head dims "
-                    f"(at {norm.output}) makes removing one inexact"
-                )
-            if block.relative:
-                kinds = ", ".join(
-                    "content-to-position" if t.content == "q" else "position-to-content"
-                    for t in block.relative
-                )
-                parts.append(
-                    f"{len(block.relative)} relative-position terms ({kinds}) reuse the "
-                    f"query/key projections on position embeddings: a query unit spans "
-                    f"both uses of its W_Q and W_K rows"
-                )
-            if block.score_ops:
-                parts.append(
-                    f"scores pass through {len(block.score_ops)} ops the compact model "
-                    f"replays per bucket of heads (no sdpa)"
-                )
+            parts = block.notes()
             if parts:
                 lines.append(f"{block.name}: " + "; ".join(parts))
         return lines

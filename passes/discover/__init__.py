@@ -5,8 +5,9 @@ between two matmuls, then traced back to the Q, K and V projections (``aten.line
 view-addmm-view, or pieces of a fused projection) through small recognizers: head splits,
 casts, scales, norms over the head dims, rotary embeddings and key/value head repeats
 (:mod:`passes.discover.operand`), and forward through the head merge to the output
-projection. Products of the queries or keys with projected position embeddings added to the
-scores are disentangled relative-position terms (DeBERTa). An FFN is a projection whose
+projection; then the block's attention features are found (:mod:`passes.features`). Products
+of the queries or keys with projected position embeddings added to the scores are
+disentangled relative-position terms (DeBERTa). An FFN is a projection whose
 output reaches exactly one other projection through elementwise ops only, and whose result
 is added back to the residual stream. Module names are used in messages only.
 
@@ -64,7 +65,7 @@ def _uncovered(
     and the end of the last layer (its last add of two computed tensors of the residual
     stream's shape, that of ``stream``, the first block's input)."""
     order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
-    covered = {p.weight for b in attention for p in (b.q, b.k, b.v, b.o) + b.relative_projections}
+    covered = {p.weight for b in attention for p in (b.q, b.k, b.v, b.o) + b.feature_projections}
     covered |= {p.weight for b in ffn for p in (b.up, b.gate, b.down) if p is not None}
     start = min(order[p.node] for b in attention for p in (b.q, b.k, b.v))
     residual = shape(stream)
@@ -85,17 +86,9 @@ def _uncovered(
 def _score_inputs(
     block: AttentionBlock, nodes: dict[str, fx.Node]
 ) -> list[tuple[fx.Node, fx.Node]]:
-    """(consumer, input) edges into the scores of ``block``: sdpa's mask, eager biases, and
-    what the ops of a replayed chain read besides the chain."""
-    if block.kind == "sdpa":
-        return [(nodes[block.op], nodes[block.attn_mask])] if block.attn_mask else []
-    if not block.score_ops:
-        add = {nodes[name] for name in block.score_biases}
-        return [(user, bias) for bias in add for user in bias.users]
-    assert block.q_reader is not None  # eager blocks name the node that reads the scores
-    q_reader = nodes[block.q_reader]
-    chain = {nodes[name] for name in block.score_ops} | {q_reader}
-    return [(op, a) for op in chain - {q_reader} for a in op.all_input_nodes if a not in chain]
+    """(consumer, input) edges into the scores of ``block``, from its features: sdpa's mask,
+    eager biases, and what the ops of a replayed chain read besides the chain."""
+    return [edge for f in block.features for edge in f.score_inputs(block, nodes)]
 
 
 def _score_params(
@@ -115,7 +108,7 @@ def _score_params(
     seen = ancestors((n for n in gm.graph.nodes if is_impure(n)), cut)  # live without them
     params = dict(gm.named_parameters(remove_duplicate=False))
     units = {  # relative-position projections of their own are in units already
-        name for b in attention for p in b.relative_projections for name in (p.weight, p.bias)
+        name for b in attention for p in b.feature_projections for name in (p.weight, p.bias)
     }
     return tuple(
         (params[a.target].numel(), tuple(sorted(blocks)))

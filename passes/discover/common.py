@@ -1,4 +1,4 @@
-"""Small matchers shared by discover's recognizers: constants, casts, no-op slices."""
+"""Small matchers shared by discover's recognizers: constants, scales, casts, no-op slices."""
 
 from __future__ import annotations
 
@@ -44,6 +44,16 @@ def _constant_scalar(node: fx.Node, depth: int) -> torch.Tensor | None:
         return None
     result = node.target(*fx.node.map_arg(node.args, values.get), **node.kwargs)
     return result if isinstance(result, torch.Tensor) and result.dim() == 0 else None
+
+
+def scaling(node: fx.Node) -> float | None:
+    """The constant factor of ``x * c`` or ``x / c``, else None."""
+    if is_op(node, [aten.mul.Tensor, aten.mul.Scalar]):
+        return scalar(node.args[1])
+    if is_op(node, [aten.div.Tensor, aten.div.Scalar]):
+        divisor = scalar(node.args[1])
+        return None if divisor is None else 1.0 / divisor
+    return None
 
 
 def is_noop_slice(node: fx.Node) -> bool:

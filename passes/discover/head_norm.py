@@ -1,5 +1,6 @@
-"""Recognizer of norms over the last dim: a norm over query/key head dims (Qwen3, Gemma 3)
-between projection and scores, and the pre-norm that feeds a block from the residual stream.
+"""Recognizer of norms over the last dim: a norm over query/key head dims (Qwen3, Gemma 3;
+the feature :mod:`passes.features.head_norm`) between projection and scores, and the pre-norm
+that feeds a block from the residual stream.
 
 A norm region is made of casts, powers, means / variances over the last dim, elementwise
 arithmetic with constants or parameters, ``rsqrt``/``sqrt`` and fused norm ops, and reads one
@@ -13,8 +14,7 @@ import operator
 from torch import fx
 
 from passes.discover.common import last_dim, scalar, strip
-from passes.graph import CAST_OPS, NORM_OPS, arg_node, aten, attr_tensor, is_op
-from passes.structure import HeadNorm
+from passes.graph import CAST_OPS, NORM_OPS, arg_node, aten, is_op
 
 _REDUCE = {aten.mean.dim, aten.var.correction, aten.var.dim} | NORM_OPS
 _ELEMENTWISE = {
@@ -31,14 +31,14 @@ _ELEMENTWISE = {
 }
 
 
-def _is_param(node: fx.node.Argument) -> bool:
+def is_param(node: fx.node.Argument) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
 def _inside(node: fx.Node) -> bool:
     if is_op(node, [aten.add.Tensor]):
         # x + y of two computed tensors is a residual add, not part of a norm
-        return any(_is_param(a) or scalar(a) is not None for a in node.args[:2])
+        return any(is_param(a) or scalar(a) is not None for a in node.args[:2])
     if is_op(node, CAST_OPS | _ELEMENTWISE):
         return True
     if is_op(node, _REDUCE):
@@ -70,22 +70,7 @@ def norm_region(node: fx.Node, stop: fx.Node | None = None) -> tuple[fx.Node, li
             sources.add(strip(cur))
             continue
         region.append(cur)
-        stack.extend(a for a in cur.all_input_nodes if not _is_param(a) and scalar(a) is None)
+        stack.extend(a for a in cur.all_input_nodes if not is_param(a) and scalar(a) is None)
     if len(sources) != 1 or not any(is_op(n, _REDUCE) for n in region):
         return None
     return sources.pop(), region
-
-
-def match_head_norm(node: fx.Node) -> tuple[HeadNorm, fx.Node] | None:
-    """A norm over the head dims ending at ``node``: (head norm, the operand it reads)."""
-    found = norm_region(node)
-    if found is None:
-        return None
-    source, region = found
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    region = sorted(region, key=order.__getitem__)
-    weights = {a for n in region for a in n.all_input_nodes if _is_param(a)}
-    gm = node.graph.owning_module
-    assert gm is not None  # discover runs on a GraphModule's graph
-    params = sum(attr_tensor(gm, w).numel() for w in weights)
-    return HeadNorm(source.name, node.name, tuple(n.name for n in region), params), source

@@ -2,22 +2,23 @@
 
 Between a projection and the attention op a model may put: head splits and fused-projection
 splits (layout ops), a scale, a norm over the head dims, rotary position embeddings and a
-repeat of key/value heads for grouped-query attention. Each of these has its own recognizer;
-the layout ops on the way are replayed on feature indices to find which weight rows feed each
-(head, dim), so fused and interleaved projections need no special case.
+repeat of key/value heads for grouped-query attention. The last three belong to attention
+features, each with its own recognizer (:mod:`passes.features`); the layout ops on the way
+are replayed on feature indices to find which weight rows feed each (head, dim), so fused
+and interleaved projections need no special case.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from torch import fx
 
-from passes.discover.common import scalar
-from passes.discover.head_norm import match_head_norm
-from passes.discover.kv_repeat import match_kv_repeat
-from passes.discover.rope import match_rope
-from passes.errors import DiscoverError, UnsupportedArchitectureError
+from passes.discover.common import scaling
+from passes.errors import DiscoverError
+from passes.features import kv_repeat
+from passes.features.registry import OPERAND_RECOGNIZERS
 from passes.graph import (
     CAST_OPS,
     Projection,
@@ -28,40 +29,34 @@ from passes.graph import (
     is_op,
     match_projection,
     module_label,
-    shape,
 )
-from passes.structure import HeadNorm, Rope
 
 
 @dataclass(frozen=True)
 class Operand:
-    """What lies between one attention operand and its projection."""
+    """What lies between one attention operand and its projection: ``heads`` distinct heads,
+    the ``scale`` applied, and ``found``: what the operand recognizers found, by their key
+    (``"rope"``, ``"norm"``, ``"kv_heads"``). ``transformed``: a scale or a recognizer that
+    changes the values lies on the way (not only head repeats)."""
 
     projection: Projection
     heads: int
     scale: float = 1.0
-    rope: Rope | None = None
-    norm: HeadNorm | None = None
-
-
-def scaling(node: fx.Node) -> float | None:
-    """The constant factor of ``x * c`` or ``x / c``, else None."""
-    if is_op(node, [aten.mul.Tensor, aten.mul.Scalar]):
-        return scalar(node.args[1])
-    if is_op(node, [aten.div.Tensor, aten.div.Scalar]):
-        divisor = scalar(node.args[1])
-        return None if divisor is None else 1.0 / divisor
-    return None
+    found: Mapping[str, Any] = field(default_factory=dict)
+    transformed: bool = False
 
 
 def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operand:
     """Follow attention operand ``node`` of ``heads`` x ``head_dim`` back to its projection.
 
-    Raises DiscoverError (naming the node) on anything no recognizer accepts.
+    Between them: casts and dropout, layout ops, a constant scale, and what the operand
+    recognizers of the attention features match (:data:`passes.features.registry.
+    OPERAND_RECOGNIZERS`, each at most once). Raises DiscoverError (naming the node) on
+    anything no recognizer accepts.
     """
     cur, chain, scale = node, [], 1.0
-    rope = norm = None
-    kv = heads
+    found: dict[str, Any] = {}
+    transformed = False
     while True:
         projection = match_projection(cur)
         if projection is not None:
@@ -69,18 +64,9 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
         if is_op(cur, CAST_OPS) or is_op(cur, [aten.dropout.default]):
             cur = arg_node(cur, 0)
             continue
-        repeat = match_kv_repeat(cur) if role != "query" and kv == heads else None
-        if repeat is not None:
-            cur, kv = repeat
-            if heads % kv:
-                raise UnsupportedArchitectureError(
-                    f"the {role} heads at {module_label(cur)} are repeated from {kv} to "
-                    f"{heads}, which is not a whole number of query heads per key/value head"
-                )
-            continue
-        found_rope = match_rope(cur) if rope is None and role != "value" else None
-        if found_rope is not None:
-            rope, cur = found_rope
+        matched = _recognize(cur, role, heads, head_dim, found, early=True)
+        if matched is not None:
+            cur, transformed = matched[0], transformed or matched[1]
             continue
         if is_layout(cur):
             chain.append(cur)
@@ -91,17 +77,9 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
             scale *= factor
             cur = arg_node(cur, 0)
             continue
-        found_norm = match_head_norm(cur) if norm is None and role != "value" else None
-        if found_norm is not None:
-            dims = shape(cur)
-            if dims is None or dims[-1] != head_dim:
-                raise UnsupportedArchitectureError(
-                    f"the {role} of attention at {module_label(cur)} is normed over the whole "
-                    f"projection ({dims[-1] if dims else '?'} features, OLMo 2 "
-                    f"style), not per head: removing any query/key dim or head would change "
-                    f"the norm of the others; grainfx prunes norms over the head dims only"
-                )
-            norm, cur = found_norm
+        matched = _recognize(cur, role, heads, head_dim, found, early=False)
+        if matched is not None:
+            cur, transformed = matched[0], transformed or matched[1]
             continue
         raise DiscoverError(
             f"cannot trace the {role} of attention through {module_label(cur)} ({cur.target}) "
@@ -109,9 +87,10 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
             f"splits, fused QKV splits, casts, a constant scale, a norm over the head dims, "
             f"rotary embeddings (rotate-half, interleaved, partial) and key/value head repeats"
         )
+    kv = found.get(kv_repeat.OPERAND.key, heads)
     rows = feature_rows(cur, chain[::-1])
     if rows is not None and role != "query" and kv == heads:
-        rows, kv = _repeated_heads(rows, heads, head_dim)
+        rows, kv = kv_repeat.repeated_heads(rows, heads, head_dim)
     if rows is None or len(rows) != kv * head_dim or len(set(rows)) != len(rows):
         raise DiscoverError(
             f"the {role} of attention is not a head split of projection {module_label(cur)}: "
@@ -122,18 +101,25 @@ def trace_operand(node: fx.Node, role: str, heads: int, head_dim: int) -> Operan
             f"the values of attention from {module_label(cur)} are scaled; "
             f"only query/key scaling is supported"
         )
-    return Operand(projection.with_rows(projection.node, rows), kv, scale, rope, norm)
+    return Operand(
+        projection.with_rows(projection.node, rows),
+        kv,
+        scale,
+        found,
+        transformed or scale != 1.0,
+    )
 
 
-def _repeated_heads(rows: list[int], heads: int, head_dim: int) -> tuple[list[int], int]:
-    """Key/value heads repeated by the layout ops themselves (Falcon's ``broadcast_to`` of
-    (batch, seq, kv, 1, d) to g query heads per group): the rows of the distinct heads and
-    their count; ``rows`` and ``heads`` unchanged where no head repeats."""
-    per_head = [tuple(rows[h * head_dim : (h + 1) * head_dim]) for h in range(heads)]
-    distinct = list(dict.fromkeys(per_head))
-    if len(per_head) * head_dim != len(rows) or len(distinct) == heads or heads % len(distinct):
-        return rows, heads
-    group = heads // len(distinct)
-    if per_head != [distinct[h // group] for h in range(heads)]:
-        return rows, heads
-    return [r for head in distinct for r in head], len(distinct)
+def _recognize(
+    node: fx.Node, role: str, heads: int, head_dim: int, found: dict[str, Any], early: bool
+) -> tuple[fx.Node, bool] | None:
+    """The first recognizer of this stage that matches ``node`` and has not matched yet:
+    records what it found in ``found``; returns (the node it reads, whether it transforms)."""
+    for recognizer in OPERAND_RECOGNIZERS:
+        if recognizer.early != early or role not in recognizer.roles or recognizer.key in found:
+            continue
+        matched = recognizer.match(node, role, heads, head_dim)
+        if matched is not None:
+            found[recognizer.key], source = matched
+            return source, recognizer.transforms
+    return None

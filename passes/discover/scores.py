@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from passes.discover.operand import scaling
+from passes.discover.common import scaling
 from passes.errors import UnsupportedArchitectureError
 from passes.graph import (
     ADD_OPS,

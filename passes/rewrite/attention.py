@@ -5,16 +5,15 @@ value dims gathered per head, heads without value units dropped, one
 ``scaled_dot_product_attention`` per bucket with the original scale and masks / position
 biases. Heads with value units but no query units attend uniformly: where the mask shows
 that (see :mod:`passes.rewrite.uniform`) they are the mean of their values, without scores,
-else a bucket with a zero query. Under RoPE the kept rotary pairs keep their pairing in the
-compact layout (rotate-half: all first halves, then all second halves; interleaved: pair by
-pair) and the cos/sin tables are gathered to match, so positions stay exact at every
-length. Under GQA a bucket holds whole key/value groups: keys and values are projected once
-per group and repeated to the bucket's query heads. A norm over the head dims is replayed
-from the model's own nodes.
+else a bucket with a zero query. A bucket holds whole key/value groups (one head each
+without GQA), projected once per group.
 
-Disentangled relative-position terms (DeBERTa) are computed per bucket from the kept rows of
-their position projections, which read the compact W_Q / W_K themselves where the model
-shares them, and the model's own ops from there to the scores are replayed.
+This is the core; what varies is emitted by the block's features (:mod:`passes.features`),
+through hooks called in feature order: ``project`` (the projections, where a feature emits
+them itself: relative-position terms), per bucket ``emit_qk`` (head norms replayed, then
+RoPE), ``emit_kv`` (GQA's repeat of keys and values to the query heads), ``emit_terms``
+(relative-position terms) and ``emit_context`` (a replayed score chain instead of sdpa);
+``sdpa_biases`` are what the sdpa call adds to the scores (sdpa's mask, eager biases).
 """
 
 from __future__ import annotations
@@ -26,15 +25,16 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from passes.graph import aten, shape
+from passes.graph import aten
 from passes.rewrite.buckets import BucketCost, Buckets, choose_granularity, round_up
 from passes.rewrite.emit import PAD, Emitter
+from passes.rewrite.replay import heads_of, split_heads
 from passes.rewrite.uniform import emit_uniform, uniform_plan
-from passes.structure import AttentionBlock, Rope
+from passes.structure import AttentionBlock
 
 
 @dataclass(frozen=True)
-class _HeadLayout:
+class HeadLayout:
     """Kept query units of one head (or key/value group): rotary pairs and other dims."""
 
     pairs: tuple[int, ...]
@@ -42,30 +42,36 @@ class _HeadLayout:
 
     def query(self, block: AttentionBlock, wp: int, ws: int) -> list[int]:
         """Head dims in compact order, PAD where padded: rotary part, then the other dims."""
-        rope = block.rope
-        pad_pairs = [PAD] * (wp - len(self.pairs))
-        if rope is None or not wp:
-            rotary = []
-        elif rope.layout == "half":
-            rotary = (
-                [rope.pair_dims(p)[0] for p in self.pairs]
-                + pad_pairs
-                + [rope.pair_dims(p)[1] for p in self.pairs]
-                + pad_pairs
-            )
-        else:
-            rotary = [d for p in self.pairs for d in rope.pair_dims(p)] + pad_pairs * 2
+        rotary = block.compact_pairs(self.pairs, wp)
         return rotary + list(self.dims) + [PAD] * (ws - len(self.dims))
 
-    def table(self, block: AttentionBlock, wp: int) -> list[int]:
-        """Entries of the cos/sin tables for the rotary part of :meth:`query` (0 at PAD)."""
-        return [0 if d == PAD else d for d in self.query(block, wp, 0)[: 2 * wp]]
+
+@dataclass(frozen=True)
+class Bucket:
+    """One bucket of heads as the features' emit hooks see it: its position ``index``, the
+    query ``heads`` and key/value ``groups`` it holds, their layouts (``q_layouts`` one per
+    query head, ``k_layouts`` one per group) and padded widths: ``wp`` rotary pairs and
+    ``ws`` other query dims (a query head is ``width`` = 2 wp + ws wide), ``wv`` value dims."""
+
+    block: AttentionBlock
+    index: int
+    heads: list[int]
+    groups: list[int]
+    q_layouts: list[HeadLayout]
+    k_layouts: list[HeadLayout]
+    wp: int
+    ws: int
+    wv: int
+
+    @property
+    def width(self) -> int:
+        return 2 * self.wp + self.ws
 
 
-def _layout(block: AttentionBlock, qdims: torch.Tensor) -> _HeadLayout:
+def _layout(block: AttentionBlock, qdims: torch.Tensor) -> HeadLayout:
     pairs = block.rotary_dims // 2
     kept = [u for u in range(block.query_units_per_head) if bool(qdims[block.unit_dims(u)[0]])]
-    return _HeadLayout(
+    return HeadLayout(
         tuple(u for u in kept if u < pairs),
         tuple(block.unit_dims(u)[0] for u in kept if u >= pairs),
     )
@@ -92,8 +98,7 @@ def rewrite_attention(
     emit = Emitter(gm, block.name, out_node)
     x_q, x_kv = nodes[block.q.input], nodes[block.k.input]
     o_bias = block.o.linear_bias(gm)
-    # relative-position terms add scores of their own: those heads keep the sdpa path
-    plan = None if block.relative else uniform_plan(nodes, block)
+    plan = uniform_plan(nodes, block)
     uniform = [h for h in range(block.num_heads) if plan and live[h] and not qdims[h].any()]
     heads_kept = [
         {"head": h, "query": int(qdims[h].sum()), "value": int(vdims[h].sum())}
@@ -119,12 +124,23 @@ def rewrite_attention(
         if cost is None
         else choose_granularity(block.q.in_features, d, buckets_at, cost)
     )
-    buckets = buckets_at(granularity)
+    buckets = []
     index: dict[str, list[list[int]]] = {"q": [], "k": [], "v": []}
-    groups_of = []
-    for (wp, ws, wv), heads in buckets.items():
+    for b, ((wp, ws, wv), heads) in enumerate(buckets_at(granularity).items()):
         groups = sorted({h // g for h in heads})
-        groups_of.append(groups)
+        buckets.append(
+            Bucket(
+                block,
+                b,
+                heads,
+                groups,
+                [layouts[h] for h in heads],
+                [layouts[rep[grp]] for grp in groups],
+                wp,
+                ws,
+                wv,
+            )
+        )
         index["q"].append(
             [i for h in heads for i in _offset(layouts[h].query(block, wp, ws), h * d)]
         )
@@ -136,47 +152,34 @@ def rewrite_attention(
         )
     if uniform:
         index["u"] = [_uniform_index(block, vdims, uniform, rep)]
-    pieces = (
-        _project_relative(emit, nodes, block, index, x_q, x_kv)
-        if block.relative
-        else _project(emit, block, index, x_q, x_kv, merge)
-    )
-    biases = _score_biases(nodes, block)
+    pieces = None
+    for feature in block.features:
+        pieces = pieces or feature.project(emit, nodes, block, index, x_q, x_kv)
+    if pieces is None:
+        pieces = _project(emit, block, index, x_q, x_kv, merge)
+    biases = [bias for f in block.features for bias in f.sdpa_biases(nodes)]
     contexts, o_index = [], []
-    for b, ((wp, ws, wv), heads) in enumerate(buckets.items()):
-        groups = groups_of[b]
-        q = _heads(emit, pieces["q"][b], len(heads), 2 * wp + ws)
-        k = _heads(emit, pieces["k"][b], len(groups), 2 * wp + ws)
-        v = _heads(emit, pieces["v"][b], len(groups), wv)
-        if block.q_norm is not None:
-            q = _replay(emit, nodes, block.q_norm.source, block.q_norm.region, q)
-        if block.k_norm is not None:
-            k = _replay(emit, nodes, block.k_norm.source, block.k_norm.region, k)
-        if wp:
-            assert block.rope is not None and block.rope_k is not None  # wp > 0 only under RoPE
-            q_table = [i for h in heads for i in layouts[h].table(block, wp)]
-            k_table = [i for grp in groups for i in layouts[rep[grp]].table(block, wp)]
-            q = _rotate(emit, nodes, block.rope, q, q_table, wp, 2 * wp + ws)
-            k = _rotate(emit, nodes, block.rope_k, k, k_table, wp, 2 * wp + ws)
-        to_group = [groups.index(h // g) for h in heads]
-        if to_group != list(range(len(groups))):
-            select = emit.tensor(f"bucket{b}_kv", torch.tensor(to_group), False)
-            k = emit.call(aten.index_select.default, k, 1, select)
-            v = emit.call(aten.index_select.default, v, 1, select)
-        if block.score_ops:
-            terms = (
-                _relative_terms(emit, nodes, block, pieces, (q, k), heads, b, 2 * wp + ws)
-                if block.relative
-                else None
-            )
-            ctx = _replay_scores(emit, nodes, block, q, k, v, heads, b, terms)
-        else:
+    for bk in buckets:
+        q = split_heads(emit, pieces["q"][bk.index], len(bk.heads), bk.width)
+        k = split_heads(emit, pieces["k"][bk.index], len(bk.groups), bk.width)
+        v = split_heads(emit, pieces["v"][bk.index], len(bk.groups), bk.wv)
+        for feature in block.features:
+            q, k = feature.emit_qk(emit, nodes, bk, q, k)
+        for feature in block.features:
+            k, v = feature.emit_kv(emit, nodes, bk, k, v)
+        terms: dict[fx.Node, fx.Node] = {}
+        for feature in block.features:
+            terms.update(feature.emit_terms(emit, nodes, bk, pieces, q, k))
+        ctx = None
+        for feature in block.features:
+            ctx = ctx or feature.emit_context(emit, nodes, bk, (q, k, v), terms)
+        if ctx is None:
             ctx = emit.call(
                 aten.scaled_dot_product_attention.default,
                 q,
                 k,
                 v,
-                _bucket_mask(emit, biases, block, heads, b),
+                _bucket_mask(emit, biases, block, bk.heads, bk.index),
                 0.0,
                 block.is_causal,
                 scale=block.scale,
@@ -184,7 +187,7 @@ def rewrite_attention(
         contexts.append(
             emit.call(aten.flatten.using_ints, emit.call(aten.transpose.int, ctx, 1, 2), -2, -1)
         )
-        o_index += [i for h in heads for i in _offset(_dims(vdims[h], wv), h * d)]
+        o_index += [i for h in bk.heads for i in _offset(_dims(vdims[h], bk.wv), h * d)]
     if uniform:
         assert plan is not None  # heads are uniform only under a plan
         v_u = _uniform_values(emit, block, vdims, uniform, pieces["u"][0])
@@ -199,7 +202,7 @@ def rewrite_attention(
 
 
 def _buckets(
-    block: AttentionBlock, layouts: dict[int, _HeadLayout], vdims: torch.Tensor, step: int
+    block: AttentionBlock, layouts: dict[int, HeadLayout], vdims: torch.Tensor, step: int
 ) -> Buckets:
     """The heads of ``layouts`` grouped by query and value size rounded up to ``step``."""
     d = block.head_dim
@@ -244,185 +247,6 @@ def _uniform_values(
 def _dims(mask_row: torch.Tensor, width: int) -> list[int]:
     dims = [int(j) for j in torch.nonzero(mask_row).flatten()]
     return dims + [PAD] * (width - len(dims))
-
-
-def _heads(emit: Emitter, piece: fx.Node, heads: int, width: int) -> fx.Node:
-    """(batch, seq, heads * width) -> (batch, heads, seq, width)."""
-    return emit.call(
-        aten.transpose.int, emit.call(aten.unflatten.int, piece, -1, [heads, width]), 1, 2
-    )
-
-
-def _replay(
-    emit: Emitter, nodes: dict[str, fx.Node], source: str, region: tuple[str, ...], x: fx.Node
-) -> fx.Node:
-    """The model's own nodes ``region`` (a norm over the last dim) applied to ``x``."""
-    env = {nodes[source]: x}
-    out = x
-    with emit.graph.inserting_before(emit.anchor):
-        for name in region:
-            out = emit.graph.node_copy(nodes[name], lambda n: env.get(n, n))
-            env[nodes[name]] = out
-    return out
-
-
-def _replay_scores(
-    emit: Emitter,
-    nodes: dict[str, fx.Node],
-    block: AttentionBlock,
-    q: fx.Node,
-    k: fx.Node,
-    v: fx.Node,
-    heads: list[int],
-    bucket: int,
-    known: dict[fx.Node, fx.Node] | None = None,
-) -> fx.Node:
-    """Attention of one bucket through the model's own score chain (``block.score_ops``):
-    inputs of the chain with one entry per head are sliced to ``heads``; ``known`` maps
-    inputs already computed for the bucket (relative-position terms) to their values."""
-    scores = emit.call(aten.matmul.default, q, emit.call(aten.transpose.int, k, -2, -1))
-    if block.scale != 1.0:
-        scores = emit.call(aten.mul.Tensor, scores, block.scale)
-    assert block.q_reader is not None  # eager blocks name the node that reads the scores
-    env = {nodes[block.q_reader]: scores, **(known or {})}
-    _replay_per_head(emit, nodes, block, block.score_ops, env, heads, bucket)
-    return emit.call(aten.matmul.default, env[nodes[block.score_ops[-1]]], v)
-
-
-def _replay_per_head(
-    emit: Emitter,
-    nodes: dict[str, fx.Node],
-    block: AttentionBlock,
-    names: tuple[str, ...],
-    env: dict[fx.Node, fx.Node],
-    heads: list[int],
-    bucket: int,
-) -> None:
-    """Copies the model's nodes ``names`` into the compact graph for one bucket, into
-    ``env``: inputs ``env`` already maps are read from it, other inputs with one entry per
-    head are sliced to ``heads``."""
-
-    def arg(node: fx.Node) -> fx.Node:
-        if node not in env:
-            sliced = _heads_of(emit, node, block, heads, bucket, f"_{node.name}")
-            assert sliced is not None  # a node in, a node out
-            env[node] = sliced
-        return env[node]
-
-    with emit.graph.inserting_before(emit.anchor):
-        for name in names:
-            env[nodes[name]] = emit.graph.node_copy(nodes[name], arg)
-
-
-def _relative_terms(
-    emit: Emitter,
-    nodes: dict[str, fx.Node],
-    block: AttentionBlock,
-    pieces: dict[str, list[fx.Node]],
-    qk: tuple[fx.Node, fx.Node],
-    heads: list[int],
-    bucket: int,
-    width: int,
-) -> dict[fx.Node, fx.Node]:
-    """The relative-position terms of one bucket (``block.relative``): its queries or keys
-    times its piece of the position projections, then the model's own ops up to the sum
-    added to the scores (``block.relative_ops``), inputs with one entry per head sliced to
-    ``heads``. Returns ``{model node: bucket node}`` for that sum."""
-    env: dict[fx.Node, fx.Node] = {}
-    for i, term in enumerate(block.relative):
-        pos = _heads(emit, pieces[f"rel{i}"][bucket], len(heads), width)
-        content = qk[0] if term.content == "q" else qk[1]
-        env[nodes[term.matmul]] = emit.call(
-            aten.matmul.default, content, emit.call(aten.transpose.int, pos, -1, -2)
-        )
-    _replay_per_head(emit, nodes, block, block.relative_ops, env, heads, bucket)
-    last = nodes[block.relative_ops[-1]]
-    return {last: env[last]}
-
-
-def _project_relative(
-    emit: Emitter,
-    nodes: dict[str, fx.Node],
-    block: AttentionBlock,
-    index: dict[str, list[list[int]]],
-    x_q: fx.Node,
-    x_kv: fx.Node,
-) -> dict[str, list[fx.Node]]:
-    """The Q, K and V projections one by one, and the position projections of the relative
-    terms (``rel0``, ...), per bucket. A position projection with W_K's (W_Q's) rows reads
-    the compact key (query) weights themselves: its kept rows are those of the keys (queries)
-    it pairs with, and they are stored once."""
-    sources = {"q": (block.q, x_q, index["q"]), "k": (block.k, x_kv, index["k"])}
-    sources["v"] = (block.v, x_kv, index["v"])
-    for i, term in enumerate(block.relative):
-        paired = index["k"] if term.content == "q" else index["q"]
-        sources[f"rel{i}"] = (term.projection, nodes[term.projection.input], paired)
-    weights: dict[tuple, tuple[fx.Node, fx.Node | None]] = {}
-    pieces: dict[str, list[fx.Node]] = {}
-    for role, (proj, x, parts) in sources.items():
-        flat = [i for part in parts for i in part]
-        key = (proj.weight, tuple(proj.output_rows()), tuple(flat))
-        if key not in weights:
-            bias = proj.linear_bias(emit.gm)
-            weights[key] = emit.padded(role, proj.linear_weight(emit.gm), bias, flat)
-        y = emit.call(aten.linear.default, x, *weights[key])
-        if len(parts) == 1:
-            pieces[role] = [y]
-            continue
-        split = emit.call(aten.split_with_sizes.default, y, [len(p) for p in parts], -1)
-        pieces[role] = [emit.call(operator.getitem, split, i) for i in range(len(parts))]
-    return pieces
-
-
-def _rotate(
-    emit: Emitter,
-    nodes: dict[str, fx.Node],
-    rope: Rope,
-    x: fx.Node,
-    table_index: list[int],
-    wp: int,
-    width: int,
-) -> fx.Node:
-    """Rotary embedding of the first ``2 wp`` dims of ``x`` (batch, heads, seq, width) with
-    the model's cos/sin tables gathered at ``table_index`` (heads x 2 wp entries)."""
-    heads = len(table_index) // (2 * wp)
-    index = emit.tensor(f"rope_{x.name}", torch.tensor(table_index), False)
-
-    def table(name: str) -> fx.Node:
-        t = emit.call(aten.squeeze.dim, nodes[name], rope.head_axis)  # (batch?, seq, rotary)
-        t = emit.call(aten.index_select.default, t, -1, index)
-        t = emit.call(aten.unflatten.int, t, -1, [heads, 2 * wp])
-        return emit.call(aten.transpose.int, t, 1, 2)
-
-    rot = emit.call(aten.slice.Tensor, x, -1, 0, 2 * wp) if width != 2 * wp else x
-    if rope.layout == "half":
-        turned = emit.call(
-            aten.cat.default,
-            [
-                emit.call(aten.neg.default, emit.call(aten.slice.Tensor, rot, -1, wp, 2 * wp)),
-                emit.call(aten.slice.Tensor, rot, -1, 0, wp),
-            ],
-            -1,
-        )
-    else:
-        stacked = emit.call(
-            aten.stack.default,
-            [
-                emit.call(aten.neg.default, emit.call(aten.slice.Tensor, rot, -1, 1, 2 * wp, 2)),
-                emit.call(aten.slice.Tensor, rot, -1, 0, 2 * wp, 2),
-            ],
-            -1,
-        )
-        turned = emit.call(aten.flatten.using_ints, stacked, -2, -1)
-    out = emit.call(
-        aten.add.Tensor,
-        emit.call(aten.mul.Tensor, rot, table(rope.cos)),
-        emit.call(aten.mul.Tensor, turned, table(rope.sin)),
-    )
-    if width == 2 * wp:
-        return out
-    rest = emit.call(aten.slice.Tensor, x, -1, 2 * wp, width)
-    return emit.call(aten.cat.default, [out, rest], -1)
 
 
 def _project(
@@ -479,13 +303,6 @@ def _project(
     return pieces
 
 
-def _score_biases(nodes: dict[str, fx.Node], block: AttentionBlock) -> list[fx.Node]:
-    """What is added to the scores: sdpa's mask, or the biases of canonical eager scores."""
-    if block.kind == "sdpa":
-        return [nodes[block.attn_mask]] if block.attn_mask else []
-    return [nodes[name] for name in block.score_biases]
-
-
 def _bucket_mask(
     emit: Emitter, biases: list[fx.Node], block: AttentionBlock, heads: list[int], bucket: int
 ) -> fx.Node | None:
@@ -493,25 +310,6 @@ def _bucket_mask(
     mask = None
     for bias in biases:
         tag = f"_{bias.name}" if len(biases) > 1 else ""
-        sliced = _heads_of(emit, bias, block, heads, bucket, tag)
+        sliced = heads_of(emit, bias, block.num_heads, heads, bucket, tag)
         mask = sliced if mask is None else emit.call(aten.add.Tensor, mask, sliced)
     return mask
-
-
-def _heads_of(
-    emit: Emitter,
-    mask: fx.Node | None,
-    block: AttentionBlock,
-    heads: list[int],
-    bucket: int,
-    tag: str = "",
-) -> fx.Node | None:
-    """The mask's slice for ``heads`` when it has one entry per head, else the mask itself."""
-    if mask is None:
-        return None
-    dims = shape(mask)
-    per_head = dims is not None and len(dims) == 4 and dims[1] == block.num_heads > 1
-    if not per_head or heads == list(range(block.num_heads)):
-        return mask
-    index = emit.tensor(f"bucket{bucket}{tag}_heads", torch.tensor(heads), False)
-    return emit.call(aten.index_select.default, mask, 1, index)

@@ -11,7 +11,9 @@ and how: transformers builds its masks as a conjunction of a key-only padding fa
 bidirectional attention, ``k <= q`` for causal attention, ``k > q - w`` for a sliding window).
 The padding factor is used as it is; each position factor must be recognised as always true
 or causal, else (a sliding window, a relative position bias, ALiBi, a per-head mask, a score
-chain other than a scale and one mask) the block keeps the scores path. :func:`emit_uniform`
+chain other than a scale and one mask) the block keeps the scores path. What is added to the
+scores comes from the block's features (:meth:`passes.features.AttentionFeature.
+uniform_biases`). :func:`emit_uniform`
 emits the masked mean (bidirectional) or the running mean (causal) of the values.
 """
 
@@ -213,76 +215,16 @@ def _where_mask(bias: fx.Node) -> tuple[fx.Node, float] | None:
     return cond, float(fill)
 
 
-#: Ops that keep a zero score zero: ``op(0, c) == 0`` for a finite constant ``c`` (non-zero
-#: for a division); soft-capping is ``tanh(s / c) * c``.
-_ZERO_KEEPING = {
-    aten.mul.Tensor,
-    aten.mul.Scalar,
-    aten.mul_.Tensor,
-    aten.div.Tensor,
-    aten.div.Scalar,
-    aten.div_.Tensor,
-    aten.tanh.default,
-}
-_SOFTMAX = {aten.softmax.int, aten._softmax.default}
-
-
-def _chain_biases(nodes: dict[str, fx.Node], block: AttentionBlock) -> list[str] | None:
-    """The tensors added to the scores of a replayed chain (``block.score_ops``) when the
-    chain maps a zero score to zero before adding them (scales, soft-capping, casts), then
-    the softmax over the keys, then casts or an eval-mode dropout; else None."""
-    assert block.q_reader is not None  # eager blocks name the score matmul
-    prev, seen_softmax = nodes[block.q_reader], False
-    biases: list[str] = []
-    for name in block.score_ops:
-        node = nodes[name]
-        others = [a for a in node.args if a is not prev]
-        if len(others) == len(node.args):
-            return None  # not reading the scores (discover chains them, but check)
-        if is_op(node, PASSTHROUGH_OPS - {aten.dropout.default}):
-            if biases and not seen_softmax:
-                return None  # a cast of the masked value (to -inf in half precision)
-        elif is_op(node, [aten.dropout.default]):
-            if not seen_softmax or (len(node.args) > 2 and node.args[2]):
-                return None
-        elif seen_softmax:
-            return None
-        elif is_op(node, _SOFTMAX):
-            dims = shape(node)
-            if dims is None or node.args[1] not in (-1, len(dims) - 1):
-                return None
-            seen_softmax = True
-        elif is_op(node, _ZERO_KEEPING) and not biases:
-            constants = others[:1] if node.target is not aten.tanh.default else []
-            if node.target is not aten.tanh.default and not (
-                len(constants) == 1
-                and isinstance(constants[0], (int, float))
-                and math.isfinite(constants[0])
-                and (constants[0] != 0 or not is_op(node, [aten.div.Tensor, aten.div_.Tensor]))
-                and (node.args[0] is prev or is_op(node, [aten.mul.Tensor, aten.mul_.Tensor]))
-            ):
-                return None
-        elif is_op(node, [aten.add.Tensor, aten.add_.Tensor]) and isinstance(others[0], fx.Node):
-            biases.append(others[0].name)
-        else:
-            return None
-        prev = node
-    return biases if seen_softmax else None
-
-
 def uniform_plan(nodes: dict[str, fx.Node], block: AttentionBlock) -> UniformPlan | None:
     """How heads without query units of ``block`` attend, or None when their attention is not
     uniform over the keys the mask lets through (or this cannot be shown from the graph)."""
-    if block.kind == "sdpa":
-        biases = [block.attn_mask] if block.attn_mask else []
-        empty = "zero"
-    elif block.score_ops:
-        chain = _chain_biases(nodes, block)
-        if chain is None:
+    biases: list[str] = []
+    for feature in block.features:
+        added = feature.uniform_biases(nodes, block)
+        if added is None:
             return None
-        biases, empty = chain, "nan"
-    else:
-        biases, empty = list(block.score_biases), "nan"
+        biases += added
+    empty = "zero" if block.kind == "sdpa" else "nan"
     if not biases:
         if block.is_causal and block.q.input != block.k.input:
             return None
