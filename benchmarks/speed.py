@@ -79,7 +79,7 @@ def time_peers(
         if (only and not re.search(only, name)) or run not in records:
             continue
         dense = grainfx.load(dense_path)
-        make = functools.partial(example_inputs, dense.grainfx_kept)
+        make = functools.partial(example_inputs, dense.grainfx_inputs)
         module = torch.load(path, weights_only=False).eval()
         compact = as_compact(passes.capture(module, make(2, 16)))
         models = {"dense": dense, "compact": compact}
@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         if dense_path not in dense:
             dense[dense_path] = grainfx.load(dense_path)
         models = {"dense": dense[dense_path], "compact": compact}
-        make = functools.partial(example_inputs, compact.grainfx_kept)
+        make = functools.partial(example_inputs, compact.grainfx_inputs)
         measure(store, name, models, make, modes, args.reps, {"family": name.split("-")[0]})
     time_peers(store, args.models, args.peer, modes, args.reps, args.only)
     store.meta["minutes"] = store.meta.get("minutes", 0) + (time.perf_counter() - began) / 60

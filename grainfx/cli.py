@@ -984,12 +984,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from grainfx.timing import example_inputs, interleaved_medians
-    from passes.rewrite import KEPT_ATTR
+    from passes.serialize import INPUTS_ATTR
 
     torch.set_num_threads(args.threads)
     compact = _load_pt2(args.file)
     try:
-        inputs = example_inputs(getattr(compact, KEPT_ATTR), args.batch, args.seq)
+        inputs = example_inputs(getattr(compact, INPUTS_ATTR, {}), args.batch, args.seq)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
     models: dict[str, Callable[..., Any]] = {"compact": compact}

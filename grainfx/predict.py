@@ -27,8 +27,7 @@ import torch
 import passes
 from grainfx.texts import clip
 from passes.errors import LoadError
-from passes.record import KeptStructure
-from passes.rewrite import KEPT_ATTR
+from passes.serialize import INPUTS_ATTR
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -157,8 +156,7 @@ class Predictor:
 
     def __init__(self, module: torch.nn.Module, tokenizer: Tokenizer, serving: Serving):
         self.module, self.tokenizer, self.serving = module, tokenizer, serving
-        kept = getattr(module, KEPT_ATTR, None)
-        self.input_names = list(kept.inputs if isinstance(kept, KeptStructure) else {}) or [
+        self.input_names = list(getattr(module, INPUTS_ATTR, {})) or [
             "input_ids",
             "attention_mask",
         ]

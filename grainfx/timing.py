@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
-from passes.record import KeptStructure
+from passes.record import InputSpec
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
@@ -29,13 +29,13 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def example_inputs(kept: KeptStructure | None, batch: int, seq: int) -> dict[str, torch.Tensor]:
+def example_inputs(specs: Mapping[str, InputSpec], batch: int, seq: int) -> dict[str, torch.Tensor]:
     """Random inputs of ``batch`` x ``seq`` for a saved model, from the input specs its file
-    records (``grainfx_kept.inputs``): token ids below the recorded maximum, masks of ones,
+    records (``module.grainfx_inputs``): token ids below the recorded maximum, masks of ones,
     floats from a normal distribution."""
     inputs = {}
     gen = torch.Generator().manual_seed(0)
-    for name, spec in (kept.inputs if kept is not None else {}).items():
+    for name, spec in specs.items():
         shape = list(spec.shape)
         shape[0] = batch
         if len(shape) == 2:

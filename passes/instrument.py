@@ -157,10 +157,11 @@ def _graphs_at_ones(
     gm: fx.GraphModule, result: fx.GraphModule
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The outputs of ``gm`` and of ``result`` on the example inputs (dropout drawn alike),
-    where every mask is one (other masks, given to share, change the computation)."""
-    if not all(bool((m == 1).all()) for m in mask_buffers(result).values()):
+    where every mask is one (other masks, given to share, change the computation) and ``gm``
+    has example inputs (a module loaded from a file has none)."""
+    inputs = getattr(gm, EXAMPLE_INPUTS_ATTR, None)
+    if inputs is None or not all(bool((m == 1).all()) for m in mask_buffers(result).values()):
         return {}, {}
-    inputs = getattr(gm, EXAMPLE_INPUTS_ATTR)
     return seeded_call(gm, inputs), seeded_call(result, inputs)
 
 

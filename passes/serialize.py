@@ -32,6 +32,9 @@ from passes.record import InputSpec, KeptStructure, input_specs, to_plain
 from passes.rewrite import KEPT_ATTR
 
 STRUCTURE_FILE = "grainfx_structure.json"
+#: The attribute of a loaded module that holds the specs of its inputs (every saved module has
+#: them; ``grainfx_kept`` only modules that rewrite made).
+INPUTS_ATTR = "grainfx_inputs"
 
 
 def _umask() -> int:
@@ -113,7 +116,8 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
 
     The file is read once and checked before torch reads it (:func:`passes.archive.
     check_archive`): nothing in it is unpickled or evaluated. The kept structure is available
-    as ``module.grainfx_kept`` (a :class:`~passes.record.KeptStructure`, checked as it is read).
+    as ``module.grainfx_kept`` (a :class:`~passes.record.KeptStructure`, checked as it is read),
+    the specs of its inputs as ``module.grainfx_inputs``.
 
     Raises:
         ModelFileNotFoundError: no file at ``path``.
@@ -146,6 +150,7 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
         {k: torch.zeros(s.shape, dtype=s.torch_dtype) for k, s in specs.items()},
     )
     module = ep.module()
+    setattr(module, INPUTS_ATTR, specs)
     if kept is not None:
         setattr(module, KEPT_ATTR, kept)
     return module

@@ -151,7 +151,11 @@ def _as_counted(masked_gm: fx.GraphModule, structure: Structure, gm: fx.GraphMod
 def _masked_and_compact(
     masked_gm: fx.GraphModule, gm: fx.GraphModule
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    inputs = getattr(masked_gm, EXAMPLE_INPUTS_ATTR)
+    """Outputs of both on the example inputs, where the graph has them (a module loaded from
+    a file has none)."""
+    inputs = getattr(masked_gm, EXAMPLE_INPUTS_ATTR, None)
+    if inputs is None:
+        return {}, {}
     return seeded_call(masked_gm, inputs), seeded_call(gm, inputs)
 
 
