@@ -3,12 +3,14 @@ scores as an uninterrupted run; files from another run or not checkpoints are re
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -200,26 +202,35 @@ def test_a_checkpoint_location_that_cannot_be_written_fails_before_any_step(tmp_
         compress(CheckpointConfig(tmp_path / "run.ckpt"))
 
 
+@contextlib.contextmanager
+def disk_full_at(size: int) -> Iterator[None]:
+    """Within: no file of this process grows past ``size`` bytes, as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 def test_a_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path):
     path = tmp_path / "run.ckpt"
     with pytest.raises(KeyboardInterrupt):
         compress(CheckpointConfig(path), callback=stop_at(3))
     before = path.read_bytes()
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))  # as a full disk
-    try:
-        with pytest.raises(
+    with (
+        disk_full_at(len(before) // 2),
+        pytest.raises(
             CheckpointError,
             match=r"cannot write the checkpoint .*run.ckpt \(File "
             r"too large\): free disk space or choose "
             r"another checkpoint path \(--checkpoint\); the "
             r"previous checkpoint is intact",
-        ):
-            compress(CheckpointConfig(path, every=2, resume=True))
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
+        ),
+    ):
+        compress(CheckpointConfig(path, every=2, resume=True))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.ckpt"]
 
@@ -258,14 +269,8 @@ def test_a_final_checkpoint_that_cannot_be_written_keeps_the_result(tmp_path, ca
     with pytest.raises(KeyboardInterrupt):
         compress(CheckpointConfig(path), callback=stop_at(3))
     before = path.read_bytes()
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, hard))
-    try:
+    with disk_full_at(len(before) // 2):
         resumed = compress(CheckpointConfig(path, resume=True))
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
     assert resumed.report["steps"] == STEPS
     assert f"cannot write the final checkpoint {path} (File too large)" in caplog.text
     assert path.read_bytes() == before
