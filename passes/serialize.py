@@ -139,8 +139,8 @@ def load(path: str | os.PathLike) -> torch.nn.Module:
         ) from exc
     try:
         record = json.loads(extra[STRUCTURE_FILE] or "{}")
-        specs = input_specs(record.get("inputs", {}))
         kept = KeptStructure.from_dict(record) if "layers" in record else None
+        specs = dict(kept.inputs) if kept is not None else input_specs(record.get("inputs", {}))
     except (ValueError, TypeError, AttributeError) as exc:
         raise CorruptModelFileError(f"{path} holds a damaged structure record ({exc})") from exc
     # inputs of the recorded shapes: the module's shape guards are built from them, as from
